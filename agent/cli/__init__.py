@@ -1,0 +1,70 @@
+"""The `kvmscope` command line (typer).
+
+One module per command; data goes to stdout, messages to stderr; every read
+command has ``--json``; errors are :class:`agent.errors.KvmscopeError`,
+rendered once by :func:`main` with a non-zero exit code (1 = could not run,
+2 = bad usage or configuration).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from agent.errors import KvmscopeError
+
+def examples(*lines: str) -> str:
+    """An epilog of example command lines, kept verbatim by click (the \\b marker)."""
+    return "Examples:\n\n\b\n" + "\n".join("  " + line for line in lines)
+
+
+EPILOG = examples(
+    "kvmscope run                         # agent in the foreground, /metrics on 127.0.0.1:9847",
+    "kvmscope -c /etc/kvmscope/config.yaml run",
+    "kvmscope config check ./config.yaml  # validate a file before deploying it",
+    "kvmscope config show --json          # effective configuration, secrets masked",
+    "kvmscope version                     # kvmscope, bcc, kernel, libvirt and QEMU versions",
+)
+
+app = typer.Typer(
+    name="kvmscope",
+    help="Why is this VM's iSCSI disk slow? iSCSI sessions, TCP retransmits and per-VM disk latency "
+    "on a KVM host, joined into storage paths.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: str = typer.Option(
+        None,
+        "--config",
+        "-c",
+        metavar="PATH",
+        help="YAML configuration file [default: $KVMSCOPE_CONFIG, else /etc/kvmscope/config.yaml if present, "
+        "else built-in defaults]",
+    ),
+):
+    ctx.obj = {"config": config}
+
+
+def _register() -> None:
+    from agent.cli import config_cmd, run, version  # noqa: F401  (commands register on import)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="kvmscope", standalone_mode=True)
+    except KvmscopeError as e:
+        print(f"kvmscope: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

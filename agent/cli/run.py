@@ -1,0 +1,121 @@
+"""`kvmscope run`: the agent in the foreground."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import typer
+
+from agent import __version__
+from agent.cli import app, examples
+from agent.cli.common import load_config, msg
+from agent.config import _check_listen, split_listen
+from agent.errors import ConfigError
+from agent.hostpaths import HostPaths
+from agent.loop import Agent
+from agent.model import Snapshot, Status
+from agent.sources import SourceContext, selected
+
+
+def _summary(snap: Snapshot, prev: Snapshot | None) -> str:
+    """One console line per cycle: health, then what the sources saw."""
+    parts = []
+    for name in sorted(snap.health):
+        h = snap.health[name]
+        mark = {"ok": "ok", "nodata": "no data", "failed": "FAILED"}[h.status.value]
+        extra = f" ({h.reason})" if h.status is not Status.OK else ""
+        parts.append(f"{name} {mark} {h.duration_seconds * 1000:.1f}ms{extra}")
+    tcp = snap.get("host_tcp")
+    ptcp = prev.get("host_tcp") if prev else None
+    if tcp and ptcp:
+        dt = max(snap.timestamp - prev.timestamp, 1e-9)
+        d = tcp.tcp.get("RetransSegs", 0) - ptcp.tcp.get("RetransSegs", 0)
+        out = tcp.tcp.get("OutSegs", 0) - ptcp.tcp.get("OutSegs", 0)
+        pct = 100.0 * d / out if out > 0 else 0.0
+        parts.append(f"tcp retrans {d / dt:.1f}/s ({pct:.2f}% of sent), estab {tcp.tcp.get('CurrEstab', 0)}")
+    return f"cycle {snap.seq}: " + " | ".join(parts)
+
+
+@app.command(
+    epilog=examples(
+        "kvmscope run",
+        "kvmscope run --listen 127.0.0.1:9900 --interval 2",
+        "kvmscope run --once             # one cycle, print it, exit",
+        "curl -s 127.0.0.1:9847/metrics | grep kvmscope_collector_success",
+    )
+)
+def run(
+    ctx: typer.Context,
+    listen: str = typer.Option(None, help="HOST:PORT for /metrics [default: metrics.listen, 127.0.0.1:9847]"),
+    interval: float = typer.Option(None, min=0.5, help="seconds between cycles [default: agent.interval, 5]"),
+    once: bool = typer.Option(False, "--once", help="collect one cycle, print its summary and exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-cycle console lines"),
+):
+    """Run the agent in the foreground: collect every interval and serve /metrics. Stop with Ctrl-C or SIGTERM."""
+    cfg, origin = load_config(ctx)
+    if listen is not None:
+        try:
+            _check_listen(listen)
+        except ValueError as e:
+            raise ConfigError(f"--listen: got {listen!r}; {e}") from None
+        cfg.metrics.listen = listen
+    if interval is not None:
+        cfg.agent.interval = interval
+        cfg.agent.collector_timeout = min(cfg.agent.collector_timeout, interval)
+    logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    paths = HostPaths.from_config(cfg.paths)
+    sctx = SourceContext(cfg, paths)
+    infos = selected(cfg)
+    sources = [i.factory(sctx) for i in infos]
+    agent = Agent(
+        sources,
+        interval=cfg.agent.interval,
+        timeout=cfg.agent.collector_timeout,
+        history=cfg.agent.history,
+        hostname=cfg.agent.hostname,
+    )
+    msg(f"kvmscope {__version__}: configuration from {origin}")
+    msg(f"collectors: {', '.join(i.name for i in infos) or 'none'}; interval {cfg.agent.interval:g}s")
+
+    if once:
+        snap = agent.collect_once()
+        msg(_summary(snap, None))
+        agent.close()
+        failed = [h for h in snap.health.values() if h.status is Status.FAILED]
+        raise typer.Exit(1 if failed else 0)
+
+    server = None
+    if cfg.metrics.enabled:
+        from agent.exporters.prometheus import MetricsServer
+
+        host, port = split_listen(cfg.metrics.listen)
+        server = MetricsServer(host, port, lambda: agent.latest).start()
+        h, p = server.address[:2]
+        msg(f"serving http://{'[' + h + ']' if ':' in h else h}:{p}/metrics")
+
+    stop = threading.Event()
+
+    def _stop(signum, _frame):
+        msg(f"{signal.Signals(signum).name}: stopping")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if not quiet:
+        prev: list[Snapshot | None] = [None]
+
+        def _print(snap: Snapshot):
+            msg(_summary(snap, prev[0]))
+            prev[0] = snap
+
+        agent.on_snapshot.append(_print)
+    try:
+        agent.run(stop)
+    finally:
+        if server:
+            server.stop()
+        agent.close()
+    msg("stopped")

@@ -1,0 +1,323 @@
+"""Configuration: one YAML file, environment overrides, validated at start.
+
+Sources, in order of precedence (last wins):
+
+1. the built-in defaults (the classes below; ``kvmscope config show`` prints them),
+2. the YAML file: ``--config PATH``, else ``$KVMSCOPE_CONFIG``, else
+   ``/etc/kvmscope/config.yaml`` when it exists (a missing *default* file
+   means "defaults"; a missing *named* file is an error),
+3. environment overrides ``KVMSCOPE_<SECTION>__<KEY>=value`` (double
+   underscore between levels), values read as YAML scalars or flow
+   sequences: ``KVMSCOPE_AGENT__INTERVAL=2``,
+   ``KVMSCOPE_STORAGE__PORTS='[3260, 860]'``.
+
+Every problem is reported as a :class:`~agent.errors.ConfigError` whose text
+names the key, the value found and what is allowed. Validation uses pydantic;
+its messages are rewritten here into one house phrasing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/kvmscope/config.yaml")
+ENV_PREFIX = "KVMSCOPE_"
+MASK = "********"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_listen(value: str) -> str:
+    """HOST:PORT, [IPV6]:PORT or :PORT (all addresses)."""
+    m = re.fullmatch(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})", value)
+    if not m:
+        raise ValueError("must be HOST:PORT, [IPV6]:PORT or :PORT, e.g. 127.0.0.1:9847")
+    port = int(m["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be 1..65535")
+    if m["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["v6"])
+        except ValueError:
+            raise ValueError("not a valid IPv6 address in brackets") from None
+    elif m["host"] and not re.fullmatch(r"[A-Za-z0-9.\-]+", m["host"]):
+        raise ValueError("host must be an IP address or a host name")
+    return value
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class CollectorSelection(_Section):
+    enable: list[str] = Field(default_factory=list, description="collectors to turn on beyond the defaults")
+    disable: list[str] = Field(default_factory=list, description="collectors to turn off")
+
+
+class AgentConfig(_Section):
+    interval: float = Field(5.0, ge=0.5, le=3600, description="seconds between collection cycles")
+    collector_timeout: float = Field(
+        4.0,
+        gt=0,
+        le=3600,
+        description="deadline in seconds for one collector in one cycle (default: 4, at most 0.8 x interval)",
+    )
+    hostname: str | None = Field(None, description="host name to report (default: the system's)")
+    history: int = Field(120, ge=1, le=100_000, description="snapshots kept in memory for diagnosis")
+    collectors: CollectorSelection = Field(default_factory=CollectorSelection)
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self):
+        if "collector_timeout" not in self.model_fields_set:
+            # derived default; set through __dict__ to avoid re-validation
+            self.__dict__["collector_timeout"] = min(4.0, round(0.8 * self.interval, 3))
+        elif self.collector_timeout > self.interval:
+            raise ValueError(
+                f"collector_timeout ({self.collector_timeout:g}) must not exceed interval ({self.interval:g})"
+            )
+        return self
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    listen: str = Field("127.0.0.1:9847", description="address of the /metrics HTTP server")
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class StorageConfig(_Section):
+    ports: list[int] = Field(default_factory=lambda: [3260], description="TCP ports of iSCSI portals")
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("must list at least one port, e.g. [3260]")
+        for p in v:
+            if not 1 <= p <= 65535:
+                raise ValueError(f"port {p} is outside 1..65535")
+        return v
+
+
+class PathsConfig(_Section):
+    procfs: str = "/proc"
+    sysfs: str = "/sys"
+    tracefs: str = "/sys/kernel/tracing"
+    debugfs: str = "/sys/kernel/debug"
+
+
+class ElasticsearchConfig(_Section):
+    enabled: bool = False
+    hosts: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:9200"])
+    username: str | None = None
+    password: SecretStr | None = None
+    api_key: SecretStr | None = None
+    api_key_file: str | None = Field(None, description="file holding the API key (preferred over api_key)")
+    ca_certs: str | None = None
+    verify_certs: bool = True
+    namespace: str = Field("default", pattern=r"^[a-z0-9_]{1,100}$")
+    spool_dir: str = "/var/lib/kvmscope/spool"
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    elasticsearch: ElasticsearchConfig = Field(default_factory=ElasticsearchConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------
+# loading
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at ``loc`` (a path of field names)."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind, ctx, msg = err["type"], err.get("ctx") or {}, err["msg"]
+    simple = {
+        "float_parsing": "expected a number",
+        "float_type": "expected a number",
+        "int_parsing": "expected an integer",
+        "int_type": "expected an integer",
+        "int_from_float": "expected an integer",
+        "bool_parsing": "expected true or false",
+        "bool_type": "expected true or false",
+        "string_type": "expected a string",
+        "list_type": "expected a list, e.g. [a, b]",
+        "dict_type": "expected a mapping of keys",
+        "model_type": "expected a mapping of keys",
+        "model_attributes_type": "expected a mapping of keys",
+    }
+    if kind in simple:
+        return simple[kind]
+    bounds = {
+        "greater_than_equal": ">=",
+        "greater_than": ">",
+        "less_than_equal": "<=",
+        "less_than": "<",
+    }
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    return msg
+
+
+def format_validation_error(exc: ValidationError, origin: str, env_keys: Mapping[tuple, str]) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = env_keys.get(loc, origin)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc[:-1])
+            lines.append(f"{where}: {key}: unknown key; allowed keys here: {', '.join(allowed)}")
+            continue
+        if err["type"] == "missing":
+            lines.append(f"{where}: {key}: required key is missing")
+            continue
+        value = err.get("input")
+        shown = "(section)" if isinstance(value, (dict, BaseModel)) else repr(value)
+        lines.append(f"{where}: {key}: got {shown}; {_describe(err)}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found (pass an existing file, or leave --config out for the defaults)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory, expected a YAML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"config file {path}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: the top level must be a mapping of sections "
+            f"({', '.join(Config.model_fields)}), got {type(data).__name__}"
+        )
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict, dict[tuple, str]]:
+    """``KVMSCOPE_A__B=v`` → ``{"a": {"b": v}}``, plus where each came from."""
+    tree: dict = {}
+    origins: dict[tuple, str] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        if not all(parts):
+            raise ConfigError(f"environment {name}: empty key part; use KVMSCOPE_SECTION__KEY=value")
+        raw = environ[name]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict):
+            value = raw  # a mapping is never meant here; keep the text
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {name}: conflicts with another override")
+        node[parts[-1]] = value
+        origins[parts] = f"environment {name}"
+    return tree, origins
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> tuple[Config, str]:
+    """Load and validate. Returns the config and a description of its origin."""
+    environ = os.environ if environ is None else environ
+    explicit = path if path is not None else environ.get("KVMSCOPE_CONFIG") or None
+    data: dict = {}
+    origin = "built-in defaults"
+    if explicit is not None:
+        p = Path(explicit)
+        data = _read_yaml(p)
+        origin = str(p)
+    elif DEFAULT_PATH.exists():
+        data = _read_yaml(DEFAULT_PATH)
+        origin = str(DEFAULT_PATH)
+    env_tree, env_origins = _env_overrides(environ)
+    if env_tree:
+        data = _merge(data, env_tree)
+        origin += " + environment"
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, f"config {origin.split(' + ')[0]}", env_origins)) from None
+    return cfg, origin
+
+
+def masked_dict(cfg: Config) -> dict:
+    """The effective configuration as plain data, secrets masked."""
+
+    def walk(model: BaseModel) -> dict:
+        out = {}
+        for name in type(model).model_fields:
+            v = getattr(model, name)
+            if isinstance(v, BaseModel):
+                out[name] = walk(v)
+            elif isinstance(v, SecretStr):
+                out[name] = MASK
+            else:
+                out[name] = v
+        return out
+
+    return walk(cfg)

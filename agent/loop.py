@@ -1,0 +1,145 @@
+"""The agent loop: run every source on an interval, each with a deadline.
+
+Each cycle starts every enabled source in its own worker thread and waits
+for all of them until ``agent.collector_timeout``. A source that raises is
+recorded as failed with its reason; one that overruns is recorded as failed
+("timed out") and the cycle completes on time anyway. Python cannot kill a
+thread, so a hung source keeps its worker: the next cycle does not start it
+again until it returns (reported as "still running since ..."), which keeps
+a hung QMP socket or libvirt call from piling up threads.
+
+The loop keeps the latest snapshot and a bounded ring of recent ones
+(``agent.history``) for diagnosis and the local API.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Callable, Iterable
+
+from agent.errors import NoData
+from agent.model import Snapshot, SourceHealth, Status
+from agent.sources import Source
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(
+        self,
+        sources: Iterable[Source],
+        *,
+        interval: float = 5.0,
+        timeout: float = 4.0,
+        history: int = 120,
+        hostname: str | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
+        self.sources = list(sources)
+        self.interval = interval
+        self.timeout = timeout
+        self.hostname = hostname or socket.gethostname()
+        self._clock = clock
+        self._mono = monotonic
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.sources)), thread_name_prefix="source")
+        self._inflight: dict[str, tuple[Future, float]] = {}
+        self._lock = threading.Lock()
+        self._history: deque[Snapshot] = deque(maxlen=history)
+        self._seq = 0
+        self.on_snapshot: list[Callable[[Snapshot], None]] = []
+
+    # -- results ---------------------------------------------------------
+    @property
+    def latest(self) -> Snapshot | None:
+        with self._lock:
+            return self._history[-1] if self._history else None
+
+    def history(self) -> list[Snapshot]:
+        with self._lock:
+            return list(self._history)
+
+    # -- one cycle -------------------------------------------------------
+    def _run_source(self, src: Source):
+        start = self._mono()
+        try:
+            data = src.collect()
+            return Status.OK, data, "", self._mono() - start
+        except NoData as e:
+            return Status.NODATA, None, e.reason, self._mono() - start
+        except Exception as e:  # one broken source never takes down the others
+            log.debug("source %s failed", src.name, exc_info=True)
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            return Status.FAILED, None, reason, self._mono() - start
+
+    def collect_once(self) -> Snapshot:
+        t0_wall, t0 = self._clock(), self._mono()
+        started: dict[str, Future] = {}
+        health: dict[str, SourceHealth] = {}
+        data: dict[str, object] = {}
+        for src in self.sources:
+            prev = self._inflight.get(src.name)
+            if prev and not prev[0].done():
+                health[src.name] = SourceHealth(
+                    src.name,
+                    Status.FAILED,
+                    0.0,
+                    f"still running since {t0 - prev[1]:.1f}s ago (hung?); not restarted",
+                )
+                continue
+            fut = self._pool.submit(self._run_source, src)
+            self._inflight[src.name] = (fut, t0)
+            started[src.name] = fut
+        wait(started.values(), timeout=self.timeout)
+        for name, fut in started.items():
+            if not fut.done():
+                health[name] = SourceHealth(name, Status.FAILED, self._mono() - t0, f"timed out after {self.timeout:g}s")
+                continue
+            status, value, reason, dur = fut.result()
+            health[name] = SourceHealth(name, status, dur, reason)
+            if status is Status.OK:
+                data[name] = value
+        with self._lock:
+            self._seq += 1
+            snap = Snapshot(
+                seq=self._seq,
+                timestamp=t0_wall,
+                host=self.hostname,
+                duration_seconds=self._mono() - t0,
+                data=data,
+                health=health,
+            )
+            self._history.append(snap)
+        for cb in self.on_snapshot:
+            try:
+                cb(snap)
+            except Exception:
+                log.exception("snapshot consumer failed")
+        return snap
+
+    # -- forever ---------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Collect every ``interval`` seconds (aligned to the start of the
+        first cycle, no drift) until ``stop`` is set."""
+        next_at = self._mono()
+        while not stop.is_set():
+            self.collect_once()
+            next_at += self.interval
+            delay = next_at - self._mono()
+            if delay < 0:  # a slow cycle: skip the missed slots, do not burst
+                next_at = self._mono()
+                delay = 0
+            stop.wait(delay)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for src in self.sources:
+            try:
+                src.close()
+            except Exception:
+                log.debug("closing %s failed", src.name, exc_info=True)

@@ -1,0 +1,86 @@
+"""Sources: each reads one thing from the host and returns typed records.
+
+One source per module, registered by name with :func:`register` (the
+node_exporter ``collector/*.go`` habit). Each declares whether it is on by
+default; ``agent.collectors.enable/disable`` in the configuration changes
+that by name. A source never formats output and never knows who consumes it.
+
+A source's ``collect()``:
+  * returns its records (any value; usually a dataclass),
+  * raises :class:`agent.errors.NoData` with a reason when the host simply
+    has no such thing (not a failure),
+  * raises anything else on failure; the agent loop records the reason and
+    the duration and carries on with the other sources.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from agent.config import Config
+from agent.errors import ConfigError
+from agent.hostpaths import HostPaths
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    config: Config
+    paths: HostPaths
+
+
+class Source(Protocol):
+    name: str
+
+    def collect(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    default_enabled: bool
+    description: str
+    factory: Callable[[SourceContext], Source]
+
+
+REGISTRY: dict[str, SourceInfo] = {}
+
+# Modules that register sources. Imported lazily (no I/O at import time in
+# any of them) so that `kvmscope --help` stays fast.
+_MODULES = ("agent.sources.host_tcp",)
+
+
+def register(name: str, *, default_enabled: bool = True, description: str = ""):
+    def deco(cls):
+        cls.name = name
+        REGISTRY[name] = SourceInfo(name, default_enabled, description or (cls.__doc__ or "").strip().split("\n")[0], cls)
+        return cls
+
+    return deco
+
+
+def load_registry() -> dict[str, SourceInfo]:
+    for mod in _MODULES:
+        importlib.import_module(mod)
+    return REGISTRY
+
+
+def selected(config: Config) -> list[SourceInfo]:
+    """The sources to run, after the configuration's enable/disable lists."""
+    reg = load_registry()
+    sel = config.agent.collectors
+    for key, names in (("enable", sel.enable), ("disable", sel.disable)):
+        for n in names:
+            if n not in reg:
+                raise ConfigError(
+                    f"agent.collectors.{key}: got {n!r}; unknown collector, known: {', '.join(sorted(reg))}"
+                )
+    out = []
+    for info in reg.values():
+        on = (info.default_enabled or info.name in sel.enable) and info.name not in sel.disable
+        if on:
+            out.append(info)
+    return out

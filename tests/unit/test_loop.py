@@ -1,0 +1,89 @@
+"""The agent loop: failure isolation, deadlines, no pile-up of hung sources."""
+
+import threading
+import time
+
+from agent.errors import NoData
+from agent.loop import Agent
+from agent.model import Status
+
+
+class Src:
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def collect(self):
+        return self.fn()
+
+    def close(self):
+        pass
+
+
+def boom():
+    raise RuntimeError("sysfs vanished")
+
+
+def nodata():
+    raise NoData("no iSCSI sessions")
+
+
+def test_one_failure_does_not_hide_others():
+    a = Agent([Src("good", lambda: 42), Src("bad", boom), Src("empty", nodata)], timeout=2)
+    snap = a.collect_once()
+    assert snap.data == {"good": 42}
+    assert snap.health["good"].status is Status.OK
+    assert snap.health["bad"].status is Status.FAILED
+    assert snap.health["bad"].reason == "RuntimeError: sysfs vanished"
+    assert snap.health["empty"].status is Status.NODATA and snap.health["empty"].success
+    assert snap.health["empty"].reason == "no iSCSI sessions"
+    a.close()
+
+
+def test_hung_source_times_out_and_is_not_restarted():
+    release = threading.Event()
+    calls = []
+
+    def hang():
+        calls.append(1)
+        release.wait(10)
+        return "late"
+
+    a = Agent([Src("hung", hang), Src("good", lambda: 1)], timeout=0.3)
+    t0 = time.monotonic()
+    s1 = a.collect_once()
+    assert time.monotonic() - t0 < 2.0
+    assert s1.health["hung"].status is Status.FAILED
+    assert s1.health["hung"].reason == "timed out after 0.3s"
+    assert s1.data == {"good": 1}
+    s2 = a.collect_once()
+    assert s2.health["hung"].status is Status.FAILED
+    assert s2.health["hung"].reason.startswith("still running since")
+    assert len(calls) == 1
+    release.set()
+    time.sleep(0.1)
+    s3 = a.collect_once()
+    assert len(calls) == 2
+    assert s3.health["hung"].status is Status.OK and s3.data["hung"] == "late"
+    a.close()
+
+
+def test_history_ring_is_bounded_and_ordered():
+    a = Agent([Src("n", lambda: 1)], history=3)
+    for _ in range(5):
+        a.collect_once()
+    assert [s.seq for s in a.history()] == [3, 4, 5]
+    assert a.latest.seq == 5
+    a.close()
+
+
+def test_run_stops_on_event():
+    a = Agent([Src("n", lambda: 1)], interval=0.5)
+    stop = threading.Event()
+    t = threading.Thread(target=a.run, args=(stop,))
+    t.start()
+    time.sleep(1.2)
+    stop.set()
+    t.join(2)
+    assert not t.is_alive()
+    assert 2 <= a.latest.seq <= 4
+    a.close()

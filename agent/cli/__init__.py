@@ -56,7 +56,13 @@ def _root(
 
 
 def _register() -> None:
-    from agent.cli import config_cmd, run, version  # noqa: F401  (commands register on import)
+    """Import every command module of this package (each adds its command to `app`)."""
+    import importlib
+    import pkgutil
+
+    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if mod.name not in ("common",) and not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
 
 
 _register()

@@ -59,6 +59,31 @@ def render_agent(snap: Snapshot | None, now: float) -> Iterable:
     yield cyc
 
 
+# source name -> renderer of that source's records. Renderers live next to
+# this module (agent/exporters/render_*.py) and register with @renderer.
+RENDERERS: dict[str, Callable[[object], Iterable]] = {}
+
+
+def renderer(source: str):
+    def deco(fn):
+        RENDERERS[source] = fn
+        return fn
+
+    return deco
+
+
+def load_renderers() -> None:
+    import importlib
+    import pkgutil
+
+    import agent.exporters as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("render_"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+@renderer("host_tcp")
 def render_host_tcp(data: HostTcpCounters) -> Iterable:
     groups = {"Tcp": data.tcp, "TcpExt": data.tcp_ext}
     for (group, field), d in C.HOST_TCP_FIELDS.items():
@@ -70,16 +95,11 @@ def render_host_tcp(data: HostTcpCounters) -> Iterable:
         yield fam
 
 
-# source name -> renderer of that source's records
-RENDERERS: dict[str, Callable[[object], Iterable]] = {
-    "host_tcp": render_host_tcp,
-}
-
-
 class SnapshotCollector:
     """prometheus_client custom collector over a snapshot provider."""
 
     def __init__(self, latest: Callable[[], Snapshot | None], clock: Callable[[], float] = time.time):
+        load_renderers()
         self._latest = latest
         self._clock = clock
 

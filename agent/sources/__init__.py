@@ -16,6 +16,7 @@ A source's ``collect()``:
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -48,9 +49,6 @@ class SourceInfo:
 
 REGISTRY: dict[str, SourceInfo] = {}
 
-# Modules that register sources. Imported lazily (no I/O at import time in
-# any of them) so that `kvmscope --help` stays fast.
-_MODULES = ("agent.sources.host_tcp",)
 
 
 def register(name: str, *, default_enabled: bool = True, description: str = ""):
@@ -63,8 +61,13 @@ def register(name: str, *, default_enabled: bool = True, description: str = ""):
 
 
 def load_registry() -> dict[str, SourceInfo]:
-    for mod in _MODULES:
-        importlib.import_module(mod)
+    """Import every module of this package (each registers its sources).
+
+    Lazy, so `kvmscope --help` stays fast; modules do no I/O at import time.
+    """
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
     return REGISTRY
 
 

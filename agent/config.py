@@ -111,6 +111,26 @@ class StorageConfig(_Section):
         return v
 
 
+class LibvirtConfig(_Section):
+    uri: str = Field("qemu:///system", description="libvirt connection URI (opened read-only)")
+
+
+class QmpConfig(_Section):
+    sockets: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of QMP sockets of stand-alone QEMU processes (not managed by libvirt)",
+    )
+    timeout: float = Field(1.0, gt=0, le=60, description="deadline in seconds for one QMP socket per cycle")
+    latency_histograms: bool = Field(
+        False, description="enable QEMU's block latency histograms (block-latency-histogram-set) on each drive"
+    )
+    histogram_boundaries_ns: list[int] = Field(
+        default_factory=lambda: [100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+                                 25_000_000, 50_000_000, 100_000_000, 250_000_000, 1_000_000_000],
+        description="histogram bucket bounds in nanoseconds",
+    )
+
+
 class PathsConfig(_Section):
     procfs: str = "/proc"
     sysfs: str = "/sys"
@@ -140,6 +160,8 @@ class Config(_Section):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    libvirt: LibvirtConfig = Field(default_factory=LibvirtConfig)
+    qmp: QmpConfig = Field(default_factory=QmpConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
     elasticsearch: ElasticsearchConfig = Field(default_factory=ElasticsearchConfig)
     log: LogConfig = Field(default_factory=LogConfig)

@@ -46,7 +46,7 @@ def test_top_level_not_a_mapping(tmp_path):
     p = write(tmp_path, "- a\n- b\n")
     assert load_err(p) == (
         f"config file {p}: the top level must be a mapping of sections "
-        "(agent, metrics, storage, paths, elasticsearch, log), got list"
+        "(agent, metrics, storage, libvirt, qmp, paths, elasticsearch, log), got list"
     )
 
 
@@ -61,7 +61,7 @@ def test_unknown_key(tmp_path):
 
 def test_unknown_section(tmp_path):
     p = write(tmp_path, "metric:\n  listen: ':1'\n")
-    assert "metric: unknown key; allowed keys here: agent, elasticsearch, log, metrics, paths, storage" in load_err(p)
+    assert "metric: unknown key; allowed keys here: agent, elasticsearch, libvirt, log, metrics, paths, qmp, storage" in load_err(p)
 
 
 def test_wrong_type(tmp_path):

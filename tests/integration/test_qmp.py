@@ -1,0 +1,137 @@
+"""The QMP source against a real stand-alone QEMU, next to a socket that never answers."""
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from agent.config import Config
+from agent.hostpaths import HostPaths
+from agent.sources import SourceContext
+from agent.sources.qmp_vms import QmpSource, parse_blockstats
+
+QEMU = shutil.which("qemu-system-x86_64")
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed (make test installs it)")
+
+
+@pytest.fixture
+def qemu(tmp_path):
+    img = tmp_path / "disk0.img"
+    img.write_bytes(b"\0" * (4 << 20))
+    sock = tmp_path / "vm 'quoted' ü.qmp"
+    p = subprocess.Popen(
+        [
+            QEMU, "-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-S",
+            "-name", "guest=standalone,,one",
+            "-uuid", "6b0a1e44-1111-4a4a-9c9c-000000000001",
+            "-qmp", f"unix:{sock},server=on,wait=off",
+            "-drive", f"file={img},if=none,id=drive0,format=raw,cache=none,aio=threads",
+            "-device", "virtio-blk-pci,drive=drive0,id=disk0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    assert sock.exists(), p.stderr.read() if p.poll() is not None else "no QMP socket"
+    yield p, sock
+    p.kill()
+    p.wait(5)
+
+
+@pytest.fixture
+def silent_socket(tmp_path):
+    """Accepts connections and never says a word (a hung QEMU monitor)."""
+    path = tmp_path / "silent.qmp"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen()
+    held = []
+    stop = threading.Event()
+
+    def loop():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield path
+    stop.set()
+    t.join(2)
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def make_source(tmp_path, **qmp):
+    cfg = Config()
+    cfg.qmp.sockets = [str(tmp_path / "*.qmp")]
+    for k, v in qmp.items():
+        setattr(cfg.qmp, k, v)
+    return QmpSource(SourceContext(cfg, HostPaths()))
+
+
+def test_real_qemu_and_hung_socket(tmp_path, qemu, silent_socket):
+    proc, sock = qemu
+    src = make_source(tmp_path, timeout=1.0, latency_histograms=True, histogram_boundaries_ns=[1000, 1000000])
+    t0 = time.monotonic()
+    data = src.collect()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.5, f"a hung socket must not stall the cycle ({elapsed:.1f}s)"
+    assert [v.name for v in data.vms] == ["standalone,one"]
+    vm = data.vms[0]
+    assert vm.uuid == "6b0a1e44-1111-4a4a-9c9c-000000000001"
+    assert vm.state == "prelaunch" and vm.manager == "qmp"
+    assert vm.pid == proc.pid
+    (disk,) = vm.disks
+    assert disk.target == "drive0" and disk.kind == "file" and disk.source.endswith("disk0.img")
+    assert vm.error is None
+    assert disk.stats.rd_reqs == 0 and disk.stats.wr_reqs == 0  # paused guest (-S): no I/O yet
+    # histograms were switched on and come back with len(bins) == len(boundaries) + 1
+    h = disk.stats.histograms["rd"]
+    assert h["boundaries_ns"] == [1000, 1000000] and len(h["bins"]) == 3
+    assert data.failed == ((str(silent_socket), "no answer before the deadline"),)
+    src.close()
+
+
+def test_second_cycle_skips_still_hanging_socket(tmp_path, silent_socket):
+    src = make_source(tmp_path, timeout=0.3)
+    first = src.collect()
+    assert first.failed[0][1] == "no answer before the deadline"
+    second = src.collect()
+    assert second.failed[0][0] == str(silent_socket)
+    src.close()
+
+
+def test_nodata_reasons(tmp_path):
+    from agent.errors import NoData
+
+    cfg = Config()
+    with pytest.raises(NoData, match="no QMP sockets configured"):
+        QmpSource(SourceContext(cfg, HostPaths())).collect()
+    with pytest.raises(NoData, match="no QMP socket matches"):
+        make_source(tmp_path).collect()
+
+
+def test_parse_iscsi_drive():
+    blockstats = [{"device": "drive-vda", "qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
+                   "stats": {"rd_operations": 10, "rd_bytes": 40960, "rd_total_time_ns": 5000000,
+                             "wr_operations": 4, "wr_bytes": 16384, "wr_total_time_ns": 2000000,
+                             "flush_operations": 1, "flush_total_time_ns": 300, "failed_rd_operations": 2,
+                             "idle_time_ns": 12345}}]
+    block = [{"device": "drive-vda", "qdev": "/machine/peripheral/virtio-disk0/virtio-backend",
+              "inserted": {"file": "iscsi://198.18.1.2:3260/iqn.2025-01.io.kvmscope.lab:vm0-vda/1"}}]
+    (d,) = parse_blockstats(blockstats, block)
+    assert (d.target, d.backend, d.iqn, d.lun, d.hosts) == (
+        "drive-vda", "libiscsi", "iqn.2025-01.io.kvmscope.lab:vm0-vda", 1, (("198.18.1.2", 3260),))
+    assert (d.stats.rd_reqs, d.stats.wr_time_ns, d.stats.failed_reqs, d.stats.idle_time_ns) == (10, 2000000, 2, 12345)

@@ -34,6 +34,7 @@ class VmDisk:
     cache: str | None = None
     io: str | None = None
     error_policy: str | None = None
+    host_devno: str | None = None  # MAJ:MIN of the host block device under a file/block disk
     stats: DiskStats | None = None
 
     @property
@@ -63,6 +64,24 @@ class Vm:
 class Vms:
     vms: tuple[Vm, ...] = ()
     failed: tuple[tuple[str, str], ...] = ()  # (vm or socket, reason) that could not be read at all
+
+
+def host_devno(kind: str, source: str | None) -> str | None:
+    """MAJ:MIN of the host block device a file or block disk sits on.
+
+    A block disk is the device itself (st_rdev); a file disk sits on the
+    device of its file system (st_dev). None when the path is unreadable.
+    """
+    import os
+
+    if not source or kind not in ("file", "block"):
+        return None
+    try:
+        st = os.stat(source)
+    except OSError:
+        return None
+    dev = st.st_rdev if kind == "block" else st.st_dev
+    return f"{os.major(dev)}:{os.minor(dev)}"
 
 
 def split_iscsi_name(name: str | None) -> tuple[str | None, int | None]:

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 
 from agent.errors import NoData
 from agent.sources import SourceContext, register
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms, split_iscsi_name
+from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms, host_devno, split_iscsi_name
 from agent.sources.qemu_procs import qemu_processes
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def parse_domain_disks(xml: str) -> list[VmDisk]:
                 cache=drv.get("cache") if drv is not None else None,
                 io=drv.get("io") if drv is not None else None,
                 error_policy=drv.get("error_policy") if drv is not None else None,
+                host_devno=host_devno(kind, source),
             )
         )
     return disks

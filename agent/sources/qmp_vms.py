@@ -33,7 +33,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from agent.errors import NoData
 from agent.sources import SourceContext, register
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms, parse_iscsi_url
+from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms, host_devno, parse_iscsi_url
 from agent.sources.qemu_procs import qemu_processes
 
 
@@ -135,9 +135,10 @@ def parse_blockstats(blockstats: list, block: list) -> list[VmDisk]:
             disk = VmDisk(target=name, kind="network", protocol="iscsi", source=f"{iqn}/{lun}",
                           hosts=((host, port),) if host else (), iqn=iqn, lun=lun)
         elif f.startswith("/dev/"):
-            disk = VmDisk(target=name, kind="block", source=f)
+            disk = VmDisk(target=name, kind="block", source=f, host_devno=host_devno("block", f))
         else:
-            disk = VmDisk(target=name, kind="file" if f else "unknown", source=f or None)
+            kind = "file" if f else "unknown"
+            disk = VmDisk(target=name, kind=kind, source=f or None, host_devno=host_devno(kind, f or None))
         disks.append(
             replace(
                 disk,

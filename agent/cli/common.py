@@ -25,3 +25,52 @@ def print_json(data: Any) -> None:
 def msg(text: str) -> None:
     """A message for the human (stderr), never data."""
     print(text, file=sys.stderr, flush=True)
+
+
+def clean(value) -> str:
+    """A value for a terminal table: control characters made visible, None as '-'."""
+    if value is None:
+        return "-"
+    s = str(value)
+    return s.encode("unicode_escape").decode("ascii") if any(ord(c) < 32 or c == "\x7f" for c in s) else s
+
+
+def table(headers: list[str], rows: list[list], out=None) -> None:
+    """A plain aligned table on stdout (no colour, pipe-friendly)."""
+    out = out or sys.stdout
+    cells = [[clean(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip() + "\n")
+    for r in cells:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+
+
+def health_notes(snaps, names: list[str]) -> None:
+    """Tell the human (stderr) about sources that failed or had nothing."""
+    if not snaps:
+        return
+    snap = snaps[-1]
+    for n in names:
+        h = snap.health.get(n)
+        if h is None:
+            continue
+        if h.status.value == "failed":
+            msg(f"warning: {n} failed: {h.reason}")
+        elif h.status.value == "nodata":
+            msg(f"note: {n}: {h.reason}")
+
+
+def to_jsonable(obj):
+    """Dataclasses (incl. nested), tuples and enums to plain JSON data."""
+    import dataclasses
+    import enum
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj

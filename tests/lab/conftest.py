@@ -1,0 +1,176 @@
+"""Session fixtures for the kvmscope lab tests (deploy/lab/lab).
+
+The `lab` fixture brings the lab up once per session (`lab down` first for a
+clean slate, then `lab up --vms 2`) and always runs `lab down` at the end.
+Tests measure with libvirt bulk stats and /proc/net/snmp directly, not with
+the lab's own status code, so a wrong `lab status` cannot hide a failure.
+
+Skips (with the reason printed) when not root, when a required binary or the
+python `libvirt` module is missing.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAB = os.path.join(REPO, "deploy", "lab", "lab")
+LAB_PYTHON = "/usr/bin/python3"      # the system Python that has python3-libvirt
+LAB_DIR = os.environ.get("KVMSCOPE_LAB_DIR", "/var/tmp/kvmscope-lab")
+URI = "qemu:///system"
+REQUIRED = ["ip", "iptables", "tgtd", "tgtadm", "losetup", "modinfo", "libvirtd",
+            "virtlogd", "qemu-system-x86_64", "busybox"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "lab: needs root and the real kvmscope lab (tgtd, libvirt, "
+                   "QEMU); brings up VMs, takes a few minutes")
+
+
+def _skip_reason():
+    if os.geteuid() != 0:
+        return "lab tests need root"
+    if not os.path.exists(LAB_PYTHON):
+        return f"{LAB_PYTHON} missing"
+    missing = [b for b in REQUIRED
+               if shutil.which(b) is None and not os.path.exists("/usr/sbin/" + b)]
+    if missing:
+        return "missing binaries: " + ", ".join(missing)
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "python module libvirt missing (Debian python3-libvirt)"
+    return None
+
+
+def retrans_segs():
+    """Host TCP RetransSegs from /proc/net/snmp."""
+    with open("/proc/net/snmp") as f:
+        tcp = [line.split() for line in f if line.startswith("Tcp:")]
+    hdr, vals = tcp[0], tcp[1]
+    return int(vals[hdr.index("RetransSegs")])
+
+
+class Lab:
+    def __init__(self):
+        import libvirt
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)
+        self.libvirt = libvirt
+        self.conn = None
+        self.status = None        # `lab status --json` right after `lab up`
+        self.down_done = False
+
+    # -- running the command ------------------------------------------------
+    def run(self, *args, check=True, timeout=600):
+        cmd = [LAB_PYTHON, LAB] + [str(a) for a in args]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=timeout)
+        sys.stderr.write(p.stderr)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed rc={p.returncode}\n"
+                                 f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+        return p
+
+    def status_json(self, interval=1.0):
+        return json.loads(self.run("status", "--json", "--interval", interval).stdout)
+
+    # -- measurements --------------------------------------------------------
+    def connect(self):
+        if self.conn is None:
+            self.conn = self.libvirt.open(URI)
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+            self.conn = None
+
+    @property
+    def vm_names(self):
+        return [vm["name"] for vm in self.status["vms"]]
+
+    def vm_portal(self, name):
+        return next(vm["portal"] for vm in self.status["vms"] if vm["name"] == name)
+
+    def block_stats(self):
+        """{vm: {'state': int, dev: {'rd.reqs':..., ...}}} via bulk stats."""
+        lv = self.libvirt
+        conn = self.connect()
+        flags = getattr(lv, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT", 0)
+        res = conn.getAllDomainStats(lv.VIR_DOMAIN_STATS_BLOCK |
+                                     lv.VIR_DOMAIN_STATS_STATE, flags)
+        out = {}
+        for dom, rec in res:
+            if dom.name() not in self.vm_names:
+                continue
+            d = {"state": rec.get("state.state")}
+            for k in range(int(rec.get("block.count", 0))):
+                d[rec[f"block.{k}.name"]] = {
+                    key: int(rec.get(f"block.{k}.{key}", 0))
+                    for key in ("rd.reqs", "rd.times", "wr.reqs", "wr.times")}
+            out[dom.name()] = d
+        return out
+
+    def window(self, seconds):
+        """Per VM and disk over `seconds`: ops, ops/s, avg latency (ms); plus
+        the host TCP RetransSegs delta."""
+        r0 = retrans_segs()
+        t0 = time.monotonic()
+        a = self.block_stats()
+        time.sleep(seconds)
+        b = self.block_stats()
+        dt = time.monotonic() - t0
+        r1 = retrans_segs()
+        res = {"retrans": r1 - r0, "seconds": dt, "vms": {}}
+        for name in self.vm_names:
+            res["vms"][name] = {}
+            for dev in ("vda", "vdb"):
+                x, y = a[name][dev], b[name][dev]
+                ops = (y["rd.reqs"] + y["wr.reqs"]) - (x["rd.reqs"] + x["wr.reqs"])
+                ns = (y["rd.times"] + y["wr.times"]) - (x["rd.times"] + x["wr.times"])
+                res["vms"][name][dev] = {
+                    "ops": ops, "ops_per_s": ops / dt,
+                    "avg_ms": (ns / ops / 1e6) if ops > 0 else None,
+                    "rd_ops": y["rd.reqs"] - x["rd.reqs"],
+                    "wr_ops": y["wr.reqs"] - x["wr.reqs"]}
+        return res
+
+
+def format_window(label, w):
+    lines = [f"{label}: {w['seconds']:.1f}s, host RetransSegs +{w['retrans']}"]
+    for name, disks in w["vms"].items():
+        for dev, d in disks.items():
+            lat = "-" if d["avg_ms"] is None else f"{d['avg_ms']:.3f} ms"
+            lines.append(f"  {name} {dev}: {d['ops_per_s']:.1f} ops/s avg {lat}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    reason = _skip_reason()
+    if reason:
+        print(f"SKIP kvmscope lab tests: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    lab = Lab()
+    try:
+        lab.run("down")              # clean slate (no-op when nothing is up)
+        t0 = time.monotonic()
+        lab.run("up", "--vms", 2, "--timeout", 300)
+        lab.up_seconds = time.monotonic() - t0
+        print(f"\nlab up took {lab.up_seconds:.1f}s", file=sys.stderr)
+        lab.status = lab.status_json(interval=1.0)
+        yield lab
+    finally:
+        lab.close()
+        p = lab.run("down", check=False)
+        if p.returncode != 0 and not lab.down_done:
+            raise AssertionError(f"lab down failed at teardown: {p.stderr}")

@@ -19,14 +19,27 @@ from agent.model import Snapshot, Status
 from agent.sources import SourceContext, selected
 
 
-def _summary(snap: Snapshot, prev: Snapshot | None) -> str:
-    """One console line per cycle: health, then what the sources saw."""
-    parts = []
+def _health_changes(snap: Snapshot, prev: Snapshot | None) -> list[str]:
+    """A line for each collector whose status or reason changed since the last cycle."""
+    lines = []
     for name in sorted(snap.health):
         h = snap.health[name]
-        mark = {"ok": "ok", "nodata": "no data", "failed": "FAILED"}[h.status.value]
-        extra = f" ({h.reason})" if h.status is not Status.OK else ""
-        parts.append(f"{name} {mark} {h.duration_seconds * 1000:.1f}ms{extra}")
+        p = prev.health.get(name) if prev else None
+        if p is not None and (p.status, p.reason) == (h.status, h.reason):
+            continue
+        if h.status is Status.OK:
+            if p is not None:
+                lines.append(f"collector {name}: ok again")
+            continue
+        word = "no data" if h.status is Status.NODATA else "FAILED"
+        lines.append(f"collector {name}: {word}: {h.reason}")
+    return lines
+
+
+def _summary(snap: Snapshot, prev: Snapshot | None) -> str:
+    """One console line per cycle: health counts, then what the sources saw."""
+    n = {s: sum(1 for h in snap.health.values() if h.status is s) for s in Status}
+    parts = [f"{n[Status.OK]} ok, {n[Status.NODATA]} no data, {n[Status.FAILED]} failed in {snap.duration_seconds * 1000:.0f}ms"]
     tcp = snap.get("host_tcp")
     ptcp = prev.get("host_tcp") if prev else None
     if tcp and ptcp:
@@ -35,6 +48,17 @@ def _summary(snap: Snapshot, prev: Snapshot | None) -> str:
         out = tcp.tcp.get("OutSegs", 0) - ptcp.tcp.get("OutSegs", 0)
         pct = 100.0 * d / out if out > 0 else 0.0
         parts.append(f"tcp retrans {d / dt:.1f}/s ({pct:.2f}% of sent), estab {tcp.tcp.get('CurrEstab', 0)}")
+    vms = [v for src in ("libvirt", "qmp") if snap.get(src) for v in snap.get(src).vms]
+    if vms:
+        parts.append(f"vms {len(vms)} ({sum(len(v.disks) for v in vms)} disks)")
+    sess = snap.get("iscsi_kernel")
+    if sess:
+        bad = sum(1 for s in sess.sessions if s.state != "LOGGED_IN")
+        parts.append(f"iscsi sessions {len(sess.sessions)}" + (f" ({bad} not logged in)" if bad else ""))
+    conns = snap.get("storage_tcp")
+    if conns:
+        rt = sum((c.info.total_retrans or 0) for c in conns.connections if c.info)
+        parts.append(f"storage conns {len(conns.connections)} (retrans total {rt})")
     return f"cycle {snap.seq}: " + " | ".join(parts)
 
 
@@ -82,6 +106,8 @@ def run(
 
     if once:
         snap = agent.collect_once()
+        for line in _health_changes(snap, None):
+            msg(line)
         msg(_summary(snap, None))
         agent.close()
         failed = [h for h in snap.health.values() if h.status is Status.FAILED]
@@ -108,6 +134,8 @@ def run(
         prev: list[Snapshot | None] = [None]
 
         def _print(snap: Snapshot):
+            for line in _health_changes(snap, prev[0]):
+                msg(line)
             msg(_summary(snap, prev[0]))
             prev[0] = snap
 

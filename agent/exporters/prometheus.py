@@ -64,12 +64,21 @@ def render_agent(snap: Snapshot | None, now: float) -> Iterable:
 RENDERERS: dict[str, Callable[[object], Iterable]] = {}
 
 
+# renderers of joins across sources (storage paths): fn(snapshot)
+SNAPSHOT_RENDERERS: list[Callable[[Snapshot], Iterable]] = []
+
+
 def renderer(source: str):
     def deco(fn):
         RENDERERS[source] = fn
         return fn
 
     return deco
+
+
+def snapshot_renderer(fn):
+    SNAPSHOT_RENDERERS.append(fn)
+    return fn
 
 
 def load_renderers() -> None:
@@ -113,9 +122,14 @@ class SnapshotCollector:
             if render is None:
                 continue
             try:
-                yield from render(data)
+                yield from [f for f in render(data) if f.samples]
             except Exception:  # a renderer bug must not fail the scrape
                 log.exception("rendering %s failed", name)
+        for render in SNAPSHOT_RENDERERS:
+            try:
+                yield from [f for f in render(snap) if f.samples]
+            except Exception:
+                log.exception("rendering %s failed", render.__name__)
 
 
 def make_registry(latest: Callable[[], Snapshot | None], clock: Callable[[], float] = time.time) -> CollectorRegistry:

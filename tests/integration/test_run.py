@@ -122,4 +122,4 @@ def test_health_api(agent_proc):
 def test_run_once_exits_zero():
     r = subprocess.run([sys.executable, "-m", "agent", "run", "--once"], capture_output=True, text=True, env=CLEAN_ENV, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "cycle 1: host_tcp ok" in r.stderr
+    assert "cycle 1: " in r.stderr and " 0 failed in " in r.stderr

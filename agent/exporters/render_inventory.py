@@ -1,0 +1,241 @@
+"""Prometheus rendering of the storage inventory: iSCSI sessions, storage
+connections, VMs and their disks, and the storage paths joining them.
+
+Cardinality: sessions, connections and VM disks are bounded by the host's
+configuration (one connection per session or per libiscsi disk); labels
+never carry PIDs or ephemeral values other than a storage connection's
+local address:port, which lives as long as the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from agent.exporters.catalog import define
+from agent.exporters.prometheus import renderer, snapshot_renderer
+from agent.model import Snapshot
+from agent.sources._vm_records import Vms
+from agent.sources.iscsi_kernel import IscsiSessions
+from agent.topology import build_paths
+
+SESSION_LABELS = ("target", "portal", "session")
+
+SESSION_UP = define(
+    "kvmscope_iscsi_session_up", "gauge",
+    "1 if the open-iscsi session is LOGGED_IN, else 0; sysfs iscsi_session/state.",
+    SESSION_LABELS, "/sys/class/iscsi_session")
+SESSION_STATE = define(
+    "kvmscope_iscsi_session_state", "gauge",
+    "1 for the session's current state (LOGGED_IN, FAILED, FREE, unknown), 0 for the others; sysfs iscsi_session/state.",
+    SESSION_LABELS + ("state",), "/sys/class/iscsi_session")
+SESSION_RECOVERY_TMO = define(
+    "kvmscope_iscsi_session_recovery_timeout_seconds", "gauge",
+    "Seconds a FAILED session waits for its connection before failing I/O; sysfs iscsi_session/recovery_tmo.",
+    SESSION_LABELS, "/sys/class/iscsi_session")
+CONNECTION_UP = define(
+    "kvmscope_iscsi_connection_up", "gauge",
+    "1 if the session's connection state is 'up' (newer kernels), else 0; sysfs iscsi_connection/state.",
+    SESSION_LABELS + ("connection",), "/sys/class/iscsi_connection")
+SESSION_PDUS = define(
+    "kvmscope_iscsi_session_pdus_total", "counter",
+    "iSCSI PDUs by type (scsicmd, scsirsp, datain, dataout, r2t, noptx, noprx, ...); iscsiadm -m session -r SID -s, "
+    "u32 kernel counters unwrapped.",
+    SESSION_LABELS + ("type",), "iscsiadm")
+SESSION_BYTES = define(
+    "kvmscope_iscsi_session_data_bytes_total", "counter",
+    "iSCSI data octets by direction (tx, rx); iscsiadm -m session -r SID -s txdata_octets/rxdata_octets.",
+    SESSION_LABELS + ("direction",), "iscsiadm")
+SESSION_ERRORS = define(
+    "kvmscope_iscsi_session_errors_total", "counter",
+    "iSCSI errors by type (digest, timeout, eh_abort, tx_sendpage_failure, rx_discontiguous_hdr); iscsiadm -m session -s.",
+    SESSION_LABELS + ("type",), "iscsiadm")
+SESSION_STATS_OK = define(
+    "kvmscope_iscsi_session_stats_success", "gauge",
+    "1 if iscsiadm returned the session's counters this cycle, 0 if not (see the agent log or `kvmscope sessions`).",
+    SESSION_LABELS, "iscsiadm")
+
+ERROR_STATS = {"digest_err": "digest", "timeout_err": "timeout", "eh_abort_cnt": "eh_abort",
+               "tx_sendpage_failures": "tx_sendpage_failure", "rx_discontiguous_hdr": "rx_discontiguous_hdr"}
+BYTE_STATS = {"txdata_octets": "tx", "rxdata_octets": "rx"}
+
+
+@renderer("iscsi_kernel")
+def render_iscsi_kernel(data: IscsiSessions) -> Iterable:
+    up, state, tmo, cup = SESSION_UP.family(), SESSION_STATE.family(), SESSION_RECOVERY_TMO.family(), CONNECTION_UP.family()
+    pdus, byts, errs, ok = SESSION_PDUS.family(), SESSION_BYTES.family(), SESSION_ERRORS.family(), SESSION_STATS_OK.family()
+    for s in data.sessions:
+        lv = [s.target or "", s.portal or "", str(s.sid)]
+        up.add_metric(lv, 1 if s.state == "LOGGED_IN" else 0)
+        known = ("LOGGED_IN", "FAILED", "FREE")
+        for st in known + ("unknown",):
+            cur = s.state if s.state in known else "unknown"
+            state.add_metric(lv + [st], 1 if st == cur else 0)
+        if s.recovery_tmo is not None:
+            tmo.add_metric(lv, s.recovery_tmo)
+        for c in s.connections:
+            if c.state is not None:
+                cup.add_metric(lv + [c.cid], 1 if c.state == "up" else 0)
+        ok.add_metric(lv, 1 if s.stats else 0)
+        for name, v in (s.stats or {}).items():
+            if name in BYTE_STATS:
+                byts.add_metric(lv + [BYTE_STATS[name]], v)
+            elif name in ERROR_STATS:
+                errs.add_metric(lv + [ERROR_STATS[name]], v)
+            elif name.endswith("_pdus"):
+                pdus.add_metric(lv + [name.removesuffix("_pdus")], v)
+    return [up, state, tmo, cup, ok, pdus, byts, errs]
+
+
+VM_LABELS = ("vm", "disk")
+VM_UP = define("kvmscope_vm_running", "gauge",
+               "1 if the VM is running, 0 if it is paused or otherwise not running; libvirt state / QMP query-status.",
+               ("vm", "manager"), "libvirt, QMP")
+VM_STATS_OK = define("kvmscope_vm_stats_success", "gauge",
+                     "1 if the VM's disk statistics were read this cycle, 0 if they were skipped (domain busy, XML unavailable).",
+                     ("vm", "manager"), "libvirt, QMP")
+DISK_REQUESTS = define("kvmscope_vm_disk_requests_total", "counter",
+                       "Completed guest requests by op (read, write, flush); libvirt block.N.{rd,wr,fl}.reqs / QMP query-blockstats.",
+                       VM_LABELS + ("op",), "libvirt, QMP")
+DISK_BYTES = define("kvmscope_vm_disk_bytes_total", "counter",
+                    "Guest bytes by op (read, write); libvirt block.N.{rd,wr}.bytes / QMP query-blockstats.",
+                    VM_LABELS + ("op",), "libvirt, QMP")
+DISK_TIME = define("kvmscope_vm_disk_time_seconds_total", "counter",
+                   "Total time guest requests took, by op (read, write, flush): rate(time)/rate(requests) is the mean latency; "
+                   "libvirt block.N.*.times / QMP *_total_time_ns.",
+                   VM_LABELS + ("op",), "libvirt, QMP")
+DISK_FAILED = define("kvmscope_vm_disk_failed_requests_total", "counter",
+                     "Failed guest requests (all ops); QMP failed_*_operations (stand-alone QEMU only).",
+                     VM_LABELS, "QMP")
+DISK_IDLE = define("kvmscope_vm_disk_idle_seconds", "gauge",
+                   "Seconds since the disk's last I/O; growing while the guest waits means a stalled disk; QMP idle_time_ns.",
+                   VM_LABELS, "QMP")
+DISK_LATENCY = define("kvmscope_vm_disk_latency_seconds", "histogram",
+                      "Guest request latency by op, from QEMU's block latency histograms (opt-in, stand-alone QEMU); "
+                      "QMP query-blockstats *_latency_histogram.",
+                      VM_LABELS + ("op",), "QMP")
+DISK_INFO = define("kvmscope_vm_disk_info", "gauge",
+                   "Always 1: a VM disk's backend (libiscsi, host, network:<proto>), iSCSI target, LUN and portal.",
+                   VM_LABELS + ("backend", "target", "lun", "portal"), "libvirt domain XML, QMP query-block")
+
+OPS = (("read", "rd"), ("write", "wr"), ("flush", "fl"))
+
+
+def _render_vms(data: Vms) -> Iterable:
+    up, ok, req, byt, tim = VM_UP.family(), VM_STATS_OK.family(), DISK_REQUESTS.family(), DISK_BYTES.family(), DISK_TIME.family()
+    failed, idle, info, hist = DISK_FAILED.family(), DISK_IDLE.family(), DISK_INFO.family(), DISK_LATENCY.family()
+    for vm in data.vms:
+        up.add_metric([vm.name, vm.manager], 1 if vm.state == "running" else 0)
+        ok.add_metric([vm.name, vm.manager], 0 if vm.error and not any(d.stats for d in vm.disks) else 1)
+        for d in vm.disks:
+            lv = [vm.name, d.target]
+            portal = f"{d.hosts[0][0]}:{d.hosts[0][1]}" if d.hosts else ""
+            info.add_metric(lv + [d.backend, d.iqn or "", "" if d.lun is None else str(d.lun), portal], 1)
+            s = d.stats
+            if s is None:
+                continue
+            for op, p in OPS:
+                req.add_metric(lv + [op], getattr(s, f"{p}_reqs"))
+                tim.add_metric(lv + [op], getattr(s, f"{p}_time_ns") / 1e9)
+                if op != "flush":
+                    byt.add_metric(lv + [op], getattr(s, f"{p}_bytes"))
+            if s.failed_reqs is not None:
+                failed.add_metric(lv, s.failed_reqs)
+            if s.idle_time_ns is not None:
+                idle.add_metric(lv, s.idle_time_ns / 1e9)
+            for op, h in (s.histograms or {}).items():
+                buckets, acc = [], 0
+                for bound, n in zip(h["boundaries_ns"], h["bins"]):
+                    acc += n
+                    buckets.append((repr(bound / 1e9), acc))
+                acc += h["bins"][-1] if len(h["bins"]) > len(h["boundaries_ns"]) else 0
+                buckets.append(("+Inf", acc))
+                # QEMU keeps no sum; the op's total time is the exact sum
+                total = {"rd": s.rd_time_ns, "wr": s.wr_time_ns, "flush": s.fl_time_ns}.get(op, 0) / 1e9
+                hist.add_metric(lv + [{"rd": "read", "wr": "write", "flush": "flush"}.get(op, op)], buckets, total)
+    return [up, ok, info, req, byt, tim, failed, idle, hist]
+
+
+@renderer("libvirt")
+def render_libvirt(data: Vms) -> Iterable:
+    return _render_vms(data)
+
+
+@renderer("qmp")
+def render_qmp(data: Vms) -> Iterable:
+    return _render_vms(data)
+
+
+CONN_LABELS = ("portal", "local", "vm", "disk")
+CONN_RTT = define("kvmscope_storage_connection_rtt_seconds", "gauge",
+                  "Smoothed round-trip time of a TCP connection to a storage portal; inet_diag tcp_info.tcpi_rtt.",
+                  CONN_LABELS, "inet_diag")
+CONN_RTTVAR = define("kvmscope_storage_connection_rtt_variance_seconds", "gauge",
+                     "RTT variance of a storage connection; inet_diag tcp_info.tcpi_rttvar.", CONN_LABELS, "inet_diag")
+CONN_RTO = define("kvmscope_storage_connection_rto_seconds", "gauge",
+                  "Current retransmission timeout of a storage connection (200 ms minimum; grows with backoff); "
+                  "inet_diag tcp_info.tcpi_rto.", CONN_LABELS, "inet_diag")
+CONN_CWND = define("kvmscope_storage_connection_cwnd_segments", "gauge",
+                   "Congestion window of a storage connection; inet_diag tcp_info.tcpi_snd_cwnd.", CONN_LABELS, "inet_diag")
+CONN_UNACKED = define("kvmscope_storage_connection_unacked_segments", "gauge",
+                      "Segments in flight, not yet acknowledged; inet_diag tcp_info.tcpi_unacked.", CONN_LABELS, "inet_diag")
+CONN_LOST = define("kvmscope_storage_connection_lost_segments", "gauge",
+                   "Segments currently presumed lost; inet_diag tcp_info.tcpi_lost.", CONN_LABELS, "inet_diag")
+CONN_BACKOFF = define("kvmscope_storage_connection_rto_backoff", "gauge",
+                      "Consecutive unrecovered retransmission timeouts now (0 when healthy); inet_diag tcp_info.tcpi_backoff.",
+                      CONN_LABELS, "inet_diag")
+CONN_RETRANS = define("kvmscope_storage_connection_retransmitted_segments_total", "counter",
+                      "Segments retransmitted on this connection since it opened; inet_diag tcp_info.tcpi_total_retrans.",
+                      CONN_LABELS, "inet_diag")
+CONN_BYTES = define("kvmscope_storage_connection_bytes_total", "counter",
+                    "Bytes on a storage connection by direction (sent, received, retransmitted); "
+                    "inet_diag tcp_info.tcpi_bytes_sent/received/retrans.",
+                    CONN_LABELS + ("direction",), "inet_diag")
+CONN_LAST_RECV = define("kvmscope_storage_connection_last_receive_age_seconds", "gauge",
+                        "Seconds since data was last received from the portal; inet_diag tcp_info.tcpi_last_data_recv.",
+                        CONN_LABELS, "inet_diag")
+CONN_COUNT = define("kvmscope_storage_connections", "gauge",
+                    "TCP connections to storage ports by portal and TCP state; inet_diag.", ("portal", "state"), "inet_diag")
+PATH_INFO = define("kvmscope_storage_path_info", "gauge",
+                   "Always 1: one storage path, VM disk -> backend -> session -> connection -> portal -> interface "
+                   "(kvmscope paths); empty labels where a link is unknown.",
+                   ("vm", "disk", "backend", "target", "lun", "portal", "session", "local", "interface", "device"),
+                   "join of libvirt/QMP, inet_diag, sysfs")
+
+
+@snapshot_renderer
+def render_storage_connections(snap: Snapshot) -> Iterable:
+    conns = snap.get("storage_tcp")
+    paths = build_paths(snap)
+    owner = {}
+    for p in paths:
+        if p.connection:
+            owner.setdefault(p.connection, (p.vm, p.disk))
+    fams = [CONN_RTT.family(), CONN_RTTVAR.family(), CONN_RTO.family(), CONN_CWND.family(), CONN_UNACKED.family(),
+            CONN_LOST.family(), CONN_BACKOFF.family(), CONN_RETRANS.family(), CONN_BYTES.family(),
+            CONN_LAST_RECV.family(), CONN_COUNT.family(), PATH_INFO.family()]
+    rtt, rttvar, rto, cwnd, unacked, lost, backoff, retrans, byts, lastrecv, count, pinfo = fams
+    counts: dict[tuple[str, str], int] = {}
+    for c in conns.connections if conns else ():
+        counts[(c.portal, c.state)] = counts.get((c.portal, c.state), 0) + 1
+        i = c.info
+        if i is None:
+            continue
+        vm, disk = owner.get(c.four_tuple, ("", ""))
+        local = f"[{c.src}]:{c.sport}" if ":" in c.src else f"{c.src}:{c.sport}"
+        lv = [c.portal, local, vm, disk]
+        for fam, v, div in ((rtt, i.rtt_us, 1e6), (rttvar, i.rttvar_us, 1e6), (rto, i.rto_us, 1e6),
+                            (cwnd, i.snd_cwnd, 1), (unacked, i.unacked, 1), (lost, i.lost, 1), (backoff, i.backoff, 1),
+                            (retrans, i.total_retrans, 1), (lastrecv, i.last_data_recv_ms, 1e3)):
+            if v is not None:
+                fam.add_metric(lv, v / div)
+        for direction, v in (("sent", i.bytes_sent), ("received", i.bytes_received), ("retransmitted", i.bytes_retrans)):
+            if v is not None:
+                byts.add_metric(lv + [direction], v)
+    for (portal, state), n in sorted(counts.items()):
+        count.add_metric([portal, state], n)
+    for p in paths:
+        local = p.connection.split("->", 1)[0] if p.connection else ""
+        device = "/".join(x for x in (p.multipath, p.host_device, p.scsi_device) if x)
+        pinfo.add_metric([p.vm, p.disk, p.backend, p.target or "", "" if p.lun is None else str(p.lun), p.portal or "",
+                          "" if p.session is None else str(p.session), local, p.interface or "", device], 1)
+    return fams

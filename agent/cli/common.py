@@ -32,7 +32,11 @@ def clean(value) -> str:
     if value is None:
         return "-"
     s = str(value)
-    return s.encode("unicode_escape").decode("ascii") if any(ord(c) < 32 or c == "\x7f" for c in s) else s
+    return "".join(_CTRL.get(c, c) if (ord(c) < 32 or c == "\x7f") else c for c in s)
+
+
+_CTRL = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_CTRL.update({chr(i): f"\\x{i:02x}" for i in list(range(32)) + [127] if chr(i) not in _CTRL})
 
 
 def table(headers: list[str], rows: list[list], out=None) -> None:

@@ -130,8 +130,19 @@ def paths(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", hel
         print_json([p.as_dict() for p in result])
         return
     health_notes(snaps, PATH_SOURCES)
+    print_paths_table(result)
+    for p in result:
+        for u in p.unknown:
+            typer.echo(f"unknown: {p.vm} {p.disk}: {u}", err=True)
+
+
+PATH_HEADERS = ["VM", "DISK", "BACKEND", "TARGET", "LUN", "PORTAL", "SESSION", "CONNECTION", "RTT_MS", "RETRANS", "IFACE",
+                "DEVICE"]
+
+
+def print_paths_table(result, out=None) -> None:
     table(
-        ["VM", "DISK", "BACKEND", "TARGET", "LUN", "PORTAL", "SESSION", "CONNECTION", "RTT_MS", "RETRANS", "IFACE", "DEVICE"],
+        PATH_HEADERS,
         [
             [
                 p.vm,
@@ -149,7 +160,5 @@ def paths(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", hel
             ]
             for p in result
         ],
+        out=out,
     )
-    for p in result:
-        for u in p.unknown:
-            typer.echo(f"unknown: {p.vm} {p.disk}: {u}", err=True)

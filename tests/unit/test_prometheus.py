@@ -56,3 +56,22 @@ def test_catalog_names_follow_conventions():
         assert name.startswith("kvmscope_"), name
         assert (d.type == "counter") == name.endswith("_total"), name
         assert d.help.endswith("."), name
+
+
+def test_odd_vm_names_escaped_and_promtool_accepts():
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
+
+    name = 'web "q" \'s\' ü\nnewline\\back'
+    vms = Vms((Vm(name, "u", "running", 1, (VmDisk("vda", "file", source="/x", stats=DiskStats(rd_reqs=5)),)),))
+    snap = Snapshot(1, 1.0, "h", 0.0, data={"libvirt": vms}, health={})
+    text = generate_latest(make_registry(lambda: snap)).decode()
+    assert 'kvmscope_vm_disk_requests_total{disk="vda",op="read",vm="web \\"q\\" \'s\' ü\\nnewline\\\\back"} 5.0' in text
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (make test installs Debian prometheus)")
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -108,3 +108,29 @@ def test_missing_sources_say_why():
     assert by["vda"].unknown == ("storage_tcp source failed: connection unknown",)
     assert by["vdb"].unknown == ("cannot stat '/nope': host device unknown",)
     assert by["vdc"].backend == "network:rbd"
+
+
+def test_paths_table_golden(tmp_path, golden):
+    import io
+
+    from agent.cli.inventory import print_paths_table
+
+    sessions = kernel_sessions(tmp_path)
+    blk = BlockDevices((
+        BlockDevice("dm-0", "254:0", "mpatha", ("sdb", "sdc"), (), {}),
+        BlockDevice("vda", "254:16", None, (), (), {}),
+    ))
+    vms = Vms((
+        Vm("db01", "u1", "running", 4242, (VmDisk("vda", "block", source="/dev/mapper/mpatha", host_devno="254:0"),)),
+        Vm("web 'q' ü\nnewline", "u2", "running", 77, (
+            VmDisk("vda", "network", "iscsi", "iqn.x:web/1", (("198.18.2.2", 3260),), "iqn.x:web", 1),
+            VmDisk("vdb", "file", source="/var/lib/img/web.img", host_devno="254:16"))),
+    ))
+    conns = StorageConnections((conn("198.18.1.1", 41001, "198.18.1.2", rtt_us=350),
+                                conn("198.18.2.1", 50001, "198.18.2.2", pid=77, rtt_us=1200, retrans=42)))
+    paths = build_paths(snap(libvirt=vms, iscsi_kernel=sessions, block_devices=blk, storage_tcp=conns),
+                        if_addrs={"198.18.1.1": "eth1", "198.18.2.1": "eth2"})
+    buf = io.StringIO()
+    print_paths_table(paths, out=buf)
+    assert "web 'q' ü\\nnewline" in buf.getvalue()  # a newline in a name cannot break the table
+    golden("paths-mixed.txt", buf.getvalue())

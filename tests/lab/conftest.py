@@ -23,6 +23,7 @@ LAB = os.path.join(REPO, "deploy", "lab", "lab")
 LAB_PYTHON = "/usr/bin/python3"      # the system Python that has python3-libvirt
 LAB_DIR = os.environ.get("KVMSCOPE_LAB_DIR", "/var/tmp/kvmscope-lab")
 URI = "qemu:///system"
+LOCK_PATH = "/run/kvmscope-lab.lock"  # held for a whole pytest session that uses the lab
 REQUIRED = ["ip", "iptables", "tgtd", "tgtadm", "losetup", "modinfo", "libvirtd",
             "virtlogd", "qemu-system-x86_64", "busybox"]
 
@@ -160,6 +161,15 @@ def lab():
     if reason:
         print(f"SKIP kvmscope lab tests: {reason}", file=sys.stderr)
         pytest.skip(reason)
+    # One lab per machine: concurrent pytest sessions (several engineers, or a
+    # developer and CI) take turns instead of tearing each other's lab down.
+    import fcntl
+
+    lock = open(LOCK_PATH, "w")
+    t_wait = time.monotonic()
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if time.monotonic() - t_wait > 1:
+        print(f"\nwaited {time.monotonic() - t_wait:.0f}s for the lab lock {LOCK_PATH}", file=sys.stderr)
     lab = Lab()
     try:
         lab.run("down")              # clean slate (no-op when nothing is up)
@@ -172,5 +182,6 @@ def lab():
     finally:
         lab.close()
         p = lab.run("down", check=False)
+        lock.close()
         if p.returncode != 0 and not lab.down_done:
             raise AssertionError(f"lab down failed at teardown: {p.stderr}")

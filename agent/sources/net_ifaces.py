@@ -1,0 +1,77 @@
+"""Host network interfaces: errors, drops, MTU and link state from sysfs.
+
+Sources: ``/sys/class/net/<if>/statistics/{rx,tx}_{packets,bytes,errors,
+dropped}``, ``mtu``, ``operstate``, ``speed`` (Documentation/ABI/testing/
+sysfs-class-net-statistics). Diagnosis looks at the interfaces that carry
+storage connections (errors or drops there explain retransmits); doctor
+compares MTUs along iSCSI interfaces. Cost: a few reads per interface.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from agent.errors import NoData
+from agent.hostpaths import HostPaths
+from agent.sources import SourceContext, register
+
+COUNTERS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors", "tx_errors", "rx_dropped", "tx_dropped")
+
+
+@dataclass(frozen=True)
+class NetIface:
+    name: str
+    operstate: str | None
+    mtu: int | None
+    speed_mbps: int | None
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NetIfaces:
+    ifaces: tuple[NetIface, ...] = ()
+
+    def get(self, name: str) -> NetIface | None:
+        return next((i for i in self.ifaces if i.name == name), None)
+
+
+def _int(paths: HostPaths, p) -> int | None:
+    try:
+        return int(paths.read_text(p).strip())
+    except (OSError, ValueError):
+        return None
+
+
+@register("net_ifaces", description="host network interfaces: errors, drops, MTU, link state (/sys/class/net)")
+class NetIfacesSource:
+    def __init__(self, ctx: SourceContext):
+        self.paths = ctx.paths
+
+    def collect(self) -> NetIfaces:
+        base = self.paths.sys("class", "net")
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            raise NoData(f"no {base}") from None
+        out = []
+        for n in names:
+            d = base / n
+            try:
+                state = self.paths.read_text(d / "operstate").strip()
+            except OSError:
+                continue  # vanished
+            speed = _int(self.paths, d / "speed")
+            out.append(
+                NetIface(
+                    name=n,
+                    operstate=state,
+                    mtu=_int(self.paths, d / "mtu"),
+                    speed_mbps=speed if speed and speed > 0 else None,
+                    counters={c: v for c in COUNTERS if (v := _int(self.paths, d / "statistics" / c)) is not None},
+                )
+            )
+        return NetIfaces(tuple(out))
+
+    def close(self) -> None:
+        pass

@@ -152,6 +152,21 @@ class ElasticsearchConfig(_Section):
     spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
 
 
+class DiagnoseConfig(_Section):
+    slow_ms: float = Field(5.0, gt=0, description="mean latency per request (ms) above which a VM disk is slow")
+    critical_ms: float = Field(50.0, gt=0, description="mean latency per request (ms) above which it is critical")
+    min_ops: int = Field(10, ge=1, description="requests a disk needs in the window before its latency is judged")
+    retrans_per_second: float = Field(
+        0.5, ge=0, description="retransmits per second on a storage connection above which the path is lossy"
+    )
+    retrans_ratio: float = Field(
+        0.002, ge=0, le=1, description="retransmitted / sent segments above which the path is lossy"
+    )
+    saturation_factor: float = Field(
+        3.0, gt=1, description="a disk doing this many times the median ops of its path's other disks saturates it"
+    )
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -164,6 +179,7 @@ class Config(_Section):
     qmp: QmpConfig = Field(default_factory=QmpConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
     elasticsearch: ElasticsearchConfig = Field(default_factory=ElasticsearchConfig)
+    diagnose: DiagnoseConfig = Field(default_factory=DiagnoseConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
 

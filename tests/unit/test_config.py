@@ -44,10 +44,9 @@ def test_bad_yaml(tmp_path):
 
 def test_top_level_not_a_mapping(tmp_path):
     p = write(tmp_path, "- a\n- b\n")
-    assert load_err(p) == (
-        f"config file {p}: the top level must be a mapping of sections "
-        "(agent, metrics, storage, libvirt, qmp, paths, elasticsearch, log), got list"
-    )
+    sections = ", ".join(config.Config.model_fields)  # agent, metrics, storage, ...
+    assert sections.startswith("agent, metrics, storage")
+    assert load_err(p) == f"config file {p}: the top level must be a mapping of sections ({sections}), got list"
 
 
 def test_unknown_key(tmp_path):
@@ -61,7 +60,9 @@ def test_unknown_key(tmp_path):
 
 def test_unknown_section(tmp_path):
     p = write(tmp_path, "metric:\n  listen: ':1'\n")
-    assert "metric: unknown key; allowed keys here: agent, elasticsearch, libvirt, log, metrics, paths, qmp, storage" in load_err(p)
+    allowed = ", ".join(sorted(config.Config.model_fields))
+    assert "metrics" in allowed and "agent" in allowed
+    assert f"metric: unknown key; allowed keys here: {allowed}" in load_err(p)
 
 
 def test_wrong_type(tmp_path):

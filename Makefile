@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit bench clean
+.PHONY: run test setup setup-test unit bench-probes clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -14,6 +14,10 @@ test: setup-test
 # Fast tests only (no lab, no eBPF): for quick edit/test loops.
 unit: setup-test
 	$(VENV)/bin/python -m pytest -m "not lab and not ebpf" $(PYTEST_ARGS)
+
+# Benchmarks (not tests): results go to docs/performance.md. Root needed.
+bench-probes: setup-test
+	$(VENV)/bin/python -m benchmarks.probes $(ARGS)
 
 setup:
 	@KVMSCOPE_VENV=$(VENV) bash deploy/setup.sh

@@ -152,6 +152,14 @@ class ElasticsearchConfig(_Section):
     spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
 
 
+class EbpfConfig(_Section):
+    kernel_build: str | None = Field(
+        None, description="kernel headers for bcc (default: /lib/modules/$(uname -r)/build)")
+    probes_dir: str | None = Field(None, description="directory of the probes' C files (default: the installed probes/)")
+    events_per_second: int = Field(
+        1000, ge=1, le=1_000_000, description="cap of each probe's event stream (retransmits, connection events)")
+
+
 class DiagnoseConfig(_Section):
     slow_ms: float = Field(5.0, gt=0, description="mean latency per request (ms) above which a VM disk is slow")
     critical_ms: float = Field(50.0, gt=0, description="mean latency per request (ms) above which it is critical")
@@ -181,6 +189,7 @@ class Config(_Section):
     elasticsearch: ElasticsearchConfig = Field(default_factory=ElasticsearchConfig)
     diagnose: DiagnoseConfig = Field(default_factory=DiagnoseConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    ebpf: EbpfConfig = Field(default_factory=EbpfConfig)
 
 
 # --------------------------------------------------------------------------

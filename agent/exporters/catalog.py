@@ -148,3 +148,76 @@ HOST_TCP_FIELDS: dict[tuple[str, str], MetricDef] = {
         "Connections aborted after too many retransmission timeouts; /proc/net/netstat TcpExt TCPAbortOnTimeout.",
         source="/proc/net/netstat"),
 }
+
+# -- eBPF probes (probes/*.bpf.c, docs/probes.md) ------------------------------
+TCP_RETRANSMITS = define(
+    "kvmscope_tcp_retransmits_total", "counter",
+    "TCP segments retransmitted; tracepoint tcp:tcp_retransmit_skb. Per remote address/port for connections to a "
+    "storage port (storage.ports), remote_address=\"other\" for all other connections.",
+    ("remote_address", "remote_port"), "tcp:tcp_retransmit_skb")
+TCP_SYNACK_RETRANSMITS = define(
+    "kvmscope_tcp_synack_retransmits_total", "counter",
+    "SYN-ACKs retransmitted; tracepoint tcp:tcp_retransmit_synack (same labels as kvmscope_tcp_retransmits_total).",
+    ("remote_address", "remote_port"), "tcp:tcp_retransmit_synack")
+TCP_RESETS_SENT = define(
+    "kvmscope_tcp_resets_sent_total", "counter",
+    "TCP resets sent; tracepoint tcp:tcp_send_reset (same labels as kvmscope_tcp_retransmits_total).",
+    ("remote_address", "remote_port"), "tcp:tcp_send_reset")
+TCP_RESETS_RECEIVED = define(
+    "kvmscope_tcp_resets_received_total", "counter",
+    "TCP resets received; tracepoint tcp:tcp_receive_reset (same labels as kvmscope_tcp_retransmits_total).",
+    ("remote_address", "remote_port"), "tcp:tcp_receive_reset")
+BLOCK_IO_LATENCY = define(
+    "kvmscope_block_io_latency_seconds", "histogram",
+    "Block request latency from insert (or issue, if not inserted) to completion; tracepoints "
+    "block:block_rq_insert/block_rq_issue -> block:block_rq_complete, log2 buckets.",
+    ("device", "op"), "block:block_rq_complete")
+BLOCK_IO_QUEUE = define(
+    "kvmscope_block_io_queue_seconds", "histogram",
+    "Block request time queued, insert to issue (requests that were inserted); tracepoints "
+    "block:block_rq_insert -> block:block_rq_issue, log2 buckets.",
+    ("device", "op"), "block:block_rq_issue")
+BLOCK_IO_DEVICE = define(
+    "kvmscope_block_io_device_seconds", "histogram",
+    "Block request time at the device driver, issue to completion; tracepoints "
+    "block:block_rq_issue -> block:block_rq_complete, log2 buckets.",
+    ("device", "op"), "block:block_rq_complete")
+BLOCK_IO_BYTES = define(
+    "kvmscope_block_io_bytes_total", "counter",
+    "Bytes of completed block requests; tracepoints block:block_rq_issue (size) and block:block_rq_complete.",
+    ("device", "op"), "block:block_rq_complete")
+STORAGE_CONN_EVENTS = define(
+    "kvmscope_storage_tcp_connection_events_total", "counter",
+    "Storage-port TCP connection events (connect, established, close, reset, failed, abort); tracepoint "
+    "sock:inet_sock_set_state (+ tcp:tcp_receive_reset/tcp_send_reset). Reconnect churn = rate of connect.",
+    ("remote_address", "remote_port", "event"), "sock:inet_sock_set_state")
+STORAGE_CONN_OPEN = define(
+    "kvmscope_storage_tcp_connections_tracked", "gauge",
+    "Storage-port TCP connections open now, as seen by tracepoint sock:inet_sock_set_state since the probe loaded.",
+    ("remote_address", "remote_port"), "sock:inet_sock_set_state")
+PROBE_EVENTS = define(
+    "kvmscope_probe_events_total", "counter",
+    "Tracepoint events handled by the eBPF probe (its in-kernel counters).", ("probe",), "eBPF maps")
+PROBE_LOST = define(
+    "kvmscope_probe_lost_events_total", "counter",
+    "Events the eBPF probe could not account for (stream drops, unmatched completions, recursion misses).",
+    ("probe",), "eBPF maps, /proc/self/fdinfo")
+PROBE_RUN_TIME = define(
+    "kvmscope_probe_run_time_seconds_total", "counter",
+    "Kernel CPU time spent in the probe's BPF programs; /proc/self/fdinfo run_time_ns (BPF_ENABLE_STATS).",
+    ("probe",), "/proc/self/fdinfo")
+PROBE_RUNS = define(
+    "kvmscope_probe_runs_total", "counter",
+    "Runs of the probe's BPF programs counted while BPF stats were on; /proc/self/fdinfo run_cnt.",
+    ("probe",), "/proc/self/fdinfo")
+
+# -- the exporter's own bounds (agent/exporters/prometheus.py, metrics.max_*) --
+SERIES_DROPPED = define(
+    "kvmscope_exporter_series_dropped_total", "counter",
+    "Series left out of /metrics because a cap (metrics.max_vms, max_disks, max_connections) was reached, by kind "
+    "of object (vm, disk, connection), summed over scrapes.",
+    ("kind",), "exporter")
+CAPPED_OBJECTS = define(
+    "kvmscope_exporter_capped_objects", "gauge",
+    "Objects (VMs, VM disks, storage connections/remotes) left out of the last scrape because their cap was reached.",
+    ("kind",), "exporter")

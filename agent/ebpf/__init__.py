@@ -1,0 +1,23 @@
+"""eBPF probes (bcc, tracepoints only) and their loader.
+
+``probes/<name>.bpf.c`` holds the kernel C; each has a Python side here
+that builds its ``-D`` switches, reads its maps and decodes them:
+
+  tcp_retrans    tcp:tcp_retransmit_skb (+ synack, send/receive reset)
+  block_io       block:block_rq_insert/issue/complete
+  tcp_lifecycle  sock:inet_sock_set_state (+ tcp resets)
+
+:mod:`agent.ebpf.loader` checks requirements, compiles each probe once on a
+background thread, reports attached/unavailable/failed with reason and fix,
+and measures the probes' own cost. See docs/probes.md.
+"""
+
+from __future__ import annotations
+
+
+def probe_classes() -> dict:
+    from agent.ebpf.block_io import BlockIoProbe
+    from agent.ebpf.tcp_lifecycle import TcpLifecycleProbe
+    from agent.ebpf.tcp_retrans import TcpRetransProbe
+
+    return {c.name: c for c in (TcpRetransProbe, BlockIoProbe, TcpLifecycleProbe)}

@@ -1,0 +1,136 @@
+"""Block I/O latency per device and operation, and per issuing process
+(probes/block_io.bpf.c).
+
+Tracepoints: block:block_rq_issue and block:block_rq_complete (required),
+block:block_rq_insert (optional; splits queue time from device time).
+Kernel 5.x+ field layout (dev, sector, rwbs); the argument structs come from
+the running kernel's tracefs format files.
+
+Latency kinds: ``total`` = first sight (insert, else issue) → complete,
+``queue`` = insert → issue (only requests that were inserted), ``device`` =
+issue → complete. log2 histograms in ns (slot s = [2^(s-1), 2^s) ns).
+
+Device names: the probe's dev is the kernel-internal dev_t; its MAJ:MIN is
+looked up in ``/sys/dev/block/MAJ:MIN/uevent`` (DEVNAME) through HostPaths,
+cached while the device exists.
+
+Events lost: completions whose issue was not seen (issued before the probe
+was attached, or evicted from the bounded in-flight map) plus issues that
+overwrote another in-flight request with the same (dev, op, sector).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.ebpf import decode
+from agent.ebpf.loader import Probe
+from agent.hostpaths import HostPaths
+
+SLOT_MAX = 36
+KINDS = ("total", "queue", "device")
+TOT_INSERTED, TOT_ISSUED, TOT_COMPLETED, TOT_UNMATCHED, TOT_OVERWRITTEN, TOT_N = 0, 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class BlockHistogram:
+    device: str
+    major: int
+    minor: int
+    op: str
+    kind: str  # total | queue | device
+    slots: dict[int, int]  # log2 slot -> count
+    count: int
+    sum_ns: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BlockProcess:
+    tgid: int
+    comm: str
+    device: str
+    op: str
+    count: int
+    sum_ns: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BlockIoData:
+    histograms: tuple[BlockHistogram, ...]
+    processes: tuple[BlockProcess, ...]
+    totals: dict[str, int]
+    slot_max: int = SLOT_MAX
+    probe: object = None
+    tracepoints: tuple[str, ...] = field(default_factory=tuple)
+
+    def histogram(self, device: str, op: str, kind: str = "total") -> BlockHistogram | None:
+        for h in self.histograms:
+            if (h.device, h.op, h.kind) == (device, op, kind):
+                return h
+        return None
+
+
+class DeviceNames:
+    """dev_t → name through /sys/dev/block/MAJ:MIN/uevent, cached."""
+
+    def __init__(self, paths: HostPaths):
+        self.paths = paths
+        self._cache: dict[int, str] = {}
+
+    def name(self, dev: int) -> str:
+        if dev in self._cache:
+            return self._cache[dev]
+        major, minor = decode.dev_major_minor(dev)
+        try:
+            text = self.paths.read_text(self.paths.sys("dev", "block", f"{major}:{minor}", "uevent"))
+            name = decode.parse_uevent(text).get("DEVNAME") or f"{major}:{minor}"
+        except OSError:
+            return f"{major}:{minor}"  # gone, or not yet: do not cache
+        self._cache[dev] = name
+        return name
+
+
+class BlockIoProbe(Probe):
+    name = "block_io"
+    source_file = "block_io.bpf.c"
+    required = ("block:block_rq_issue", "block:block_rq_complete")
+    optional = ("block:block_rq_insert",)
+    description = "block I/O latency per device/op and per issuing process"
+
+    def __init__(self, opts=None):
+        super().__init__(opts)
+        self.devices = DeviceNames(self.opts.paths)
+
+    def extra_cflags(self, present):
+        return [f"-DSLOT_MAX={SLOT_MAX}"]
+
+    def events_and_lost(self):
+        t = self.percpu_totals("totals", TOT_N)
+        return t[TOT_INSERTED] + t[TOT_ISSUED] + t[TOT_COMPLETED] + t[TOT_UNMATCHED], t[TOT_UNMATCHED] + t[TOT_OVERWRITTEN]
+
+    def read(self) -> BlockIoData:
+        b = self.bpf
+        slots: dict[tuple[int, int, int], dict[int, int]] = {}
+        for k, v in b[b"hist"].items():
+            slots.setdefault((int(k.dev), int(k.op), int(k.kind)), {})[int(k.slot)] = int(v.value)
+        sums = {(int(k.dev), int(k.op), int(k.kind)): (int(v.count), int(v.sum_ns), int(v.bytes)) for k, v in b[b"sums"].items()}
+        hists = []
+        for key in sorted(set(slots) | set(sums)):
+            dev, op, kind = key
+            sl = slots.get(key, {})
+            count = sum(sl.values())  # buckets and _count from the same numbers
+            _, sum_ns, nbytes = sums.get(key, (0, 0, 0))
+            major, minor = decode.dev_major_minor(dev)
+            hists.append(BlockHistogram(self.devices.name(dev), major, minor, decode.block_op_name(op),
+                                        KINDS[kind] if kind < len(KINDS) else str(kind), sl, count, sum_ns, nbytes))
+        procs = []
+        for k, v in b[b"procs"].items():
+            procs.append(BlockProcess(int(k.tgid), bytes(k.comm).split(b"\0", 1)[0].decode(errors="replace"),
+                                      self.devices.name(int(k.dev)), decode.block_op_name(int(k.op)),
+                                      int(v.count), int(v.sum_ns), int(v.bytes)))
+        t = self.percpu_totals("totals", TOT_N)
+        totals = {"inserted": t[TOT_INSERTED], "issued": t[TOT_ISSUED], "completed": t[TOT_COMPLETED],
+                  "unmatched": t[TOT_UNMATCHED], "overwritten": t[TOT_OVERWRITTEN]}
+        return BlockIoData(tuple(hists), tuple(procs), totals, SLOT_MAX, self.stats(), tuple(self.report.tracepoints))

@@ -1,0 +1,61 @@
+"""The glue between a probe and the agent loop.
+
+A probe source compiles its probe once, on the shared background compile
+thread, started by the first ``collect()`` (so ``__init__`` does no I/O and
+no cycle ever waits for LLVM). Until it is attached, ``collect()`` raises
+NoData("loading ..."); a probe the host cannot run raises NoData with the
+reason and the fix; a probe that failed to compile raises (a failure of
+this source only). Once attached, ``collect()`` only reads maps.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+
+from agent.ebpf.loader import ATTACHED, UNAVAILABLE, LoadOptions, Probe
+from agent.errors import NoData
+from agent.sources import SourceContext
+
+
+def load_options(ctx: SourceContext) -> LoadOptions:
+    cfg = ctx.config
+    opts = LoadOptions(
+        paths=ctx.paths,
+        storage_ports=tuple(cfg.storage.ports),
+        events_per_second=cfg.ebpf.events_per_second,
+        kernel_build=Path(cfg.ebpf.kernel_build) if cfg.ebpf.kernel_build else None,
+    )
+    if cfg.ebpf.probes_dir:
+        opts.probes_dir = Path(cfg.ebpf.probes_dir)
+    return opts
+
+
+class ProbeSource:
+    probe_class: type[Probe]
+
+    def __init__(self, ctx: SourceContext):
+        self.ctx = ctx
+        self.probe: Probe | None = None
+        self._future: Future | None = None
+
+    def collect(self):
+        if self._future is None:
+            self.probe = self.probe_class(load_options(self.ctx))
+            self._future = self.probe.load_async()
+        if not self._future.done():
+            raise NoData(f"probe {self.probe_class.name} loading (compiling with bcc); data from the next cycle")
+        rep = self._future.result()
+        if rep.state == UNAVAILABLE:
+            raise NoData(f"probe {rep.name} unavailable: {rep.reason}" + (f" (fix: {rep.fix})" if rep.fix else ""))
+        if rep.state != ATTACHED:
+            raise RuntimeError(f"probe {rep.name} {rep.state}: {rep.reason}")
+        return self.probe.read()
+
+    def close(self) -> None:
+        fut, probe = self._future, self.probe
+        if fut is not None and probe is not None:
+            if fut.done():
+                probe.close()
+            else:
+                fut.add_done_callback(lambda _f: probe.close())

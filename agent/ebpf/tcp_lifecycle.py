@@ -1,0 +1,162 @@
+"""Lifecycle of TCP connections on the storage ports (probes/tcp_lifecycle.bpf.c).
+
+Tracepoints: sock:inet_sock_set_state (4.16+, required); tcp:tcp_receive_reset
+and tcp:tcp_send_reset (optional) tell a reset from an orderly close.
+A connection counts when its destination port is a storage port (this host
+is the initiator, the process is the one that called connect()) or its
+source port is (this host is the target; no process).
+
+Events: connect, established, close, reset, failed (connect never
+completed), abort (dropped without FIN or RST: retransmission timeout),
+state (other transitions). Reconnect churn shows as connect counts per
+remote; every event carries the connection's age and time established.
+The connect event has source port 0: the kernel moves the socket to
+SYN_SENT before it picks the local port (tcp_v4_connect); ``conn_id``
+ties it to the connection's later events.
+
+Events lost: stream events dropped by the rate cap or a full ring buffer,
+and closes of sockets the probe never saw open (opened before it was
+attached, or evicted from the bounded socket map).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from dataclasses import dataclass, field
+
+from agent.ebpf import decode
+from agent.ebpf.loader import Probe
+
+KINDS = ("connect", "established", "close", "reset", "failed", "abort", "state")
+TOT_TRANSITIONS, TOT_TRACKED, TOT_EV_SENT, TOT_EV_CAPPED, TOT_EV_FULL, TOT_UNTRACKED_CLOSE, TOT_N = range(7)
+F_RST_RECV, F_RST_SENT, F_TARGET = 1, 2, 4
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [
+        ("ts", ctypes.c_uint64),
+        ("age_ns", ctypes.c_uint64),
+        ("estab_ns", ctypes.c_uint64),
+        ("tgid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint8),
+        ("oldstate", ctypes.c_uint8),
+        ("newstate", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("family", ctypes.c_uint16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+@dataclass(frozen=True)
+class ConnEvent:
+    monotonic_ns: int
+    kind: str
+    oldstate: str
+    newstate: str
+    role: str  # initiator | target
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    tgid: int
+    comm: str
+    age_seconds: float  # since connect (or since the probe first saw it)
+    established_seconds: float
+    reset: str  # "", "received", "sent"
+    conn_id: int  # start time of the connection in monotonic ns: groups one connection's events
+
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class LiveConn:
+    role: str
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    tgid: int
+    comm: str
+    start_ns: int
+    established: bool
+
+
+@dataclass(frozen=True)
+class TcpLifecycleData:
+    # (remote address, storage port) -> kind -> cumulative count
+    counts: dict[tuple[str, int], dict[str, int]]
+    live: tuple[LiveConn, ...]
+    events: tuple[ConnEvent, ...]
+    totals: dict[str, int]
+    probe: object = None
+    tracepoints: tuple[str, ...] = field(default_factory=tuple)
+
+
+def event_from_raw(e: _Event) -> ConnEvent:
+    fam = int(e.family)
+    flags = int(e.flags)
+    reset = "received" if flags & F_RST_RECV else "sent" if flags & F_RST_SENT else ""
+    return ConnEvent(
+        int(e.ts), KINDS[e.kind] if e.kind < len(KINDS) else str(e.kind),
+        decode.tcp_state_name(int(e.oldstate)), decode.tcp_state_name(int(e.newstate)),
+        "target" if flags & F_TARGET else "initiator", decode.family_name(fam),
+        decode.addr_text(fam, bytes(e.saddr)), int(e.sport), decode.addr_text(fam, bytes(e.daddr)), int(e.dport),
+        int(e.tgid), e.comm.decode(errors="replace"), e.age_ns / 1e9, e.estab_ns / 1e9, reset,
+        int(e.ts) - int(e.age_ns))
+
+
+class TcpLifecycleProbe(Probe):
+    name = "tcp_lifecycle"
+    source_file = "tcp_lifecycle.bpf.c"
+    required = ("sock:inet_sock_set_state",)
+    optional = ("tcp:tcp_receive_reset", "tcp:tcp_send_reset")
+    description = "connect/established/close/reset of storage-port TCP connections"
+
+    def __init__(self, opts=None, history: int = 1000):
+        super().__init__(opts)
+        self._pending: list[ConnEvent] = []
+        self.recent: deque[ConnEvent] = deque(maxlen=history)
+
+    def on_loaded(self):
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+
+    def _on_event(self, _ctx, data, _size):
+        self._pending.append(event_from_raw(ctypes.cast(data, ctypes.POINTER(_Event)).contents))
+
+    def events_and_lost(self):
+        t = self.percpu_totals("totals", TOT_N)
+        return t[TOT_TRANSITIONS], t[TOT_EV_CAPPED] + t[TOT_EV_FULL] + t[TOT_UNTRACKED_CLOSE]
+
+    def read(self) -> TcpLifecycleData:
+        b = self.bpf
+        self._pending = []
+        b.ring_buffer_consume()
+        events = tuple(self._pending)
+        self.recent.extend(events)
+        counts: dict[tuple[str, int], dict[str, int]] = {}
+        for k, v in b[b"counts"].items():
+            fam = int(k.family)
+            kind = KINDS[k.kind] if k.kind < len(KINDS) else str(k.kind)
+            counts.setdefault((decode.addr_text(fam, bytes(k.remote)), int(k.port)), dict.fromkeys(KINDS[:6], 0))[kind] = int(v.value)
+        live = []
+        for _k, s in b[b"socks"].items():
+            fam = int(s.family)
+            live.append(LiveConn("target" if s.flags & F_TARGET else "initiator", decode.family_name(fam),
+                                 decode.addr_text(fam, bytes(s.saddr)), int(s.sport),
+                                 decode.addr_text(fam, bytes(s.daddr)), int(s.dport), int(s.tgid),
+                                 bytes(s.comm).split(b"\0", 1)[0].decode(errors="replace"), int(s.start_ns),
+                                 bool(s.estab_ns)))
+        t = self.percpu_totals("totals", TOT_N)
+        totals = {"transitions": t[TOT_TRANSITIONS], "tracked": t[TOT_TRACKED], "untracked_closes": t[TOT_UNTRACKED_CLOSE],
+                  "stream_dropped": t[TOT_EV_CAPPED] + t[TOT_EV_FULL]}
+        return TcpLifecycleData(counts, tuple(live), events, totals, self.stats(), tuple(self.report.tracepoints))

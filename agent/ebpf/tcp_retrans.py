@@ -1,0 +1,178 @@
+"""TCP retransmits and resets per connection (probes/tcp_retrans.bpf.c).
+
+Tracepoints: tcp:tcp_retransmit_skb (4.15+, required), tcp:tcp_retransmit_synack
+(4.15+), tcp:tcp_send_reset (4.15+; sockaddr layout since 6.10),
+tcp:tcp_receive_reset (4.15+). Counting happens in the kernel; each cycle
+reads the maps.
+
+Prometheus counters stay monotonic although the kernel maps are bounded
+LRU maps: per connection, the increase since the last read is added to a
+running total per storage remote (address, port); "other" is the kernel's
+never-evicted total minus the storage total.
+
+Events lost: stream events dropped by the rate cap or a full ring buffer,
+plus program recursion misses. Cost: one hash update per retransmit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from dataclasses import dataclass, field
+
+from agent.ebpf import decode
+from agent.ebpf.loader import Probe
+
+KINDS = ("retransmit", "synack_retransmit", "reset_sent", "reset_received")
+TOT_STORAGE, TOT_EV_SENT, TOT_EV_CAPPED, TOT_EV_FULL, TOT_N = 4, 8, 9, 10, 11
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [
+        ("ts", ctypes.c_uint64),
+        ("state", ctypes.c_int32),
+        ("kind", ctypes.c_uint8),
+        ("storage", ctypes.c_uint8),
+        ("family", ctypes.c_uint16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
+@dataclass(frozen=True)
+class TcpConnection:
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    storage: bool
+    retransmits: int
+    synack_retransmits: int
+    resets_sent: int
+    resets_received: int
+    last_state: str
+    states: tuple[str, ...]
+    last_seen_ns: int  # CLOCK_MONOTONIC ns
+
+    def as_dict(self) -> dict:
+        return self.__dict__ | {"states": list(self.states)}
+
+
+@dataclass(frozen=True)
+class TcpRetransEvent:
+    monotonic_ns: int
+    kind: str
+    state: str
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    storage: bool
+
+
+@dataclass(frozen=True)
+class TcpRetransData:
+    connections: tuple[TcpConnection, ...]
+    # (remote address, remote port) -> kind -> cumulative count
+    storage: dict[tuple[str, int], dict[str, int]]
+    other: dict[str, int]  # kind -> cumulative count, everything not to a storage port
+    totals: dict[str, int]  # kind -> cumulative count, all connections
+    events: tuple[TcpRetransEvent, ...]  # new since the previous read
+    stream_dropped: int
+    probe: object = None  # ProbeStats
+    tracepoints: tuple[str, ...] = field(default_factory=tuple)
+
+
+def conn_fields(k) -> tuple[str, str, int, str, int]:
+    fam = int(k.family)
+    return (decode.family_name(fam), decode.addr_text(fam, bytes(k.saddr)), int(k.sport),
+            decode.addr_text(fam, bytes(k.daddr)), int(k.dport))
+
+
+class TcpRetransProbe(Probe):
+    name = "tcp_retrans"
+    source_file = "tcp_retrans.bpf.c"
+    required = ("tcp:tcp_retransmit_skb",)
+    optional = ("tcp:tcp_retransmit_synack", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")
+    description = "TCP retransmits and resets per connection"
+
+    def __init__(self, opts=None, history: int = 1000):
+        super().__init__(opts)
+        self._prev: dict[bytes, tuple[int, ...]] = {}
+        self._storage_cum: dict[tuple[str, int], dict[str, int]] = {}
+        self._pending: list[TcpRetransEvent] = []
+        self.recent: deque[TcpRetransEvent] = deque(maxlen=history)
+
+    def _fields(self, event: str) -> dict[str, str]:
+        try:
+            return decode.parse_format_fields(self.opts.paths.read_text(self.opts.paths.tracefs / "events" / "tcp" / event / "format"))
+        except OSError:
+            return {}
+
+    def extra_cflags(self, present):
+        flags = []
+        if "err" in self._fields("tcp_retransmit_skb"):
+            flags.append("-DTCP_RETRANSMIT_HAS_ERR")
+        if "tcp:tcp_send_reset" in present:
+            fields = self._fields("tcp_send_reset")
+            if "sport" not in fields and "saddr" in fields:
+                flags.append("-DTCP_SEND_RESET_SOCKADDR")
+        return flags
+
+    def on_loaded(self):
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+
+    def _on_event(self, _ctx, data, _size):
+        e = ctypes.cast(data, ctypes.POINTER(_Event)).contents
+        fam = int(e.family)
+        self._pending.append(TcpRetransEvent(
+            int(e.ts), KINDS[e.kind] if e.kind < len(KINDS) else str(e.kind), decode.tcp_state_name(int(e.state)),
+            decode.family_name(fam), decode.addr_text(fam, bytes(e.saddr)), int(e.sport),
+            decode.addr_text(fam, bytes(e.daddr)), int(e.dport), bool(e.storage)))
+
+    def events_and_lost(self):
+        t = self.percpu_totals("totals", TOT_N)
+        return sum(t[:4]), t[TOT_EV_CAPPED] + t[TOT_EV_FULL]
+
+    def read(self) -> TcpRetransData:
+        b = self.bpf
+        self._pending = []
+        b.ring_buffer_consume()
+        events = tuple(self._pending)
+        self.recent.extend(events)
+        conns = []
+        seen: dict[bytes, tuple[int, ...]] = {}
+        for table, storage in (("storage_conns", True), ("conns", False)):
+            for k, v in b[table.encode()].items():
+                counts = tuple(int(c) for c in v.count)
+                raw = bytes(k)
+                fam, sa, sp, da, dp = conn_fields(k)
+                if storage:
+                    prev = self._prev.get(raw)
+                    cum = self._storage_cum.setdefault((da, dp), dict.fromkeys(KINDS, 0))
+                    for i, kind in enumerate(KINDS):
+                        cum[kind] += decode.counter_delta(None if prev is None else prev[i], counts[i])
+                    seen[raw] = counts
+                mask = int(v.state_mask)
+                conns.append(TcpConnection(
+                    fam, sa, sp, da, dp, storage, *counts, decode.tcp_state_name(int(v.last_state)),
+                    tuple(decode.tcp_state_name(s) for s in range(32) if mask >> s & 1), int(v.last_ns)))
+        self._prev = seen
+        t = self.percpu_totals("totals", TOT_N)
+        totals = {kind: t[i] for i, kind in enumerate(KINDS)}
+        storage_kernel = {kind: t[TOT_STORAGE + i] for i, kind in enumerate(KINDS)}
+        other = {kind: totals[kind] - storage_kernel[kind] for kind in KINDS}
+        return TcpRetransData(
+            connections=tuple(conns),
+            storage={k: dict(v) for k, v in self._storage_cum.items()},
+            other=other,
+            totals=totals,
+            events=events,
+            stream_dropped=t[TOT_EV_CAPPED] + t[TOT_EV_FULL],
+            probe=self.stats(),
+            tracepoints=tuple(self.report.tracepoints),
+        )

@@ -1,0 +1,77 @@
+"""Prometheus rendering of the eBPF probe sources (pure: records → families).
+
+Cardinality: block histograms per (device, op); TCP counters per storage
+remote (address, port) plus one "other" series; never PIDs or 4-tuples.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from agent.ebpf import decode
+from agent.ebpf.block_io import BlockIoData
+from agent.ebpf.tcp_lifecycle import TcpLifecycleData
+from agent.ebpf.tcp_retrans import TcpRetransData
+from agent.exporters import catalog as C
+from agent.exporters.prometheus import renderer
+
+OTHER = "other"
+
+
+def probe_families(name: str, stats) -> Iterable:
+    if stats is None:
+        return
+    for d, v in ((C.PROBE_EVENTS, stats.events), (C.PROBE_LOST, stats.lost),
+                 (C.PROBE_RUN_TIME, stats.run_time_ns / 1e9), (C.PROBE_RUNS, stats.run_cnt)):
+        fam = d.family()
+        fam.add_metric([name], v)
+        yield fam
+
+
+@renderer("ebpf_tcp_retrans")
+def render_tcp_retrans(data: TcpRetransData) -> Iterable:
+    for d, kind in ((C.TCP_RETRANSMITS, "retransmit"), (C.TCP_SYNACK_RETRANSMITS, "synack_retransmit"),
+                    (C.TCP_RESETS_SENT, "reset_sent"), (C.TCP_RESETS_RECEIVED, "reset_received")):
+        fam = d.family()
+        for (addr, port), counts in sorted(data.storage.items()):
+            fam.add_metric([addr, str(port)], counts.get(kind, 0))
+        fam.add_metric([OTHER, OTHER], data.other.get(kind, 0))
+        yield fam
+    yield from probe_families("tcp_retrans", data.probe)
+
+
+def histogram_buckets(slots: dict[int, int], slot_max: int) -> list[tuple[str, int]]:
+    return decode.cumulative_buckets(slots, slot_max)
+
+
+@renderer("ebpf_block_io")
+def render_block_io(data: BlockIoData) -> Iterable:
+    for d, kind in ((C.BLOCK_IO_LATENCY, "total"), (C.BLOCK_IO_QUEUE, "queue"), (C.BLOCK_IO_DEVICE, "device")):
+        fam = d.family()
+        for h in sorted((h for h in data.histograms if h.kind == kind), key=lambda h: (h.device, h.op)):
+            fam.add_metric([h.device, h.op], histogram_buckets(h.slots, data.slot_max), h.sum_ns / 1e9)
+        yield fam
+    fam = C.BLOCK_IO_BYTES.family()
+    for h in sorted((h for h in data.histograms if h.kind == "total"), key=lambda h: (h.device, h.op)):
+        fam.add_metric([h.device, h.op], h.bytes)
+    yield fam
+    yield from probe_families("block_io", data.probe)
+
+
+@renderer("ebpf_tcp_lifecycle")
+def render_tcp_lifecycle(data: TcpLifecycleData) -> Iterable:
+    fam = C.STORAGE_CONN_EVENTS.family()
+    for (addr, port), counts in sorted(data.counts.items()):
+        for kind, n in counts.items():
+            if kind != "state":
+                fam.add_metric([addr, str(port), kind], n)
+    yield fam
+    live: dict[tuple[str, int], int] = {}
+    for c in data.live:
+        key = (c.daddr, c.dport if c.role == "initiator" else c.sport)
+        live[key] = live.get(key, 0) + 1
+    fam = C.STORAGE_CONN_OPEN.family()
+    for (addr, port), n in sorted(live.items()):
+        fam.add_metric([addr, str(port)], n)
+    yield fam
+    yield from probe_families("tcp_lifecycle", data.probe)

@@ -1,0 +1,264 @@
+/* kvmscope: lifecycle of TCP connections on the storage ports.
+ *
+ * Tracepoints: sock:inet_sock_set_state (required); tcp:tcp_receive_reset
+ * and tcp:tcp_send_reset (optional, HAVE_*): mark a tracked socket as reset
+ * so its close is reported as a reset, not a normal close.
+ *
+ * A connection is tracked when its destination port is a storage port
+ * (this host is the initiator; IS_STORAGE_PORT) or its source port is one
+ * (this host is the target). The process is taken at CLOSE -> SYN_SENT,
+ * which runs in the connect() caller's context; a target-side socket is
+ * born in softirq context and has no process (tgid 0).
+ *
+ * Maps:
+ *   socks    lru_hash  socket address -> start/established time, process,
+ *                      4-tuple, reset flags (deleted at CLOSE; LRU bounds
+ *                      sockets whose close was missed)
+ *   counts   hash      (family, remote address, storage port, kind) -> count
+ *   totals   percpu    see TOT_*
+ *   events   ringbuf   one event per transition (rate-capped)
+ *
+ * Event kinds: see enum kind. Defines: IS_STORAGE_PORT(p), MAX_SOCKS,
+ * MAX_REMOTES, EVENTS_PER_SEC_PER_CPU, RINGBUF_PAGES, HAVE_TCP_RECEIVE_RESET,
+ * HAVE_TCP_SEND_RESET.
+ */
+#include "common.h"
+
+#ifndef MAX_SOCKS
+#define MAX_SOCKS 4096
+#endif
+#ifndef MAX_REMOTES
+#define MAX_REMOTES 1024
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 16
+#endif
+
+#define KS_TCP_ESTABLISHED 1
+#define KS_TCP_SYN_SENT 2
+#define KS_TCP_SYN_RECV 3
+#define KS_TCP_CLOSE 7
+#define KS_IPPROTO_TCP 6
+
+enum kind {
+    K_CONNECT = 0,     /* CLOSE -> SYN_SENT */
+    K_ESTABLISHED = 1, /* -> ESTABLISHED */
+    K_CLOSE = 2,       /* -> CLOSE after an orderly shutdown */
+    K_RESET = 3,       /* -> CLOSE after a reset was received or sent */
+    K_FAILED = 4,      /* SYN_SENT -> CLOSE without reset (connect timed out) */
+    K_ABORT = 5,       /* ESTABLISHED -> CLOSE without reset or FIN (timeout) */
+    K_STATE = 6,       /* any other transition */
+};
+
+#define F_RST_RECV 1
+#define F_RST_SENT 2
+#define F_TARGET 4
+
+#define TOT_TRANSITIONS 0
+#define TOT_TRACKED 1
+#define TOT_EV_SENT 2
+#define TOT_EV_CAPPED 3
+#define TOT_EV_FULL 4
+#define TOT_UNTRACKED_CLOSE 5
+#define TOT_N 6
+
+struct sock_val {
+    u64 start_ns;
+    u64 estab_ns;
+    u32 tgid;
+    u16 family;
+    u16 sport;
+    u16 dport;
+    u8 flags;
+    u8 pad;
+    u8 saddr[16];
+    u8 daddr[16];
+    char comm[16];
+};
+
+struct count_key {
+    u16 family;
+    u16 port; /* the storage port */
+    u32 kind;
+    u8 remote[16];
+};
+
+struct event {
+    u64 ts;
+    u64 age_ns;   /* since connect (or first sight) */
+    u64 estab_ns; /* time spent established, 0 if never */
+    u32 tgid;
+    u8 kind;
+    u8 oldstate;
+    u8 newstate;
+    u8 flags;
+    u16 family;
+    u16 sport;
+    u16 dport;
+    u16 pad;
+    u8 saddr[16];
+    u8 daddr[16];
+    char comm[16];
+};
+
+BPF_TABLE("lru_hash", u64, struct sock_val, socks, MAX_SOCKS);
+BPF_HASH(counts, struct count_key, u64, MAX_REMOTES);
+BPF_PERCPU_ARRAY(totals, u64, TOT_N);
+BPF_PERCPU_ARRAY(rate, struct ks_rate, 1);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void tot(int i)
+{
+    u64 *v = totals.lookup(&i);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline void count(struct sock_val *s, u32 kind)
+{
+    struct count_key ck = {.family = s->family, .kind = kind};
+    if (s->flags & F_TARGET) {
+        ck.port = s->sport;
+        __builtin_memcpy(ck.remote, s->daddr, 16);
+    } else {
+        ck.port = s->dport;
+        __builtin_memcpy(ck.remote, s->daddr, 16);
+    }
+    u64 zero = 0;
+    u64 *c = counts.lookup_or_try_init(&ck, &zero);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+}
+
+static __always_inline void emit(struct sock_val *s, u32 kind, int oldstate, int newstate, u64 now)
+{
+    int zero_idx = 0;
+    if (!ks_rate_ok(rate.lookup(&zero_idx), now)) {
+        tot(TOT_EV_CAPPED);
+        return;
+    }
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        tot(TOT_EV_FULL);
+        return;
+    }
+    e->ts = now;
+    e->age_ns = now - s->start_ns;
+    e->estab_ns = s->estab_ns ? now - s->estab_ns : 0;
+    e->tgid = s->tgid;
+    e->kind = kind;
+    e->oldstate = oldstate;
+    e->newstate = newstate;
+    e->flags = s->flags;
+    e->family = s->family;
+    e->sport = s->sport;
+    e->dport = s->dport;
+    e->pad = 0;
+    __builtin_memcpy(e->saddr, s->saddr, 16);
+    __builtin_memcpy(e->daddr, s->daddr, 16);
+    __builtin_memcpy(e->comm, s->comm, 16);
+    events.ringbuf_submit(e, 0);
+    tot(TOT_EV_SENT);
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != KS_IPPROTO_TCP)
+        return 0;
+    u16 sport = args->sport, dport = args->dport;
+    int initiator = IS_STORAGE_PORT(dport);
+    int target = !initiator && IS_STORAGE_PORT(sport);
+    if (!initiator && !target)
+        return 0;
+    tot(TOT_TRANSITIONS);
+
+    u64 sk = (u64)args->skaddr;
+    u64 now = bpf_ktime_get_ns();
+    int oldstate = args->oldstate, newstate = args->newstate;
+    struct sock_val *s = socks.lookup(&sk);
+    if (!s) {
+        if (newstate == KS_TCP_CLOSE) {
+            tot(TOT_UNTRACKED_CLOSE); /* born before the probe, or evicted */
+            return 0;
+        }
+        struct sock_val n = {};
+        n.start_ns = now;
+        n.family = args->family;
+        n.sport = sport;
+        n.dport = dport;
+        n.flags = target ? F_TARGET : 0;
+        if (args->family == KS_AF_INET6) {
+            __builtin_memcpy(n.saddr, args->saddr_v6, 16);
+            __builtin_memcpy(n.daddr, args->daddr_v6, 16);
+        } else {
+            __builtin_memcpy(n.saddr, args->saddr, 4);
+            __builtin_memcpy(n.daddr, args->daddr, 4);
+        }
+        if (oldstate == KS_TCP_CLOSE && newstate == KS_TCP_SYN_SENT) {
+            n.tgid = bpf_get_current_pid_tgid() >> 32;
+            bpf_get_current_comm(&n.comm, sizeof(n.comm));
+        }
+        socks.update(&sk, &n);
+        s = socks.lookup(&sk);
+        if (!s)
+            return 0;
+        tot(TOT_TRACKED);
+    } else if (oldstate == KS_TCP_CLOSE && newstate == KS_TCP_SYN_SENT) {
+        /* a socket address reused for a new connect */
+        s->start_ns = now;
+        s->estab_ns = 0;
+        s->flags &= F_TARGET;
+        s->tgid = bpf_get_current_pid_tgid() >> 32;
+        bpf_get_current_comm(&s->comm, sizeof(s->comm));
+    }
+    /* ports are known only once bound: refresh the tuple on every step */
+    s->sport = sport;
+    s->dport = dport;
+
+    u32 kind = K_STATE;
+    if (oldstate == KS_TCP_CLOSE && newstate == KS_TCP_SYN_SENT) {
+        kind = K_CONNECT;
+    } else if (newstate == KS_TCP_ESTABLISHED) {
+        kind = K_ESTABLISHED;
+        s->estab_ns = now;
+    } else if (newstate == KS_TCP_CLOSE) {
+        if (s->flags & (F_RST_RECV | F_RST_SENT))
+            kind = K_RESET;
+        else if (oldstate == KS_TCP_SYN_SENT)
+            kind = K_FAILED;
+        else if (oldstate == KS_TCP_ESTABLISHED)
+            kind = K_ABORT;
+        else
+            kind = K_CLOSE;
+    }
+    if (kind != K_STATE)
+        count(s, kind);
+    emit(s, kind, oldstate, newstate, now);
+    if (newstate == KS_TCP_CLOSE)
+        socks.delete(&sk);
+    return 0;
+}
+
+#ifdef HAVE_TCP_RECEIVE_RESET
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    u64 sk = (u64)args->skaddr;
+    struct sock_val *s = socks.lookup(&sk);
+    if (s)
+        s->flags |= F_RST_RECV;
+    return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_SEND_RESET
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+    u64 sk = (u64)args->skaddr;
+    if (!sk)
+        return 0;
+    struct sock_val *s = socks.lookup(&sk);
+    if (s)
+        s->flags |= F_RST_SENT;
+    return 0;
+}
+#endif

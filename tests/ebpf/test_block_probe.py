@@ -1,0 +1,98 @@
+"""block_io probe against fio O_DIRECT I/O on a loop device of our own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from agent.ebpf import decode
+from agent.ebpf.block_io import BlockIoProbe
+from agent.ebpf.loader import ATTACHED, LoadOptions
+from agent.exporters.render_ebpf import render_block_io
+
+pytestmark = pytest.mark.ebpf
+
+
+def stat_fields(dev: str) -> list[int]:
+    return [int(x) for x in open(f"/sys/block/{dev}/stat").read().split()]
+
+
+def hist_total(data, dev):
+    out = {}
+    for op in ("read", "write"):
+        h = data.histogram(dev, op)
+        out[op] = h
+    return out
+
+
+def test_histogram_matches_diskstats_and_fio(loopdev):
+    if not shutil.which("fio"):
+        pytest.skip("fio not installed")
+    dev = os.path.basename(loopdev)
+    probe = BlockIoProbe(LoadOptions())
+    assert probe.load().state == ATTACHED
+    try:
+        before = probe.read()
+        s0 = stat_fields(dev)
+        fio = subprocess.run(
+            ["fio", "--name=ks", f"--filename={loopdev}", "--direct=1", "--rw=randrw", "--rwmixread=70", "--bs=4k",
+             "--ioengine=libaio", "--iodepth=4", "--thread", "--time_based", "--runtime=2", "--size=200M",
+             "--output-format=json", "--norandommap"],
+            capture_output=True, text=True, timeout=60)
+        assert fio.returncode == 0, fio.stderr
+        time.sleep(0.2)
+        s1 = stat_fields(dev)
+        after = probe.read()
+    finally:
+        probe.close()
+    res = json.loads(fio.stdout[fio.stdout.index("{"):])
+    fio_pid_tgid = None  # --thread: every job is a thread of the fio process
+
+    d_ios = (s1[0] - s0[0]) + (s1[4] - s0[4])
+    d_ticks_ms = (s1[3] - s0[3]) + (s1[7] - s0[7])
+
+    def delta(op):
+        a, b = after.histogram(dev, op), before.histogram(dev, op)
+        cnt = (a.count if a else 0) - (b.count if b else 0)
+        sm = (a.sum_ns if a else 0) - (b.sum_ns if b else 0)
+        slots = {s: (a.slots.get(s, 0) if a else 0) - (b.slots.get(s, 0) if b else 0) for s in range(40)}
+        return cnt, sm, slots
+
+    (rc, rs, rsl), (wc, ws, wsl) = delta("read"), delta("write")
+    count = rc + wc
+    assert d_ios > 5000, f"too little I/O to compare ({d_ios})"
+    assert abs(count - d_ios) <= 0.01 * d_ios, (count, d_ios)
+    mean_probe_ms = (rs + ws) / count / 1e6
+    mean_stat_ms = d_ticks_ms / d_ios
+    assert abs(mean_probe_ms - mean_stat_ms) <= 0.2 * mean_stat_ms, (mean_probe_ms, mean_stat_ms)
+
+    # median of the histogram (read) within one bucket of fio's read clat median
+    fio_median_ns = res["jobs"][0]["read"]["clat_ns"]["percentile"]["50.000000"]
+    acc, med_slot = 0, None
+    for s in sorted(rsl):
+        acc += rsl[s]
+        if acc >= rc / 2:
+            med_slot = s
+            break
+    assert abs(med_slot - decode.slot_of_ns(fio_median_ns)) <= 1, (med_slot, fio_median_ns)
+
+    # attribution: >= 95% of this device's I/O to the fio process
+    def by_proc(data):
+        return {(p.tgid, p.comm, p.op): p.count for p in data.processes if p.device == dev}
+
+    b_p, a_p = by_proc(before), by_proc(after)
+    fio_count = sum(v - b_p.get(k, 0) for k, v in a_p.items() if k[1] == "fio" and k[2] in ("read", "write"))
+    assert fio_count >= 0.95 * count, (fio_count, count, a_p)
+
+    # Prometheus rendering: a real histogram with every bound present
+    fam = next(f for f in render_block_io(after) if f.name == "kvmscope_block_io_latency_seconds")
+    buckets = [s for s in fam.samples if s.name.endswith("_bucket") and s.labels["device"] == dev and s.labels["op"] == "read"]
+    assert len(buckets) == after.slot_max + 2
+    assert buckets[-1].labels["le"] == "+Inf"
+    cnt = next(s for s in fam.samples if s.name.endswith("_count") and s.labels["device"] == dev and s.labels["op"] == "read")
+    assert buckets[-1].value == cnt.value == after.histogram(dev, "read").count

@@ -1,0 +1,142 @@
+"""tcp_retrans and tcp_lifecycle probes against real TCP in our own namespaces."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.ebpf.loader import ATTACHED, LoadOptions
+from agent.ebpf.tcp_lifecycle import TcpLifecycleProbe
+from agent.ebpf.tcp_retrans import TcpRetransProbe
+from agent.exporters.render_ebpf import render_tcp_retrans
+from tests.ebpf.conftest import PY, in_ns, sh
+from tests.ebpf.helpers_net import CLIENT, SERVER
+
+pytestmark = pytest.mark.ebpf
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+@pytest.fixture
+def trace_instance():
+    """An ftrace instance of our own recording tcp:tcp_retransmit_skb for
+    dport 3260: the independent count (no BPF involved)."""
+    inst = TRACEFS / "instances" / f"ksprb{os.getpid()}"
+    if not (TRACEFS / "instances").is_dir():
+        pytest.skip("tracefs instances not available")
+    inst.mkdir()
+    try:
+        ev = inst / "events" / "tcp" / "tcp_retransmit_skb"
+        (inst / "buffer_size_kb").write_text("4096\n")
+        (ev / "filter").write_text("dport == 3260\n")
+        (ev / "enable").write_text("1\n")
+        yield inst
+    finally:
+        try:
+            (inst / "events" / "tcp" / "tcp_retransmit_skb" / "enable").write_text("0\n")
+        except OSError:
+            pass
+        inst.rmdir()
+
+
+def start_server(netpair, ports: str, mode: str = "sink"):
+    srv = in_ns(netpair["b"], PY, "-c", SERVER, ports, mode)
+    for _ in ports.split(","):
+        line = srv.stdout.readline()
+        assert line.startswith("listening"), srv.stderr.read() if srv.poll() is not None else line
+    return srv
+
+
+def test_retransmits_per_connection_match_ftrace(netpair, trace_instance):
+    probe = TcpRetransProbe(LoadOptions(storage_ports=(3260, 3261)))
+    rep = probe.load()
+    assert rep.state == ATTACHED, rep
+    srv = start_server(netpair, "3260,3261")
+    # drop on arrival (INPUT of the peer): a local OUTPUT drop is an error
+    # returned to TCP, which resends through the normal path, not a retransmit
+    drop = (f"ip netns exec {netpair['b']} iptables -I INPUT -p tcp -s {netpair['addr_a']} --dport 3260 "
+            "-m statistic --mode random --probability 0.05 -j DROP")
+    sh(drop)
+    try:
+        cl = in_ns(netpair["a"], PY, "-c", CLIENT, netpair["addr_b"], "3260,3261", str(8 * 1024 * 1024))
+        out, err = cl.communicate(timeout=120)
+        assert cl.returncode == 0, err
+        lport = {int(p): int(lp) for p, lp in (line.split() for line in out.splitlines())}
+        time.sleep(0.3)
+        data = probe.read()
+        trace = (trace_instance / "trace").read_text()
+    finally:
+        sh(drop.replace(" -I ", " -D "), check=False)
+        srv.kill()
+        probe.close()
+
+    pat = re.compile(rf"saddr={re.escape(netpair['addr_a'])} daddr={re.escape(netpair['addr_b'])}")
+    independent = sum(1 for line in trace.splitlines()
+                      if f"sport={lport[3260]} dport=3260" in line and pat.search(line) and line.rstrip().endswith("err=0"))
+    assert independent > 0, "no retransmits at 5% drop: the rig did not drop anything"
+
+    def conn(dport):
+        for c in data.connections:
+            if (c.saddr, c.sport, c.daddr, c.dport) == (netpair["addr_a"], lport[dport], netpair["addr_b"], dport):
+                return c
+        return None
+
+    lossy = conn(3260)
+    assert lossy is not None, "the probe has no entry for the lossy connection's exact 4-tuple"
+    assert lossy.family == "ipv4" and lossy.storage
+    assert lossy.retransmits == independent
+    assert lossy.last_state in ("ESTABLISHED", "FIN_WAIT1", "CLOSING", "LAST_ACK")
+    clean = conn(3261)
+    assert clean is None or clean.retransmits == 0
+    # Prometheus: the storage remote carries at least this connection's count
+    assert data.storage[(netpair["addr_b"], 3260)]["retransmit"] >= independent
+    fams = {f.name: f for f in render_tcp_retrans(data)}
+    samples = {tuple(s.labels.values()): s.value for s in fams["kvmscope_tcp_retransmits"].samples
+               if s.name.endswith("_total")}
+    assert samples[(netpair["addr_b"], "3260")] >= independent
+    assert ("other", "other") in samples
+    assert data.probe.events >= independent and data.probe.run_cnt > 0
+    # the stream saw the lossy connection too (rate cap far above this rate)
+    assert any(e.dport == 3260 and e.sport == lport[3260] for e in data.events)
+
+
+def test_lifecycle_connect_close_reset(netpair):
+    probe = TcpLifecycleProbe(LoadOptions(storage_ports=(3260, 3262)))
+    assert probe.load().state == ATTACHED
+    srv = start_server(netpair, "3260")
+    rst = start_server(netpair, "3262", "rst")
+    try:
+        cl = in_ns(netpair["a"], PY, "-c", CLIENT, netpair["addr_b"], "3260", "1000")
+        out, err = cl.communicate(timeout=30)
+        assert cl.returncode == 0, err
+        normal_port = int(out.split()[1])
+        cl_pid = cl.pid
+        # the server resets this one (SO_LINGER 0)
+        cl2 = in_ns(netpair["a"], PY, "-c",
+                    "import socket,sys,time; s=socket.create_connection((sys.argv[1],3262)); print(s.getsockname()[1], flush=True);"
+                    " s.send(b'hi'); time.sleep(0.5); print(s.recv(1) if True else 0)", netpair["addr_b"])
+        out2, _ = cl2.communicate(timeout=30)
+        reset_port = int(out2.split()[0])
+        time.sleep(0.2)
+        data = probe.read()
+    finally:
+        srv.kill()
+        rst.kill()
+        probe.close()
+    cid = {e.conn_id for e in data.events if e.sport == normal_port and e.dport == 3260}
+    assert len(cid) == 1
+    ev = [e for e in data.events if e.conn_id in cid]
+    kinds = [e.kind for e in ev]
+    assert kinds[0] == "connect" and "established" in kinds and kinds[-1] == "close", kinds
+    assert ev[0].comm.startswith("python") and ev[0].tgid > 0
+    assert ev[-1].age_seconds > 0 and ev[-1].established_seconds > 0
+    cid2 = {e.conn_id for e in data.events if e.sport == reset_port and e.dport == 3262}
+    ev2 = [e for e in data.events if e.conn_id in cid2]
+    assert [e.kind for e in ev2][-1] == "reset" and ev2[-1].reset == "received", ev2
+    counts = data.counts[(netpair["addr_b"], 3260)]
+    assert counts["connect"] >= 1 and counts["close"] >= 1
+    assert data.counts[(netpair["addr_b"], 3262)]["reset"] >= 1

@@ -28,10 +28,15 @@ def encode(obj):
     if isinstance(obj, (list, tuple)):
         return [encode(x) for x in obj]
     if isinstance(obj, dict):
-        return {str(k): encode(v) for k, v in obj.items()}
+        if all(isinstance(k, str) for k in obj):
+            return {k: encode(v) for k, v in obj.items()}
+        return {PAIRS: [[encode(k), encode(v)] for k, v in obj.items()]}  # tuple or int keys
     if isinstance(obj, enum.Enum):
         return obj.value
     return obj
+
+
+PAIRS = "__pairs__"
 
 
 @lru_cache(maxsize=None)
@@ -66,13 +71,16 @@ def decode(tp, value):
         return [decode(args[0], v) for v in value] if args else list(value)
     if origin is dict:
         kt, vt = args if args else (str, typing.Any)
-        return {decode(kt, k): decode(vt, v) for k, v in value.items()}
+        items = value[PAIRS] if isinstance(value, dict) and PAIRS in value else value.items()
+        return {decode(kt, k): decode(vt, v) for k, v in items}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return tp(value)
     if tp is float and isinstance(value, int):
         return float(value)
     if tp in (int, str, bool, float) and not isinstance(value, tp):
         raise TypeError(f"{value!r} is not {tp.__name__}")
+    if tp is typing.Any or tp is object:
+        return value
     return value
 
 

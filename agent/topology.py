@@ -75,8 +75,10 @@ def _all_vms(snap: Snapshot) -> list[Vm]:
 
 
 def build_paths(snap: Snapshot, if_addrs: dict[str, str] | None = None) -> list[StoragePath]:
-    """if_addrs: host address -> interface name (see :func:`interface_addresses`)."""
-    if_addrs = if_addrs or {}
+    """if_addrs: host address -> interface name; default: from the snapshot's net_ifaces."""
+    if if_addrs is None:
+        ni = snap.get("net_ifaces")
+        if_addrs = ni.address_map() if ni is not None else {}
     conns = snap.get("storage_tcp")
     conns = conns.connections if conns is not None else ()
     sessions = snap.get("iscsi_kernel")
@@ -200,18 +202,4 @@ def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs) -> lis
             out.append(StoragePath(**fields, unknown=(f"TCP connection of session {s.sid} not found (local port {c0.local_port if c0 else '?'})",)))
         else:
             out.append(StoragePath(**fields, **_conn_fields(conn, if_addrs)))
-    return out
-
-
-def interface_addresses() -> dict[str, str]:
-    """host address -> interface name, from psutil (getifaddrs)."""
-    import socket
-
-    import psutil
-
-    out = {}
-    for ifname, addrs in psutil.net_if_addrs().items():
-        for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6):
-                out[a.address.split("%", 1)[0]] = ifname
     return out

@@ -51,8 +51,13 @@ def _root(
         help="YAML configuration file [default: $KVMSCOPE_CONFIG, else /etc/kvmscope/config.yaml if present, "
         "else built-in defaults]",
     ),
+    standalone: bool = typer.Option(
+        False,
+        "--standalone",
+        help="never attach to a running `kvmscope run`; collect in this process",
+    ),
 ):
-    ctx.obj = {"config": config}
+    ctx.obj = {"config": config, "standalone": standalone}
 
 
 def _register() -> None:

@@ -78,3 +78,16 @@ def to_jsonable(obj):
     if isinstance(obj, enum.Enum):
         return obj.value
     return obj
+
+
+def attached_snapshots(ctx, cfg, **params):
+    """Snapshots from a running agent on metrics.listen, or None (standalone, or none answers)."""
+    if (ctx.obj or {}).get("standalone") or not cfg.metrics.enabled:
+        return None
+    from agent.api import agent_url, fetch_snapshots
+
+    base = agent_url(cfg.metrics.listen)
+    snaps = fetch_snapshots(base, timeout=1.0, **params)
+    if snaps is not None:
+        msg(f"attached to the running agent at {base}")
+    return snaps

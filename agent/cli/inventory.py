@@ -5,11 +5,11 @@ from __future__ import annotations
 import typer
 
 from agent.cli import app, examples
-from agent.cli.common import health_notes, load_config, print_json, table, to_jsonable
+from agent.cli.common import attached_snapshots, health_notes, load_config, print_json, table, to_jsonable
 from agent.engine import collect_now
-from agent.topology import build_paths, interface_addresses
+from agent.topology import build_paths
 
-PATH_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices"]
+PATH_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces"]
 
 
 @app.command(epilog=examples("kvmscope sessions", "kvmscope sessions --json | jq '.[] | select(.state != \"LOGGED_IN\")'"))
@@ -124,8 +124,8 @@ def vms(
 def paths(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", help="print JSON")):
     """Storage paths: VM disk -> backend -> iSCSI session -> TCP connection -> portal -> interface."""
     cfg, _ = load_config(ctx)
-    snaps = collect_now(cfg, PATH_SOURCES)
-    result = build_paths(snaps[-1], interface_addresses())
+    snaps = attached_snapshots(ctx, cfg, last=1) or collect_now(cfg, PATH_SOURCES)
+    result = build_paths(snaps[-1])
     if json_out:
         print_json([p.as_dict() for p in result])
         return

@@ -26,6 +26,7 @@ class NetIface:
     mtu: int | None
     speed_mbps: int | None
     counters: dict[str, int] = field(default_factory=dict)
+    addresses: tuple[str, ...] = ()  # IPv4/IPv6 addresses (getifaddrs)
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,29 @@ class NetIfaces:
     def get(self, name: str) -> NetIface | None:
         return next((i for i in self.ifaces if i.name == name), None)
 
+    def address_map(self) -> dict[str, str]:
+        """host address -> interface name."""
+        return {a: i.name for i in self.ifaces for a in i.addresses}
+
 
 def _int(paths: HostPaths, p) -> int | None:
     try:
         return int(paths.read_text(p).strip())
     except (OSError, ValueError):
         return None
+
+
+def _addresses() -> dict[str, list[str]]:
+    import socket
+
+    import psutil
+
+    out: dict[str, list[str]] = {}
+    for ifname, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                out.setdefault(ifname, []).append(a.address.split("%", 1)[0])
+    return out
 
 
 @register("net_ifaces", description="host network interfaces: errors, drops, MTU, link state (/sys/class/net)")
@@ -54,6 +72,7 @@ class NetIfacesSource:
             names = sorted(os.listdir(base))
         except OSError:
             raise NoData(f"no {base}") from None
+        addrs = _addresses()
         out = []
         for n in names:
             d = base / n
@@ -69,6 +88,7 @@ class NetIfacesSource:
                     mtu=_int(self.paths, d / "mtu"),
                     speed_mbps=speed if speed and speed > 0 else None,
                     counters={c: v for c in COUNTERS if (v := _int(self.paths, d / "statistics" / c)) is not None},
+                    addresses=tuple(addrs.get(n, ())),
                 )
             )
         return NetIfaces(tuple(out))

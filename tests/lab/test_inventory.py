@@ -18,7 +18,7 @@ ODD_NAME = "kvmslab-odd 'single' \"double\" ü spaces"
 
 
 def kvmscope(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=ENV, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "agent", "--standalone", *args], capture_output=True, text=True, env=ENV, timeout=120)
     if check:
         assert r.returncode == 0, r.stderr
     return r

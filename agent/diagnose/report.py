@@ -1,0 +1,69 @@
+"""Diagnose end to end: snapshots -> window -> findings -> text or JSON."""
+
+from __future__ import annotations
+
+import json
+
+from agent.config import DiagnoseConfig
+from agent.diagnose.rules import Finding, run_rules
+from agent.diagnose.window import Window, build_window
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 3  # warning or critical findings; 1 = could not run, 2 = bad usage
+
+
+def diagnose(snaps, cfg: DiagnoseConfig, if_addrs=None) -> tuple[Window, list[Finding]]:
+    w = build_window(snaps, if_addrs)
+    return w, run_rules(w, cfg)
+
+
+def report_json(w: Window, findings: list[Finding]) -> dict:
+    return {
+        "host": w.host,
+        "window": {"start": w.start, "end": w.end, "seconds": round(w.seconds, 3), "snapshots": w.snapshots},
+        "summary": {s: sum(1 for f in findings if f.severity == s) for s in ("critical", "warning", "info")},
+        "findings": [f.as_dict() for f in findings],
+        "disks": [
+            {"vm": d.vm, "disk": d.disk, "backend": d.backend, "portal": d.portal,
+             "ops_per_second": round(d.ops_per_second, 1),
+             "mean_ms": None if d.mean_ms is None else round(d.mean_ms, 3), "stalled": d.stalled}
+            for d in w.disks
+        ],
+    }
+
+
+def _fmt_ev(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt_ev(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def report_text(w: Window, findings: list[Finding]) -> str:
+    from agent.cli.common import clean
+
+    lines = []
+    n = {s: sum(1 for f in findings if f.severity == s) for s in ("critical", "warning", "info")}
+    problems = n["critical"] + n["warning"]
+    head = f"kvmscope diagnose: host {clean(w.host)}, {w.seconds:.0f}s window, {w.snapshots} snapshots, " + (
+        f"{problems} problem(s)" if problems else "no problems found")
+    lines.append(head)
+    slowest = sorted((d for d in w.disks if d.mean_ms is not None), key=lambda d: -d.mean_ms)[:5]
+    if slowest:
+        lines.append("slowest disks: " + "; ".join(
+            f"{clean(d.vm)} {d.disk} {d.mean_ms:.2f} ms x {d.ops_per_second:.0f}/s" for d in slowest))
+    for f in findings:
+        lines.append("")
+        lines.append(f"{f.severity.upper():<8} {clean(f.title)}")
+        if f.scope:
+            lines.append(f"  scope:    {clean(f.scope)}")
+        lines.append(f"  evidence: {clean(_fmt_ev(f.evidence))}")
+        lines.append(f"  cause:    {clean(f.cause)}")
+        for c in f.next_checks:
+            lines.append(f"  check:    {clean(c)}")
+    return "\n".join(lines) + "\n"
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"

@@ -93,6 +93,12 @@ class AgentConfig(_Section):
 class MetricsConfig(_Section):
     enabled: bool = True
     listen: str = Field("127.0.0.1:9847", description="address of the /metrics HTTP server")
+    web_config: str | None = Field(
+        None, description="TLS / basic-auth file in the Prometheus exporter-toolkit web-config.yml format")
+    max_vms: int = Field(1000, ge=1, description="VMs exported at most (by name order); the rest is counted as dropped")
+    max_disks: int = Field(4000, ge=1, description="VM disks exported at most; the rest is counted as dropped")
+    max_connections: int = Field(2000, ge=1, description="storage connections / remotes exported at most")
+    max_label_length: int = Field(256, ge=16, le=4096, description="longer label values are cut (with a hash suffix)")
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

@@ -21,7 +21,7 @@ Every link that cannot be made says why in ``unknown``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agent.model import Snapshot
 from agent.sources._vm_records import Vm, VmDisk

@@ -14,7 +14,6 @@ from agent.cli import app, examples
 from agent.cli.common import load_config, msg, print_json
 from agent.ebpf import probe_classes
 from agent.ebpf.loader import ATTACHED, Probe
-from agent.errors import KvmscopeError
 from agent.hostpaths import HostPaths
 from agent.sources import SourceContext
 

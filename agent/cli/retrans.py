@@ -96,7 +96,9 @@ def _follow(cfg, json_out: bool) -> None:
     owners: dict[tuple, tuple] = {}
     last_inv = 0.0
     stop = [False]
+    # explicit handlers: a process started in the background by a shell inherits SIGINT ignored
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    signal.signal(signal.SIGINT, lambda *_: stop.__setitem__(0, True))
     msg("following retransmits on storage connections; Ctrl-C to stop")
     if not json_out:
         print(f"{'TIME':<12} {'KIND':<18} {'STATE':<12} {'CONNECTION':<44} VM/DISK", flush=True)

@@ -11,7 +11,7 @@ import typer
 from agent import __version__
 from agent.cli import app, examples
 from agent.cli.common import load_config, msg
-from agent.config import _check_listen, split_listen
+from agent.config import _check_listen
 from agent.errors import ConfigError
 from agent.hostpaths import HostPaths
 from agent.loop import Agent
@@ -117,10 +117,9 @@ def run(
     if cfg.metrics.enabled:
         from agent.exporters.prometheus import MetricsServer
 
-        host, port = split_listen(cfg.metrics.listen)
-        server = MetricsServer(host, port, lambda: agent.latest).start()
+        server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest).start()  # TLS, auth, caps
         h, p = server.address[:2]
-        msg(f"serving http://{'[' + h + ']' if ':' in h else h}:{p}/metrics")
+        msg(f"serving {server.scheme}://{'[' + h + ']' if ':' in h else h}:{p}/metrics")
 
     stop = threading.Event()
 

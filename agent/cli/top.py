@@ -8,7 +8,7 @@ import time
 import typer
 
 from agent.cli import app, examples
-from agent.cli.common import clean, load_config, print_json
+from agent.cli.common import attached_snapshots, clean, load_config, print_json
 from agent.diagnose.window import Window, build_window
 from agent.engine import build_agent
 from agent.model import Status

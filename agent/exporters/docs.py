@@ -32,6 +32,34 @@ def unit_of(name: str) -> str:
     return "-"
 
 
+# label -> a typical value, for the example column (unknown labels show "...")
+EXAMPLE_LABELS = {
+    "collector": "libvirt", "version": "0.1.0", "python": "3.11.2", "kind": "vm",
+    "vm": "web01", "disk": "vda", "op": "read", "manager": "libvirt", "backend": "libiscsi",
+    "target": "iqn.2025-01.io.example:lun-web01", "lun": "1", "portal": "10.0.0.5:3260", "session": "3",
+    "connection": "0", "state": "LOGGED_IN", "type": "scsicmd", "direction": "tx",
+    "local": "10.0.0.10:51234", "interface": "eth1", "device": "sdb",
+    "remote_address": "10.0.0.5", "remote_port": "3260", "event": "connect", "probe": "tcp_retrans",
+}
+
+
+def example(d: catalog.MetricDef) -> str:
+    """One sample line of the metric, with typical label values."""
+    value = {"counter": "1234", "gauge": "1", "histogram": "5"}.get(d.type, "1")
+    unit = unit_of(d.name)
+    if d.type == "gauge" and unit == "seconds":
+        value = "0.0042"
+    labels = [(k, EXAMPLE_LABELS.get(k, "...")) for k in d.labels]
+    name = d.name
+    if d.type == "histogram":
+        name += "_bucket"
+        labels.append(("le", "0.004"))
+    if d.name.endswith("_state") and "state" in d.labels:
+        value = "1"
+    body = ",".join(f'{k}="{v}"' for k, v in labels)
+    return f"`{name}{{{body}}} {value}`" if labels else f"`{name} {value}`"
+
+
 def render() -> str:
     load_renderers()
     lines = [
@@ -43,13 +71,14 @@ def render() -> str:
         "All names start with `kvmscope_`, use base units, and counters end in `_total`.",
         "Histograms expose `_bucket` (every bound present), `_sum` and `_count`.",
         "",
-        "| metric | type | unit | labels | source | meaning |",
-        "|---|---|---|---|---|---|",
+        "| metric | type | unit | labels | source | meaning | example |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in sorted(catalog.CATALOG):
         d = catalog.CATALOG[name]
         labels = ", ".join(f"`{label}`" for label in d.labels) or "-"
-        lines.append(f"| `{name}` | {d.type} | {unit_of(name)} | {labels} | {d.source or '-'} | {d.help} |")
+        help_ = d.help.replace("|", "\\|")
+        lines.append(f"| `{name}` | {d.type} | {unit_of(name)} | {labels} | {d.source or '-'} | {help_} | {example(d)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,10 @@ class VmDisk:
     lun: int | None = None
     cache: str | None = None
     io: str | None = None
-    error_policy: str | None = None
+    error_policy: str | None = None  # <driver error_policy=>: stop | report | ignore | enospace (write errors; reads too unless rerror_policy)
     host_devno: str | None = None  # MAJ:MIN of the host block device under a file/block disk
     stats: DiskStats | None = None
+    rerror_policy: str | None = None  # <driver rerror_policy=>: read errors (stop | report | ignore)
 
     @property
     def backend(self) -> str:

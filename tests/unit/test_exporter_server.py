@@ -1,0 +1,302 @@
+"""The agent's HTTP server, safe by default: bind address, TLS (with client
+certificates), basic auth with bcrypt hashes, label escaping and length
+bound, series caps. Real sockets on loopback, real TLS handshakes with
+certificates made by openssl(1) in the test."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import shutil
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+
+import bcrypt
+import pytest
+from prometheus_client.exposition import generate_latest
+
+from agent.config import Config, MetricsConfig
+from agent.errors import ConfigError
+from agent.exporters.prometheus import Limits, MetricsServer, cut_label, make_registry
+from agent.exporters.web_config import load_web_config, parse_web_config
+from agent.model import Snapshot
+from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
+
+SNAP = Snapshot(1, 1.0, "h", 0.0, data={}, health={})
+
+
+def latest():
+    return SNAP
+
+
+@pytest.fixture
+def server():
+    started = []
+
+    def start(**kw) -> MetricsServer:
+        s = MetricsServer("127.0.0.1", 0, latest, **kw).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def test_listens_on_loopback_by_default():
+    import socket
+
+    default = Config().metrics
+    assert default.listen.startswith("127.0.0.1:") and default.web_config is None
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    s = MetricsServer.from_config(default.model_copy(update={"listen": f"127.0.0.1:{port}"}), latest)
+    try:
+        assert s.address[0] == "127.0.0.1" and s.scheme == "http"
+        with pytest.raises(OSError):  # not reachable on another local address
+            socket.create_connection(("127.0.0.2", port), timeout=2).close()
+    finally:
+        s.stop()
+
+
+def test_plain_http_serves_metrics(server):
+    s = server()
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.address[1]}/metrics", timeout=5) as r:
+        assert "kvmscope_build_info" in r.read().decode()
+
+
+# -- basic auth ----------------------------------------------------------------
+def _hash(pw: str, cost: int = 4) -> str:
+    return bcrypt.hashpw(pw.encode(), bcrypt.gensalt(cost)).decode()
+
+
+def _get(port, user=None, password=None, path="/metrics", scheme="http", ctx=None):
+    req = urllib.request.Request(f"{scheme}://127.0.0.1:{port}{path}")
+    if user is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
+            return r.status, r.read().decode(), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), e.headers
+
+
+def test_basic_auth_accepts_right_password_refuses_others(tmp_path, server):
+    # htpasswd writes $2y$; bcrypt writes $2b$: both must verify
+    h = _hash("s3cret").replace("$2b$", "$2y$", 1)
+    wc = tmp_path / "web.yml"
+    wc.write_text(f"basic_auth_users:\n  prom: '{h}'\n")
+    s = server(web=load_web_config(wc))
+    port = s.address[1]
+    code, body, _ = _get(port, "prom", "s3cret")
+    assert code == 200 and "kvmscope_build_info" in body
+    code, _, headers = _get(port, "prom", "wrong")
+    assert code == 401 and "Basic" in headers["WWW-Authenticate"]
+    assert _get(port, "nobody", "s3cret")[0] == 401
+    assert _get(port)[0] == 401
+    assert _get(port, path="/api/v1/health")[0] == 401  # every endpoint, not just /metrics
+    # a second right request hits the cache and still works; a wrong one after it still fails
+    assert _get(port, "prom", "s3cret")[0] == 200
+    assert _get(port, "prom", "s3cret!")[0] == 401
+
+
+def test_garbage_authorization_header_is_401(tmp_path, server):
+    wc = tmp_path / "web.yml"
+    wc.write_text(f"basic_auth_users:\n  prom: '{_hash('x')}'\n")
+    port = server(web=load_web_config(wc)).address[1]
+    for header in ("Basic !!!notbase64", "Bearer abc", "Basic " + base64.b64encode(b"no-colon").decode(), "Basic"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/metrics", headers={"Authorization": header})
+        assert conn.getresponse().status == 401, header
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("basic_auth_users:\n  prom: plaintext\n", "not a bcrypt hash"),
+        ("tls_server_config:\n  cert_file: a.crt\n", "key_file: required"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: Maybe\n", "allowed NoClientCert"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAndVerifyClientCert\n",
+         "client_ca_file: required"),
+        ("http_server_config:\n  http2: true\n", "unsupported keys"),
+        ("- a list\n", "mapping"),
+        ("basic_auth_users: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_web_config_is_a_clear_error(tmp_path, text, words):
+    with pytest.raises(ConfigError, match="metrics.web_config") as e:
+        parse_web_config(text, tmp_path / "web.yml")
+    assert words in str(e.value)
+
+
+def test_missing_web_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        MetricsServer.from_config(MetricsConfig(listen="127.0.0.1:1", web_config=str(tmp_path / "nope.yml")), latest)
+
+
+# -- TLS -----------------------------------------------------------------------
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all made here."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl(1) not installed")
+    d = tmp_path
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+             "-subj", "/CN=kvmscope test CA", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "1", "-extfile", "san.ext", "-out", f"{name}.crt", cwd=d)
+    # a client certificate from a CA the server does not trust
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+             "-subj", "/CN=stranger", "-keyout", "stranger.key", "-out", "stranger.crt", cwd=d)
+    return d
+
+
+def _client_ctx(pki, cert=None):
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if cert:
+        ctx.load_cert_chain(str(pki / f"{cert}.crt"), str(pki / f"{cert}.key"))
+    return ctx
+
+
+def test_tls_serves_https_and_refuses_plain_http(pki, server):
+    (pki / "web.yml").write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
+    s = server(web=load_web_config(pki / "web.yml"))
+    port = s.address[1]
+    assert s.scheme == "https"
+    code, body, _ = _get(port, scheme="https", ctx=_client_ctx(pki))
+    assert code == 200 and "kvmscope_build_info" in body
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+        _get(port, scheme="http")
+    # the server survives the bad client and keeps serving
+    assert _get(port, scheme="https", ctx=_client_ctx(pki))[0] == 200
+
+
+def test_tls_client_certificates_required_and_verified(pki, server):
+    (pki / "web.yml").write_text(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n"
+        "  min_version: TLS13\n"
+        f"basic_auth_users:\n  prom: '{_hash('pw')}'\n"
+    )
+    port = server(web=load_web_config(pki / "web.yml")).address[1]
+    ok = _get(port, "prom", "pw", scheme="https", ctx=_client_ctx(pki, "client"))
+    assert ok[0] == 200 and "kvmscope_build_info" in ok[1]
+    assert _get(port, "prom", "bad", scheme="https", ctx=_client_ctx(pki, "client"))[0] == 401
+    for cert in (None, "stranger"):  # no client certificate, or one from an untrusted CA
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _get(port, "prom", "pw", scheme="https", ctx=_client_ctx(pki, cert))
+    assert _get(port, "prom", "pw", scheme="https", ctx=_client_ctx(pki, "client"))[0] == 200
+
+
+def test_unloadable_certificate_fails_at_start(pki):
+    (pki / "web.yml").write_text("tls_server_config:\n  cert_file: ca.key\n  key_file: server.key\n")
+    with pytest.raises(ConfigError, match="cannot load"):
+        load_web_config(pki / "web.yml")
+
+
+# -- labels and caps -----------------------------------------------------------
+def _vms(n_vms, disks_per_vm, name=lambda i: f"vm{i:04d}"):
+    return Vms(tuple(
+        Vm(name(i), None, "running", 1, tuple(
+            VmDisk(f"vd{chr(97 + k)}", "file", source="/x", stats=DiskStats(rd_reqs=i, wr_reqs=k))
+            for k in range(disks_per_vm)))
+        for i in range(n_vms)))
+
+
+def _render(vms, limits=None, times=1):
+    snap = Snapshot(1, 1.0, "h", 0.0, data={"libvirt": vms}, health={})
+    reg = make_registry(lambda: snap, limits=limits)
+    for _ in range(times):
+        text = generate_latest(reg).decode()
+    return text
+
+
+def _sample(text, name, **labels):
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_long_label_values_are_cut_and_stay_distinct():
+    long_a, long_b = "a" * 300 + "-one", "a" * 300 + "-two"
+    text = _render(_vms(2, 1, name=lambda i: (long_a, long_b)[i]), Limits(max_label_length=64))
+    vms = {line.split('vm="', 1)[1].split('"', 1)[0] for line in text.splitlines()
+           if line.startswith("kvmscope_vm_running{")}
+    assert len(vms) == 2 and all(len(v) == 64 for v in vms)
+    assert all(v.startswith("a" * 55 + "~") for v in vms)
+    assert cut_label("short", 64) == "short"
+
+
+def test_escaping_of_quotes_backslashes_newlines_and_promtool_accepts():
+    odd = 'db "prod"\\path\nnext ü'
+    text = _render(_vms(1, 1, name=lambda i: odd))
+    assert 'vm="db \\"prod\\"\\\\path\\nnext ü"' in text
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (deploy/setup.sh installs Debian prometheus)")
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_vm_cap_keeps_first_names_and_counts_the_rest():
+    text = _render(_vms(10, 2), Limits(max_vms=3))
+    running = [line for line in text.splitlines() if line.startswith("kvmscope_vm_running{")]
+    assert len(running) == 3
+    assert all(f'vm="vm{i:04d}"' in "".join(running) for i in range(3))
+    assert _sample(text, "kvmscope_exporter_capped_objects", kind="vm") == 7
+    dropped = _sample(text, "kvmscope_exporter_series_dropped_total", kind="vm")
+    full = _render(_vms(10, 2))  # every series of the 7 VMs left out is counted, no more, no less
+    left_out = [line for line in full.splitlines()
+                if not line.startswith("#") and any(f'vm="vm{i:04d}"' in line for i in range(3, 10))]
+    assert dropped == len(left_out) > 7 * 2 * 9
+    # the counter accumulates over scrapes
+    text3 = _render(_vms(10, 2), Limits(max_vms=3), times=3)
+    assert _sample(text3, "kvmscope_exporter_series_dropped_total", kind="vm") == 3 * dropped
+
+
+def test_disk_cap_and_connection_cap():
+    text = _render(_vms(4, 3), Limits(max_disks=5))
+    infos = [line for line in text.splitlines() if line.startswith("kvmscope_vm_disk_info{")]
+    assert len(infos) == 5
+    assert _sample(text, "kvmscope_exporter_capped_objects", kind="disk") == 7
+    full = _render(_vms(4, 3))
+    kept_disks = {(f"vm{i:04d}", f"vd{chr(97 + k)}") for i in range(4) for k in range(3)}
+    kept_disks = set(sorted(kept_disks)[:5])
+    left_out = [line for line in full.splitlines() if 'disk="' in line and not any(
+        f'vm="{v}"' in line and f'disk="{d}"' in line for v, d in kept_disks)]
+    assert _sample(text, "kvmscope_exporter_series_dropped_total", kind="disk") == len(left_out) >= 7 * 9
+    assert _sample(text, "kvmscope_vm_running", vm="vm0003") == 1  # the VM stays, only its extra disks go
+
+
+def test_under_the_caps_nothing_is_dropped():
+    text = _render(_vms(5, 2))
+    for kind in ("vm", "disk", "connection"):
+        assert _sample(text, "kvmscope_exporter_series_dropped_total", kind=kind) == 0
+        assert _sample(text, "kvmscope_exporter_capped_objects", kind=kind) == 0
+
+
+def test_same_metric_from_several_renderers_is_one_family():
+    """Found on the lab: each eBPF probe yields its own kvmscope_probe_events_total family; the
+    exposition must still have one HELP/TYPE per name (promtool check metrics refused it)."""
+    from agent.exporters import catalog as C
+    from agent.exporters.prometheus import merge_families
+
+    fams = []
+    for probe in ("tcp_retrans", "block_io"):
+        f = C.PROBE_EVENTS.family()
+        f.add_metric([probe], 7)
+        fams.append(f)
+    merged = merge_families(fams)
+    assert len(merged) == 1 and len(merged[0].samples) == 2

@@ -117,7 +117,7 @@ def run(
     if cfg.metrics.enabled:
         from agent.exporters.prometheus import MetricsServer
 
-        server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest).start()  # TLS, auth, caps
+        server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history).start()
         h, p = server.address[:2]
         msg(f"serving {server.scheme}://{'[' + h + ']' if ':' in h else h}:{p}/metrics")
 

@@ -8,6 +8,7 @@ source can never make a scrape slow.
 HTTP endpoints (one server):
   /metrics          Prometheus text format
   /api/v1/health    per-collector health of the latest cycle, JSON
+  /api/v1/snapshots recent snapshots for attached CLI commands (agent/api.py)
   /                 a short index page
 
 Safe by default: the server listens on 127.0.0.1 unless ``metrics.listen``
@@ -303,6 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"kvmscope/{__version__}"
     registry: CollectorRegistry
     latest: Callable[[], Snapshot | None]
+    history: Callable[[], list] | None = None
     web: "WebConfig | None" = None
     timeout = 30  # seconds a client may stall (TLS handshake, request line) before its thread gives up
 
@@ -347,6 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             }
             self._send(200, json.dumps(body).encode(), "application/json")
+        elif path.startswith("/api/v1/") and self.history is not None:
+            from agent.api import handle
+
+            code, body = handle(path, self.path.partition("?")[2], self.history)
+            self._send(code, json.dumps(body).encode(), "application/json")
         elif path == "/":
             page = (
                 f"<html><head><title>kvmscope</title></head><body><h1>kvmscope {__version__}</h1>"
@@ -394,11 +401,17 @@ class MetricsServer:
         *,
         web: "WebConfig | None" = None,
         limits: Limits | None = None,
+        history: Callable[[], list] | None = None,
     ):
         handler = type(
             "Handler",
             (_Handler,),
-            {"registry": make_registry(latest, limits=limits), "latest": staticmethod(latest), "web": web},
+            {
+                "registry": make_registry(latest, limits=limits),
+                "latest": staticmethod(latest),
+                "history": staticmethod(history) if history else None,
+                "web": web,
+            },
         )
         server_cls = _Server
         if ":" in host:  # an IPv6 literal from [V6]:PORT
@@ -419,13 +432,15 @@ class MetricsServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
 
     @classmethod
-    def from_config(cls, m: "MetricsConfig", latest: Callable[[], Snapshot | None]) -> "MetricsServer":
+    def from_config(
+        cls, m: "MetricsConfig", latest: Callable[[], Snapshot | None], history: Callable[[], list] | None = None
+    ) -> "MetricsServer":
         from agent.config import split_listen
         from agent.exporters.web_config import load_web_config
 
         host, port = split_listen(m.listen)
         web = load_web_config(m.web_config) if m.web_config else None
-        return cls(host, port, latest, web=web, limits=Limits.from_config(m))
+        return cls(host, port, latest, web=web, limits=Limits.from_config(m), history=history)
 
     def start(self) -> "MetricsServer":
         self._thread.start()

@@ -142,6 +142,7 @@ class PathsConfig(_Section):
     sysfs: str = "/sys"
     tracefs: str = "/sys/kernel/tracing"
     debugfs: str = "/sys/kernel/debug"
+    etc: str = Field("/etc", description="the host's /etc (iscsid.conf, multipath.conf), read by kvmscope doctor")
 
 
 class ElasticsearchConfig(_Section):
@@ -155,7 +156,37 @@ class ElasticsearchConfig(_Section):
     verify_certs: bool = True
     namespace: str = Field("default", pattern=r"^[a-z0-9_]{1,100}$")
     spool_dir: str = "/var/lib/kvmscope/spool"
-    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    spool_fsync: Literal["batch", "always", "never"] = Field(
+        "batch", description="fsync the spool after each cycle's documents (batch), each document, or never"
+    )
+    batch_max_docs: int = Field(1000, ge=1, le=100_000, description="documents per bulk request, at most")
+    batch_max_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="bytes per bulk request, at most")
+    request_timeout: float = Field(10.0, gt=0, le=300, description="seconds for one bulk request")
+    retry_initial: float = Field(0.5, gt=0, le=60, description="first retry back-off in seconds (doubles, jittered)")
+    retry_max: float = Field(30.0, gt=0, le=3600, description="longest retry back-off in seconds")
+    stop_timeout: float = Field(5.0, ge=0, le=300, description="seconds to keep flushing at shutdown")
+
+
+class FileOutputConfig(_Section):
+    enabled: bool = False
+    path: str = Field("/var/log/kvmscope/kvmscope.ndjson", description="JSON-lines file, rotated to PATH.1 ... PATH.N")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="rotate when the file would grow past this")
+    keep: int = Field(5, ge=0, le=1000, description="rotated files kept")
+
+
+class StorageLogConfig(_Section):
+    qemu_logs: list[str] = Field(
+        default_factory=lambda: ["/var/log/libvirt/qemu/*.log"], description="globs of per-VM QEMU log files"
+    )
+    kernel_logs: list[str] = Field(
+        default_factory=lambda: ["/var/log/kern.log", "/var/log/syslog", "/var/log/messages"],
+        description="syslog-style files with kernel and iscsid lines (read when present)",
+    )
+    kmsg: bool = Field(False, description="also read /dev/kmsg (kernel ring buffer) when no kernel log file exists")
+    state_dir: str = Field("/var/lib/kvmscope/storage_log", description="where read positions are kept")
+    start_at_end: bool = Field(True, description="on the first sight of a file, skip what it already holds")
+    max_lines: int = Field(10_000, ge=1, description="lines read per file per cycle, at most")
 
 
 class EbpfConfig(_Section):
@@ -193,6 +224,8 @@ class Config(_Section):
     qmp: QmpConfig = Field(default_factory=QmpConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
     elasticsearch: ElasticsearchConfig = Field(default_factory=ElasticsearchConfig)
+    file_output: FileOutputConfig = Field(default_factory=FileOutputConfig)
+    storage_log: StorageLogConfig = Field(default_factory=StorageLogConfig)
     diagnose: DiagnoseConfig = Field(default_factory=DiagnoseConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     ebpf: EbpfConfig = Field(default_factory=EbpfConfig)

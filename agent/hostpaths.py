@@ -18,6 +18,7 @@ class HostPaths:
     sysfs: Path = Path("/sys")
     tracefs: Path = Path("/sys/kernel/tracing")
     debugfs: Path = Path("/sys/kernel/debug")
+    etcdir: Path = Path("/etc")  # configuration files (doctor): iscsi/iscsid.conf, multipath.conf
 
     @classmethod
     def from_config(cls, paths) -> "HostPaths":
@@ -26,6 +27,7 @@ class HostPaths:
             sysfs=Path(paths.sysfs),
             tracefs=Path(paths.tracefs),
             debugfs=Path(paths.debugfs),
+            etcdir=Path(getattr(paths, "etc", "/etc")),
         )
 
     def proc(self, *parts: str) -> Path:
@@ -33,6 +35,9 @@ class HostPaths:
 
     def sys(self, *parts: str) -> Path:
         return self.sysfs.joinpath(*parts)
+
+    def etc(self, *parts: str) -> Path:
+        return self.etcdir.joinpath(*parts)
 
     def read_text(self, path: Path) -> str:
         """Read a whole pseudo file. Raises OSError (incl. FileNotFoundError)."""

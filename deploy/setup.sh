@@ -34,6 +34,7 @@ packages=(
   busybox-static linux-image-amd64 cpio kmod xz-utils zstd
   iptables iproute2 procps psmisc
   prometheus fio
+  logrotate
 )
 if [ "${KVMSCOPE_SKIP_APT:-0}" != 1 ]; then
   missing=()
@@ -114,4 +115,10 @@ if [ "$(readlink /usr/local/bin/kvmscope 2>/dev/null)" != "$venv/bin/kvmscope" ]
   step "linking /usr/local/bin/kvmscope -> $venv/bin/kvmscope"
   ln -sfn "$venv/bin/kvmscope" /usr/local/bin/kvmscope
 fi
+# --- 6. a local Elasticsearch for tests/es (server zip from Maven Central, cached) ---
+if [ $want_test = 1 ]; then
+  es_home=$(/usr/bin/python3 "$repo/deploy/es/es" fetch) || die "could not fetch Elasticsearch (deploy/es/es fetch)"
+  note "elasticsearch: $es_home"
+fi
+
 note "ready: $(/usr/local/bin/kvmscope version --short 2>/dev/null || echo 'kvmscope installed')"

@@ -62,6 +62,23 @@ def _summary(snap: Snapshot, prev: Snapshot | None) -> str:
     return f"cycle {snap.seq}: " + " | ".join(parts)
 
 
+def shipping_summary(h: dict) -> str:
+    """One console line about shipping: what waits, what went, what failed."""
+    parts = []
+    if "queued" in h:
+        parts.append(f"queued {h['queued']}")
+    if "shipped" in h:
+        parts.append(f"shipped {h['shipped']}, retried {h['retried']}, failed {h['failed']}")
+    if "dropped" in h:
+        parts.append(f"dropped {h['dropped']}, spool {h['spool_bytes'] / 1024:.0f} KiB, oldest {h['oldest_age']:.0f}s")
+    if h.get("file_written") is not None:
+        parts.append(f"file {h['file_written']}")
+    state = ""
+    if "up" in h:
+        state = " es up" if h["up"] else f" es DOWN ({h['last_error'] or 'not reached yet'})"
+    return "shipping:" + state + " | " + ", ".join(parts)
+
+
 @app.command(
     epilog=examples(
         "kvmscope run",
@@ -121,6 +138,25 @@ def run(
         h, p = server.address[:2]
         msg(f"serving {server.scheme}://{'[' + h + ']' if ':' in h else h}:{p}/metrics")
 
+    from agent.sources import storage_log
+
+    storage_log.persist_positions = True  # the agent owns the log read positions
+    shipping = None
+    if cfg.elasticsearch.enabled or cfg.file_output.enabled:
+        from agent.exporters import render_shipping
+        from agent.shipping.shipper import Shipping
+
+        shipping = Shipping(cfg, on_notice=lambda t: msg(f"shipping: {t}")).start()
+        agent.on_snapshot.insert(0, shipping.consume)  # only appends to the local spool/file
+        render_shipping.set_provider(shipping.health)
+        if cfg.elasticsearch.enabled:
+            from agent.shipping.shipper import redact_url
+
+            msg(f"shipping to elasticsearch {', '.join(redact_url(h) for h in cfg.elasticsearch.hosts)} "
+                f"(namespace {cfg.elasticsearch.namespace}) via spool {cfg.elasticsearch.spool_dir}")
+        if cfg.file_output.enabled:
+            msg(f"writing documents to {cfg.file_output.path}")
+
     stop = threading.Event()
 
     def _stop(signum, _frame):
@@ -136,12 +172,16 @@ def run(
             for line in _health_changes(snap, prev[0]):
                 msg(line)
             msg(_summary(snap, prev[0]))
+            if shipping is not None:
+                msg(shipping_summary(shipping.health()))
             prev[0] = snap
 
         agent.on_snapshot.append(_print)
     try:
         agent.run(stop)
     finally:
+        if shipping is not None:
+            shipping.stop()  # bounded by elasticsearch.stop_timeout; the rest stays in the spool
         if server:
             server.stop()
         agent.close()

@@ -221,3 +221,42 @@ CAPPED_OBJECTS = define(
     "kvmscope_exporter_capped_objects", "gauge",
     "Objects (VMs, VM disks, storage connections/remotes) left out of the last scrape because their cap was reached.",
     ("kind",), "exporter")
+
+# -- shipping to Elasticsearch / JSON-lines files (agent/shipping) ---------
+SHIPPING_QUEUED = define(
+    "kvmscope_shipping_queued_documents", "gauge",
+    "Documents in the local spool not yet acknowledged by Elasticsearch (shipped or set aside).", (), "shipping spool")
+SHIPPING_SHIPPED = define(
+    "kvmscope_shipping_shipped_documents_total", "counter",
+    "Documents Elasticsearch holds after a bulk request (created, or already there from a replay: HTTP 409).", (),
+    "shipping bulk responses")
+SHIPPING_RETRIED = define(
+    "kvmscope_shipping_retried_documents_total", "counter",
+    "Document sends retried after a connection error, HTTP 429 or 5xx (whole request or single item).", (),
+    "shipping bulk responses")
+SHIPPING_FAILED = define(
+    "kvmscope_shipping_failed_documents_total", "counter",
+    "Documents Elasticsearch refused (e.g. mapping conflict), set aside in the spool's dead-letter.ndjson with the reason.",
+    (), "shipping bulk responses")
+SHIPPING_DROPPED = define(
+    "kvmscope_shipping_dropped_documents_total", "counter",
+    "Documents deleted unshipped because the spool reached elasticsearch.spool_max_bytes (oldest first).", (),
+    "shipping spool")
+SHIPPING_SPOOL_BYTES = define(
+    "kvmscope_shipping_spool_bytes", "gauge", "Bytes of spool segment files on disk.", (), "shipping spool")
+SHIPPING_OLDEST_AGE = define(
+    "kvmscope_shipping_oldest_queued_age_seconds", "gauge",
+    "Age of the oldest document not yet acknowledged (0 when the spool is drained).", (), "shipping spool")
+SHIPPING_UP = define(
+    "kvmscope_shipping_up", "gauge", "1 if the last request to Elasticsearch got an answer, 0 if it failed.", (),
+    "shipping bulk responses")
+SHIPPING_BULK_REQUESTS = define(
+    "kvmscope_shipping_bulk_requests_total", "counter", "Bulk requests sent to Elasticsearch.", (),
+    "shipping bulk responses")
+SHIPPING_BULK_ERRORS = define(
+    "kvmscope_shipping_bulk_errors_total", "counter",
+    "Bulk requests (or template installs) that failed as a whole: connection error, timeout, 429, 5xx, 401/403.", (),
+    "shipping bulk responses")
+SHIPPING_FILE_DOCS = define(
+    "kvmscope_shipping_file_documents_total", "counter",
+    "Documents written to the JSON-lines file output (file_output.path).", (), "shipping file output")

@@ -1,0 +1,56 @@
+"""ECS events for storage-path log lines: ``logs-kvmscope.storage_log``.
+
+Ids come from the line's file identity (device:inode:generation) and byte
+offset, not from the cycle, so a line read twice (after a crash before its
+read position was saved) is one event in Elasticsearch.
+"""
+
+from __future__ import annotations
+
+from agent.shipping.ecs import Doc, builder
+
+_CATEGORY = {
+    "io_error": (["host"], ["error"], "failure"),
+    "iscsi_failure": (["host"], ["error"], "failure"),
+    "check_condition": (["host"], ["info"], None),
+    "nop_timeout": (["network"], ["connection", "error"], "failure"),
+    "nop_out_failed": (["network"], ["connection", "error"], "failure"),
+    "conn_error": (["network"], ["connection", "error"], "failure"),
+    "ping_timeout": (["network"], ["connection", "error"], "failure"),
+    "recovery_timeout": (["network"], ["connection", "error"], "failure"),
+    "bind_failed": (["network"], ["connection", "error"], "failure"),
+    "recovered": (["network"], ["connection", "change"], "success"),
+}
+
+
+@builder("storage_log")
+def log_docs(data, prev, snap, prev_snap):
+    for e in data.events:
+        cat, typ, outcome = _CATEGORY.get(e.kind, (["host"], ["info"], None))
+        yield Doc(
+            "storage_log",
+            f"{e.file_id}@{e.offset}",
+            {
+                "event.category": cat,
+                "event.type": typ,
+                "event.outcome": outcome,
+                "event.action": e.kind.replace("_", "-"),
+                "event.original": e.message,
+                "message": e.message,
+                "log.file.path": e.path,
+                "log.offset": e.offset,
+                "log.logger": e.origin,
+                "process.name": {"qemu": "qemu-system-x86_64"}.get(e.origin, e.origin),
+                "kvmscope.log.kind": e.kind,
+                "kvmscope.log.file_id": e.file_id,
+                "kvmscope.vm.name": e.vm,
+                "kvmscope.iscsi.connection.cid": e.cid,
+                "kvmscope.iscsi.session.sid": e.sid,
+                "kvmscope.iscsi.error_code": e.error_code,
+                "kvmscope.iscsi.error_name": e.error_name,
+                "kvmscope.scsi.sense_key": e.sense_key,
+                "kvmscope.scsi.ascq": e.ascq,
+            },
+            timestamp=e.time,
+            id_time=False,
+        )

@@ -1,0 +1,63 @@
+"""ECS documents for storage TCP connections: one ``metrics-kvmscope.connection`` per socket per cycle.
+
+``source.*`` is the host end, ``destination.*`` the portal; ``process.*`` the
+owner (the qemu process for libiscsi, none for the kernel initiator);
+``kvmscope.tcp.*`` the kernel's tcp_info. ``kvmscope.tcp.retrans_delta`` is
+the growth of tcpi_total_retrans since the previous cycle (what the
+"retransmits on storage connections" search looks for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from agent.shipping.ecs import Doc, builder
+
+
+def vm_by_pid(snap) -> dict[int, str]:
+    out = {}
+    for src in ("libvirt", "qmp"):
+        d = snap.get(src) if snap is not None else None
+        if d is not None:
+            for vm in d.vms:
+                if vm.pid:
+                    out[vm.pid] = vm.name
+    return out
+
+
+def conn_key(c) -> tuple:
+    return (c.src, c.sport, c.dst, c.dport, c.inode)
+
+
+@builder("storage_tcp")
+def connection_docs(data, prev, snap, prev_snap):
+    before = {conn_key(c): c for c in prev.connections} if prev is not None else {}
+    vms = vm_by_pid(snap)
+    dt = snap.timestamp - prev_snap.timestamp if prev_snap is not None else None
+    for c in data.connections:
+        f = {
+            "event.category": ["network"],
+            "event.type": ["connection", "info"],
+            "source.ip": c.src,
+            "source.port": c.sport,
+            "destination.ip": c.dst,
+            "destination.port": c.dport,
+            "network.transport": "tcp",
+            "network.type": c.family,
+            "process.pid": c.pid,
+            "process.name": c.comm,
+            "kvmscope.vm.name": vms.get(c.pid) if c.pid else None,
+            "kvmscope.tcp.state": c.state,
+            "kvmscope.connection": c.four_tuple,
+            "kvmscope.portal": c.portal,
+        }
+        if c.info is not None:
+            for k, v in dataclasses.asdict(c.info).items():
+                if k not in ("state", "ca_state") and v is not None:
+                    f[f"kvmscope.tcp.{k}"] = v
+        p = before.get(conn_key(c))
+        if p is not None and p.info and c.info and p.info.total_retrans is not None and c.info.total_retrans is not None:
+            f["kvmscope.tcp.retrans_delta"] = max(0, c.info.total_retrans - p.info.total_retrans)
+            if dt:
+                f["kvmscope.interval_seconds"] = round(dt, 3)
+        yield Doc("connection", f"{c.four_tuple}#{c.inode}", f)

@@ -1,0 +1,182 @@
+"""Snapshots → ECS documents, through a registry of per-source builders.
+
+A builder turns one source's records into documents; it lives in
+``agent/shipping/docs_<source>.py`` and registers with
+``@builder("<source>")`` (auto-discovered, like the Prometheus renderers).
+It receives the source's records of this cycle and of the previous one (for
+rates and state changes) and yields :class:`Doc` values: dataset, subject
+(what the document is about: ``vm/disk``, a session id, a 4-tuple) and the
+fields specific to it. This module adds the common ECS fields
+(``@timestamp``, ``host.*``, ``agent.*``, ``data_stream.*``, ``event.*``
+defaults) and the deterministic ``_id``.
+
+``@snapshot_builder`` functions see the whole snapshot (joins across
+sources, e.g. VM disks with their storage paths).
+
+Document ids: ``blake2b(dataset | host | time | subject)``, so a replay of
+the same cycle (after a crash between shipping and acknowledging) produces
+the same ids and Elasticsearch keeps one copy (``op_type: create`` answers
+409 for the second). Log lines use their file identity and offset instead of
+the cycle's time, so re-reading a line never makes a second event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import pkgutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+from agent import __version__
+from agent.model import Snapshot
+from agent.shipping.fields import DATASETS, ECS_VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Doc:
+    dataset: str
+    subject: str
+    fields: dict[str, Any] = field(default_factory=dict)  # dotted names allowed
+    timestamp: float | None = None  # default: the snapshot's
+    id_time: bool = True  # include the time in the id (False for log lines: subject is unique)
+
+
+Builder = Callable[[Any, Any, Snapshot, "Snapshot | None"], Iterable[Doc]]
+BUILDERS: dict[str, Builder] = {}
+SNAPSHOT_BUILDERS: list[Callable[[Snapshot, "Snapshot | None"], Iterable[Doc]]] = []
+_loaded = False
+
+
+def builder(source: str):
+    """Register ``fn(records, prev_records, snap, prev_snap)`` for a source's records."""
+
+    def deco(fn):
+        BUILDERS[source] = fn
+        return fn
+
+    return deco
+
+
+def snapshot_builder(fn):
+    SNAPSHOT_BUILDERS.append(fn)
+    return fn
+
+
+def load_builders() -> None:
+    global _loaded
+    if _loaded:
+        return
+    import agent.shipping as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("docs_"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    _loaded = True
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def doc_id(dataset: str, host: str, ts: float | None, subject: str) -> str:
+    t = f"{ts:.3f}" if ts is not None else "-"
+    return hashlib.blake2b(f"{dataset}|{host}|{t}|{subject}".encode(), digest_size=16).hexdigest()
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """Dotted keys → nested objects; None values are left out."""
+    out: dict = {}
+    for k, v in flat.items():
+        if v is None:
+            continue
+        if k.startswith("@"):
+            out[k] = v
+            continue
+        node = out
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def finish(d: Doc, host: str, namespace: str, snap_ts: float) -> tuple[str, str, dict]:
+    """(id, data stream, document) for a builder's Doc."""
+    ds = DATASETS[d.dataset]
+    ts = d.timestamp if d.timestamp is not None else snap_ts
+    flat = {
+        "@timestamp": iso(ts),
+        "ecs.version": ECS_VERSION,
+        "agent.name": "kvmscope",
+        "agent.type": "kvmscope",
+        "agent.version": __version__,
+        "host.name": host,
+        "host.hostname": host,
+        "data_stream.type": ds.type,
+        "data_stream.dataset": f"kvmscope.{ds.name}",
+        "data_stream.namespace": namespace,
+        "event.module": "kvmscope",
+        "event.dataset": f"kvmscope.{ds.name}",
+        "event.kind": "metric" if ds.type == "metrics" else "event",
+    }
+    flat.update(d.fields)
+    _id = doc_id(d.dataset, host, ts if d.id_time else None, d.subject)
+    flat["event.id"] = _id  # the same id in the file output, for Filebeat's document_id
+    return _id, ds.stream(namespace), nest(flat)
+
+
+def documents(snap: Snapshot, prev: Snapshot | None, namespace: str) -> list[tuple[str, str, dict]]:
+    """Every document of one cycle. A broken builder is logged and skipped, never fatal."""
+    load_builders()
+    out: list[tuple[str, str, dict]] = []
+    for source, data in snap.data.items():
+        fn = BUILDERS.get(source)
+        if fn is None:
+            continue
+        pdata = prev.data.get(source) if prev is not None else None
+        try:
+            out.extend(finish(d, snap.host, namespace, snap.timestamp) for d in fn(data, pdata, snap, prev))
+        except Exception:
+            log.exception("building documents for %s failed", source)
+    for fn in SNAPSHOT_BUILDERS:
+        try:
+            out.extend(finish(d, snap.host, namespace, snap.timestamp) for d in fn(snap, prev))
+        except Exception:
+            log.exception("building documents in %s failed", fn.__name__)
+    return out
+
+
+def finding_doc(finding: dict, host: str, namespace: str, ts: float) -> tuple[str, str, dict]:
+    """A diagnosis finding as a ``logs-kvmscope.findings`` event.
+
+    ``finding`` keys: rule, severity (info|warning|critical), summary,
+    evidence (text), and optionally vm, disk, portal, session, connection.
+    """
+    sev = {"info": 1, "warning": 3, "critical": 5}.get(str(finding.get("severity")), 2)
+    d = Doc(
+        "findings",
+        "|".join(str(finding.get(k, "")) for k in ("rule", "vm", "disk", "portal", "session", "connection")),
+        {
+            "event.kind": "alert",
+            "event.category": ["host"],
+            "event.type": ["info"],
+            "event.action": "diagnosis-finding",
+            "event.severity": sev,
+            "message": finding.get("summary"),
+            "kvmscope.finding.rule": finding.get("rule"),
+            "kvmscope.finding.severity": finding.get("severity"),
+            "kvmscope.finding.summary": finding.get("summary"),
+            "kvmscope.finding.evidence": finding.get("evidence"),
+            "kvmscope.vm.name": finding.get("vm"),
+            "kvmscope.disk.target": finding.get("disk"),
+            "kvmscope.portal": finding.get("portal"),
+            "kvmscope.iscsi.session.sid": finding.get("session"),
+            "kvmscope.connection": finding.get("connection"),
+        },
+    )
+    return finish(d, host, namespace, ts)

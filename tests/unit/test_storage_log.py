@@ -1,0 +1,287 @@
+"""storage_log: parsing the lines operators grep for, and reading them exactly once from
+files a real writer process appends to while real logrotate (copytruncate, as Debian's
+libvirtd.qemu) and a virtlogd-style rename rotate them, across agent restarts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agent.config import Config
+from agent.errors import NoData
+from agent.hostpaths import HostPaths
+from agent.sources import SourceContext
+from agent.sources.storage_log import StorageLogSource, classify, parse_kmsg, parse_line
+
+
+@pytest.fixture(autouse=True)
+def _agent_owns_positions(monkeypatch):
+    from agent.sources import storage_log
+
+    monkeypatch.setattr(storage_log, "persist_positions", True)  # as `kvmscope run` does
+
+
+@pytest.mark.parametrize(
+    "line,kind,extra",
+    [
+        ("2026-11-25T20:41:26.405123Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...", "nop_timeout", {}),
+        ("2026-11-25T20:41:27.000001Z qemu-system-x86_64: iSCSI: failed to sent NOP-Out. Disabling NOP messages.",
+         "nop_out_failed", {}),
+        ("2026-11-25T20:42:01.5Z qemu-system-x86_64: iSCSI CheckCondition: SENSE KEY:UNIT_ATTENTION(6) ASCQ:BUS_RESET(0x2900)",
+         "check_condition", {"sense_key": "UNIT_ATTENTION(6)", "ascq": "BUS_RESET(0x2900)"}),
+        ("Nov 25 20:00:01 kvm1 kernel: [ 1234.567890] connection2:0: detected conn error (1020)", "conn_error",
+         {"cid": "2:0", "sid": 2, "error_code": 1020, "error_name": "ISCSI_ERR_TCP_CONN_CLOSE"}),
+        ("Nov 25 20:00:01 kvm1 kernel: connection10:0: ping timeout of 15 secs expired, recv timeout 5, last rx 4297, "
+         "last ping 4298, now 4302", "ping_timeout", {"cid": "10:0", "sid": 10}),
+        ("Nov 25 20:00:02 kvm1 iscsid[812]: Kernel reported iSCSI connection 2:0 error (1020 - ISCSI_ERR_TCP_CONN_CLOSE: "
+         "TCP connection closed) state (3)", "conn_error", {"cid": "2:0", "error_code": 1020}),
+        ("Nov 25 20:00:12 kvm1 iscsid[812]: connection2:0 is operational after recovery (1 attempts)", "recovered",
+         {"cid": "2:0"}),
+        ("2026-11-25T20:00:13.000000+00:00 kvm1 iscsid[812]: can't bind conn 3:0 to session 3, retcode -107 (115)",
+         "bind_failed", {"sid": 3}),
+        ("Nov 25 20:03:00 kvm1 kernel: session3: session recovery timed out after 120 secs", "recovery_timeout", {"sid": 3}),
+        ("Nov 25 20:03:00 kvm1 kernel: I/O error, dev sdb, sector 2048 op 0x1:(WRITE) flags 0x800 phys_seg 1 prio class 2",
+         "io_error", {}),
+        ("Nov 25 20:03:00 kvm1 kernel: connection1:0: detected conn error (1011)", "conn_error",
+         {"error_name": "ISCSI_ERR_CONN_FAILED"}),
+    ],
+)
+def test_classify_real_lines(line, kind, extra):
+    ts, msg, _prog = parse_line(line, default_time=0.0, year=2026)
+    assert ts > 1.7e9
+    c = classify(msg)
+    assert c is not None and c["kind"] == kind
+    for k, v in extra.items():
+        assert c[k] == v
+
+
+def test_lines_of_no_interest_and_odd_input():
+    for line in ("2026-11-25T20:41:26.405123Z char device redirected to /dev/pts/1 (label charserial0)",
+                 "2026-11-25 20:41:25.000+0000: starting up libvirt version: 9.0.0", "", "\x00\xff garbage"):
+        assert classify(parse_line(line, default_time=1.0)[1]) is None
+    assert parse_line("no time here", default_time=5.0) == (5.0, "no time here", None)
+    assert parse_kmsg("3,1234,5678901,-;connection2:0: detected conn error (1020)\n SUBSYSTEM=iscsi") == (
+        1234, "connection2:0: detected conn error (1020)")
+    assert parse_kmsg("garbage") is None
+
+
+WRITER = textwrap.dedent(r'''
+    import sys, time, datetime, os
+    path = sys.argv[1]
+    f = open(path, "a", buffering=1)
+    kinds = ["iSCSI: NOP timeout. Reconnecting...", "iSCSI: failed to sent NOP-Out. Disabling NOP messages.",
+             "char device redirected to /dev/pts/3 (label charserial0)",
+             "iSCSI CheckCondition: SENSE KEY:UNIT_ATTENTION(6) ASCQ:BUS_RESET(0x2900)"]
+    n = 0
+    for cmd in sys.stdin:
+        cmd = cmd.split()
+        if cmd[0] == "write":
+            for _ in range(int(cmd[1])):
+                ts = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                f.write(f"{ts} qemu-system-x86_64: {kinds[n % 4]}\n")  # QEMU -msg timestamp=on format
+                n += 1
+                time.sleep(0.0005)
+        elif cmd[0] == "partial":
+            f.write("2026-11-25T20:41:26.000000Z qemu-system-x86_64: iSCSI: NOP tim")
+            f.flush()
+        elif cmd[0] == "reopen":  # what virtlogd does after renaming the file away
+            f.close()
+            f = open(path, "a", buffering=1)
+        print("ok", n, flush=True)
+''')
+
+
+class Writer:
+    def __init__(self, path):
+        self.p = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+
+    def do(self, cmd):
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return int(self.p.stdout.readline().split()[1])
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(10)
+
+
+def _source(tmp_path, start_at_end=True):
+    cfg = Config()
+    cfg.storage_log.qemu_logs = [str(tmp_path / "qemu" / "*.log")]
+    cfg.storage_log.kernel_logs = []
+    cfg.storage_log.state_dir = str(tmp_path / "state")
+    cfg.storage_log.start_at_end = start_at_end
+    return StorageLogSource(SourceContext(cfg, HostPaths()))
+
+
+def _storage_lines(tmp_path):
+    """Every storage line the writer wrote, by its (unique) timestamp, from all files."""
+    out = []
+    for p in sorted((tmp_path / "qemu").iterdir()):
+        for line in p.read_text().splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue  # the writer's unfinished line
+            ts, msg, _ = parse_line(line, default_time=0)
+            if classify(msg):
+                out.append(ts)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate not installed (deploy/setup.sh installs it)")
+def test_real_writer_rotations_and_restarts_lose_and_repeat_nothing(tmp_path):
+    (tmp_path / "qemu").mkdir()
+    log = tmp_path / "qemu" / "web01.log"
+    w = Writer(log)
+    got = []
+    try:
+        w.do("write 8")  # history before the agent ever ran: skipped (start_at_end)
+        src = _source(tmp_path)
+        got += src.collect().events
+        assert got == []
+        w.do("write 40")
+        got += src.collect().events
+        w.do("write 40")  # not read yet when logrotate copies and truncates
+        conf = tmp_path / "lr.conf"
+        conf.write_text(f"{tmp_path}/qemu/*.log {{\n size 1\n rotate 4\n compress\n delaycompress\n copytruncate\n missingok\n}}\n")
+        subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "lr.state"), str(conf)], check=True)
+        assert (tmp_path / "qemu" / "web01.log.1").exists()
+        w.do("write 40")
+        got += src.collect().events
+        # graceful restart
+        src.close()
+        w.do("write 20")
+        src = _source(tmp_path)
+        got += src.collect().events
+        # virtlogd-style: rename away, the writer keeps writing to the old inode, then reopens
+        w.do("write 12")
+        (tmp_path / "qemu" / "web01.log").rename(tmp_path / "qemu" / "web01.log.0")
+        w.do("write 12")
+        w.do("reopen")
+        w.do("write 12")
+        w.do("partial")  # a line without its newline yet: not consumed
+        got += src.collect().events
+        src.close()
+    finally:
+        w.close()
+    times = [e.time for e in got]
+    assert len(times) == len(set(times)), "a line was read twice"
+    written = _storage_lines(tmp_path)
+    # the 8 lines from before the first start are the only ones not read (6 of them storage lines)
+    assert sorted(times) == sorted(written)[6:]
+    assert all(e.vm == "web01" and e.origin == "qemu" for e in got)
+    assert {e.kind for e in got} == {"nop_timeout", "nop_out_failed", "check_condition"}
+    assert not any("NOP tim" == e.message[-7:] for e in got)
+
+
+def test_crash_before_positions_are_saved_rereads_with_the_same_ids(tmp_path):
+    from agent.shipping.docs_storage_log import log_docs
+
+    (tmp_path / "qemu").mkdir()
+    log = tmp_path / "qemu" / "vm2.log"
+    w = Writer(log)
+    try:
+        src = _source(tmp_path, start_at_end=False)
+        w.do("write 10")
+        first = src.collect().events
+        src.collect()  # saves the first cycle's positions
+        w.do("write 10")
+        second = src.collect().events  # these positions are never saved: kill -9 now
+        src2 = _source(tmp_path, start_at_end=False)
+        again = src2.collect().events
+    finally:
+        w.close()
+    assert len(first) + len(second) == len(_storage_lines(tmp_path))
+    assert [(e.file_id, e.offset) for e in again] == [(e.file_id, e.offset) for e in second]
+    ids = lambda evs: [d.subject for d in log_docs(type("D", (), {"events": evs}), None, None, None)]  # noqa: E731
+    assert ids(again) == ids(second)  # same document ids: Elasticsearch keeps one copy
+
+
+def test_truncation_and_inode_reuse_start_a_new_generation(tmp_path):
+    (tmp_path / "qemu").mkdir()
+    log = tmp_path / "qemu" / "vm3.log"
+    log.write_text("2026-11-25T20:41:26.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
+    src = _source(tmp_path, start_at_end=False)
+    a = src.collect().events
+    log.write_text("2026-11-25T20:41:27.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")  # same size
+    b = src.collect().events
+    assert len(a) == len(b) == 1 and a[0].file_id != b[0].file_id and a[0].offset == b[0].offset == 0
+
+
+def test_no_logs_is_no_data(tmp_path):
+    with pytest.raises(NoData):
+        _source(tmp_path).collect()
+
+
+def test_positions_file_is_json_and_survives_garbage(tmp_path):
+    (tmp_path / "qemu").mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "positions.json").write_text("{not json")
+    (tmp_path / "qemu" / "x.log").write_text("")
+    src = _source(tmp_path)
+    src.collect()
+    src.close()
+    assert "files" in json.loads((tmp_path / "state" / "positions.json").read_text())
+
+
+def test_a_log_that_appears_after_the_first_cycle_is_read_from_its_start(tmp_path):
+    (tmp_path / "qemu").mkdir()
+    src = _source(tmp_path)  # start_at_end: only for files present at the very first cycle
+    with pytest.raises(NoData):
+        src.collect()
+    (tmp_path / "qemu" / "new.log").write_text(
+        "2026-11-25T20:41:26.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
+    assert len(src.collect().events) == 1
+    src.close()
+    # also after a restart: the state says this is not the first start any more
+    (tmp_path / "qemu" / "newer.log").write_text(
+        "2026-11-25T20:41:27.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
+    assert [e.vm for e in _source(tmp_path).collect().events] == ["newer"]
+
+
+@pytest.mark.skipif(not __import__("os").access("/dev/kmsg", __import__("os").W_OK),
+                    reason="/dev/kmsg not writable (needs root)")
+def test_kernel_messages_from_dev_kmsg_once_each(tmp_path):
+    import uuid
+
+    (tmp_path / "qemu").mkdir()
+
+    def src():
+        s = _source(tmp_path)
+        s.cfg.kmsg = True
+        return s
+
+    s = src()
+    assert [e for e in s.collect().events if e.path == "/dev/kmsg"] == []  # history at the first start: skipped
+    tag = uuid.uuid4().hex[:8]
+    with open("/dev/kmsg", "w") as k:  # a real kernel ring buffer record
+        k.write(f"kvmscope-test-{tag}: connection77:0: detected conn error (1020)\n")
+    got = [e for e in s.collect().events if tag in e.message]
+    assert len(got) == 1 and got[0].kind == "conn_error" and got[0].cid == "77:0" and got[0].origin == "kernel"
+    assert not [e for e in s.collect().events if tag in e.message]
+    s.close()
+    assert not [e for e in src().collect().events if tag in e.message]  # not again after a restart
+
+
+def test_cli_processes_never_move_the_agents_positions(tmp_path, monkeypatch):
+    from agent.sources import storage_log
+
+    (tmp_path / "qemu").mkdir()
+    log = tmp_path / "qemu" / "vm9.log"
+    agent = _source(tmp_path, start_at_end=False)
+    log.write_text("")
+    agent.collect()
+    agent.close()
+    log.write_text("2026-11-25T20:41:26.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
+    monkeypatch.setattr(storage_log, "persist_positions", False)  # e.g. `kvmscope paths` collecting in-process
+    cli = _source(tmp_path, start_at_end=False)
+    assert len(cli.collect().events) == 1
+    cli.collect()
+    cli.close()
+    monkeypatch.setattr(storage_log, "persist_positions", True)
+    assert len(_source(tmp_path, start_at_end=False).collect().events) == 1  # the agent still gets the line

@@ -72,6 +72,7 @@ def parse_domain_disks(xml: str) -> list[VmDisk]:
                 cache=drv.get("cache") if drv is not None else None,
                 io=drv.get("io") if drv is not None else None,
                 error_policy=drv.get("error_policy") if drv is not None else None,
+                rerror_policy=drv.get("rerror_policy") if drv is not None else None,
                 host_devno=host_devno(kind, source),
             )
         )

@@ -147,6 +147,10 @@ class DiagSocket:
     inode: int
     uid: int
     info: TcpInfo | None
+    # idiag_timer: 0 none, 1 retransmit, 2 keepalive, 3 TIME_WAIT, 4 zero-window probe
+    # (net/ipv4/tcp_diag.c / inet_diag.c); idiag_expires: ms until it fires
+    timer: int | None = None
+    timer_expires_ms: int | None = None
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -181,10 +185,10 @@ def parse_messages(data: bytes) -> tuple[list[DiagSocket], bool]:
             continue
         if mtype != SOCK_DIAG_BY_FAMILY or len(body) < 72:
             continue
-        family, state, _timer, _retrans = struct.unpack_from("=BBBB", body, 0)
+        family, state, timer, _retrans = struct.unpack_from("=BBBB", body, 0)
         sport, dport = struct.unpack_from("!HH", body, 4)
         src, dst = body[8:24], body[24:40]
-        _exp, _rq, _wq, uid, inode = struct.unpack_from("=IIIII", body, 52)
+        expires, _rq, _wq, uid, inode = struct.unpack_from("=IIIII", body, 52)
         info = None
         a = 72
         while a + 4 <= len(body):
@@ -205,6 +209,8 @@ def parse_messages(data: bytes) -> tuple[list[DiagSocket], bool]:
                 inode=inode,
                 uid=uid,
                 info=info,
+                timer=timer,
+                timer_expires_ms=expires,
             )
         )
     return out, False

@@ -21,12 +21,17 @@ class EtcFile:
 
 
 def read_file(paths: HostPaths, p: Path) -> EtcFile:
+    """Read p; the record names it as the host sees it (/etc/...), wherever paths.etc points."""
     try:
-        return EtcFile(p, paths.read_text(p))
+        shown = Path("/etc") / p.relative_to(paths.etcdir)
+    except ValueError:
+        shown = p
+    try:
+        return EtcFile(shown, paths.read_text(p))
     except FileNotFoundError:
-        return EtcFile(p, None)
+        return EtcFile(shown, None)
     except OSError as e:
-        return EtcFile(p, None, f"cannot read {p}: {e.strerror or e}")
+        return EtcFile(shown, None, f"cannot read {shown}: {e.strerror or e}")
 
 
 @dataclass

@@ -210,6 +210,8 @@ class DiagnoseConfig(_Section):
     saturation_factor: float = Field(
         3.0, gt=1, description="a disk doing this many times the median ops of its path's other disks saturates it"
     )
+    live: bool = Field(True, description="run the rules inside `kvmscope run` every cycle (metrics, shipped findings)")
+    window_seconds: float = Field(60.0, ge=1, le=86400, description="history the agent's live diagnosis looks at")
 
 
 class LogConfig(_Section):

@@ -157,6 +157,21 @@ def run(
         if cfg.file_output.enabled:
             msg(f"writing documents to {cfg.file_output.path}")
 
+    live = None
+    if cfg.diagnose.live:
+        from agent.diagnose.live import LiveDiagnosis, ship_dict
+        from agent.exporters import render_diagnosis
+
+        def _new_finding(f, snap):
+            if not quiet:
+                msg(f"finding: {f.severity.upper()} {f.title}")
+            if shipping is not None:
+                shipping.submit_finding(ship_dict(f), snap.host, snap.timestamp)
+
+        live = LiveDiagnosis(agent.history, cfg.diagnose, on_new=_new_finding)
+        agent.on_snapshot.append(live.consume)
+        render_diagnosis.set_provider(lambda: live.current)
+
     stop = threading.Event()
 
     def _stop(signum, _frame):

@@ -1,0 +1,91 @@
+"""Diagnosis inside the running agent: the rules over its recent history, every cycle.
+
+The findings of the last cycle are exported on /metrics
+(``kvmscope_diagnosis_findings``) and, when shipping is configured, each
+finding is shipped once when it appears or its severity changes (the ES
+``logs-kvmscope.findings`` data stream), so Kibana and alerting see the
+same verdicts as ``kvmscope diagnose``.
+
+Cost: one window build and six rules over ``diagnose.window_seconds`` of
+snapshots per cycle (a few ms for tens of VMs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Callable
+
+from agent.config import DiagnoseConfig
+from agent.diagnose.rules import Finding, run_rules
+from agent.diagnose.window import build_window
+from agent.model import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+def finding_key(f: Finding) -> tuple:
+    return (f.rule, f.subject.get("kind"), str(f.subject.get("id")), f.title.split(":")[0])
+
+
+def ship_dict(f: Finding) -> dict:
+    """A finding in the shape the ES shipper takes (agent.shipping.ecs.finding_doc)."""
+    d = {
+        "rule": f.rule,
+        "severity": f.severity,
+        "summary": f.title,
+        "evidence": json.dumps(f.evidence, sort_keys=True, default=str),
+    }
+    kind, ident = f.subject.get("kind"), str(f.subject.get("id"))
+    if kind == "disk" and "/" in ident:
+        d["vm"], d["disk"] = ident.rsplit("/", 1)
+    elif kind == "vm":
+        d["vm"] = ident
+    elif kind == "portal":
+        d["portal"] = ident
+    elif kind == "session":
+        d["session"] = ident
+    if "portal" in f.evidence and isinstance(f.evidence["portal"], str):
+        d.setdefault("portal", f.evidence["portal"])
+    if "connection" in f.evidence and isinstance(f.evidence["connection"], str):
+        d["connection"] = f.evidence["connection"]
+    return d
+
+
+class LiveDiagnosis:
+    def __init__(self, history: Callable[[], list[Snapshot]], cfg: DiagnoseConfig,
+                 on_new: Callable[[Finding, Snapshot], None] | None = None):
+        self.history = history
+        self.cfg = cfg
+        self.on_new = on_new
+        self._lock = threading.Lock()
+        self._current: list[Finding] = []
+        self._seen: dict[tuple, str] = {}
+
+    @property
+    def current(self) -> list[Finding]:
+        with self._lock:
+            return list(self._current)
+
+    def consume(self, snap: Snapshot) -> None:
+        snaps = [s for s in self.history() if s.timestamp >= snap.timestamp - self.cfg.window_seconds]
+        if len(snaps) < 2:
+            return
+        try:
+            findings = run_rules(build_window(snaps), self.cfg)
+        except Exception:  # a rule bug must not stop the agent
+            log.exception("live diagnosis failed")
+            return
+        seen = {}
+        for f in findings:
+            k = finding_key(f)
+            seen[k] = f.severity
+            if self._seen.get(k) != f.severity and self.on_new is not None:
+                try:
+                    self.on_new(f, snap)
+                except Exception:
+                    log.exception("shipping a finding failed")
+        with self._lock:
+            self._current = findings
+            self._seen = seen

@@ -183,3 +183,25 @@ def test_example_file_is_valid_and_equals_defaults():
 
     cfg, _ = config.load(ROOT / "deploy" / "config.example.yaml", environ={})
     assert config.masked_dict(cfg) == config.masked_dict(config.Config())
+
+
+def test_example_file_documents_every_key():
+    import yaml
+    from pydantic import BaseModel
+
+    from tests.conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "deploy" / "config.example.yaml").read_text())
+
+    def walk(model, data, where):
+        missing = []
+        for name, field in model.model_fields.items():
+            if name not in data:
+                missing.append(f"{where}{name}")
+                continue
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                missing += walk(ann, data[name] or {}, f"{where}{name}.")
+        return missing
+
+    assert walk(config.Config, raw, "") == []

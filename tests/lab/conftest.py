@@ -83,6 +83,13 @@ class Lab:
 
     # -- measurements --------------------------------------------------------
     def connect(self):
+        if self.conn is not None:
+            try:
+                alive = self.conn.isAlive()
+            except self.libvirt.libvirtError:
+                alive = False
+            if not alive:  # libvirtd restarted (tests/lab/test_libvirt_faults.py does that)
+                self.close()
         if self.conn is None:
             self.conn = self.libvirt.open(URI)
         return self.conn

@@ -74,8 +74,24 @@ def _all_vms(snap: Snapshot) -> list[Vm]:
     return vms
 
 
+# the last snapshot build_paths(snap) joined, and its paths: the exporter, the
+# shipper and the doctor each ask for the same snapshot's paths (Snapshots are immutable)
+_last: tuple = (None, ())
+
+
 def build_paths(snap: Snapshot, if_addrs: dict[str, str] | None = None) -> list[StoragePath]:
     """if_addrs: host address -> interface name; default: from the snapshot's net_ifaces."""
+    global _last
+    if if_addrs is not None:
+        return _build_paths(snap, if_addrs)
+    last, paths = _last
+    if last is not snap:
+        paths = tuple(_build_paths(snap, None))
+        _last = (snap, paths)
+    return list(paths)
+
+
+def _build_paths(snap: Snapshot, if_addrs: dict[str, str] | None) -> list[StoragePath]:
     if if_addrs is None:
         ni = snap.get("net_ifaces")
         if_addrs = ni.address_map() if ni is not None else {}
@@ -86,12 +102,15 @@ def build_paths(snap: Snapshot, if_addrs: dict[str, str] | None = None) -> list[
     blockdevs = snap.get("block_devices")
     have_tcp = "storage_tcp" in snap.data or (snap.health.get("storage_tcp") and snap.health["storage_tcp"].status.value == "nodata")
 
+    by_pid: dict = {}  # each VM's connections, in order: the libiscsi join only looks at its own qemu's
+    for c in conns:
+        by_pid.setdefault(c.pid, []).append(c)
     out: list[StoragePath] = []
     for vm in _all_vms(snap):
         for disk in vm.disks:
             base = dict(vm=vm.name, disk=disk.target, vm_uuid=vm.uuid, pid=vm.pid)
             if disk.backend == "libiscsi":
-                out.extend(_libiscsi_paths(base, vm, disk, conns, have_tcp, if_addrs))
+                out.extend(_libiscsi_paths(base, vm, disk, by_pid.get(vm.pid, ()), have_tcp, if_addrs))
             elif disk.backend == "host":
                 out.extend(_host_paths(base, disk, blockdevs, sessions, conns, if_addrs))
             else:

@@ -202,7 +202,7 @@ PATH_INFO = define("kvmscope_storage_path_info", "gauge",
                    "join of libvirt/QMP, inet_diag, sysfs")
 
 
-@snapshot_renderer
+@snapshot_renderer(per_snapshot=True)
 def render_storage_connections(snap: Snapshot) -> Iterable:
     conns = snap.get("storage_tcp")
     paths = build_paths(snap)

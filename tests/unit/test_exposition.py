@@ -1,0 +1,204 @@
+"""The exporter's own text writer and its per-snapshot cache (agent/exporters/prometheus.py).
+
+The writer must produce prometheus_client's generate_latest bytes exactly
+(text format 0.0.4: escaping, number formatting, suffixed families), and a
+cached scrape must be byte-identical to rendering the whole scrape again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+    SummaryMetricFamily,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.utils import floatToGoString
+
+from agent.exporters import prometheus as P
+from agent.exporters.prometheus import Limits, SnapshotCollector, go_float, make_registry, write_exposition
+from agent.model import Snapshot
+from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
+from benchmarks.exporter import synthetic_snapshot
+from tests.unit.test_prometheus import fixture_snapshot
+
+
+class _Families:
+    def __init__(self, fams):
+        self.fams = fams
+
+    def collect(self):
+        return self.fams
+
+
+def _reference(fams) -> bytes:
+    return generate_latest(_Families(fams))
+
+
+ODD = ['plain', '', 'q"uo"te', 'back\\slash', 'new\nline', 'ü ñ 漢字', '100%s %d %%', '{a="b"}', '\\"\n\\n', ' ', 'x' * 300]
+NUMBERS = [0, 1, -1, 0.0, -0.0, 1.5, 0.1, 1 / 3, 999999.0, 1e6, 1234567.0, 123456789012.0, 9.999999e15, 1e16,
+           1.5e22, -1234567.0, 5e-324, 1e-7, float("inf"), float("-inf"), float("nan"), True, 2**53 + 1, 10**20,
+           "42", "1e3"]
+
+
+def test_go_float_is_prometheus_clients():
+    for v in NUMBERS:
+        assert go_float(v) == floatToGoString(v), v
+
+
+def _odd_families():
+    fams = []
+    g = GaugeMetricFamily("t_gauge", 'help with \\ backslash and\nnewline and "quotes"', labels=["b", "a", "c"])
+    for i, v in enumerate(ODD):
+        g.add_metric([v, ODD[-1 - i], str(i)], NUMBERS[i % len(NUMBERS)])
+    fams.append(g)
+    u = GaugeMetricFamily("t_uniform", "numbers", labels=["n"])
+    for i, v in enumerate(NUMBERS):
+        u.add_metric([str(i)], v)
+    fams.append(u)
+    fams.append(GaugeMetricFamily("t_nolabels", "no labels", value=7))
+    fams.append(GaugeMetricFamily("t_empty", "no samples", labels=["x"]))
+    c = CounterMetricFamily("t_counter", "with created", labels=["k"], created=1700000000.5)
+    c.add_metric(["b"], 3, created=1700000001)
+    c.add_metric(["a"], 2.5, timestamp=1700000002.25)
+    fams.append(c)
+    h = HistogramMetricFamily("t_hist", "histogram", labels=["dev"])
+    h.add_metric(["sda"], [("0.001", 1), ("0.01", 4), ("+Inf", 9)], 0.5)
+    h.add_metric(["sd\"b"], [("0.001", 0), ("+Inf", 2)], 1e7)
+    fams.append(h)
+    gh = GaugeHistogramMetricFamily("t_ghist", "gauge histogram", labels=["x"])
+    gh.add_metric(["1"], [("1", 1), ("+Inf", 3)], gsum_value=12)
+    fams.append(gh)
+    s = SummaryMetricFamily("t_summary", "summary", labels=["x"])
+    s.add_metric(["1"], 4, 2.5)
+    fams.append(s)
+    i = InfoMetricFamily("t_build", "info", labels=["v"])
+    i.add_metric(["x"], {"commit": 'ab"c'})
+    fams.append(i)
+    st = StateSetMetricFamily("t_state", "stateset", labels=["x"])
+    st.add_metric(["1"], {"up": True, "down": False})
+    fams.append(st)
+    m = Metric("t_unknown", "untyped", "unknown")
+    m.add_sample("t_unknown", {"z": "1", "a": "2"}, 1)
+    m.add_sample("t_unknown", {"a": "3"}, 2)  # label names differ from sample to sample
+    m.add_sample("t_unknown", {"b": "4"}, 3)  # same count, other name
+    fams.append(m)
+    weird = Metric("t.utf8-name", "utf-8 names are escaped to underscores", "gauge")
+    weird.add_sample("t.utf8-name", {"label.with-dash": "v", "ok": "w"}, 1)
+    fams.append(weird)
+    return fams
+
+
+def test_writer_matches_generate_latest_on_odd_families():
+    assert write_exposition(_odd_families()) == _reference(_odd_families())
+
+
+def test_writer_matches_generate_latest_on_golden_fixture(fixture_host):
+    snap = fixture_snapshot(fixture_host)
+    fams = SnapshotCollector(lambda: snap, clock=lambda: 1_764_000_003.5).collect()
+    assert write_exposition(fams) == _reference(fams)
+
+
+def test_writer_matches_generate_latest_on_the_benchmark_host():
+    snap = synthetic_snapshot(40, 4, 80)
+    fams = SnapshotCollector(lambda: snap).collect()
+    body = write_exposition(fams)
+    assert body == _reference(fams)
+    assert body.count(b"\n") > 2000
+
+
+def _scrape_pair(snap, clock, limits=None, renders=2):
+    """(cached exposition, full render through generate_latest) for ``renders`` scrapes, each on its own collector."""
+    cached = SnapshotCollector(lambda: snap, clock=clock, limits=limits)
+    full = SnapshotCollector(lambda: snap, clock=clock, limits=limits)
+    out = []
+    for _ in range(renders):
+        now = clock()
+        out.append((cached.exposition(), _reference(full._collect_all(snap, now))))
+    return out
+
+
+def test_cached_scrapes_equal_full_renders_under_caps_and_cuts():
+    snap = synthetic_snapshot(30, 4, 60)
+    odd = Vm('db "prod"\\x\n' + "y" * 300, None, "running", 1, (VmDisk("vda", "file", source="/x", stats=DiskStats(rd_reqs=1)),))
+    snap = dataclasses.replace(snap, data={**snap.data, "libvirt": Vms(snap.data["libvirt"].vms + (odd,))})
+    t = iter(range(1_764_000_000, 1_764_000_100))
+    for limits in (None, Limits(max_vms=10, max_disks=25, max_connections=15, max_label_length=40)):
+        for cached, full in _scrape_pair(snap, lambda: float(next(t)), limits, renders=3):
+            assert cached == full
+    # the dropped counter keeps counting at every scrape of the same snapshot
+    col = SnapshotCollector(lambda: snap, limits=Limits(max_vms=10))
+    first, third = col.exposition(), (col.exposition(), col.exposition())[1]
+    line = next(x for x in first.decode().splitlines() if x.startswith('kvmscope_exporter_series_dropped_total{kind="vm"}'))
+    n = float(line.rsplit(" ", 1)[1])
+    assert n > 0 and f'kvmscope_exporter_series_dropped_total{{kind="vm"}} {3 * n!r}' in third.decode()
+
+
+def test_a_snapshot_is_rendered_once_but_its_age_and_live_families_are_not(monkeypatch):
+    from agent.exporters import render_shipping
+
+    calls = []
+    real = P.RENDERERS["libvirt"]
+    monkeypatch.setitem(P.RENDERERS, "libvirt", lambda data: calls.append(1) or real(data))
+    shipped = {"shipped": 1}
+    monkeypatch.setattr(render_shipping, "_provider", lambda: dict(shipped))
+    vms = Vms((Vm("a", None, "running", 1, ()),))
+    snaps = [Snapshot(1, 100.0, "h", 0.0, data={"libvirt": vms}), Snapshot(2, 110.0, "h", 0.0, data={"libvirt": vms})]
+    now, current = [105.0], [snaps[0]]
+    col = SnapshotCollector(lambda: current[0], clock=lambda: now[0])
+    a = col.exposition().decode()
+    now[0], shipped["shipped"] = 107.5, 9
+    b = col.exposition().decode()
+    assert len(calls) == 1
+    assert "kvmscope_snapshot_age_seconds 5.0" in a and "kvmscope_snapshot_age_seconds 7.5" in b
+    assert "kvmscope_shipping_shipped_documents_total 1.0" in a and "kvmscope_shipping_shipped_documents_total 9.0" in b
+    current[0] = snaps[1]
+    c = col.exposition().decode()
+    assert len(calls) == 2 and "kvmscope_snapshot_timestamp_seconds 110.0" in c
+    assert generate_latest(make_registry(lambda: snaps[1], clock=lambda: 107.5)).decode() == c
+
+
+def test_a_live_family_that_names_vms_falls_back_to_a_full_render(monkeypatch):
+    """A live renderer adding to the caps or to a cached family's name: the scrape is rendered whole."""
+
+    def live(snap):
+        f = GaugeMetricFamily("kvmscope_vm_running", "dup", labels=["vm", "manager"])
+        f.add_metric(["zz-live", "libvirt"], 1)
+        g = GaugeMetricFamily("kvmscope_test_live", "live", labels=["vm"])
+        g.add_metric(["live-vm"], 2)
+        return [f, g]
+
+    live.per_snapshot = False
+    monkeypatch.setattr(P, "SNAPSHOT_RENDERERS", P.SNAPSHOT_RENDERERS + [live])
+    snap = synthetic_snapshot(6, 2, 8)
+    clock = iter(range(1000, 1100))
+    for cached, full in _scrape_pair(snap, lambda: float(next(clock)), Limits(max_vms=4), renders=2):
+        assert cached == full
+        assert b'vm="zz-live"' not in cached  # over the cap of 4 VMs, name order
+    for cached, full in _scrape_pair(snap, lambda: float(next(clock)), None, renders=1):
+        assert cached == full and b'kvmscope_vm_running{manager="libvirt",vm="zz-live"} 1.0' in cached
+
+
+@pytest.mark.parametrize("snap", [None, Snapshot(1, 1.0, "h", 0.0)])
+def test_empty_agent(snap):
+    col = SnapshotCollector(lambda: snap, clock=lambda: 5.0)
+    assert col.exposition() == generate_latest(make_registry(lambda: snap, clock=lambda: 5.0)) == col.exposition()
+
+
+def test_build_paths_memo_is_per_snapshot_object():
+    from agent.topology import _build_paths, build_paths
+
+    snap = synthetic_snapshot(5, 2, 5)
+    first = build_paths(snap)
+    assert first == _build_paths(snap, None) and build_paths(snap) == first and build_paths(snap) is not first
+    other = dataclasses.replace(snap, data={k: v for k, v in snap.data.items() if k != "storage_tcp"})
+    assert build_paths(other) == _build_paths(other, None) != first
+    assert build_paths(snap, {"10.0.0.10": "eth9"}) == _build_paths(snap, {"10.0.0.10": "eth9"})

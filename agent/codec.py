@@ -134,3 +134,17 @@ def load_recording(fp) -> list[Snapshot]:
         raise KvmscopeError("not a kvmscope recording (no kvmscope_recording: 1)")
     types_ = record_types()
     return [snapshot_from_json(s, types_) for s in doc["snapshots"]]
+
+
+def read_recording(path: str, minimum: int = 1) -> list[Snapshot]:
+    """Load a recording file; a clear KvmscopeError when it cannot be used."""
+    from agent.errors import KvmscopeError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            snaps = load_recording(f)
+    except OSError as e:
+        raise KvmscopeError(f"cannot read {path}: {e.strerror}") from None
+    if len(snaps) < minimum:
+        raise KvmscopeError(f"{path}: the recording needs at least {minimum} snapshot(s), it has {len(snaps)}")
+    return snaps

@@ -9,7 +9,7 @@ import typer
 
 from agent.cli import app, examples
 from agent.cli.common import attached_snapshots, load_config, msg
-from agent.codec import dump_recording, load_recording
+from agent.codec import dump_recording, read_recording
 from agent.diagnose.report import EXIT_OK, EXIT_PROBLEMS, diagnose as run_diagnose, dumps, report_json, report_text
 from agent.diagnose.rules import describe_rules
 from agent.engine import build_agent
@@ -79,13 +79,7 @@ def diagnose(
         return
     cfg, _ = load_config(ctx)
     if from_file:
-        try:
-            with open(from_file, encoding="utf-8") as f:
-                snaps = load_recording(f)
-        except OSError as e:
-            raise KvmscopeError(f"cannot read {from_file}: {e.strerror}") from None
-        if len(snaps) < 2:
-            raise KvmscopeError(f"{from_file}: a recording needs at least 2 snapshots, it has {len(snaps)}")
+        snaps = read_recording(from_file, minimum=2)
     else:
         seconds = _parse_duration(window)
         snaps = attached_snapshots(ctx, cfg, seconds=seconds)

@@ -8,7 +8,6 @@ import typer
 
 from agent.cli import app, examples
 from agent.cli.common import load_config, msg
-from agent.errors import KvmscopeError
 
 
 def build_input(cfg, from_file: str | None):
@@ -22,15 +21,9 @@ def build_input(cfg, from_file: str | None):
 
     paths = HostPaths.from_config(cfg.paths)
     if from_file:
-        from agent.codec import load_recording
+        from agent.codec import read_recording
 
-        try:
-            with open(from_file, encoding="utf-8") as f:
-                snaps = load_recording(f)
-        except OSError as e:
-            raise KvmscopeError(f"cannot read {from_file}: {e.strerror}") from None
-        if not snaps:
-            raise KvmscopeError(f"{from_file}: the recording holds no snapshot")
+        snaps = read_recording(from_file)
         return DoctorInput(cfg, paths, snaps[-1], socket_timers=None)
     snap = collect_now(cfg, SOURCES)[0]
     return DoctorInput(cfg, paths, snap, socket_timers=partial(sample_socket_timers, set(cfg.storage.ports)))

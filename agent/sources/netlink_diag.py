@@ -27,20 +27,9 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_INFO = 2
 
-TCP_STATES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-    12: "NEW_SYN_RECV",
-}
+# state numbers: include/net/tcp_states.h (one table for inet_diag and the probes)
+from agent.ebpf.decode import TCP_STATES  # noqa: E402
+
 # every state but LISTEN (we want connections, not listeners)
 ALL_BUT_LISTEN = sum(1 << s for s in TCP_STATES if s != 10)
 

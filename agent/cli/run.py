@@ -135,6 +135,7 @@ def run(
         from agent.exporters.prometheus import MetricsServer
 
         server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history).start()
+        agent.on_snapshot.append(server.prerender)  # the scrape after a cycle then costs ~1 ms
         h, p = server.address[:2]
         msg(f"serving {server.scheme}://{'[' + h + ']' if ':' in h else h}:{p}/metrics")
 

@@ -734,6 +734,7 @@ class MetricsServer:
                 "web": web,
             },
         )
+        self.collector = handler.collector
         server_cls = _Server
         if ":" in host:  # an IPv6 literal from [V6]:PORT
             import socket
@@ -762,6 +763,11 @@ class MetricsServer:
         host, port = split_listen(m.listen)
         web = load_web_config(m.web_config) if m.web_config else None
         return cls(host, port, latest, web=web, limits=Limits.from_config(m), history=history)
+
+    def prerender(self, _snap=None) -> None:
+        """Render the latest snapshot now (call when a cycle ends), so even the
+        first scrape after a cycle is served from the cached text."""
+        self.collector.exposition()
 
     def start(self) -> "MetricsServer":
         self._thread.start()

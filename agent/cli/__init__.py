@@ -21,6 +21,9 @@ def examples(*lines: str) -> str:
 
 EPILOG = examples(
     "kvmscope run                         # agent in the foreground, /metrics on 127.0.0.1:9847",
+    "kvmscope top                         # slowest VM disks now, with their paths (q quits)",
+    "kvmscope diagnose --window 2m        # which VMs hurt, where and why (exit 3 = problems)",
+    "kvmscope paths                       # VM disk -> LUN/session -> TCP connection -> portal",
     "kvmscope -c /etc/kvmscope/config.yaml run",
     "kvmscope config check ./config.yaml  # validate a file before deploying it",
     "kvmscope config show --json          # effective configuration, secrets masked",
@@ -65,9 +68,11 @@ def _register() -> None:
     import importlib
     import pkgutil
 
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if mod.name not in ("common",) and not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    # the order of `kvmscope --help`: the daily commands first, then the rest alphabetically
+    first = ["run", "top", "diagnose", "retrans", "inventory", "doctor", "probes", "record"]
+    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name != "common" and not m.name.startswith("_")]
+    for name in sorted(names, key=lambda n: (first.index(n) if n in first else len(first), n)):
+        importlib.import_module(f"{__name__}.{name}")
 
 
 _register()

@@ -112,10 +112,15 @@ class Lab:
     def block_stats(self):
         """{vm: {'state': int, dev: {'rd.reqs':..., ...}}} via bulk stats."""
         lv = self.libvirt
-        conn = self.connect()
         flags = getattr(lv, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT", 0)
-        res = conn.getAllDomainStats(lv.VIR_DOMAIN_STATS_BLOCK |
-                                     lv.VIR_DOMAIN_STATS_STATE, flags)
+        groups = lv.VIR_DOMAIN_STATS_BLOCK | lv.VIR_DOMAIN_STATS_STATE
+        try:
+            res = self.connect().getAllDomainStats(groups, flags)
+        except lv.libvirtError:
+            # the connection died with a libvirtd restart (isAlive() cannot tell
+            # before the first write): open a new one, once
+            self.close()
+            res = self.connect().getAllDomainStats(groups, flags)
         out = {}
         for dom, rec in res:
             if dom.name() not in self.vm_names:

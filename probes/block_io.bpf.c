@@ -13,28 +13,52 @@
  * submitter's context) or else at issue; completion runs in interrupt
  * context, so it is carried in the in-flight map.
  *
- * Maps:
- *   inflight  lru_hash  (dev, op, sector) -> insert/issue time, tgid, comm;
- *                       LRU: a request that never completes is evicted,
- *                       never leaked
- *   hist      hash      (dev, op, kind, log2 slot) -> count
- *   sums      hash      (dev, op, kind) -> count, sum_ns, bytes
- *   procs     lru_hash  (tgid, comm, dev, op) -> count, sum_ns, bytes
- *   totals    percpu    see TOT_*
+ * Maps (cost: insert/issue = array arithmetic only, no hash map, no lock;
+ * complete = the same + one per-CPU latency lookup + one per-CPU process
+ * lookup. Hash map updates cost ~250 ns each on the measured host, array
+ * access next to nothing; see docs/performance.md):
+ *   inflight  array of sets   a 4-way set-associative table of in-flight
+ *                             requests (dev, op, sector -> insert/issue
+ *                             time, tgid, comm): the set is a hash of the
+ *                             key, a request takes a free way, else evicts
+ *                             the way seen first (as an LRU would: a
+ *                             request that never completes is pushed out,
+ *                             never leaked). Completion frees the way by
+ *                             zeroing its times. No lock: a way is written
+ *                             by the issuing CPU before the request reaches
+ *                             the driver and read by the completing CPU
+ *                             after it comes back; two CPUs placing two
+ *                             requests into the same set at the same
+ *                             instant may pick the same free way, and the
+ *                             loser's completion counts as unmatched (lost)
+ *   lat       percpu_hash     (dev, op) -> log2 slots and sum_ns per kind,
+ *                             bytes (no atomics: per CPU; Python sums the
+ *                             CPUs; the count is the sum of the slots, so
+ *                             buckets and _count always agree). Allocated
+ *                             on first use (BPF_F_NO_PREALLOC): memory only
+ *                             for the (dev, op) pairs seen
+ *   procs     lru_percpu_hash (tgid, comm, dev, op) -> count, sum_ns, bytes
+ *   totals    percpu_array    see TOT_*
  *
  * kind: 0 = total (first seen -> complete), 1 = queue (insert -> issue,
  * only when insert was seen), 2 = device (issue -> complete).
  * Slot s holds latencies in [2^(s-1), 2^s) ns (bpf_log2l); SLOT_MAX + 1
  * holds everything at or above 2^SLOT_MAX ns.
  *
- * Defines: MAX_INFLIGHT, MAX_HIST_DEVS, MAX_PROCS, SLOT_MAX,
+ * Per-CPU values are updated without atomics: tracepoint programs never
+ * nest on one CPU (the kernel skips a nested run and counts it in the
+ * program's recursion misses, which the loader adds to the lost events).
+ *
+ * Defines: MAX_INFLIGHT (a power of two), MAX_HIST_DEVS, MAX_PROCS, SLOT_MAX,
  * HAVE_BLOCK_RQ_INSERT.
  */
 #include "common.h"
 
 #ifndef MAX_INFLIGHT
-#define MAX_INFLIGHT 16384
+#define MAX_INFLIGHT 16384 /* a power of two */
 #endif
+#define INFLIGHT_WAYS 4
+#define INFLIGHT_SETS (MAX_INFLIGHT / INFLIGHT_WAYS)
 #ifndef MAX_HIST_DEVS
 #define MAX_HIST_DEVS 256
 #endif
@@ -44,9 +68,10 @@
 #ifndef SLOT_MAX
 #define SLOT_MAX 36 /* 2^36 ns = 68.7 s */
 #endif
+#define NSLOTS (SLOT_MAX + 2)
 
 enum op { OP_READ = 0, OP_WRITE = 1, OP_FLUSH = 2, OP_DISCARD = 3, OP_OTHER = 4 };
-enum kind { KIND_TOTAL = 0, KIND_QUEUE = 1, KIND_DEVICE = 2 };
+enum kind { KIND_TOTAL = 0, KIND_QUEUE = 1, KIND_DEVICE = 2, KIND_N = 3 };
 
 #define TOT_INSERTED 0
 #define TOT_ISSUED 1
@@ -61,7 +86,11 @@ struct rq_key {
     u64 sector;
 };
 
+/* One in-flight request. Free when insert_ns == issue_ns == 0. */
 struct rq_val {
+    u64 sector;
+    u32 dev;
+    u32 op;
     u64 insert_ns;
     u64 issue_ns;
     u32 tgid;
@@ -69,19 +98,19 @@ struct rq_val {
     char comm[16];
 };
 
-struct hist_key {
-    u32 dev;
-    u8 op;
-    u8 kind;
-    u8 slot;
-    u8 pad;
+struct rq_set {
+    struct rq_val way[INFLIGHT_WAYS];
 };
 
-struct sum_key {
+struct lat_key {
     u32 dev;
-    u8 op;
-    u8 kind;
-    u16 pad;
+    u32 op;
+};
+
+struct lat_val {
+    u64 slots[KIND_N * NSLOTS]; /* [kind * NSLOTS + slot] */
+    u64 sum_ns[KIND_N];
+    u64 bytes;
 };
 
 struct sum_val {
@@ -97,17 +126,80 @@ struct proc_key {
     char comm[16];
 };
 
-BPF_TABLE("lru_hash", struct rq_key, struct rq_val, inflight, MAX_INFLIGHT);
-BPF_HASH(hist, struct hist_key, u64, MAX_HIST_DEVS * 5 * 3 * (SLOT_MAX + 2));
-BPF_HASH(sums, struct sum_key, struct sum_val, MAX_HIST_DEVS * 5 * 3);
-BPF_TABLE("lru_hash", struct proc_key, struct sum_val, procs, MAX_PROCS);
+BPF_ARRAY(inflight, struct rq_set, INFLIGHT_SETS);
+BPF_F_TABLE("percpu_hash", struct lat_key, struct lat_val, lat, MAX_HIST_DEVS * 5, BPF_F_NO_PREALLOC);
+BPF_TABLE("lru_percpu_hash", struct proc_key, struct sum_val, procs, MAX_PROCS);
 BPF_PERCPU_ARRAY(totals, u64, TOT_N);
+BPF_ARRAY(lat_zero, struct lat_val, 1); /* never written: the initial value of a lat entry (too big for the stack) */
 
 static __always_inline void tot(int i)
 {
     u64 *v = totals.lookup(&i);
     if (v)
         (*v)++;
+}
+
+/* The set a request lives in: a multiplicative hash of its key. */
+static __always_inline struct rq_set *set_of(struct rq_key *k)
+{
+    u64 x = (k->sector ^ ((u64)k->dev << 40) ^ ((u64)k->op << 60)) * 0x9E3779B97F4A7C15ULL;
+    u32 idx = (u32)(x >> 32) & (INFLIGHT_SETS - 1);
+    return inflight.lookup(&idx);
+}
+
+static __always_inline int busy(struct rq_val *w)
+{
+    return w->insert_ns || w->issue_ns;
+}
+
+static __always_inline int same(struct rq_val *w, struct rq_key *k)
+{
+    return w->sector == k->sector && w->dev == k->dev && w->op == k->op;
+}
+
+/* The way holding request k, or NULL. */
+static __always_inline struct rq_val *find(struct rq_set *set, struct rq_key *k)
+{
+#pragma unroll
+    for (int i = 0; i < INFLIGHT_WAYS; i++) {
+        struct rq_val *w = &set->way[i];
+        if (busy(w) && same(w, k))
+            return w;
+    }
+    return NULL;
+}
+
+/* A way for a new request: a free one, else the one seen first (the
+ * eviction of an LRU: a request that never completes is pushed out, never
+ * leaked; its completion, if it ever comes, counts as unmatched). */
+static __always_inline struct rq_val *place(struct rq_set *set)
+{
+    struct rq_val *victim = &set->way[0];
+    u64 oldest = ~0ULL;
+#pragma unroll
+    for (int i = 0; i < INFLIGHT_WAYS; i++) {
+        struct rq_val *w = &set->way[i];
+        if (!busy(w))
+            return w;
+        u64 seen = w->insert_ns ? w->insert_ns : w->issue_ns;
+        if (seen < oldest) {
+            oldest = seen;
+            victim = w;
+        }
+    }
+    return victim;
+}
+
+static __always_inline void fill(struct rq_val *w, struct rq_key *k, u64 insert_ns, u64 issue_ns, u32 bytes)
+{
+    w->sector = k->sector;
+    w->dev = k->dev;
+    w->op = k->op;
+    w->tgid = bpf_get_current_pid_tgid() >> 32;
+    w->bytes = bytes;
+    bpf_get_current_comm(&w->comm, sizeof(w->comm));
+    w->issue_ns = issue_ns;
+    w->insert_ns = insert_ns; /* busy from here on */
 }
 
 /* rwbs (blk_fill_rwbs): an optional leading 'F' (preflush), then the op:
@@ -133,39 +225,26 @@ static __always_inline u32 op_of(const char *rwbs)
     return OP_OTHER;
 }
 
-static __always_inline void observe(u32 dev, u32 op, u8 kind, u64 ns, u64 bytes)
+static __always_inline u32 slot_of(u64 ns)
 {
-    u64 slot = bpf_log2l(ns);
-    if (slot > SLOT_MAX)
-        slot = SLOT_MAX + 1;
-    struct hist_key hk = {.dev = dev, .op = op, .kind = kind, .slot = slot};
-    u64 zero = 0;
-    u64 *c = hist.lookup_or_try_init(&hk, &zero);
-    if (c)
-        __sync_fetch_and_add(c, 1);
-    struct sum_key sk = {.dev = dev, .op = op, .kind = kind};
-    struct sum_val z = {};
-    struct sum_val *s = sums.lookup_or_try_init(&sk, &z);
-    if (s) {
-        __sync_fetch_and_add(&s->count, 1);
-        __sync_fetch_and_add(&s->sum_ns, ns);
-        __sync_fetch_and_add(&s->bytes, bytes);
-    }
+    u32 slot = bpf_log2l(ns);
+    return slot > SLOT_MAX ? SLOT_MAX + 1 : slot;
 }
 
 #ifdef HAVE_BLOCK_RQ_INSERT
 TRACEPOINT_PROBE(block, block_rq_insert)
 {
     struct rq_key k = {.dev = args->dev, .op = op_of(args->rwbs), .sector = args->sector};
-    struct rq_val v = {};
-    v.insert_ns = bpf_ktime_get_ns();
-    v.tgid = bpf_get_current_pid_tgid() >> 32;
-    v.bytes = args->bytes;
-    bpf_get_current_comm(&v.comm, sizeof(v.comm));
-    if (inflight.lookup(&k))
-        tot(TOT_OVERWRITTEN);
-    inflight.update(&k, &v);
+    struct rq_set *set = set_of(&k);
+    if (!set)
+        return 0;
     tot(TOT_INSERTED);
+    struct rq_val *w = find(set, &k);
+    if (w)
+        tot(TOT_OVERWRITTEN); /* rare: the key is taken */
+    else
+        w = place(set);
+    fill(w, &k, bpf_ktime_get_ns(), 0, args->bytes);
     return 0;
 }
 #endif
@@ -173,52 +252,79 @@ TRACEPOINT_PROBE(block, block_rq_insert)
 TRACEPOINT_PROBE(block, block_rq_issue)
 {
     struct rq_key k = {.dev = args->dev, .op = op_of(args->rwbs), .sector = args->sector};
+    struct rq_set *set = set_of(&k);
+    if (!set)
+        return 0;
     u64 now = bpf_ktime_get_ns();
-    struct rq_val *old = inflight.lookup(&k);
     tot(TOT_ISSUED);
-    if (old && old->insert_ns && !old->issue_ns) {
+    struct rq_val *w = find(set, &k);
+    if (w && w->insert_ns && !w->issue_ns) {
         /* seen at insert: keep the submitter, add the issue time */
-        old->issue_ns = now;
+        w->issue_ns = now;
         return 0;
     }
-    if (old)
+    if (w)
         tot(TOT_OVERWRITTEN);
-    struct rq_val v = {};
-    v.issue_ns = now;
-    v.tgid = bpf_get_current_pid_tgid() >> 32;
-    v.bytes = args->bytes;
-    bpf_get_current_comm(&v.comm, sizeof(v.comm));
-    inflight.update(&k, &v);
+    else
+        w = place(set);
+    fill(w, &k, 0, now, args->bytes);
     return 0;
 }
 
 TRACEPOINT_PROBE(block, block_rq_complete)
 {
     struct rq_key k = {.dev = args->dev, .op = op_of(args->rwbs), .sector = args->sector};
-    struct rq_val *v = inflight.lookup(&k);
+    struct rq_set *set = set_of(&k);
+    struct rq_val *v = set ? find(set, &k) : NULL;
     if (!v || !v->issue_ns) {
         tot(TOT_UNMATCHED);
         return 0;
     }
     u64 now = bpf_ktime_get_ns();
-    u64 start = v->insert_ns ? v->insert_ns : v->issue_ns;
+    u64 issue = v->issue_ns, insert = v->insert_ns;
+    u64 start = insert ? insert : issue;
     u64 total = now - start;
     u64 bytes = v->bytes;
-    observe(k.dev, k.op, KIND_TOTAL, total, bytes);
-    observe(k.dev, k.op, KIND_DEVICE, now - v->issue_ns, 0);
-    if (v->insert_ns)
-        observe(k.dev, k.op, KIND_QUEUE, v->issue_ns - v->insert_ns, 0);
+
+    struct lat_key lk = {.dev = k.dev, .op = k.op};
+    struct lat_val *l = lat.lookup(&lk);
+    if (!l) {
+        /* first I/O of this (dev, op) on this CPU: the update fills this
+         * CPU's value (zeroed slots) and zeroes the other CPUs' */
+        int zi = 0;
+        struct lat_val *z = lat_zero.lookup(&zi);
+        if (z) {
+            lat.insert(&lk, z);
+            l = lat.lookup(&lk);
+        }
+    }
+    if (l) {
+        l->slots[KIND_TOTAL * NSLOTS + slot_of(total)]++;
+        l->sum_ns[KIND_TOTAL] += total;
+        l->slots[KIND_DEVICE * NSLOTS + slot_of(now - issue)]++;
+        l->sum_ns[KIND_DEVICE] += now - issue;
+        if (insert) {
+            l->slots[KIND_QUEUE * NSLOTS + slot_of(issue - insert)]++;
+            l->sum_ns[KIND_QUEUE] += issue - insert;
+        }
+        l->bytes += bytes;
+    }
 
     struct proc_key pk = {.tgid = v->tgid, .dev = k.dev, .op = k.op};
     __builtin_memcpy(pk.comm, v->comm, 16);
-    struct sum_val z = {};
-    struct sum_val *p = procs.lookup_or_try_init(&pk, &z);
-    if (p) {
-        __sync_fetch_and_add(&p->count, 1);
-        __sync_fetch_and_add(&p->sum_ns, total);
-        __sync_fetch_and_add(&p->bytes, bytes);
+    struct sum_val *p = procs.lookup(&pk);
+    if (!p) {
+        struct sum_val z = {};
+        procs.insert(&pk, &z);
+        p = procs.lookup(&pk);
     }
-    inflight.delete(&k);
+    if (p) {
+        p->count++;
+        p->sum_ns += total;
+        p->bytes += bytes;
+    }
+    v->insert_ns = 0;
+    v->issue_ns = 0; /* free */
     tot(TOT_COMPLETED);
     return 0;
 }

@@ -18,6 +18,12 @@
 #define KS_AF_INET 2
 #define KS_AF_INET6 10
 
+/* Ring buffer records are submitted without waking a reader: the agent
+ * drains the rings with ring_buffer_consume() every cycle and never sleeps
+ * in epoll on them, so a wakeup (irq_work + a reader wake) would be pure
+ * cost on every record that finds the ring empty. */
+#define KS_RB_NO_WAKEUP 1 /* BPF_RB_NO_WAKEUP */
+
 /* Per-CPU token window for the rate-capped event stream: at most
  * EVENTS_PER_SEC_PER_CPU events per CPU per second reach the ring buffer. */
 struct ks_rate {

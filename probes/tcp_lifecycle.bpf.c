@@ -14,9 +14,16 @@
  *   socks    lru_hash  socket address -> start/established time, process,
  *                      4-tuple, reset flags (deleted at CLOSE; LRU bounds
  *                      sockets whose close was missed)
- *   counts   hash      (family, remote address, storage port, kind) -> count
- *   totals   percpu    see TOT_*
+ *   counts   percpu_hash  (family, remote address, storage port, kind) ->
+ *                      count (per CPU, no atomics; Python sums the CPUs)
+ *   totals   percpu    one element: the TOT_* counters and the stream's
+ *                      rate window (one lookup per event)
  *   events   ringbuf   one event per transition (rate-capped)
+ *
+ * Cost per storage-port transition: one per-CPU array lookup, one socks
+ * lookup (plus an insert for a new socket or a delete at CLOSE), one
+ * counts lookup for the counted kinds, one ring buffer record. Any other
+ * TCP transition returns after the protocol and port compares.
  *
  * Event kinds: see enum kind. Defines: IS_STORAGE_PORT(p), MAX_SOCKS,
  * MAX_REMOTES, EVENTS_PER_SEC_PER_CPU, RINGBUF_PAGES, HAVE_TCP_RECEIVE_RESET,
@@ -101,45 +108,43 @@ struct event {
     char comm[16];
 };
 
+struct totals_val {
+    u64 t[TOT_N];
+    struct ks_rate rate;
+};
+
 BPF_TABLE("lru_hash", u64, struct sock_val, socks, MAX_SOCKS);
-BPF_HASH(counts, struct count_key, u64, MAX_REMOTES);
-BPF_PERCPU_ARRAY(totals, u64, TOT_N);
-BPF_PERCPU_ARRAY(rate, struct ks_rate, 1);
+BPF_TABLE("percpu_hash", struct count_key, u64, counts, MAX_REMOTES);
+BPF_PERCPU_ARRAY(totals, struct totals_val, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
-static __always_inline void tot(int i)
-{
-    u64 *v = totals.lookup(&i);
-    if (v)
-        (*v)++;
-}
-
+/* Per-CPU values are bumped without atomics: tracepoint programs never
+ * nest on one CPU (a nested run is skipped and counted as a recursion
+ * miss, which the loader adds to the lost events). */
 static __always_inline void count(struct sock_val *s, u32 kind)
 {
     struct count_key ck = {.family = s->family, .kind = kind};
-    if (s->flags & F_TARGET) {
-        ck.port = s->sport;
-        __builtin_memcpy(ck.remote, s->daddr, 16);
+    ck.port = (s->flags & F_TARGET) ? s->sport : s->dport;
+    __builtin_memcpy(ck.remote, s->daddr, 16);
+    u64 *c = counts.lookup(&ck);
+    if (c) {
+        (*c)++;
     } else {
-        ck.port = s->dport;
-        __builtin_memcpy(ck.remote, s->daddr, 16);
+        u64 one = 1; /* this CPU's value; the other CPUs' start at zero */
+        counts.insert(&ck, &one);
     }
-    u64 zero = 0;
-    u64 *c = counts.lookup_or_try_init(&ck, &zero);
-    if (c)
-        __sync_fetch_and_add(c, 1);
 }
 
-static __always_inline void emit(struct sock_val *s, u32 kind, int oldstate, int newstate, u64 now)
+static __always_inline void emit(struct totals_val *t, struct sock_val *s, u32 kind, int oldstate, int newstate,
+                                 u64 now)
 {
-    int zero_idx = 0;
-    if (!ks_rate_ok(rate.lookup(&zero_idx), now)) {
-        tot(TOT_EV_CAPPED);
+    if (!ks_rate_ok(&t->rate, now)) {
+        t->t[TOT_EV_CAPPED]++;
         return;
     }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
-        tot(TOT_EV_FULL);
+        t->t[TOT_EV_FULL]++;
         return;
     }
     e->ts = now;
@@ -157,8 +162,8 @@ static __always_inline void emit(struct sock_val *s, u32 kind, int oldstate, int
     __builtin_memcpy(e->saddr, s->saddr, 16);
     __builtin_memcpy(e->daddr, s->daddr, 16);
     __builtin_memcpy(e->comm, s->comm, 16);
-    events.ringbuf_submit(e, 0);
-    tot(TOT_EV_SENT);
+    events.ringbuf_submit(e, KS_RB_NO_WAKEUP);
+    t->t[TOT_EV_SENT]++;
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
@@ -170,22 +175,30 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     int target = !initiator && IS_STORAGE_PORT(sport);
     if (!initiator && !target)
         return 0;
-    tot(TOT_TRANSITIONS);
+    int zero = 0;
+    struct totals_val *t = totals.lookup(&zero);
+    if (!t)
+        return 0;
+    t->t[TOT_TRANSITIONS]++;
 
     u64 sk = (u64)args->skaddr;
     u64 now = bpf_ktime_get_ns();
     int oldstate = args->oldstate, newstate = args->newstate;
+    int connect = oldstate == KS_TCP_CLOSE && newstate == KS_TCP_SYN_SENT;
+    struct sock_val n = {};
+    int fresh = 0;
     struct sock_val *s = socks.lookup(&sk);
     if (!s) {
         if (newstate == KS_TCP_CLOSE) {
-            tot(TOT_UNTRACKED_CLOSE); /* born before the probe, or evicted */
+            t->t[TOT_UNTRACKED_CLOSE]++; /* born before the probe, or evicted */
             return 0;
         }
-        struct sock_val n = {};
+        /* a new socket: built here, used for this event as is and
+         * stored once at the end (no second lookup) */
+        s = &n;
+        fresh = 1;
         n.start_ns = now;
         n.family = args->family;
-        n.sport = sport;
-        n.dport = dport;
         n.flags = target ? F_TARGET : 0;
         if (args->family == KS_AF_INET6) {
             __builtin_memcpy(n.saddr, args->saddr_v6, 16);
@@ -194,16 +207,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             __builtin_memcpy(n.saddr, args->saddr, 4);
             __builtin_memcpy(n.daddr, args->daddr, 4);
         }
-        if (oldstate == KS_TCP_CLOSE && newstate == KS_TCP_SYN_SENT) {
+        if (connect) {
             n.tgid = bpf_get_current_pid_tgid() >> 32;
             bpf_get_current_comm(&n.comm, sizeof(n.comm));
         }
-        socks.update(&sk, &n);
-        s = socks.lookup(&sk);
-        if (!s)
-            return 0;
-        tot(TOT_TRACKED);
-    } else if (oldstate == KS_TCP_CLOSE && newstate == KS_TCP_SYN_SENT) {
+    } else if (connect) {
         /* a socket address reused for a new connect */
         s->start_ns = now;
         s->estab_ns = 0;
@@ -216,7 +224,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     s->dport = dport;
 
     u32 kind = K_STATE;
-    if (oldstate == KS_TCP_CLOSE && newstate == KS_TCP_SYN_SENT) {
+    if (connect) {
         kind = K_CONNECT;
     } else if (newstate == KS_TCP_ESTABLISHED) {
         kind = K_ESTABLISHED;
@@ -233,9 +241,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     }
     if (kind != K_STATE)
         count(s, kind);
-    emit(s, kind, oldstate, newstate, now);
-    if (newstate == KS_TCP_CLOSE)
+    emit(t, s, kind, oldstate, newstate, now);
+    if (fresh) {
+        /* newstate is not CLOSE here (returned above) */
+        if (socks.update(&sk, &n) == 0)
+            t->t[TOT_TRACKED]++;
+    } else if (newstate == KS_TCP_CLOSE) {
         socks.delete(&sk);
+    }
     return 0;
 }
 

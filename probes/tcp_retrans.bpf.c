@@ -5,15 +5,22 @@
  * (HAVE_* defines set by the loader after looking in tracefs).
  *
  * Maps:
- *   conns          lru_hash  4-tuple+family -> counters, TCP state at the
- *                            last retransmit (all connections; bounded)
- *   storage_conns  lru_hash  same, only connections whose destination port
- *                            is a storage port (IS_STORAGE_PORT), so churn
- *                            on other ports never evicts them
- *   totals         percpu    never-evicted totals (see TOT_* below)
- *   events         ringbuf   rate-capped stream (time, 4-tuple, state, kind)
+ *   storage_conns  lru_hash  4-tuple+family -> counters, TCP state at the
+ *                            last retransmit, for connections whose
+ *                            destination port is a storage port
+ *                            (IS_STORAGE_PORT)
+ *   conns          lru_hash  same for every other connection, only with
+ *                            TRACK_ALL_CONNS; without it an event on a
+ *                            non-storage connection only bumps its per-CPU
+ *                            total (the "other" aggregate) and returns
+ *                            before any hash map work
+ *   totals         percpu    one element: never-evicted totals (TOT_*
+ *                            below) and the stream's rate window, so one
+ *                            lookup serves the whole event
+ *   events         ringbuf   rate-capped stream (time, 4-tuple, state,
+ *                            kind) of the tracked connections
  *
- * Defines: IS_STORAGE_PORT(p), MAX_CONNS, MAX_STORAGE_CONNS,
+ * Defines: IS_STORAGE_PORT(p), TRACK_ALL_CONNS, MAX_CONNS, MAX_STORAGE_CONNS,
  * EVENTS_PER_SEC_PER_CPU, RINGBUF_PAGES, HAVE_TCP_RETRANSMIT_SYNACK,
  * TCP_RETRANSMIT_HAS_ERR (format has err: count only err == 0),
  * HAVE_TCP_SEND_RESET (+ TCP_SEND_RESET_SOCKADDR: 6.10+ layout with
@@ -68,33 +75,43 @@ struct event {
     u8 daddr[16];
 };
 
+struct totals_val {
+    u64 t[TOT_N];
+    struct ks_rate rate;
+};
+
+#ifdef TRACK_ALL_CONNS
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, conns, MAX_CONNS);
+#endif
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, storage_conns, MAX_STORAGE_CONNS);
-BPF_PERCPU_ARRAY(totals, u64, TOT_N);
-BPF_PERCPU_ARRAY(rate, struct ks_rate, 1);
+BPF_PERCPU_ARRAY(totals, struct totals_val, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
-
-static __always_inline void tot(int i)
+static __always_inline struct totals_val *my_totals(void)
 {
-    u64 *v = totals.lookup(&i);
-    if (v)
-        (*v)++;
+    int zero = 0;
+    return totals.lookup(&zero);
 }
 
-static __always_inline void record(struct conn_key *k, int kind, int state)
+/* Per-CPU counters are bumped without atomics: tracepoint programs never
+ * nest on one CPU (a nested run is skipped and counted as a recursion
+ * miss, which the loader adds to the lost events). */
+static __always_inline void record(struct conn_key *k, int kind, int state, struct totals_val *t)
 {
-    u64 now = bpf_ktime_get_ns();
     int storage = IS_STORAGE_PORT(k->dport);
     struct conn_val zero = {};
     struct conn_val *v;
+    u64 now = bpf_ktime_get_ns();
 
-    tot(kind);
     if (storage) {
-        tot(TOT_STORAGE + kind);
+        t->t[TOT_STORAGE + (kind & 3)]++;
         v = storage_conns.lookup_or_try_init(k, &zero);
     } else {
+#ifdef TRACK_ALL_CONNS
         v = conns.lookup_or_try_init(k, &zero);
+#else
+        return;
+#endif
     }
     if (v) {
         __sync_fetch_and_add(&v->count[kind & 3], 1);
@@ -105,14 +122,13 @@ static __always_inline void record(struct conn_key *k, int kind, int state)
         }
     }
 
-    int zero_idx = 0;
-    if (!ks_rate_ok(rate.lookup(&zero_idx), now)) {
-        tot(TOT_EV_CAPPED);
+    if (!ks_rate_ok(&t->rate, now)) {
+        t->t[TOT_EV_CAPPED]++;
         return;
     }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
-        tot(TOT_EV_FULL);
+        t->t[TOT_EV_FULL]++;
         return;
     }
     e->ts = now;
@@ -124,9 +140,17 @@ static __always_inline void record(struct conn_key *k, int kind, int state)
     e->dport = k->dport;
     __builtin_memcpy(e->saddr, k->saddr, 16);
     __builtin_memcpy(e->daddr, k->daddr, 16);
-    events.ringbuf_submit(e, 0);
-    tot(TOT_EV_SENT);
+    events.ringbuf_submit(e, KS_RB_NO_WAKEUP);
+    t->t[TOT_EV_SENT]++;
 }
+
+/* Count the event in the never-evicted totals; without TRACK_ALL_CONNS a
+ * non-storage connection stops here (before the key is even built). */
+#ifdef TRACK_ALL_CONNS
+#define KS_FILTER(t, kind, dport) ({ (t)->t[(kind)]++; 1; })
+#else
+#define KS_FILTER(t, kind, dport) ({ (t)->t[(kind)]++; IS_STORAGE_PORT(dport); })
+#endif
 
 /* The tracepoints below share the field names family/sport/dport (host
  * order), saddr/daddr (IPv4) and saddr_v6/daddr_v6. */
@@ -152,18 +176,24 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     if (args->err != 0)
         return 0;
 #endif
+    struct totals_val *t = my_totals();
+    if (!t || !KS_FILTER(t, K_RETRANS, args->dport))
+        return 0;
     struct conn_key k = {};
     FILL_KEY(k, args);
-    record(&k, K_RETRANS, args->state);
+    record(&k, K_RETRANS, args->state, t);
     return 0;
 }
 
 #ifdef HAVE_TCP_RETRANSMIT_SYNACK
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
+    struct totals_val *t = my_totals();
+    if (!t || !KS_FILTER(t, K_SYNACK, args->dport))
+        return 0;
     struct conn_key k = {};
     FILL_KEY(k, args);
-    record(&k, K_SYNACK, 3 /* TCP_SYN_RECV */);
+    record(&k, K_SYNACK, 3 /* TCP_SYN_RECV */, t);
     return 0;
 }
 #endif
@@ -171,9 +201,12 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 #ifdef HAVE_TCP_RECEIVE_RESET
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
+    struct totals_val *t = my_totals();
+    if (!t || !KS_FILTER(t, K_RST_RECV, args->dport))
+        return 0;
     struct conn_key k = {};
     FILL_KEY(k, args);
-    record(&k, K_RST_RECV, -1);
+    record(&k, K_RST_RECV, -1, t);
     return 0;
 }
 #endif
@@ -181,31 +214,38 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 #ifdef HAVE_TCP_SEND_RESET
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
+    struct totals_val *t = my_totals();
+    if (!t)
+        return 0;
     struct conn_key k = {};
 #ifdef TCP_SEND_RESET_SOCKADDR
     /* 6.10+: saddr/daddr are struct sockaddr_in or sockaddr_in6 (28 bytes):
      * family (host order) at 0, port (network order) at 2, IPv4 address at
      * 4, IPv6 address at 8. */
     u8 s[28], d[28];
-    __builtin_memcpy(s, args->saddr, 28);
     __builtin_memcpy(d, args->daddr, 28);
-    u16 fam = *(u16 *)&s[0];
+    u16 fam = *(u16 *)&d[0];
+    if (fam != KS_AF_INET && fam != KS_AF_INET6)
+        return 0;
     k.family = fam;
-    k.sport = ((u16)s[2] << 8) | s[3];
     k.dport = ((u16)d[2] << 8) | d[3];
+    if (!KS_FILTER(t, K_RST_SENT, k.dport))
+        return 0;
+    __builtin_memcpy(s, args->saddr, 28);
+    k.sport = ((u16)s[2] << 8) | s[3];
     if (fam == KS_AF_INET6) {
         __builtin_memcpy(k.saddr, &s[8], 16);
         __builtin_memcpy(k.daddr, &d[8], 16);
-    } else if (fam == KS_AF_INET) {
+    } else {
         __builtin_memcpy(k.saddr, &s[4], 4);
         __builtin_memcpy(k.daddr, &d[4], 4);
-    } else {
-        return 0;
     }
-    record(&k, K_RST_SENT, args->state);
+    record(&k, K_RST_SENT, args->state, t);
 #else
+    if (!KS_FILTER(t, K_RST_SENT, args->dport))
+        return 0;
     FILL_KEY(k, args);
-    record(&k, K_RST_SENT, -1);
+    record(&k, K_RST_SENT, -1, t);
 #endif
     return 0;
 }

@@ -112,24 +112,36 @@ class BlockIoProbe(Probe):
 
     def read(self) -> BlockIoData:
         b = self.bpf
-        slots: dict[tuple[int, int, int], dict[int, int]] = {}
-        for k, v in b[b"hist"].items():
-            slots.setdefault((int(k.dev), int(k.op), int(k.kind)), {})[int(k.slot)] = int(v.value)
-        sums = {(int(k.dev), int(k.op), int(k.kind)): (int(v.count), int(v.sum_ns), int(v.bytes)) for k, v in b[b"sums"].items()}
         hists = []
-        for key in sorted(set(slots) | set(sums)):
-            dev, op, kind = key
-            sl = slots.get(key, {})
-            count = sum(sl.values())  # buckets and _count from the same numbers
-            _, sum_ns, nbytes = sums.get(key, (0, 0, 0))
+        # lat: per-CPU (dev, op) -> slots/sum_ns per kind + bytes; summed here
+        for k, percpu in b[b"lat"].items():
+            dev, op = int(k.dev), int(k.op)
+            slots = [[0] * (SLOT_MAX + 2) for _ in KINDS]
+            sums = [0] * len(KINDS)
+            nbytes = 0
+            for v in percpu:
+                flat = v.slots  # [kind * (SLOT_MAX + 2) + slot]
+                for kind in range(len(KINDS)):
+                    acc, base = slots[kind], kind * (SLOT_MAX + 2)
+                    for s in range(SLOT_MAX + 2):
+                        acc[s] += flat[base + s]
+                    sums[kind] += v.sum_ns[kind]
+                nbytes += v.bytes
             major, minor = decode.dev_major_minor(dev)
-            hists.append(BlockHistogram(self.devices.name(dev), major, minor, decode.block_op_name(op),
-                                        KINDS[kind] if kind < len(KINDS) else str(kind), sl, count, sum_ns, nbytes))
+            for kind, name in enumerate(KINDS):
+                sl = {s: c for s, c in enumerate(slots[kind]) if c}
+                if not sl and kind != 0:
+                    continue  # queue time only where insert was seen
+                # buckets and _count from the same numbers
+                hists.append(BlockHistogram(self.devices.name(dev), major, minor, decode.block_op_name(op), name, sl,
+                                            sum(sl.values()), sums[kind], nbytes if kind == 0 else 0))
+        hists.sort(key=lambda h: (h.major, h.minor, h.op, KINDS.index(h.kind)))
         procs = []
-        for k, v in b[b"procs"].items():
+        for k, percpu in b[b"procs"].items():
             procs.append(BlockProcess(int(k.tgid), bytes(k.comm).split(b"\0", 1)[0].decode(errors="replace"),
                                       self.devices.name(int(k.dev)), decode.block_op_name(int(k.op)),
-                                      int(v.count), int(v.sum_ns), int(v.bytes)))
+                                      sum(int(v.count) for v in percpu), sum(int(v.sum_ns) for v in percpu),
+                                      sum(int(v.bytes) for v in percpu)))
         t = self.percpu_totals("totals", TOT_N)
         totals = {"inserted": t[TOT_INSERTED], "issued": t[TOT_ISSUED], "completed": t[TOT_COMPLETED],
                   "unmatched": t[TOT_UNMATCHED], "overwritten": t[TOT_OVERWRITTEN]}

@@ -134,7 +134,7 @@ class TcpLifecycleProbe(Probe):
         self._pending.append(event_from_raw(ctypes.cast(data, ctypes.POINTER(_Event)).contents))
 
     def events_and_lost(self):
-        t = self.percpu_totals("totals", TOT_N)
+        t = self.percpu_struct_totals("totals", TOT_N)
         return t[TOT_TRANSITIONS], t[TOT_EV_CAPPED] + t[TOT_EV_FULL] + t[TOT_UNTRACKED_CLOSE]
 
     def read(self) -> TcpLifecycleData:
@@ -147,7 +147,7 @@ class TcpLifecycleProbe(Probe):
         for k, v in b[b"counts"].items():
             fam = int(k.family)
             kind = KINDS[k.kind] if k.kind < len(KINDS) else str(k.kind)
-            counts.setdefault((decode.addr_text(fam, bytes(k.remote)), int(k.port)), dict.fromkeys(KINDS[:6], 0))[kind] = int(v.value)
+            counts.setdefault((decode.addr_text(fam, bytes(k.remote)), int(k.port)), dict.fromkeys(KINDS[:6], 0))[kind] = sum(int(c) for c in v)  # per CPU
         live = []
         for _k, s in b[b"socks"].items():
             fam = int(s.family)
@@ -156,7 +156,7 @@ class TcpLifecycleProbe(Probe):
                                  decode.addr_text(fam, bytes(s.daddr)), int(s.dport), int(s.tgid),
                                  bytes(s.comm).split(b"\0", 1)[0].decode(errors="replace"), int(s.start_ns),
                                  bool(s.estab_ns)))
-        t = self.percpu_totals("totals", TOT_N)
+        t = self.percpu_struct_totals("totals", TOT_N)
         totals = {"transitions": t[TOT_TRANSITIONS], "tracked": t[TOT_TRACKED], "untracked_closes": t[TOT_UNTRACKED_CLOSE],
                   "stream_dropped": t[TOT_EV_CAPPED] + t[TOT_EV_FULL]}
         return TcpLifecycleData(counts, tuple(live), events, totals, self.stats(), tuple(self.report.tracepoints))

@@ -10,8 +10,16 @@ LRU maps: per connection, the increase since the last read is added to a
 running total per storage remote (address, port); "other" is the kernel's
 never-evicted total minus the storage total.
 
+Per-connection entries and stream events cover connections to a storage
+port; every other connection only counts in the "other" aggregate (the
+kernel returns before any hash map work) unless the probe is built with
+``all_connections=True`` (``-DTRACK_ALL_CONNS``: a second LRU map of all
+connections, and their events in the stream).
+
 Events lost: stream events dropped by the rate cap or a full ring buffer,
-plus program recursion misses. Cost: one hash update per retransmit.
+plus program recursion misses. Cost per storage-port event: one per-CPU
+array lookup, one hash lookup, one ring buffer record (no reader wakeup:
+the rings are drained by polling each cycle).
 """
 
 from __future__ import annotations
@@ -100,8 +108,9 @@ class TcpRetransProbe(Probe):
     optional = ("tcp:tcp_retransmit_synack", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")
     description = "TCP retransmits and resets per connection"
 
-    def __init__(self, opts=None, history: int = 1000):
+    def __init__(self, opts=None, history: int = 1000, all_connections: bool = False):
         super().__init__(opts)
+        self.all_connections = all_connections
         self._prev: dict[bytes, tuple[int, ...]] = {}
         self._storage_cum: dict[tuple[str, int], dict[str, int]] = {}
         self._pending: list[TcpRetransEvent] = []
@@ -114,7 +123,7 @@ class TcpRetransProbe(Probe):
             return {}
 
     def extra_cflags(self, present):
-        flags = []
+        flags = ["-DTRACK_ALL_CONNS"] if self.all_connections else []
         if "err" in self._fields("tcp_retransmit_skb"):
             flags.append("-DTCP_RETRANSMIT_HAS_ERR")
         if "tcp:tcp_send_reset" in present:
@@ -135,7 +144,7 @@ class TcpRetransProbe(Probe):
             decode.addr_text(fam, bytes(e.daddr)), int(e.dport), bool(e.storage)))
 
     def events_and_lost(self):
-        t = self.percpu_totals("totals", TOT_N)
+        t = self.percpu_struct_totals("totals", TOT_N)
         return sum(t[:4]), t[TOT_EV_CAPPED] + t[TOT_EV_FULL]
 
     def read(self) -> TcpRetransData:
@@ -146,7 +155,8 @@ class TcpRetransProbe(Probe):
         self.recent.extend(events)
         conns = []
         seen: dict[bytes, tuple[int, ...]] = {}
-        for table, storage in (("storage_conns", True), ("conns", False)):
+        tables = (("storage_conns", True), ("conns", False)) if self.all_connections else (("storage_conns", True),)
+        for table, storage in tables:
             for k, v in b[table.encode()].items():
                 counts = tuple(int(c) for c in v.count)
                 raw = bytes(k)
@@ -162,7 +172,7 @@ class TcpRetransProbe(Probe):
                     fam, sa, sp, da, dp, storage, *counts, decode.tcp_state_name(int(v.last_state)),
                     tuple(decode.tcp_state_name(s) for s in range(32) if mask >> s & 1), int(v.last_ns)))
         self._prev = seen
-        t = self.percpu_totals("totals", TOT_N)
+        t = self.percpu_struct_totals("totals", TOT_N)
         totals = {kind: t[i] for i, kind in enumerate(KINDS)}
         storage_kernel = {kind: t[TOT_STORAGE + i] for i, kind in enumerate(KINDS)}
         other = {kind: totals[kind] - storage_kernel[kind] for kind in KINDS}

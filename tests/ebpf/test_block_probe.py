@@ -48,6 +48,17 @@ def test_histogram_matches_diskstats_and_fio(loopdev):
         time.sleep(0.2)
         s1 = stat_fields(dev)
         after = probe.read()
+        # no leak: the requests fio issued have left the in-flight table, but
+        # for lost completions: skipped by the kernel (a completion nested in
+        # another BPF program on its CPU: recursion misses) or not matched to
+        # their issue, and a few per 100k that leave no trace at completion
+        # (seen with the old LRU hash too; cause not identified). Such an
+        # entry is evicted later by its set, like an LRU entry.
+        rdev = os.stat(loopdev).st_rdev
+        kdev = os.major(rdev) << decode.MINORBITS | os.minor(rdev)
+        left = [(w.op, w.sector) for _, st in probe.bpf[b"inflight"].items() for w in st.way
+                if w.dev == kdev and (w.insert_ns or w.issue_ns)]
+        skipped = probe.stats().per_program["block:block_rq_complete"]["recursion_misses"]
     finally:
         probe.close()
     res = json.loads(fio.stdout[fio.stdout.index("{"):])
@@ -66,6 +77,8 @@ def test_histogram_matches_diskstats_and_fio(loopdev):
     (rc, rs, rsl), (wc, ws, wsl) = delta("read"), delta("write")
     count = rc + wc
     assert d_ios > 5000, f"too little I/O to compare ({d_ios})"
+    lost = skipped + after.totals["unmatched"] - before.totals["unmatched"]
+    assert len(left) <= lost + 0.001 * d_ios, f"{left} of {dev} still in the in-flight table after fio ({lost} lost)"
     assert abs(count - d_ios) <= 0.01 * d_ios, (count, d_ios)
     mean_probe_ms = (rs + ws) / count / 1e6
     mean_stat_ms = d_ticks_ms / d_ios

@@ -24,7 +24,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 @pytest.fixture
 def trace_instance():
     """An ftrace instance of our own recording tcp:tcp_retransmit_skb for
-    dport 3260: the independent count (no BPF involved)."""
+    dports 3260 and 3263: the independent count (no BPF involved)."""
     inst = TRACEFS / "instances" / f"ksprb{os.getpid()}"
     if not (TRACEFS / "instances").is_dir():
         pytest.skip("tracefs instances not available")
@@ -32,7 +32,7 @@ def trace_instance():
     try:
         ev = inst / "events" / "tcp" / "tcp_retransmit_skb"
         (inst / "buffer_size_kb").write_text("4096\n")
-        (ev / "filter").write_text("dport == 3260\n")
+        (ev / "filter").write_text("dport == 3260 || dport == 3263\n")
         (ev / "enable").write_text("1\n")
         yield inst
     finally:
@@ -51,18 +51,23 @@ def start_server(netpair, ports: str, mode: str = "sink"):
     return srv
 
 
-def test_retransmits_per_connection_match_ftrace(netpair, trace_instance):
-    probe = TcpRetransProbe(LoadOptions(storage_ports=(3260, 3261)))
+@pytest.mark.parametrize("all_connections", [False, True], ids=["storage-only", "all-connections"])
+def test_retransmits_per_connection_match_ftrace(netpair, trace_instance, all_connections):
+    """3260 (storage) and 3263 (not storage) lossy, 3261 (storage) clean.
+    By default a non-storage connection only counts in the "other"
+    aggregate (filtered before any map work); with all_connections it has
+    its own exact entry too."""
+    probe = TcpRetransProbe(LoadOptions(storage_ports=(3260, 3261)), all_connections=all_connections)
     rep = probe.load()
     assert rep.state == ATTACHED, rep
-    srv = start_server(netpair, "3260,3261")
+    srv = start_server(netpair, "3260,3261,3263")
     # drop on arrival (INPUT of the peer): a local OUTPUT drop is an error
     # returned to TCP, which resends through the normal path, not a retransmit
-    drop = (f"ip netns exec {netpair['b']} iptables -I INPUT -p tcp -s {netpair['addr_a']} --dport 3260 "
+    drop = (f"ip netns exec {netpair['b']} iptables -I INPUT -p tcp -s {netpair['addr_a']} -m multiport --dports 3260,3263 "
             "-m statistic --mode random --probability 0.05 -j DROP")
     sh(drop)
     try:
-        cl = in_ns(netpair["a"], PY, "-c", CLIENT, netpair["addr_b"], "3260,3261", str(8 * 1024 * 1024))
+        cl = in_ns(netpair["a"], PY, "-c", CLIENT, netpair["addr_b"], "3260,3261,3263", str(8 * 1024 * 1024))
         out, err = cl.communicate(timeout=120)
         assert cl.returncode == 0, err
         lport = {int(p): int(lp) for p, lp in (line.split() for line in out.splitlines())}
@@ -75,9 +80,12 @@ def test_retransmits_per_connection_match_ftrace(netpair, trace_instance):
         probe.close()
 
     pat = re.compile(rf"saddr={re.escape(netpair['addr_a'])} daddr={re.escape(netpair['addr_b'])}")
-    independent = sum(1 for line in trace.splitlines()
-                      if f"sport={lport[3260]} dport=3260" in line and pat.search(line) and line.rstrip().endswith("err=0"))
-    assert independent > 0, "no retransmits at 5% drop: the rig did not drop anything"
+    def independent_count(dport):
+        return sum(1 for line in trace.splitlines()
+                   if f"sport={lport[dport]} dport={dport}" in line and pat.search(line) and line.rstrip().endswith("err=0"))
+
+    independent, independent_other = independent_count(3260), independent_count(3263)
+    assert independent > 0 and independent_other > 0, "no retransmits at 5% drop: the rig did not drop anything"
 
     def conn(dport):
         for c in data.connections:
@@ -92,6 +100,17 @@ def test_retransmits_per_connection_match_ftrace(netpair, trace_instance):
     assert lossy.last_state in ("ESTABLISHED", "FIN_WAIT1", "CLOSING", "LAST_ACK")
     clean = conn(3261)
     assert clean is None or clean.retransmits == 0
+    other = conn(3263)
+    if all_connections:
+        assert other is not None and not other.storage and other.retransmits == independent_other
+        assert any(e.dport == 3263 and e.sport == lport[3263] for e in data.events)
+    else:
+        assert other is None, "a non-storage connection got a map entry without all_connections"
+        assert not any(e.dport == 3263 for e in data.events)
+    # the aggregate covers the non-storage connection either way (other host
+    # traffic may add to it, never take away)
+    assert data.other["retransmit"] >= independent_other
+    assert data.totals["retransmit"] == data.other["retransmit"] + sum(c["retransmit"] for c in data.storage.values())
     # Prometheus: the storage remote carries at least this connection's count
     assert data.storage[(netpair["addr_b"], 3260)]["retransmit"] >= independent
     fams = {f.name: f for f in render_tcp_retrans(data)}

@@ -16,8 +16,46 @@ from agent.model import Status
 TOP_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces", "host_tcp"]
 
 
-def top_rows(w: Window) -> list[dict]:
+def p99_ms(before: dict | None, after: dict | None) -> float | None:
+    """p99 over the interval from QEMU latency histograms (all ops): the upper bound of the
+    bucket holding the 99th percentile; None without histograms or without requests."""
+    if not after:
+        return None
+    bounds, total = None, None
+    for op, h in after.items():
+        b = (before or {}).get(op)
+        bins = list(h["bins"])
+        if b and len(b["bins"]) == len(bins) and b["boundaries_ns"] == h["boundaries_ns"]:
+            bins = [y - x for x, y in zip(b["bins"], bins)]
+        if bounds is None:
+            bounds, total = h["boundaries_ns"], bins
+        elif h["boundaries_ns"] == bounds:
+            total = [x + y for x, y in zip(total, bins)]
+    n = sum(total or [])
+    if not n:
+        return None
+    acc = 0
+    for i, c in enumerate(total):
+        acc += c
+        if acc >= 0.99 * n:
+            return bounds[i] / 1e6 if i < len(bounds) else float("inf")
+    return None
+
+
+def _histograms(snap) -> dict:
+    out = {}
+    for src in ("libvirt", "qmp"):
+        d = snap.get(src)
+        for vm in d.vms if d else ():
+            for disk in vm.disks:
+                if disk.stats and disk.stats.histograms:
+                    out[(vm.name, disk.target)] = disk.stats.histograms
+    return out
+
+
+def top_rows(w: Window, prev=None, snap=None) -> list[dict]:
     """One row per VM disk: latency over the interval, load, and its path's health."""
+    h0, h1 = (_histograms(prev), _histograms(snap)) if prev is not None and snap is not None else ({}, {})
     conns = {(c.vm, c.disk): c for c in w.conns if c.vm}
     paths = {(p.vm, p.disk): p for p in w.paths}
     rows = []
@@ -33,6 +71,7 @@ def top_rows(w: Window) -> list[dict]:
             "mean_ms": None if d.mean_ms is None else round(d.mean_ms, 3),
             "read_ms": None if d.read_ms is None else round(d.read_ms, 3),
             "write_ms": None if d.write_ms is None else round(d.write_ms, 3),
+            "p99_ms": p99_ms(h0.get((d.vm, d.disk)), h1.get((d.vm, d.disk))),
             "ops_per_second": round(d.ops_per_second, 1),
             "retransmits_per_second": None if c is None else round(c.retrans_per_second, 2),
             "rtt_ms": None if c is None or c.rtt_ms is None else round(c.rtt_ms, 3),
@@ -68,13 +107,14 @@ def render(hdr: dict, rows: list[dict], width: int = 80, limit: int | None = Non
         f"collectors: {hdr['collectors_ok']} ok"
         + (f", FAILED: {', '.join(hdr['collectors_failed'])}" if hdr["collectors_failed"] else ""),
         "",
-        f"{'VM':<16} {'DISK':<5} {'LAT_MS':>7} {'OPS/S':>7} {'RETR/S':>6} {'RTT_MS':>6} {'STATE':<8} PATH",
+        f"{'VM':<16} {'DISK':<5} {'LAT_MS':>7} {'P99_MS':>7} {'OPS/S':>6} {'RETR/S':>6} {'RTT_MS':>6} {'STATE':<7} PATH",
     ]
     for r in rows[:limit]:
         state = "STALLED" if r["stalled"] else (r["session_state"] or "-")
         state = {"ESTABLISHED": "estab", "LOGGED_IN": "logged"}.get(state, state)
-        line = (f"{clean(r['vm'])[:16]:<16} {r['disk'][:5]:<5} {_f(r['mean_ms']):>7} {_f(r['ops_per_second'], '{:.0f}'):>7} "
-                f"{_f(r['retransmits_per_second'], '{:.1f}'):>6} {_f(r['rtt_ms']):>6} {state[:8]:<8} {clean(r['path'])}")
+        line = (f"{clean(r['vm'])[:16]:<16} {r['disk'][:5]:<5} {_f(r['mean_ms']):>7} {_f(r['p99_ms']):>7} "
+                f"{_f(r['ops_per_second'], '{:.0f}'):>6} {_f(r['retransmits_per_second'], '{:.1f}'):>6} "
+                f"{_f(r['rtt_ms']):>6} {state[:7]:<7} {clean(r['path'])}")
         lines.append(line[:width])
     if not rows:
         lines.append("(no VM disks seen: is libvirt running? see `kvmscope run --once`)")
@@ -107,7 +147,7 @@ def top(
             time.sleep(interval)
             snap = agent.collect_once()
             w = build_window([prev, snap])
-            hdr, rows = header(w, snap), top_rows(w)
+            hdr, rows = header(w, snap), top_rows(w, prev, snap)
             if json_out:
                 print_json({"header": hdr, "disks": rows})
             else:
@@ -159,9 +199,10 @@ def _live(agent, prev, interval: float) -> None:
             if time.monotonic() >= next_at:
                 snap = agent.collect_once()
                 w = build_window([prev, snap])
+                rows = top_rows(w, prev, snap)
                 prev = snap
                 h, wd = scr.getmaxyx()
-                lines = render(header(w, snap), top_rows(w), width=max(wd - 1, 20), limit=max(h - 5, 1))
+                lines = render(header(w, snap), rows, width=max(wd - 1, 20), limit=max(h - 5, 1))
                 next_at = time.monotonic() + interval
             scr.erase()
             h, wd = scr.getmaxyx()

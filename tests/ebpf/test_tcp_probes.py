@@ -98,8 +98,12 @@ def test_retransmits_per_connection_match_ftrace(netpair, trace_instance, all_co
     assert lossy.family == "ipv4" and lossy.storage
     assert lossy.retransmits == independent
     assert lossy.last_state in ("ESTABLISHED", "FIN_WAIT1", "CLOSING", "LAST_ACK")
+    # the clean connection: no drop rule, so it counts (next to) nothing, and exactly what
+    # the kernel did (on a loaded 2-CPU machine a tail-loss probe can fire on a clean path)
     clean = conn(3261)
-    assert clean is None or clean.retransmits == 0
+    clean_independent = independent_count(3261)
+    assert (clean.retransmits if clean else 0) == clean_independent
+    assert clean_independent <= max(2, independent // 20)
     other = conn(3263)
     if all_connections:
         assert other is not None and not other.storage and other.retransmits == independent_other

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from prometheus_client.exposition import generate_latest
 
+from benchmarks._doc import write_section
 from agent.exporters.prometheus import MetricsServer, SnapshotCollector, make_registry
 from agent.model import Snapshot, SourceHealth, Status
 from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
@@ -42,7 +43,6 @@ from agent.sources.netlink_diag import TcpInfo
 from agent.sources.storage_tcp import StorageConnection, StorageConnections
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- exporter benchmark: begin -->", "<!-- exporter benchmark: end -->"
 
 
@@ -150,13 +150,7 @@ def main(argv=None) -> int:
     ]) + "\n"
     print(text)
     if not args.no_write:
-        old = DOC.read_text() if DOC.exists() else "# Performance\n\n"
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + text
-        DOC.write_text(new)
-        print(f"written to {DOC}", file=sys.stderr)
+        write_section(text, BEGIN, END)
     return 0
 
 

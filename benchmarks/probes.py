@@ -29,11 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks._doc import write_section
 from agent.ebpf import probe_classes
 from agent.ebpf.loader import ATTACHED, LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- probes benchmark: begin -->", "<!-- probes benchmark: end -->"
 NS_A, NS_B, A, B = "ksprb-bench-a", "ksprb-bench-b", "198.18.94.1", "198.18.94.2"
 
@@ -233,13 +233,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        old = DOC.read_text() if DOC.exists() else "# Performance\n\nMeasured numbers; each section says how to reproduce it.\n\n"
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + text
-        DOC.write_text(new)
-        print(f"written to {DOC}", file=sys.stderr)
+        write_section(text, BEGIN, END)
     return 0
 
 

@@ -481,6 +481,20 @@ class _Rendered:
         return self._chunks
 
 
+def _source_families(snap: Snapshot) -> list:
+    """The non-empty families of every per-source renderer; a renderer bug is logged, never fails the scrape."""
+    out = []
+    for name, data in snap.data.items():
+        render = RENDERERS.get(name)
+        if render is None:
+            continue
+        try:
+            out.extend(f for f in render(data) if f.samples)
+        except Exception:
+            log.exception("rendering %s failed", name)
+    return out
+
+
 class SnapshotCollector:
     """prometheus_client custom collector over a snapshot provider.
 
@@ -552,14 +566,7 @@ class SnapshotCollector:
         else:
             for f in _render_agent(snap):
                 items.append((lambda now, snap=snap: [_age_family(snap, now)]) if f is _AGE else f)
-            for name, data in snap.data.items():
-                render = RENDERERS.get(name)
-                if render is None:
-                    continue
-                try:
-                    items.extend(f for f in render(data) if f.samples)
-                except Exception:  # a renderer bug must not fail the scrape
-                    log.exception("rendering %s failed", name)
+            items.extend(_source_families(snap))
             for render in SNAPSHOT_RENDERERS:
                 if not getattr(render, "per_snapshot", False):
                     items.append(lambda now, render=render, snap=snap: _run_snapshot_renderer(render, snap))
@@ -586,14 +593,7 @@ class SnapshotCollector:
         """Every family of one scrape, rendered from scratch."""
         fams = list(render_agent(snap, now))
         if snap is not None:
-            for name, data in snap.data.items():
-                render = RENDERERS.get(name)
-                if render is None:
-                    continue
-                try:
-                    fams.extend(f for f in render(data) if f.samples)
-                except Exception:  # a renderer bug must not fail the scrape
-                    log.exception("rendering %s failed", name)
+            fams.extend(_source_families(snap))
             for render in SNAPSHOT_RENDERERS:
                 fams.extend(_run_snapshot_renderer(render, snap))
         fams = merge_families(fams)

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit bench-probes clean
+.PHONY: run test setup setup-test unit bench-probes dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -19,6 +19,20 @@ unit: setup-test
 bench-probes: setup-test
 	$(VENV)/bin/python -m benchmarks.probes $(ARGS)
 
+# Release bundle for hosts and Ansible: dist/kvmscope-<version>/ (wheel with the
+# probes' C sources, every dependency wheel, install.py, unit) and its .tar.gz.
+dist: setup
+	$(VENV)/bin/python deploy/dist.py $(ARGS)
+
+# Install this checkout on this host: /opt/kvmscope, /etc/kvmscope, /var/lib/kvmscope,
+# the systemd unit (see README "Install on a host"). Upgrade = run it again.
+# ARGS are passed on, e.g. make install ARGS=--start; make uninstall ARGS=--purge
+install:
+	/usr/bin/python3 deploy/install.py install $(ARGS)
+
+uninstall:
+	/usr/bin/python3 deploy/install.py uninstall $(ARGS)
+
 setup:
 	@KVMSCOPE_VENV=$(VENV) bash deploy/setup.sh
 
@@ -26,4 +40,4 @@ setup-test:
 	@KVMSCOPE_VENV=$(VENV) bash deploy/setup.sh --test
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

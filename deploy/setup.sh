@@ -35,6 +35,7 @@ packages=(
   iptables iproute2 procps psmisc
   prometheus fio
   logrotate
+  python3-setuptools python3-wheel python3-seccomp
 )
 if [ "${KVMSCOPE_SKIP_APT:-0}" != 1 ]; then
   missing=()
@@ -119,6 +120,22 @@ fi
 if [ $want_test = 1 ]; then
   es_home=$(/usr/bin/python3 "$repo/deploy/es/es" fetch) || die "could not fetch Elasticsearch (deploy/es/es fetch)"
   note "elasticsearch: $es_home"
+fi
+
+# --- 7. dependency wheels for the offline install tests (tests/deploy) --------
+if [ $want_test = 1 ]; then
+  wheels=/var/cache/kvmscope/wheels
+  wstamp=$wheels/.for-pyproject
+  if [ ! -e "$wstamp" ] || [ "$repo/pyproject.toml" -nt "$wstamp" ]; then
+    step "downloading dependency wheels into $wheels (install tests run offline)"
+    mkdir -p "$wheels"
+    deps=$("$venv/bin/python" -c 'import tomllib,sys; print("\n".join(tomllib.load(open(sys.argv[1],"rb"))["project"]["dependencies"]))' "$repo/pyproject.toml")
+    mapfile -t deplist <<<"$deps"
+    "$venv/bin/python" -m pip download -q --disable-pip-version-check --only-binary=:all: -d "$wheels" "${deplist[@]}" 2>&1 | sed 's/^/    /' >&2
+    touch "$wstamp"
+  else
+    note "dependency wheels: $wheels"
+  fi
 fi
 
 note "ready: $(/usr/local/bin/kvmscope version --short 2>/dev/null || echo 'kvmscope installed')"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import typer
 
@@ -181,6 +182,26 @@ def run(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+
+    # systemd (Type=notify): ready once the first cycle is done and /metrics is
+    # served; the watchdog is pinged while cycles keep completing.
+    from agent import sdnotify
+
+    last_cycle: list[float | None] = [None]
+
+    def _systemd(snap: Snapshot):
+        first = last_cycle[0] is None
+        last_cycle[0] = time.monotonic()
+        n = {s: sum(1 for h in snap.health.values() if h.status is s) for s in Status}
+        status = f"STATUS={n[Status.OK]} collectors ok, {n[Status.NODATA]} no data, {n[Status.FAILED]} failed"
+        sdnotify.notify(*(["READY=1"] if first else []), status)
+
+    agent.on_snapshot.append(_systemd)
+    watchdog = None
+    every = sdnotify.watchdog_interval()
+    if every:
+        alive = sdnotify.loop_alive(lambda: last_cycle[0], cfg.agent.interval, cfg.agent.collector_timeout)
+        watchdog = sdnotify.Watchdog(alive, every).start()
     if not quiet:
         prev: list[Snapshot | None] = [None]
 
@@ -196,6 +217,9 @@ def run(
     try:
         agent.run(stop)
     finally:
+        sdnotify.notify("STOPPING=1")
+        if watchdog is not None:
+            watchdog.stop()
         if shipping is not None:
             shipping.stop()  # bounded by elasticsearch.stop_timeout; the rest stays in the spool
         if server:

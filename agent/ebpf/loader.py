@@ -50,7 +50,20 @@ from agent.hostpaths import HostPaths
 
 log = logging.getLogger(__name__)
 
-PROBES_DIR = Path(__file__).resolve().parent.parent.parent / "probes"
+
+
+def _probes_dir() -> Path:
+    """The probes' C sources: inside the package when installed from a wheel
+    (agent/ebpf/probes, mapped from probes/ by pyproject.toml), else the
+    checkout's top-level probes/ directory."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "probes"
+    if any(packaged.glob("*.bpf.c")):
+        return packaged
+    return here.parent.parent / "probes"
+
+
+PROBES_DIR = _probes_dir()
 
 ATTACHED = "attached"
 UNAVAILABLE = "unavailable"
@@ -83,6 +96,7 @@ class ProbeStats:
     run_time_ns: int = 0  # kernel time in the probe's programs (BPF stats)
     run_cnt: int = 0  # program runs counted while BPF stats were on
     per_program: dict[str, dict[str, int]] = field(default_factory=dict)
+    timed: bool = True  # False when BPF stats could not be switched on (no CAP_SYS_ADMIN): run_* unknown
 
     @property
     def ns_per_event(self) -> float | None:
@@ -458,6 +472,7 @@ class Probe:
             misses += prog["recursion_misses"]
         st.events, st.lost = self.events_and_lost()
         st.lost += misses
+        st.timed = STATS.mode != "off"
         return st
 
     def percpu_totals(self, table: str, n: int) -> list[int]:

@@ -21,8 +21,9 @@ OTHER = "other"
 def probe_families(name: str, stats) -> Iterable:
     if stats is None:
         return
-    for d, v in ((C.PROBE_EVENTS, stats.events), (C.PROBE_LOST, stats.lost),
-                 (C.PROBE_RUN_TIME, stats.run_time_ns / 1e9), (C.PROBE_RUNS, stats.run_cnt)):
+    timing = ((C.PROBE_RUN_TIME, stats.run_time_ns / 1e9), (C.PROBE_RUNS, stats.run_cnt))
+    # without BPF stats (no CAP_SYS_ADMIN) the run time is unknown, not zero: no series
+    for d, v in ((C.PROBE_EVENTS, stats.events), (C.PROBE_LOST, stats.lost)) + (timing if stats.timed else ()):
         fam = d.family()
         fam.add_metric([name], v)
         yield fam

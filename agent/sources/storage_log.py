@@ -337,6 +337,7 @@ class StorageLogSource:
         self.cfg = ctx.config.storage_log
         self.paths = ctx.paths
         self._tailer: FileTailer | None = None
+        self._kmsg_warned = False
         self._pending: dict | None = None
 
     def _open(self) -> FileTailer:
@@ -390,7 +391,10 @@ class StorageLogSource:
         try:
             fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
-            log.debug("storage_log: /dev/kmsg: %s", e)
+            if not self._kmsg_warned:  # once: it stays so until the agent is restarted with CAP_SYSLOG
+                self._kmsg_warned = True
+                log.warning("storage_log: cannot read /dev/kmsg (%s): kernel iSCSI messages are not collected "
+                            "(needs CAP_SYSLOG when kernel.dmesg_restrict=1; set storage_log.kmsg: false to silence)", e)
             return out
         top = last
         try:

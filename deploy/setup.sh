@@ -138,4 +138,16 @@ if [ $want_test = 1 ]; then
   fi
 fi
 
+# --- 8. Ansible and ansible-lint for the role's tests (their own venv) -------
+if [ $want_test = 1 ]; then
+  avenv=${KVMSCOPE_ANSIBLE_VENV:-$repo/.venv-ansible}
+  if [ ! -x "$avenv/bin/ansible-playbook" ] || [ ! -x "$avenv/bin/ansible-lint" ]; then
+    step "installing ansible-core and ansible-lint into $avenv"
+    /usr/bin/python3 -m venv "$avenv"
+    "$avenv/bin/python" -m pip install -q --disable-pip-version-check "ansible-core>=2.16,<2.20" "ansible-lint>=24,<27" 2>&1 | sed 's/^/    /' >&2
+  else
+    note "ansible: $("$avenv/bin/ansible-playbook" --version | head -1)"
+  fi
+fi
+
 note "ready: $(/usr/local/bin/kvmscope version --short 2>/dev/null || echo 'kvmscope installed')"

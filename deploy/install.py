@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -176,8 +177,6 @@ def render_unit(lay: Layout) -> str:
 
 def exec_line(value: str) -> list[str]:
     """An Exec*= value as argv (systemd's prefixes '-', '@', ':', '+', '!' are not used by our unit)."""
-    import shlex
-
     argv = shlex.split(value)
     if not argv or argv[0][0] in "-@:+!":
         raise InstallError(f"unit file: unsupported Exec line {value!r}")
@@ -209,8 +208,6 @@ def setpriv_argv(unit: dict) -> list[str]:
 
 
 def unit_environment(unit: dict) -> dict[str, str]:
-    import shlex
-
     env = {}
     for value in unit.get("Service", {}).get("Environment", []):
         for item in shlex.split(value):

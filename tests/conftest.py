@@ -6,6 +6,8 @@ change only when a test runs with ``--update-golden``; review the diff.
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,29 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 GOLDEN = ROOT / "tests" / "golden"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(fn, timeout: float, what: str, step: float = 0.5):
+    """fn() until it returns something true (returned), retrying on exceptions, up
+    to `timeout` seconds; then an AssertionError naming `what` and the last error."""
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            v = fn()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last = e
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
 
 
 def pytest_addoption(parser):

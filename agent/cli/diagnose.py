@@ -8,7 +8,7 @@ import time
 import typer
 
 from agent.cli import app, examples
-from agent.cli.common import attached_snapshots, load_config, msg
+from agent.cli.common import attached_snapshots, load_config, msg, parse_duration
 from agent.codec import dump_recording, read_recording
 from agent.diagnose.report import EXIT_OK, EXIT_PROBLEMS, diagnose as run_diagnose, dumps, report_json, report_text
 from agent.diagnose.rules import describe_rules
@@ -19,12 +19,10 @@ DIAG_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices"
 
 
 def _parse_duration(text: str) -> float:
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text or "")
-    if not m:
-        raise typer.BadParameter(f"{text!r}: expected a duration like 30s, 2m, 1h")
-    v = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    try:
+        v = parse_duration(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected a duration like 30s, 2m, 1h") from None
     if v <= 0 or v > 24 * 3600:
         raise typer.BadParameter(f"{text!r}: must be between 1s and 24h")
     return v

@@ -37,10 +37,14 @@ def _health_changes(snap: Snapshot, prev: Snapshot | None) -> list[str]:
     return lines
 
 
+def _health_counts(snap: Snapshot) -> str:
+    n = {s: sum(1 for h in snap.health.values() if h.status is s) for s in Status}
+    return f"{n[Status.OK]} ok, {n[Status.NODATA]} no data, {n[Status.FAILED]} failed"
+
+
 def _summary(snap: Snapshot, prev: Snapshot | None) -> str:
     """One console line per cycle: health counts, then what the sources saw."""
-    n = {s: sum(1 for h in snap.health.values() if h.status is s) for s in Status}
-    parts = [f"{n[Status.OK]} ok, {n[Status.NODATA]} no data, {n[Status.FAILED]} failed in {snap.duration_seconds * 1000:.0f}ms"]
+    parts = [f"{_health_counts(snap)} in {snap.duration_seconds * 1000:.0f}ms"]
     tcp = snap.get("host_tcp")
     ptcp = prev.get("host_tcp") if prev else None
     if tcp and ptcp:
@@ -192,9 +196,7 @@ def run(
     def _systemd(snap: Snapshot):
         first = last_cycle[0] is None
         last_cycle[0] = time.monotonic()
-        n = {s: sum(1 for h in snap.health.values() if h.status is s) for s in Status}
-        status = f"STATUS={n[Status.OK]} collectors ok, {n[Status.NODATA]} no data, {n[Status.FAILED]} failed"
-        sdnotify.notify(*(["READY=1"] if first else []), status)
+        sdnotify.notify(*(["READY=1"] if first else []), f"STATUS=collectors: {_health_counts(snap)}")
 
     agent.on_snapshot.append(_systemd)
     watchdog = None

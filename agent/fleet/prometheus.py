@@ -40,10 +40,12 @@ _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 def parse_window(text: str) -> int:
     """'30s', '5m', '1h' -> seconds (whole seconds, 10 s .. 7 d)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(s|m|h|d)?\s*", text or "")
-    if not m:
-        raise ConfigError(f"--window {text!r}: expected a duration like 30s, 5m, 1h")
-    v = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+    from agent.cli.common import parse_duration
+
+    try:
+        v = int(parse_duration(text, integer=True))
+    except ValueError:
+        raise ConfigError(f"--window {text!r}: expected a duration like 30s, 5m, 1h") from None
     if not 10 <= v <= 7 * 86400:
         raise ConfigError(f"--window {text!r}: must be between 10s and 7d (rate() needs at least two scrapes)")
     return v

@@ -13,17 +13,15 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, wait_for
 
 WHEELS = Path(os.environ.get("KVMSCOPE_WHEELHOUSE", "/var/cache/kvmscope/wheels"))
 INSTALL = ROOT / "deploy" / "install.py"
@@ -47,24 +45,6 @@ def need_root():
         pytest.skip("deployment tests install into /var/cache and start the agent with capabilities: need root")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout: float, what: str, step: float = 0.3):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            v = fn()
-            if v:
-                return v
-        except Exception as e:  # noqa: BLE001 - retried until the deadline
-            last = e
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -115,6 +95,14 @@ class Install:
                 f"storage_log:\n  state_dir: {self.paths['state_dir'] / 'storage_log'}\n"
                 f"file_output:\n  enabled: true\n  path: {self.paths['log_dir'] / 'kvmscope.ndjson'}\n" + extra)
 
+    def install_bundle(self, bundle: Path) -> None:
+        """Install the bundle's wheel offline with this test's configuration (free metrics port)."""
+        cfg = self.base / "config.candidate.yaml"
+        cfg.write_text(self.config_text())
+        p = self.run("install", "--wheel", str(wheel(bundle)), "--wheelhouse", str(bundle / "wheels"),
+                     "--config", str(cfg), "--no-apt", *self.args)
+        assert self.result(p) == "installed", p.stderr
+
     def run(self, *args: str, script: Path | None = None, check: bool = True, timeout: float = 300):
         cmd = ["/usr/bin/python3", str(script or INSTALL), *args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/")
@@ -154,8 +142,12 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-@pytest.fixture
-def install_dir():
+def wheel(bundle: Path) -> Path:
+    return next((bundle / "wheels").glob("kvmscope-*.whl"))
+
+
+def new_install():
+    """An Install in a fresh directory; yields it, then stops its agent and removes everything."""
     need_root()
     CACHE.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="test-deploy-", dir=CACHE))
@@ -164,3 +156,6 @@ def install_dir():
     yield inst
     inst.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+install_dir = pytest.fixture(new_install, name="install_dir")

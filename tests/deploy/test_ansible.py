@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from tests.deploy.conftest import free_port, scrape, wait_for
+from tests.conftest import ROOT, free_port, wait_for
+from tests.deploy.conftest import scrape
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
 ANSIBLE_DIR = ROOT / "deploy" / "ansible"

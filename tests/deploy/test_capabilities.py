@@ -20,32 +20,18 @@ import time
 import pytest
 
 from agent.codec import read_recording
-from tests.deploy.conftest import free_port
+from tests.conftest import free_port
+from tests.deploy.conftest import new_install
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def installed(bundle, tmp_path_factory, installer):
-    from tests.deploy.conftest import CACHE, Install
-
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    base = Path(tempfile.mkdtemp(prefix="test-deploy-", dir=CACHE))
-    base.chmod(0o755)
-    inst = Install(base)
-    cfg = tmp_path_factory.mktemp("cfg") / "config.yaml"
-    cfg.write_text(inst.config_text())
-    p = inst.run("install", "--wheel", str(next((bundle / "wheels").glob("kvmscope-*.whl"))),
-                 "--wheelhouse", str(bundle / "wheels"), "--config", str(cfg), "--no-apt", *inst.args)
-    assert inst.result(p) == "installed", p.stderr
-    inst.unit = installer.parse_unit((inst.paths["unit_dir"] / "kvmscope.service").read_text())
-    yield inst
-    shutil.rmtree(base, ignore_errors=True)
+def installed(bundle, installer):
+    for inst in new_install():
+        inst.install_bundle(bundle)
+        inst.unit = installer.parse_unit((inst.paths["unit_dir"] / "kvmscope.service").read_text())
+        yield inst
 
 
 def run_as_unit(inst, installer, argv, drop: str | None = None, **kw):

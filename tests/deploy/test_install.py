@@ -18,15 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.deploy.conftest import build_bundle, scrape, wait_for
+from tests.conftest import ROOT, wait_for
+from tests.deploy.conftest import build_bundle, scrape, wheel
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
 PROBES = ("tcp_retrans", "block_io", "tcp_lifecycle")
-
-
-def wheel(bundle: Path) -> Path:
-    return next((bundle / "wheels").glob("kvmscope-*.whl"))
 
 
 def cap_mask(names: list[str]) -> int:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.deploy.conftest import scrape, wait_for
+from tests.conftest import ROOT, wait_for
+from tests.deploy.conftest import scrape
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
 SANDBOX = Path(__file__).with_name("sandbox_exec.py")
@@ -40,12 +40,8 @@ README = ROOT / "README.md"
 
 
 @pytest.fixture
-def installed(bundle, install_dir, tmp_path):
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(install_dir.config_text())
-    p = install_dir.run("install", "--wheel", str(next((bundle / "wheels").glob("kvmscope-*.whl"))),
-                        "--wheelhouse", str(bundle / "wheels"), "--config", str(cfg), "--no-apt", *install_dir.args)
-    assert install_dir.result(p) == "installed", p.stderr
+def installed(bundle, install_dir):
+    install_dir.install_bundle(bundle)
     return install_dir
 
 

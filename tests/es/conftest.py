@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ES = ROOT / "deploy" / "es" / "es"
@@ -95,11 +96,6 @@ def es_node():
 def namespace():
     return "t" + uuid.uuid4().hex[:10]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proxy:

@@ -10,14 +10,10 @@ import time
 import urllib.request
 
 import pytest
+from tests.conftest import free_port
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KVMSCOPE_")}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_agent(port: int, *extra: str) -> subprocess.Popen:

@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -75,24 +74,6 @@ def sh(*cmd, check=True, ns=None):
     return p
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout, what, step=1.0):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            v = fn()
-            if v:
-                return v
-        except Exception as e:  # noqa: BLE001 - retried until the deadline
-            last = e
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
 
 
 def prom_query(base, expr):

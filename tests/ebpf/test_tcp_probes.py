@@ -24,7 +24,8 @@ TRACEFS = Path("/sys/kernel/tracing")
 @pytest.fixture
 def trace_instance():
     """An ftrace instance of our own recording tcp:tcp_retransmit_skb for
-    dports 3260 and 3263: the independent count (no BPF involved)."""
+    every dport the test uses (3260, 3261, 3263): the independent count (no
+    BPF involved), including a tail-loss probe on the clean connection."""
     inst = TRACEFS / "instances" / f"ksprb{os.getpid()}"
     if not (TRACEFS / "instances").is_dir():
         pytest.skip("tracefs instances not available")
@@ -32,7 +33,7 @@ def trace_instance():
     try:
         ev = inst / "events" / "tcp" / "tcp_retransmit_skb"
         (inst / "buffer_size_kb").write_text("4096\n")
-        (ev / "filter").write_text("dport == 3260 || dport == 3263\n")
+        (ev / "filter").write_text("dport == 3260 || dport == 3261 || dport == 3263\n")
         (ev / "enable").write_text("1\n")
         yield inst
     finally:

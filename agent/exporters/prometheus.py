@@ -292,10 +292,14 @@ class SeriesCap:
 
 def merge_families(fams: list) -> list:
     """One family per metric name: renderers that each yield the same metric (e.g. every eBPF probe's
-    kvmscope_probe_events_total) would otherwise repeat HELP/TYPE, which the text format forbids."""
+    kvmscope_probe_events_total) would otherwise repeat HELP/TYPE, which the text format forbids.
+    Callables (producers rendered at scrape time) are kept in place, untouched."""
     seen: dict[str, object] = {}
     out = []
     for f in fams:
+        if callable(f):
+            out.append(f)
+            continue
         first = seen.get(f.name)
         if first is None:
             seen[f.name] = f
@@ -572,19 +576,7 @@ class SnapshotCollector:
                     items.append(lambda now, render=render, snap=snap: _run_snapshot_renderer(render, snap))
                     continue
                 items.extend(_run_snapshot_renderer(render, snap))
-        # merge_families over the per-snapshot families, producers kept in place
-        seen: dict[str, object] = {}
-        merged = []
-        for it in items:
-            if callable(it):
-                merged.append(it)
-                continue
-            first = seen.get(it.name)
-            if first is None:
-                seen[it.name] = it
-                merged.append(it)
-            else:
-                first.samples.extend(it.samples)
+        merged = merge_families(items)
         fams = [it for it in merged if not callable(it)]
         dropped, capped = self.cap.filter(fams, *self.cap.identities(fams))
         return _Rendered(snap, merged, dropped, capped)

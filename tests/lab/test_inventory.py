@@ -73,16 +73,20 @@ def test_vm_request_counts_agree_with_virsh(lab):
     before = {vm: virsh_block(vm) for vm in lab.vm_names}
     rows = json.loads(kvmscope("vms", "--json").stdout)
     after = {vm: virsh_block(vm) for vm in lab.vm_names}
-    seen = 0
+    seen, moved = 0, []
     for r in rows:
         if r["vm"] not in lab.vm_names:
             continue
         for op, key in (("rd", "rd_reqs"), ("wr", "wr_reqs")):
             lo, hi = before[r["vm"]][r["disk"]][op], after[r["vm"]][r["disk"]][op]
             assert lo <= r["stats"][key] <= hi, (r["vm"], r["disk"], op, lo, r["stats"][key], hi)
-            assert hi > lo, "the guest load must be moving the counters"
+            if hi > lo:
+                moved.append((r["vm"], r["disk"], op))
         seen += 1
     assert seen == 2 * len(lab.vm_names)
+    # the window proves something only while the guests' load moves counters; one
+    # disk's loop may stall for a moment under TCG on a loaded machine, all of them not
+    assert moved, "the guest load moved no counter between the two virsh reads"
 
 
 def test_vms_sample_gives_rates(lab):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Any
 
@@ -11,25 +10,12 @@ import typer
 
 from agent import config as config_mod
 from agent.config import Config
+from agent.text import clean
 
 
 def load_config(ctx: typer.Context, override: str | None = None) -> tuple[Config, str]:
     path = override or (ctx.obj or {}).get("config") if ctx else override
     return config_mod.load(path)
-
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(text: str, integer: bool = False) -> float:
-    """'500ms', '30s', '2m', '1h', '1d' (a bare number is seconds) -> seconds.
-    ``integer``: whole numbers only. ValueError when it is not a duration;
-    range checks are the caller's."""
-    num = r"\d+" if integer else r"\d+(?:\.\d+)?"
-    m = re.fullmatch(rf"\s*({num})\s*(ms|s|m|h|d)?\s*", text or "")
-    if not m:
-        raise ValueError(f"{text!r} is not a duration")
-    return float(m[1]) * _UNITS[m[2]]
 
 
 def print_json(data: Any) -> None:
@@ -40,18 +26,6 @@ def print_json(data: Any) -> None:
 def msg(text: str) -> None:
     """A message for the human (stderr), never data."""
     print(text, file=sys.stderr, flush=True)
-
-
-def clean(value) -> str:
-    """A value for a terminal table: control characters made visible, None as '-'."""
-    if value is None:
-        return "-"
-    s = str(value)
-    return "".join(_CTRL.get(c, c) if (ord(c) < 32 or c == "\x7f") else c for c in s)
-
-
-_CTRL = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
-_CTRL.update({chr(i): f"\\x{i:02x}" for i in list(range(32)) + [127] if chr(i) not in _CTRL})
 
 
 def table(headers: list[str], rows: list[list], out=None) -> None:

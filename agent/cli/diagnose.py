@@ -8,7 +8,8 @@ import time
 import typer
 
 from agent.cli import app, examples
-from agent.cli.common import attached_snapshots, load_config, msg, parse_duration
+from agent.cli.common import attached_snapshots, load_config, msg
+from agent.durations import parse_duration
 from agent.codec import dump_recording, read_recording
 from agent.diagnose.report import EXIT_OK, EXIT_PROBLEMS, diagnose as run_diagnose, dumps, report_json, report_text
 from agent.diagnose.rules import describe_rules

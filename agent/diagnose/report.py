@@ -7,6 +7,7 @@ import json
 from agent.config import DiagnoseConfig
 from agent.diagnose.rules import Finding, run_rules
 from agent.diagnose.window import Window, build_window
+from agent.text import clean
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 3  # warning or critical findings; 1 = could not run, 2 = bad usage
@@ -41,8 +42,6 @@ def _fmt_ev(v) -> str:
 
 
 def report_text(w: Window, findings: list[Finding]) -> str:
-    from agent.cli.common import clean
-
     lines = []
     n = {s: sum(1 for f in findings if f.severity == s) for s in ("critical", "warning", "info")}
     problems = n["critical"] + n["warning"]

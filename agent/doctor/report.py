@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from agent.doctor import STATUSES, CheckInfo, Result, exit_code
+from agent.text import clean
 
 SCHEMA = 1
 FINDING_WIDTH = 100
@@ -31,8 +32,6 @@ def _cut(s: str, n: int) -> str:
 
 
 def report_text(host: str, results: list[Result], verbose: bool = False) -> str:
-    from agent.cli.common import clean
-
     n = summary(results)
     lines = [
         f"kvmscope doctor: host {clean(host)}: {n['problem']} problem(s), {n['warning']} warning(s), "

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from agent.durations import parse_duration
 from agent.errors import ConfigError, KvmscopeError
 from agent.fleet.analysis import PathSample
 
@@ -40,8 +41,6 @@ _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 def parse_window(text: str) -> int:
     """'30s', '5m', '1h' -> seconds (whole seconds, 10 s .. 7 d)."""
-    from agent.cli.common import parse_duration
-
     try:
         v = int(parse_duration(text, integer=True))
     except ValueError:

@@ -18,6 +18,12 @@ hash (as exporter-toolkit does), so a 15 s scrape does not pay bcrypt's
 ~50-100 ms every time; a failed check is never cached. An unknown user is
 checked against a dummy hash so that timing does not reveal which users exist.
 
+``RequireAnyClientCert`` and ``RequestClientCert`` differ from exporter-toolkit:
+there they ask for a client certificate without verifying it; Python's ssl
+module verifies every certificate it asks for and has no "accept any" mode, so
+here they need ``client_ca_file`` (refused at load without it, rather than
+refusing every client at run time) and the certificate is verified against it.
+
 Not supported (refused with a clear error, not ignored): ``http_server_config``
 and ``tls_server_config`` keys other than the ones above (cipher suites,
 curves, client_allowed_sans).
@@ -43,6 +49,11 @@ CLIENT_AUTH = {
     "RequireAnyClientCert": ssl.CERT_REQUIRED,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
+# exporter-toolkit (Go's crypto/tls) asks for a client certificate but does not verify it with
+# these two; Python's ssl has no "accept any" mode, so here they need client_ca_file and verify
+# against it (RequireAnyClientCert behaves as RequireAndVerifyClientCert, RequestClientCert as
+# VerifyClientCertIfGiven): stricter, never looser.
+UNVERIFIED_CLIENT_AUTH = ("RequireAnyClientCert", "RequestClientCert")
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
     "TLS11": ssl.TLSVersion.TLSv1_1,
@@ -164,6 +175,12 @@ def parse_web_config(text: str, path: Path) -> WebConfig:
         ca = t.get("client_ca_file")
         if cat in ("RequireAndVerifyClientCert", "VerifyClientCertIfGiven") and not ca:
             raise _err(path, f"tls_server_config.client_ca_file: required with client_auth_type {cat}")
+        if cat in UNVERIFIED_CLIENT_AUTH and not ca:
+            raise _err(path, f"tls_server_config.client_ca_file: required with client_auth_type {cat} here: "
+                             "exporter-toolkit accepts any client certificate without verifying it, which "
+                             "Python's ssl module cannot do (it verifies every certificate it asks for, so "
+                             "without a CA it would refuse every client); give client_ca_file (the client "
+                             "certificate is then verified against it) or use NoClientCert with basic_auth_users")
         for k in ("min_version", "max_version"):
             if t.get(k) is not None and t[k] not in TLS_VERSIONS:
                 raise _err(path, f"tls_server_config.{k}: got {t[k]!r}; allowed {', '.join(TLS_VERSIONS)}")

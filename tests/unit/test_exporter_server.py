@@ -122,6 +122,10 @@ def test_garbage_authorization_header_is_401(tmp_path, server):
         ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: Maybe\n", "allowed NoClientCert"),
         ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAndVerifyClientCert\n",
          "client_ca_file: required"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAnyClientCert\n",
+         "client_ca_file: required with client_auth_type RequireAnyClientCert"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequestClientCert\n",
+         "client_ca_file: required with client_auth_type RequestClientCert"),
         ("http_server_config:\n  http2: true\n", "unsupported keys"),
         ("- a list\n", "mapping"),
         ("basic_auth_users: [\n", "not valid YAML"),
@@ -198,6 +202,50 @@ def test_tls_client_certificates_required_and_verified(pki, server):
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
             _get(port, "prom", "pw", scheme="https", ctx=_client_ctx(pki, cert))
     assert _get(port, "prom", "pw", scheme="https", ctx=_client_ctx(pki, "client"))[0] == 200
+
+
+def test_stdlib_tls_refuses_every_client_certificate_without_a_ca(pki):
+    """Why RequireAnyClientCert needs client_ca_file here: a Python server context that asks for a
+    client certificate without a CA refuses even a good one (what the old mapping did at run time)."""
+    import socket
+    import threading
+
+    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    srv.verify_mode = ssl.CERT_REQUIRED
+    lsock = socket.create_server(("127.0.0.1", 0))
+    errors = []
+
+    def accept():
+        conn, _ = lsock.accept()
+        try:
+            srv.wrap_socket(conn, server_side=True).close()
+        except ssl.SSLError as e:
+            errors.append(e)
+            conn.close()
+
+    t = threading.Thread(target=accept)
+    t.start()
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        with socket.create_connection(lsock.getsockname(), timeout=5) as raw:
+            with _client_ctx(pki, "client").wrap_socket(raw, server_hostname="127.0.0.1") as c:
+                c.sendall(b"x")
+                c.recv(1)
+    t.join(5)
+    lsock.close()
+    assert errors and "certificate" in str(errors[0]).lower()
+
+
+def test_require_any_client_cert_with_a_ca_requires_and_verifies(pki, server):
+    (pki / "web.yml").write_text(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  client_auth_type: RequireAnyClientCert\n  client_ca_file: ca.crt\n"
+    )
+    port = server(web=load_web_config(pki / "web.yml")).address[1]
+    assert _get(port, scheme="https", ctx=_client_ctx(pki, "client"))[0] == 200
+    for cert in (None, "stranger"):
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _get(port, scheme="https", ctx=_client_ctx(pki, cert))
 
 
 def test_unloadable_certificate_fails_at_start(pki):

@@ -14,7 +14,9 @@ configuration in deploy/prometheus/prometheus.yml sets on every target) and
 reconnects (new series per local port) do not count as retransmits.
 
 Basic auth comes from the URL (``https://user:pass@prom:9090``); TLS uses the
-system CA store.
+system CA store. A redirect keeps the credentials only when it stays on the same
+scheme, host and port: a redirect elsewhere is followed without them (urllib
+itself would send them on to any host).
 """
 
 from __future__ import annotations
@@ -74,6 +76,26 @@ def check_selector(sel: str) -> str:
     return sel
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = urllib.parse.urlsplit(url)
+    scheme = u.scheme.lower()
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    return scheme, (u.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+class _CredentialsStayHome(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, dropping Authorization when one leads to another scheme, host or port."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
 class Prometheus:
     """A Prometheus HTTP API endpoint (instant queries only)."""
 
@@ -89,6 +111,7 @@ class Prometheus:
             u = u._replace(netloc=netloc)
         self.base = urllib.parse.urlunsplit(u._replace(query="", fragment="")).rstrip("/")
         self.timeout = timeout
+        self._opener = urllib.request.build_opener(_CredentialsStayHome())
 
     def query(self, expr: str, at: str | None = None) -> list[dict]:
         params = {"query": expr}
@@ -99,7 +122,7 @@ class Prometheus:
             req.add_header("Authorization", self.auth)
         where = f"Prometheus at {self.base}"
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            with self._opener.open(req, timeout=self.timeout) as r:
                 raw = r.read(MAX_BODY + 1)
         except urllib.error.HTTPError as e:
             body = _json_or_none(e.read(MAX_BODY))

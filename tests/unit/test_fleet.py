@@ -208,6 +208,57 @@ def test_unreachable_prometheus_is_a_clear_error():
         Prometheus(f"http://127.0.0.1:{port}", timeout=5).query("up")
 
 
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers an empty vector, or redirects /moved to server.redirect_to; records each Authorization."""
+
+    def do_GET(self):  # noqa: N802
+        self.server.seen.append((self.path.split("?")[0], self.headers.get("Authorization")))
+        if self.path.startswith("/moved"):
+            self.send_response(302)
+            self.send_header("Location", self.server.redirect_to + "/api/v1/query?query=up")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b'{"status":"success","data":{"resultType":"vector","result":[]}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def recorders():
+    servers = []
+    for _ in range(2):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+        srv.seen = []
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    yield servers
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_credentials_are_not_sent_on_a_redirect_to_another_port(recorders):
+    a, b = recorders
+    a.redirect_to = f"http://127.0.0.1:{b.server_address[1]}"
+    assert Prometheus(f"http://u:secret@127.0.0.1:{a.server_address[1]}/moved", timeout=5).query("up") == []
+    assert a.seen == [("/moved/api/v1/query", "Basic dTpzZWNyZXQ=")]
+    assert b.seen == [("/api/v1/query", None)]
+
+
+def test_credentials_follow_a_redirect_on_the_same_origin(recorders):
+    a, _ = recorders
+    a.redirect_to = f"http://127.0.0.1:{a.server_address[1]}/prom"
+    assert Prometheus(f"http://u:secret@127.0.0.1:{a.server_address[1]}/moved", timeout=5).query("up") == []
+    assert a.seen == [("/moved/api/v1/query", "Basic dTpzZWNyZXQ="), ("/prom/api/v1/query", "Basic dTpzZWNyZXQ=")]
+
+
 # -- the whole command against a real Prometheus with backfilled series ----------------------
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -285,6 +287,57 @@ def _describe(err: Mapping[str, Any]) -> str:
     return msg
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@]*)@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info masked: ``https://u:********@host`` (logs, errors, ``config show``)."""
+
+    def mask(m: re.Match) -> str:
+        user, colon, _password = m.group(2).partition(":")
+        return f"{m.group(1)}{user}{':' + MASK if colon else ''}@"
+
+    return _USERINFO.sub(mask, url, count=1)
+
+
+def _redact_value(v: Any) -> Any:
+    if isinstance(v, str):
+        return redact_url(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_redact_value(x) for x in v)
+    return v
+
+
+def _field_at(parts: tuple) -> Any:
+    """The annotation of the configuration key at ``parts`` (field names), or None when there is none."""
+    model: Any = Config
+    ann = None
+    for part in parts:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(part, str) or not fields or part not in fields:
+            return None
+        ann = fields[part].annotation
+        model = ann
+    return ann
+
+
+def _bare(ann: Any) -> set:
+    """The types an annotation admits, with Optional/Union unwrapped."""
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return {a for a in typing.get_args(ann) if a is not type(None)}
+    return {ann}
+
+
+def _is_secret(loc: tuple) -> bool:
+    return SecretStr in _bare(_field_at(loc))
+
+
+def _wants_text(parts: tuple) -> bool:
+    """True when the key at ``parts`` holds text only (str or a secret), so an override is taken verbatim."""
+    kinds = _bare(_field_at(parts))
+    return bool(kinds) and kinds <= {str, SecretStr}
+
+
 def format_validation_error(exc: ValidationError, origin: str, env_keys: Mapping[tuple, str]) -> str:
     lines = []
     for err in exc.errors(include_url=False):
@@ -299,7 +352,12 @@ def format_validation_error(exc: ValidationError, origin: str, env_keys: Mapping
             lines.append(f"{where}: {key}: required key is missing")
             continue
         value = err.get("input")
-        shown = "(section)" if isinstance(value, (dict, BaseModel)) else repr(value)
+        if isinstance(value, (dict, BaseModel)):
+            shown = "(section)"
+        elif _is_secret(loc):
+            shown = "(a secret, not shown)"
+        else:
+            shown = repr(_redact_value(value))
         lines.append(f"{where}: {key}: got {shown}; {_describe(err)}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -343,12 +401,15 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict, dict[tuple, str]]:
         if not all(parts):
             raise ConfigError(f"environment {name}: empty key part; use KVMSCOPE_SECTION__KEY=value")
         raw = environ[name]
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, dict):
-            value = raw  # a mapping is never meant here; keep the text
+        if _wants_text(parts):
+            value = raw  # taken as written: YAML would eat "s3cret #2" to "s3cret" and "#x" to None
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+            if isinstance(value, dict):
+                value = raw  # a mapping is never meant here; keep the text
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -405,7 +466,7 @@ def masked_dict(cfg: Config) -> dict:
             elif isinstance(v, SecretStr):
                 out[name] = MASK
             else:
-                out[name] = v
+                out[name] = _redact_value(v)
         return out
 
     return walk(cfg)

@@ -156,7 +156,7 @@ def run(
         agent.on_snapshot.insert(0, shipping.consume)  # only appends to the local spool/file
         render_shipping.set_provider(shipping.health)
         if cfg.elasticsearch.enabled:
-            from agent.shipping.shipper import redact_url
+            from agent.config import redact_url
 
             msg(f"shipping to elasticsearch {', '.join(redact_url(h) for h in cfg.elasticsearch.hosts)} "
                 f"(namespace {cfg.elasticsearch.namespace}) via spool {cfg.elasticsearch.spool_dir}")

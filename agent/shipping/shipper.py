@@ -39,8 +39,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
+from agent.config import redact_url
 from agent.model import Snapshot
 from agent.shipping.ecs import documents, finding_doc
 from agent.shipping.spool import Batch, Record, Spool
@@ -48,18 +48,6 @@ from agent.shipping.spool import Batch, Record, Spool
 log = logging.getLogger(__name__)
 
 RETRYABLE_ITEM = {429, 500, 502, 503, 504}
-
-
-def redact_url(url: str) -> str:
-    """A host URL without user:password, for logs."""
-    try:
-        u = urlsplit(url)
-    except ValueError:
-        return "(unparsable URL)"
-    if u.username or u.password:
-        netloc = u.hostname + (f":{u.port}" if u.port else "")
-        return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
-    return url
 
 
 def make_client(cfg):

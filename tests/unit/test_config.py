@@ -205,3 +205,42 @@ def test_example_file_documents_every_key():
         return missing
 
     assert walk(config.Config, raw, "") == []
+
+
+def test_config_show_masks_passwords_in_urls(tmp_path):
+    p = write(tmp_path, "elasticsearch:\n  hosts: ['https://ship:pa55word@es1:9200', 'http://es2:9200']\n")
+    r = run_cli("-c", str(p), "config", "show")
+    assert r.returncode == 0, r.stderr
+    assert "pa55word" not in r.stdout
+    assert "https://ship:********@es1:9200" in r.stdout and "http://es2:9200" in r.stdout
+
+
+def test_validation_errors_never_echo_secrets(tmp_path):
+    p = write(tmp_path, "elasticsearch:\n  password: [123456]\n  api_key: {a: 1}\n")
+    err = load_err(p)
+    assert "123456" not in err
+    assert "elasticsearch.password: got (a secret, not shown); expected a string" in err
+    err = load_err(None, {"KVMSCOPE_ELASTICSEARCH__HOSTS": "https://u:t0psecret@h:9200"})
+    assert "t0psecret" not in err and "https://u:********@h:9200" in err
+
+
+@pytest.mark.parametrize("raw", ["s3cret #2", "#x", "null", "[a, b]", "  padded ", "yes", "0123"])
+def test_text_overrides_are_taken_verbatim(raw):
+    cfg, _ = config.load(None, environ={"KVMSCOPE_ELASTICSEARCH__PASSWORD": raw,
+                                        "KVMSCOPE_ELASTICSEARCH__USERNAME": raw})
+    assert cfg.elasticsearch.password.get_secret_value() == raw
+    assert cfg.elasticsearch.username == raw
+
+
+def test_typed_overrides_still_parsed():
+    cfg, _ = config.load(None, environ={"KVMSCOPE_STORAGE__PORTS": "[3260, 3261]", "KVMSCOPE_AGENT__INTERVAL": "2",
+                                        "KVMSCOPE_ELASTICSEARCH__ENABLED": "true"})
+    assert cfg.storage.ports == [3260, 3261] and cfg.agent.interval == 2.0 and cfg.elasticsearch.enabled is True
+
+
+def test_redact_url():
+    assert config.redact_url("https://u:p@h:9200/x") == "https://u:********@h:9200/x"
+    assert config.redact_url("https://u@h") == "https://u@h"
+    assert config.redact_url("http://[::1]:9200") == "http://[::1]:9200"
+    assert config.redact_url("https://u:p@[::1]:9200") == "https://u:********@[::1]:9200"
+    assert config.redact_url("not a url u:p@x") == "not a url u:p@x"

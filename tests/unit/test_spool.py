@@ -104,7 +104,8 @@ def test_oldest_pending_time(tmp_path):
 
 def test_secrets_are_masked_and_urls_redacted(tmp_path):
     from agent.config import Config, masked_dict
-    from agent.shipping.shipper import make_client, redact_url
+    from agent.config import redact_url
+    from agent.shipping.shipper import make_client
 
     cfg = Config()
     cfg.elasticsearch.username = "kvmscope"
@@ -112,7 +113,7 @@ def test_secrets_are_masked_and_urls_redacted(tmp_path):
     cfg.elasticsearch.api_key = "c2VjcmV0"
     shown = masked_dict(cfg)["elasticsearch"]
     assert shown["password"] == shown["api_key"] == "********"
-    assert redact_url("https://u:hunter2@es.example:9200/") == "https://es.example:9200/"
+    assert redact_url("https://u:hunter2@es.example:9200/") == "https://u:********@es.example:9200/"
     keyfile = tmp_path / "key"
     keyfile.write_text("from-file\n")
     cfg.elasticsearch.api_key_file = str(keyfile)

@@ -113,7 +113,8 @@ def snapshot_from_json(d: dict, types_: dict[str, type] | None = None) -> Snapsh
         if tp is not None:
             data[name] = decode(tp, v)
     health = {
-        k: SourceHealth(h["name"], Status(h["status"]), h["duration_seconds"], h.get("reason", ""))
+        k: SourceHealth(h["name"], Status(h["status"]), h["duration_seconds"], h.get("reason", ""),
+                        dict(h.get("dropped") or {}))
         for k, h in d.get("health", {}).items()
     }
     return Snapshot(d["seq"], d["timestamp"], d["host"], d["duration_seconds"], data, health)

@@ -29,6 +29,22 @@ from agent.sources import Source
 log = logging.getLogger(__name__)
 
 
+def _dropped(src: Source) -> dict[str, int]:
+    """A copy of the source's cumulative ``dropped`` counters ({reason: n}), if it keeps any.
+
+    The source's own thread may be adding to them (a timed-out source still runs): a copy that
+    races with a new key is retried, and given up (empty) rather than failing the cycle."""
+    d = getattr(src, "dropped", None)
+    if not d:
+        return {}
+    for _ in range(3):
+        try:
+            return dict(d)
+        except RuntimeError:  # dictionary changed size during iteration
+            continue
+    return {}
+
+
 class Agent:
     def __init__(
         self,
@@ -90,18 +106,21 @@ class Agent:
                     Status.FAILED,
                     0.0,
                     f"still running since {t0 - prev[1]:.1f}s ago (hung?); not restarted",
+                    _dropped(src),
                 )
                 continue
             fut = self._pool.submit(self._run_source, src)
             self._inflight[src.name] = (fut, t0)
             started[src.name] = fut
         wait(started.values(), timeout=self.timeout)
+        by_name = {src.name: src for src in self.sources}
         for name, fut in started.items():
             if not fut.done():
-                health[name] = SourceHealth(name, Status.FAILED, self._mono() - t0, f"timed out after {self.timeout:g}s")
+                health[name] = SourceHealth(name, Status.FAILED, self._mono() - t0, f"timed out after {self.timeout:g}s",
+                                            _dropped(by_name[name]))
                 continue
             status, value, reason, dur = fut.result()
-            health[name] = SourceHealth(name, status, dur, reason)
+            health[name] = SourceHealth(name, status, dur, reason, _dropped(by_name[name]))
             if status is Status.OK:
                 data[name] = value
         with self._lock:

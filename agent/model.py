@@ -25,6 +25,9 @@ class SourceHealth:
     status: Status
     duration_seconds: float
     reason: str = ""
+    # samples or tracked objects the source left out since the agent started, by reason
+    # (invalid_value, evicted, expired): the source's own cumulative ``dropped`` counters
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:
@@ -37,7 +40,7 @@ class SourceHealth:
             "status": self.status.value,
             "duration_seconds": round(self.duration_seconds, 6),
             "reason": self.reason,
-        }
+        } | ({"dropped": dict(self.dropped)} if self.dropped else {})
 
 
 @dataclass(frozen=True)

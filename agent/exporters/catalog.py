@@ -65,6 +65,15 @@ COLLECTOR_DURATION = define(
     ("collector",),
     "agent loop",
 )
+COLLECTOR_DROPPED = define(
+    "kvmscope_collector_dropped_samples_total",
+    "counter",
+    "Samples or tracked objects the collector left out since the agent started, by reason: invalid_value (a value "
+    "from outside of the wrong type or out of range, e.g. a QMP counter that is not an integer), evicted (a "
+    "per-object table was full), expired (an object not seen for a while was forgotten).",
+    ("collector", "reason"),
+    "agent loop",
+)
 SNAPSHOT_TIMESTAMP = define(
     "kvmscope_snapshot_timestamp_seconds",
     "gauge",

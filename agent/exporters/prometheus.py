@@ -93,6 +93,12 @@ def _render_agent(snap: Snapshot | None) -> Iterable:
     yield success
     yield nodata
     yield duration
+    dropped = C.COLLECTOR_DROPPED.family()
+    for name in sorted(snap.health):
+        for reason, n in sorted(snap.health[name].dropped.items()):
+            dropped.add_metric([name, reason], n)
+    if dropped.samples:
+        yield dropped
     ts = C.SNAPSHOT_TIMESTAMP.family()
     ts.add_metric([], snap.timestamp)
     yield ts

@@ -11,6 +11,13 @@ A source's ``collect()``:
     has no such thing (not a failure),
   * raises anything else on failure; the agent loop records the reason and
     the duration and carries on with the other sources.
+
+A source that validates outside input or bounds a per-object table keeps
+``dropped``: a dict of cumulative counts by reason (``invalid_value``: a
+value of the wrong type or out of range, left out; ``evicted``: an object
+left out because its table was full; ``expired``: an object forgotten after
+it was not seen for a while). The loop copies it into the source's health
+each cycle; /metrics exports it as ``kvmscope_collector_dropped_samples_total``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ libvirt-managed QEMU: libvirt marks a domain whose monitor is used behind
 its back as tainted (``custom-monitor``), and libvirt already holds the
 monitor socket of its domains.
 
+QEMU runs the guest and its answers are outside input: every value is
+type-checked at the parser (counters are JSON integers in 0..2**64-1,
+names are strings). A disk with a bad counter loses its counters for that
+cycle, the VM's ``error`` names the member and the value, and the source
+counts it in ``dropped["invalid_value"]``; nothing a QEMU says can fail the
+/metrics page or another VM's documents.
+
 Every socket has its own deadline (``qmp.timeout``) and its own thread: a
 socket that accepts and never answers marks that VM failed, and the cycle
 still completes on time.
@@ -104,31 +111,106 @@ class QmpClient:
         self.sock.close()
 
 
-def _hist(stats: dict, key: str) -> dict | None:
-    h = stats.get(key)
+U64_MAX = (1 << 64) - 1
+
+# BlockDeviceStats members read as counters (QAPI int/uint64) -> DiskStats field
+COUNTERS = (("rd_operations", "rd_reqs"), ("rd_bytes", "rd_bytes"), ("rd_total_time_ns", "rd_time_ns"),
+            ("wr_operations", "wr_reqs"), ("wr_bytes", "wr_bytes"), ("wr_total_time_ns", "wr_time_ns"),
+            ("flush_operations", "fl_reqs"), ("flush_total_time_ns", "fl_time_ns"))
+FAILED = ("failed_rd_operations", "failed_wr_operations", "failed_flush_operations")
+
+
+def valid_counter(v) -> bool:
+    """A QMP counter: a JSON integer in 0..2**64-1 (not a bool, not a float, not 10**400)."""
+    return type(v) is int and 0 <= v <= U64_MAX
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 24 else r[:20] + "..."
+
+
+def _str(v) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _hist(h, bad: list, where: str) -> dict | None:
+    """A ``BlockLatencyHistogramInfo`` (boundaries: [uint64], bins: [uint64], len(bins) = len(boundaries) + 1)."""
     if not h:
         return None
-    return {"boundaries_ns": list(h.get("boundaries", [])), "bins": list(h.get("bins", []))}
+    b = h.get("boundaries") if isinstance(h, dict) else None
+    n = h.get("bins") if isinstance(h, dict) else None
+    if (not isinstance(b, list) or not isinstance(n, list) or len(n) != len(b) + 1
+            or not all(map(valid_counter, b)) or not all(map(valid_counter, n))):
+        bad.append((where, _show(h)))
+        return None
+    return {"boundaries_ns": list(b), "bins": list(n)}
 
 
-def parse_blockstats(blockstats: list, block: list) -> list[VmDisk]:
-    """query-blockstats + query-block -> disks. Drives with no medium are skipped."""
+def parse_disk_stats(s, bad: list, disk: str) -> DiskStats | None:
+    """``BlockDeviceStats`` -> DiskStats, or None if any counter is not a valid counter.
+
+    Every value comes from a guest-controlled process: each is type-checked
+    here, and a bad one is appended to ``bad`` as ("<disk> <member>", value)
+    and costs this disk's counters for this cycle (a counter replaced by 0
+    would be a false reset). An absent member is 0, as QEMU omits none.
+    A histogram of the wrong shape is left out alone.
+    """
+    if not isinstance(s, dict):
+        bad.append((f"{disk} stats", _show(s)))
+        return None
+    n = len(bad)
+    vals = {}
+    for member, attr in COUNTERS:
+        v = s.get(member, 0)
+        if valid_counter(v):
+            vals[attr] = v
+        else:
+            bad.append((f"{disk} {member}", _show(v)))
+    failed = 0
+    for member in FAILED:
+        v = s.get(member, 0)
+        if valid_counter(v):
+            failed += v
+        else:
+            bad.append((f"{disk} {member}", _show(v)))
+    idle = s.get("idle_time_ns")
+    if idle is not None and not valid_counter(idle):
+        bad.append((f"{disk} idle_time_ns", _show(idle)))
+    if len(bad) > n:
+        return None
+    hist = {op: _hist(s.get(f"{op}_latency_histogram"), bad, f"{disk} {op}_latency_histogram")
+            for op in ("rd", "wr", "flush")}
+    hist = {k: v for k, v in hist.items() if v}
+    return DiskStats(**vals, failed_reqs=min(failed, U64_MAX), idle_time_ns=idle, histograms=hist or None)
+
+
+def parse_blockstats(blockstats: list, block: list, bad: list | None = None) -> list[VmDisk]:
+    """query-blockstats + query-block -> disks. Drives with no medium are skipped.
+
+    Values of the wrong type (QEMU is guest-exposed and may be hostile) are
+    left out and listed in ``bad`` as (where, value); see :func:`parse_disk_stats`.
+    """
+    bad = [] if bad is None else bad
+    if not isinstance(blockstats, list) or not isinstance(block, list):
+        raise QmpError("query-blockstats/query-block: not a list")
     files = {}
-    for b in block or []:
-        ins = b.get("inserted")
-        if not ins:
+    for b in block:
+        ins = b.get("inserted") if isinstance(b, dict) else None
+        if not isinstance(ins, dict):
             continue
-        key = b.get("qdev") or b.get("device")
-        files[key] = ins.get("file") or (ins.get("image") or {}).get("filename")
+        key = _str(b.get("qdev")) or _str(b.get("device"))
+        image = ins.get("image")
+        files[key] = _str(ins.get("file")) or (_str(image.get("filename")) if isinstance(image, dict) else None)
     disks = []
-    for bs in blockstats or []:
-        key = bs.get("qdev") or bs.get("device")
+    for bs in blockstats:
+        if not isinstance(bs, dict):
+            bad.append(("query-blockstats entry", _show(bs)))
+            continue
+        key = _str(bs.get("qdev")) or _str(bs.get("device"))
         if key not in files:
             continue
-        name = bs.get("device") or _qdev_name(bs.get("qdev")) or bs.get("node-name") or "?"
-        s = bs.get("stats", {})
-        hist = {op: _hist(s, f"{op}_latency_histogram") for op in ("rd", "wr", "flush")}
-        hist = {k: v for k, v in hist.items() if v}
+        name = _str(bs.get("device")) or _qdev_name(_str(bs.get("qdev"))) or _str(bs.get("node-name")) or "?"
         f = files[key] or ""
         if f.startswith("iscsi://"):
             host, port, iqn, lun = parse_iscsi_url(f)
@@ -139,25 +221,17 @@ def parse_blockstats(blockstats: list, block: list) -> list[VmDisk]:
         else:
             kind = "file" if f else "unknown"
             disk = VmDisk(target=name, kind=kind, source=f or None, host_devno=host_devno(kind, f or None))
-        disks.append(
-            replace(
-                disk,
-                stats=DiskStats(
-                    rd_reqs=s.get("rd_operations", 0),
-                    rd_bytes=s.get("rd_bytes", 0),
-                    rd_time_ns=s.get("rd_total_time_ns", 0),
-                    wr_reqs=s.get("wr_operations", 0),
-                    wr_bytes=s.get("wr_bytes", 0),
-                    wr_time_ns=s.get("wr_total_time_ns", 0),
-                    fl_reqs=s.get("flush_operations", 0),
-                    fl_time_ns=s.get("flush_total_time_ns", 0),
-                    failed_reqs=sum(s.get(k, 0) for k in ("failed_rd_operations", "failed_wr_operations", "failed_flush_operations")),
-                    idle_time_ns=s.get("idle_time_ns"),
-                    histograms=hist or None,
-                ),
-            )
-        )
+        disks.append(replace(disk, stats=parse_disk_stats(bs.get("stats", {}), bad, name)))
     return disks
+
+
+def _member(ret, key: str, bad: list) -> str | None:
+    """A string member of a QMP answer (query-name's name, query-status's status...); anything else is bad."""
+    v = ret.get(key) if isinstance(ret, dict) else None
+    if v is None or isinstance(v, str):
+        return v
+    bad.append((key, _show(v)))
+    return None
 
 
 def _qdev_name(qdev: str | None) -> str | None:
@@ -178,20 +252,23 @@ class QmpSource:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qmp")
         self._hist_done: set[tuple[str, str]] = set()
         self._busy: dict[str, threading.Event] = {}
+        self.dropped = {"invalid_value": 0}  # cumulative, exported through the loop's health
 
-    def _query(self, path: str) -> Vm:
+    def _query(self, path: str) -> tuple[Vm, list]:
         c = QmpClient(path, time.monotonic() + self.cfg.timeout)
         try:
             c.connect()
-            name = (c.execute("query-name") or {}).get("name") or path
-            status = (c.execute("query-status") or {}).get("status", "unknown")
-            uuid = (c.execute("query-uuid") or {}).get("UUID")
+            bad: list = []
+            name = _member(c.execute("query-name"), "name", bad) or path
+            status = _member(c.execute("query-status"), "status", bad) or "unknown"
+            uuid = _member(c.execute("query-uuid"), "UUID", bad)
             hist_errors = []
             if self.cfg.latency_histograms:
-                for b in c.execute("query-block") or []:
+                blocks = c.execute("query-block")
+                for b in blocks if isinstance(blocks, list) else []:
                     # the command wants the frontend device: its QOM path reaches the
                     # virtio backend (the short id would name the PCI proxy)
-                    dev = b.get("qdev")
+                    dev = _str(b.get("qdev")) if isinstance(b, dict) else None
                     if not (b.get("inserted") and dev) or (path, dev) in self._hist_done:
                         continue
                     args = {"id": dev, "boundaries": list(self.cfg.histogram_boundaries_ns)}
@@ -205,8 +282,11 @@ class QmpSource:
                         self._hist_done.add((path, dev))
                     except QmpError as e:
                         hist_errors.append(f"latency histogram on {dev}: {e}")
-            disks = parse_blockstats(c.execute("query-blockstats"), c.execute("query-block"))
-            return Vm(
+            disks = parse_blockstats(c.execute("query-blockstats"), c.execute("query-block"), bad)
+            if bad:
+                shown = ", ".join(f"{w}={v}" for w, v in bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+                hist_errors.append(f"invalid values from QMP left out: {shown}")
+            vm = Vm(
                 name=name,
                 uuid=uuid.lower() if uuid else None,
                 state=status,
@@ -215,6 +295,7 @@ class QmpSource:
                 manager="qmp",
                 error="; ".join(hist_errors) or None,
             )
+            return vm, bad
         finally:
             c.close()
 
@@ -251,7 +332,9 @@ class QmpSource:
                         owners[p] = q.pid
         for p, fut in futures.items():
             try:
-                vms.append(replace(fut.result(timeout=max(0.0, end - time.monotonic())), pid=owners.get(p)))
+                vm, bad = fut.result(timeout=max(0.0, end - time.monotonic()))
+                self.dropped["invalid_value"] += len(bad)
+                vms.append(replace(vm, pid=owners.get(p)))
             except FutureTimeout:
                 failed.append((p, f"no answer within {self.cfg.timeout:g}s"))
             except QmpError as e:

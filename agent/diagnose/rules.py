@@ -11,11 +11,14 @@ slow or the path is degraded), ``info`` (context, e.g. blind spots).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from statistics import median
 
 from agent.config import DiagnoseConfig
 from agent.diagnose.window import ConnWindow, DiskWindow, Window
+
+log = logging.getLogger(__name__)
 
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
@@ -182,8 +185,7 @@ def slow_target(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         if d.backend == "host" and (d.vm, d.disk) in iscsi_host and _slow(d, cfg):
             portal = iscsi_host[(d.vm, d.disk)]
             if portal not in lossy_portals and not d.stalled:
-                d.portal = d.portal or portal
-                slow.append(d)
+                slow.append(d if d.portal else replace(d, portal=portal))
     if not slow:
         return []
     portals = sorted({d.portal for d in slow})
@@ -279,7 +281,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
                 scope="one VM",
                 title=f"{d.vm} {d.disk}: portal {d.portal} stopped answering; I/O stopped",
-                evidence={"ops_in_window": d.ops, "intervals_ops": d.intervals_ops, "connection": c.four_tuple,
+                evidence={"ops_in_window": d.ops, "intervals_ops": list(d.intervals_ops), "connection": c.four_tuple,
                           "rto_backoff": c.max_backoff, "retransmits": c.retrans, "portal": d.portal},
                 cause="the TCP connection is still open but nothing comes back: retransmission timeouts back off "
                       "while the guest's requests wait (target down or the path black-holing packets); libiscsi "
@@ -293,7 +295,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                 scope="one VM",
                 title=f"{d.vm} {d.disk}: no established iSCSI connection to {d.portal}; I/O "
                 + ("stopped" if d.stalled or d.ops == 0 else "at risk"),
-                evidence={"ops_in_window": d.ops, "intervals_ops": d.intervals_ops,
+                evidence={"ops_in_window": d.ops, "intervals_ops": list(d.intervals_ops),
                           "connection_states": sorted({c.state for c in conns}) or None, "portal": d.portal},
                 cause="QEMU's libiscsi lost its TCP connection to the portal (target down, unreachable, or "
                       "not answering); the guest's requests wait until libiscsi reconnects",
@@ -304,7 +306,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
                 scope="one VM",
                 title=f"{d.vm} {d.disk}: I/O stopped during the window",
-                evidence={"intervals_ops": d.intervals_ops, "portal": d.portal, "backend": d.backend},
+                evidence={"intervals_ops": list(d.intervals_ops), "portal": d.portal, "backend": d.backend},
                 cause="requests stopped completing: the path or the target stopped answering, or the guest "
                       "stopped issuing I/O",
                 next_checks=["kvmscope paths", "target reachability", "guest console"]))
@@ -386,10 +388,12 @@ def saturating_vm(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
 
 @rule
 def blind_spots(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
-    """Blind spots: sources that failed, so every verdict is weaker.
+    """Blind spots: sources (or rules) that failed, so every verdict is weaker.
 
     Symptom: none by itself.
-    Signals: collectors or probes that failed during the window.
+    Signals: collectors or probes that failed during the window; a rule that
+    raised is reported the same way (subject kind "rule", with its error)
+    while the other rules still run.
     Threshold: any failure.
     Remedy: fix the source (its reason says how); until then read the other
     findings with care.
@@ -405,10 +409,26 @@ def blind_spots(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         next_checks=["kvmscope run --once (each collector's reason)", "kvmscope probes check"])]
 
 
-def run_rules(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
+def rule_failed(name: str, error: BaseException) -> Finding:
+    """A rule that raised: a blind spot like a failed source, named with its error."""
+    err = f"{type(error).__name__}: {error}"
+    return Finding(
+        rule="blind_spots", severity="info", subject={"kind": "rule", "id": name}, scope=None,
+        title=f"blind spot: rule {name} failed ({err}); the causes it looks for were not checked",
+        evidence={"rule": name, "error": err},
+        cause="a bug in the rule or input it did not expect; the other rules ran",
+        next_checks=["the agent's log (the traceback)", "report it with `kvmscope diagnose --json` output"])
+
+
+def run_rules(w: Window, cfg: DiagnoseConfig, rules=None) -> list[Finding]:
+    """Every rule over the window; one that raises is reported as a blind spot, the others still run."""
     findings = []
-    for r in RULES:
-        findings.extend(r(w, cfg))
+    for r in RULES if rules is None else rules:
+        try:
+            findings.extend(r(w, cfg))
+        except Exception as e:  # a rule bug must not hide the other rules' findings
+            log.exception("diagnosis rule %s failed", r.__name__)
+            findings.append(rule_failed(r.__name__, e))
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, str(f.subject.get("id"))))
     return findings
 

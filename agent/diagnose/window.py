@@ -8,14 +8,14 @@ a :class:`Window` out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import median
 
 from agent.model import Snapshot, Status
 from agent.topology import StoragePath, build_paths
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiskWindow:
     vm: str
     disk: str
@@ -27,10 +27,10 @@ class DiskWindow:
     read_ms: float | None
     write_ms: float | None
     stalled: bool  # had I/O earlier in the window, none at its end
-    intervals_ops: list[int] = field(default_factory=list)
+    intervals_ops: tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConnWindow:
     four_tuple: str
     portal: str
@@ -45,19 +45,19 @@ class ConnWindow:
     present_at_end: bool
 
 
-@dataclass
+@dataclass(frozen=True)
 class Window:
     host: str
     start: float
     end: float
     snapshots: int
-    disks: list[DiskWindow]
-    conns: list[ConnWindow]
-    paths: list[StoragePath]
+    disks: tuple[DiskWindow, ...]
+    conns: tuple[ConnWindow, ...]
+    paths: tuple[StoragePath, ...]
     reconnects: dict[tuple[str, str], int]  # (vm, portal) -> new connections seen in the window
     sessions: dict[int, dict]  # sid -> {"states": [...], "last": str, "target":..., "portal":..., errors deltas}
     ifaces: dict[str, dict[str, int]]  # name -> counter deltas (errors, drops)
-    storage_ifaces: set[str]
+    storage_ifaces: frozenset[str]
     host_retrans: int | None
     host_out_segs: int | None
     blind_spots: dict[str, str]  # source -> reason (failed somewhere in the window)
@@ -116,7 +116,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
                 read_ms=_ms(b.rd_time_ns - a.rd_time_ns, ops_r),
                 write_ms=_ms(b.wr_time_ns - a.wr_time_ns, ops_w),
                 stalled=stalled,
-                intervals_ops=per,
+                intervals_ops=tuple(per),
             )
         )
 
@@ -213,13 +213,13 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
         start=first.timestamp,
         end=last.timestamp,
         snapshots=len(snaps),
-        disks=sorted(disks, key=lambda d: (d.vm, d.disk)),
-        conns=sorted(conns, key=lambda c: (c.portal, c.four_tuple)),
-        paths=paths,
+        disks=tuple(sorted(disks, key=lambda d: (d.vm, d.disk))),
+        conns=tuple(sorted(conns, key=lambda c: (c.portal, c.four_tuple))),
+        paths=tuple(paths),
         reconnects=reconnects,
         sessions=sessions,
         ifaces=ifaces,
-        storage_ifaces=storage_ifaces,
+        storage_ifaces=frozenset(storage_ifaces),
         host_retrans=host_retrans,
         host_out_segs=host_out,
         blind_spots=blind,

@@ -3,17 +3,24 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit bench-probes dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz bench-probes dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
 
+# The whole suite, real components included. A skipped test FAILS here unless
+# this machine truly lacks what it needs (tests/conftest.py MACHINE_LACKS).
 test: setup-test
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	KVMSCOPE_REQUIRE_REAL=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Fast tests only (no lab, no eBPF): for quick edit/test loops.
 unit: setup-test
 	$(VENV)/bin/python -m pytest -m "not lab and not ebpf" $(PYTEST_ARGS)
+
+# Fuzz the parsers of outside input (tests/fuzz) with the long budget; make test
+# runs the same targets with the short 'ci' profile. FUZZ_ARGS e.g. -k netlink
+fuzz: setup-test
+	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -p no:cacheprovider -m fuzz tests/fuzz $(FUZZ_ARGS)
 
 # Benchmarks (not tests): results go to docs/performance.md. Root needed.
 bench-probes: setup-test

@@ -66,7 +66,7 @@ def parse_iscsid_conf(text: str) -> IscsidConf:
         if not sep or not name or " " in name:
             errors.append(f"line {n}: not 'name = value': {raw.strip()[:80]!r}")
             continue
-        if value[:1] in "\"'":
+        if value and value[0] in "\"'":  # ("" is in every string: `name =` has an empty value)
             end = value.find(value[0], 1)
             value = value[1:end] if end > 0 else value[1:]
         else:
@@ -180,6 +180,7 @@ def parse_multipath_conf(text: str, merge_into: MultipathConf | None = None, ori
                 pending = None
             elif t == "}":
                 if pending is not None:
+                    conf.errors.append(f"{where}line {pending[1]}: {pending[0]!r} has no value and opens no section")
                     pending = None
                 if not stack:
                     conf.errors.append(f"{where}line {n}: '}}' without an open section")
@@ -194,6 +195,9 @@ def parse_multipath_conf(text: str, merge_into: MultipathConf | None = None, ori
                     rest.append(toks.pop(0))
                 if not rest and (not toks or toks[0] == "{"):
                     pending = (t, n)
+                    continue
+                if not rest:  # `blacklist { wwid }`: a keyword right before the closing brace
+                    conf.errors.append(f"{where}line {n}: {t!r} has no value")
                     continue
                 if t.startswith('"'):
                     conf.errors.append(f"{where}line {n}: quoted keyword {t}")

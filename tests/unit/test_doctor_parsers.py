@@ -106,3 +106,38 @@ def test_queueing_semantics_of_multipath_conf_5():
     assert (q.mode, q.seconds) == ("retry", 20)
     assert _q("defaults {\n no_path_retry fail\n}").mode == "fail"
     assert _q("defaults {\n no_path_retry soon\n}").source.startswith("no_path_retry 'soon' is not")
+
+
+# -- defect 12 (issue 16): both raised IndexError, and the doctor checks that read the
+# files (iscsi_timeouts, nop_out) then showed as skipped with an error instead of results
+def test_iscsid_empty_value_is_kept_not_a_crash():
+    conf = parse_iscsid_conf("node.session.timeo.replacement_timeout =\nnode.conn[0].timeo.noop_out_interval = 7\n")
+    assert int_setting(conf, "node.session.timeo.replacement_timeout") == (None, "invalid '' (line 1)")
+    assert int_setting(conf, "node.conn[0].timeo.noop_out_interval") == (7, "line 2")
+
+
+def test_multipath_keyword_without_value_before_a_brace_is_an_error_not_a_crash():
+    conf = parse_multipath_conf("blacklist { wwid }\ndefaults {\n no_path_retry 6\n}\nblacklist {\n devnode\n}\n")
+    assert conf.section("defaults").get("no_path_retry") == "6"
+    assert conf.section("blacklist").values == {}
+    assert conf.errors == ["line 1: 'wwid' has no value", "line 6: 'devnode' has no value and opens no section"]
+
+
+def test_doctor_checks_still_report_with_those_lines(tmp_path):
+    from dataclasses import replace
+
+    from agent.doctor import run_checks
+    from tests.unit.test_doctor_checks import by, inp_for
+
+    root = tmp_path / "etc"
+    (root / "iscsi").mkdir(parents=True)
+    (root / "iscsi" / "iscsid.conf").write_text("node.session.timeo.replacement_timeout =\n")
+    (root / "multipath.conf").write_text("blacklist { wwid }\ndefaults {\n no_path_retry 6\n}\n")
+    inp = inp_for("good", tmp_path / "h")
+    inp.paths = replace(inp.paths, etcdir=root)
+    res = run_checks(inp, ["iscsi_timeouts", "nop_out"])
+    for name in ("iscsi_timeouts", "nop_out"):
+        got = by(res, name)
+        assert got and all(r.error is None for r in got), [(r.status, r.error) for r in got]
+    findings = " ".join(r.finding for r in by(res, "iscsi_timeouts"))
+    assert "'wwid' has no value" in findings, findings

@@ -19,7 +19,8 @@ import urllib.request
 from typing import Callable
 
 from agent.codec import snapshot_from_json, snapshot_to_json, record_types
-from agent.model import Snapshot
+from agent.records.addr import fmt_endpoint
+from agent.records.snapshot import Snapshot
 
 MAX_SNAPSHOTS = 2000
 
@@ -49,7 +50,7 @@ def agent_url(listen: str) -> str:
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    return f"http://{fmt_endpoint(host, port)}"
 
 
 def fetch_snapshots(base: str, timeout: float = 2.0, **params) -> list[Snapshot] | None:

@@ -16,7 +16,7 @@ import types
 import typing
 from functools import lru_cache
 
-from agent.model import Snapshot, SourceHealth, Status
+from agent.records.snapshot import Snapshot, SourceHealth, Status
 from agent.sources import load_registry
 
 FORMAT = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from agent.config import Config
 from agent.hostpaths import HostPaths
 from agent.loop import Agent
-from agent.model import Snapshot
+from agent.records.snapshot import Snapshot
 from agent.sources import SourceContext, load_registry, selected
 
 

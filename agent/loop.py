@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterable
 
 from agent.errors import NoData
-from agent.model import Snapshot, SourceHealth, Status
+from agent.records.snapshot import Snapshot, SourceHealth, Status
 from agent.sources import Source
 
 log = logging.getLogger(__name__)

@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 from agent.config import Config
-from agent.model import Snapshot
+from agent.records.iscsi import IscsiConnection, IscsiSession, IscsiSessions
+from agent.records.snapshot import Snapshot
+from agent.records.tcp import HostTcpCounters
+from agent.records.tcp import TcpInfo
+from agent.records.tcp import StorageConnection, StorageConnections
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.shipping.shipper import Shipping
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
-from agent.sources.host_tcp import HostTcpCounters
-from agent.sources.iscsi_kernel import IscsiConnection, IscsiSession, IscsiSessions
-from agent.sources.netlink_diag import TcpInfo
-from agent.sources.storage_tcp import StorageConnection, StorageConnections
 
 ROOT = Path(__file__).resolve().parent.parent
 ES = ROOT / "deploy" / "es" / "es"

@@ -37,10 +37,10 @@ from prometheus_client.exposition import generate_latest
 
 from benchmarks._doc import write_section
 from agent.exporters.prometheus import MetricsServer, SnapshotCollector, make_registry
-from agent.model import Snapshot, SourceHealth, Status
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
-from agent.sources.netlink_diag import TcpInfo
-from agent.sources.storage_tcp import StorageConnection, StorageConnections
+from agent.records.snapshot import Snapshot, SourceHealth, Status
+from agent.records.tcp import TcpInfo
+from agent.records.tcp import StorageConnection, StorageConnections
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- exporter benchmark: begin -->", "<!-- exporter benchmark: end -->"

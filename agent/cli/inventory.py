@@ -7,7 +7,8 @@ import typer
 from agent.cli import app, examples
 from agent.cli.common import attached_snapshots, health_notes, load_config, print_json, table, to_jsonable
 from agent.engine import collect_now
-from agent.topology import build_paths
+from agent.records.addr import fmt_endpoint
+from agent.records.paths import build_paths
 
 PATH_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces"]
 
@@ -84,7 +85,7 @@ def vms(
                     "disk": d.target,
                     "backend": d.backend,
                     "source": d.source,
-                    "portal": f"{d.hosts[0][0]}:{d.hosts[0][1]}" if d.hosts else None,
+                    "portal": fmt_endpoint(*d.hosts[0]) if d.hosts else None,
                     "stats": to_jsonable(s),
                     "error": vm.error,
                 }

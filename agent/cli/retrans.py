@@ -13,6 +13,7 @@ from agent.cli.common import clean, load_config, msg, print_json, table
 from agent.diagnose.window import build_window
 from agent.engine import build_agent
 from agent.errors import KvmscopeError
+from agent.records.addr import fmt_conn
 
 RETRANS_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces"]
 
@@ -106,7 +107,7 @@ def _follow(cfg, json_out: bool) -> None:
         while not stop[0]:
             if time.monotonic() - last_inv > 5:  # refresh who owns which connection
                 snap = inv.collect_once()
-                from agent.topology import build_paths
+                from agent.records.paths import build_paths
 
                 owners = {}
                 for p in build_paths(snap):
@@ -117,9 +118,7 @@ def _follow(cfg, json_out: bool) -> None:
             for e in data.events:
                 if not e.storage:
                     continue
-                s = f"[{e.saddr}]" if ":" in e.saddr else e.saddr
-                d = f"[{e.daddr}]" if ":" in e.daddr else e.daddr
-                conn = f"{s}:{e.sport}->{d}:{e.dport}"
+                conn = fmt_conn(e.saddr, e.sport, e.daddr, e.dport)
                 vm, disk = owners.get(conn, (None, None))
                 now = datetime.now()
                 if json_out:

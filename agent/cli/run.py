@@ -16,7 +16,8 @@ from agent.config import _check_listen
 from agent.errors import ConfigError
 from agent.hostpaths import HostPaths
 from agent.loop import Agent
-from agent.model import Snapshot, Status
+from agent.records.addr import fmt_endpoint
+from agent.records.snapshot import Snapshot, Status
 from agent.sources import SourceContext, selected
 
 
@@ -142,7 +143,7 @@ def run(
         server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history).start()
         agent.on_snapshot.append(server.prerender)  # the scrape after a cycle then costs ~1 ms
         h, p = server.address[:2]
-        msg(f"serving {server.scheme}://{'[' + h + ']' if ':' in h else h}:{p}/metrics")
+        msg(f"serving {server.scheme}://{fmt_endpoint(h, p)}/metrics")
 
     from agent.sources import storage_log
 

@@ -11,7 +11,7 @@ from agent.cli import app, examples
 from agent.cli.common import attached_snapshots, clean, load_config, print_json
 from agent.diagnose.window import Window, build_window
 from agent.engine import build_agent
-from agent.model import Status
+from agent.records.snapshot import Status
 
 TOP_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces", "host_tcp"]
 

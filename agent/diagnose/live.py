@@ -20,7 +20,7 @@ from typing import Callable
 from agent.config import DiagnoseConfig
 from agent.diagnose.rules import Finding, run_rules
 from agent.diagnose.window import build_window
-from agent.model import Snapshot
+from agent.records.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import median
 
-from agent.model import Snapshot, Status
-from agent.topology import StoragePath, build_paths
+from agent.records.addr import fmt_endpoint
+from agent.records.paths import StoragePath, build_paths
+from agent.records.snapshot import Snapshot, Status
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
                 vm=vm.name,
                 disk=d.target,
                 backend=d.backend,
-                portal=portal_of.get((vm.name, d.target)) or (f"{d.hosts[0][0]}:{d.hosts[0][1]}" if d.hosts else None),
+                portal=portal_of.get((vm.name, d.target)) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None),
                 ops=ops,
                 ops_per_second=ops / dt,
                 mean_ms=_ms(t, ops),

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from agent.config import Config
 from agent.hostpaths import HostPaths
-from agent.model import Snapshot
+from agent.records.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from collections import defaultdict
 from agent.doctor import DoctorInput, Result, check
 from agent.doctor.etc import read_iscsid, read_multipath
 from agent.doctor.parsers import int_setting, queueing
+from agent.records.addr import fmt_endpoint
 
 REPL = "node.session.timeo.replacement_timeout"
 NOP_INT = "node.conn[0].timeo.noop_out_interval"
@@ -310,7 +311,7 @@ def single_path(inp: DoctorInput) -> list[Result]:
                               f"{len(legs)} paths under {next(iter(holders))} via {', '.join(portals)}",
                               reference=REF_SINGLE, values=values))
     for vm, disk in _libiscsi_disks(inp):
-        portal = ", ".join(f"{h}:{p}" for h, p in disk.hosts) or "?"
+        portal = ", ".join(fmt_endpoint(h, p) for h, p in disk.hosts) or "?"
         out.append(Result(
             name, "info", f"{vm.name}/{disk.target}",
             f"QEMU libiscsi disk {disk.iqn} LUN {disk.lun} via {portal}: single path by design",

@@ -3,7 +3,7 @@
 Inputs: the storage TCP connections (inet_diag, with ``tcp_info.pmtu``, the
 path MTU the socket currently uses), the host interfaces (sysfs ``mtu``)
 and their addresses; a connection's interface is the one holding its source
-address (as in :mod:`agent.topology`).
+address (as in :mod:`agent.records.paths`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Inputs: the libvirt domain XML of each running VM (``<driver cache=
 error_policy= rerror_policy=>``, via the libvirt source; QMP-only VMs carry
-no policies), the storage paths (:func:`agent.topology.build_paths`) to tell
+no policies), the storage paths (``Snapshot.paths``) to tell
 which host-backed disks sit on kernel iSCSI, the inet_diag timer of each
 libiscsi socket, and the VM's QEMU log.
 
@@ -17,7 +17,7 @@ import glob
 import os
 
 from agent.doctor import DoctorInput, Result, check
-from agent.topology import build_paths
+from agent.records.paths import build_paths
 
 REF_CACHE = ('libvirt domain XML docs, "Hard drives, floppy disks, CDROMs": driver attribute cache; '
              'QEMU docs, -drive cache= ("cache.direct", "cache.writeback"); libvirt migration docs (unsafe '

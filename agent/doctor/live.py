@@ -12,14 +12,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from agent.records.addr import fmt_conn
 from agent.sources.netlink_diag import DiagSocket, dump_tcp
 
 
 def four_tuple(s: DiagSocket) -> str:
     """``SRC:SPORT->DST:DPORT`` exactly as StorageConnection.four_tuple writes it."""
-    src = f"[{s.src}]" if ":" in s.src else s.src
-    dst = f"[{s.dst}]:{s.dport}" if ":" in s.dst else f"{s.dst}:{s.dport}"
-    return f"{src}:{s.sport}->{dst}"
+    return fmt_conn(s.src, s.sport, s.dst, s.dport)
 
 
 def sample_socket_timers(ports: set[int], samples: int = 10, gap: float = 0.1,

@@ -21,55 +21,14 @@ overwrote another in-flight request with the same (dev, op, sector).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from agent.ebpf import decode
 from agent.ebpf.loader import Probe
 from agent.hostpaths import HostPaths
+from agent.records.ebpf import SLOT_MAX, BlockHistogram, BlockIoData, BlockProcess
 
-SLOT_MAX = 36
 KINDS = ("total", "queue", "device")
 TOT_INSERTED, TOT_ISSUED, TOT_COMPLETED, TOT_UNMATCHED, TOT_OVERWRITTEN, TOT_N = 0, 1, 2, 3, 4, 5
-
-
-@dataclass(frozen=True)
-class BlockHistogram:
-    device: str
-    major: int
-    minor: int
-    op: str
-    kind: str  # total | queue | device
-    slots: dict[int, int]  # log2 slot -> count
-    count: int
-    sum_ns: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class BlockProcess:
-    tgid: int
-    comm: str
-    device: str
-    op: str
-    count: int
-    sum_ns: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class BlockIoData:
-    histograms: tuple[BlockHistogram, ...]
-    processes: tuple[BlockProcess, ...]
-    totals: dict[str, int]
-    slot_max: int = SLOT_MAX
-    probe: object = None
-    tracepoints: tuple[str, ...] = field(default_factory=tuple)
-
-    def histogram(self, device: str, op: str, kind: str = "total") -> BlockHistogram | None:
-        for h in self.histograms:
-            if (h.device, h.op, h.kind) == (device, op, kind):
-                return h
-        return None
 
 
 class DeviceNames:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import ctypes
 from collections import deque
-from dataclasses import dataclass, field
 
 from agent.ebpf import decode
 from agent.ebpf.loader import Probe
+from agent.records.ebpf import ConnEvent, LiveConn, TcpLifecycleData
 
 KINDS = ("connect", "established", "close", "reset", "failed", "abort", "state")
 TOT_TRANSITIONS, TOT_TRACKED, TOT_EV_SENT, TOT_EV_CAPPED, TOT_EV_FULL, TOT_UNTRACKED_CLOSE, TOT_N = range(7)
@@ -51,55 +51,6 @@ class _Event(ctypes.Structure):
         ("daddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
     ]
-
-
-@dataclass(frozen=True)
-class ConnEvent:
-    monotonic_ns: int
-    kind: str
-    oldstate: str
-    newstate: str
-    role: str  # initiator | target
-    family: str
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    tgid: int
-    comm: str
-    age_seconds: float  # since connect (or since the probe first saw it)
-    established_seconds: float
-    reset: str  # "", "received", "sent"
-    conn_id: int  # start time of the connection in monotonic ns: groups one connection's events
-
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class LiveConn:
-    role: str
-    family: str
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    tgid: int
-    comm: str
-    start_ns: int
-    established: bool
-
-
-@dataclass(frozen=True)
-class TcpLifecycleData:
-    # (remote address, storage port) -> kind -> cumulative count
-    counts: dict[tuple[str, int], dict[str, int]]
-    live: tuple[LiveConn, ...]
-    events: tuple[ConnEvent, ...]
-    totals: dict[str, int]
-    probe: object = None
-    tracepoints: tuple[str, ...] = field(default_factory=tuple)
 
 
 def event_from_raw(e: _Event) -> ConnEvent:

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import ctypes
 from collections import deque
-from dataclasses import dataclass, field
 
 from agent.ebpf import decode
 from agent.ebpf.loader import Probe
+from agent.records.ebpf import TcpConnection, TcpRetransData, TcpRetransEvent
 
 KINDS = ("retransmit", "synack_retransmit", "reset_sent", "reset_received")
 TOT_STORAGE, TOT_EV_SENT, TOT_EV_CAPPED, TOT_EV_FULL, TOT_N = 4, 8, 9, 10, 11
@@ -47,52 +47,6 @@ class _Event(ctypes.Structure):
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
     ]
-
-
-@dataclass(frozen=True)
-class TcpConnection:
-    family: str
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    storage: bool
-    retransmits: int
-    synack_retransmits: int
-    resets_sent: int
-    resets_received: int
-    last_state: str
-    states: tuple[str, ...]
-    last_seen_ns: int  # CLOCK_MONOTONIC ns
-
-    def as_dict(self) -> dict:
-        return self.__dict__ | {"states": list(self.states)}
-
-
-@dataclass(frozen=True)
-class TcpRetransEvent:
-    monotonic_ns: int
-    kind: str
-    state: str
-    family: str
-    saddr: str
-    sport: int
-    daddr: str
-    dport: int
-    storage: bool
-
-
-@dataclass(frozen=True)
-class TcpRetransData:
-    connections: tuple[TcpConnection, ...]
-    # (remote address, remote port) -> kind -> cumulative count
-    storage: dict[tuple[str, int], dict[str, int]]
-    other: dict[str, int]  # kind -> cumulative count, everything not to a storage port
-    totals: dict[str, int]  # kind -> cumulative count, all connections
-    events: tuple[TcpRetransEvent, ...]  # new since the previous read
-    stream_dropped: int
-    probe: object = None  # ProbeStats
-    tracepoints: tuple[str, ...] = field(default_factory=tuple)
 
 
 def conn_fields(k) -> tuple[str, str, int, str, int]:

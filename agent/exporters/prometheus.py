@@ -1,6 +1,6 @@
 """Prometheus exposition of the latest snapshot, and the agent's HTTP server.
 
-A custom collector renders the latest :class:`~agent.model.Snapshot` at
+A custom collector renders the latest :class:`~agent.records.snapshot.Snapshot` at
 scrape time (no shared mutable gauges). Rendering never touches the host: a
 scrape only reads memory, so a slow source can never make a scrape slow.
 Each snapshot is rendered once (families and text kept until the next one);
@@ -54,8 +54,8 @@ from prometheus_client.openmetrics.exposition import UNDERSCORES, escape_label_n
 from agent import __version__
 from agent.errors import KvmscopeError
 from agent.exporters import catalog as C
-from agent.model import Snapshot, Status
-from agent.sources.host_tcp import HostTcpCounters
+from agent.records.snapshot import Snapshot, Status
+from agent.records.tcp import HostTcpCounters
 
 if TYPE_CHECKING:
     from agent.config import MetricsConfig

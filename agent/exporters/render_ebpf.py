@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Iterable
 
 from agent.ebpf import decode
-from agent.ebpf.block_io import BlockIoData
-from agent.ebpf.tcp_lifecycle import TcpLifecycleData
-from agent.ebpf.tcp_retrans import TcpRetransData
 from agent.exporters import catalog as C
 from agent.exporters.prometheus import renderer
+from agent.records.ebpf import BlockIoData
+from agent.records.ebpf import TcpLifecycleData
+from agent.records.ebpf import TcpRetransData
 
 OTHER = "other"
 

@@ -13,10 +13,11 @@ from typing import Iterable
 
 from agent.exporters.catalog import define
 from agent.exporters.prometheus import renderer, snapshot_renderer
-from agent.model import Snapshot
-from agent.sources._vm_records import Vms
-from agent.sources.iscsi_kernel import IscsiSessions
-from agent.topology import build_paths
+from agent.records.addr import fmt_endpoint
+from agent.records.iscsi import IscsiSessions
+from agent.records.paths import build_paths
+from agent.records.snapshot import Snapshot
+from agent.records.vms import Vms
 
 SESSION_LABELS = ("target", "portal", "session")
 
@@ -128,7 +129,7 @@ def _render_vms(data: Vms) -> Iterable:
         ok.add_metric([vm.name, vm.manager], 0 if vm.error and not any(d.stats for d in vm.disks) else 1)
         for d in vm.disks:
             lv = [vm.name, d.target]
-            portal = f"{d.hosts[0][0]}:{d.hosts[0][1]}" if d.hosts else ""
+            portal = fmt_endpoint(*d.hosts[0]) if d.hosts else ""
             info.add_metric(lv + [d.backend, d.iqn or "", "" if d.lun is None else str(d.lun), portal], 1)
             s = d.stats
             if s is None:
@@ -221,7 +222,7 @@ def render_storage_connections(snap: Snapshot) -> Iterable:
         if i is None:
             continue
         vm, disk = owner.get(c.four_tuple, ("", ""))
-        local = f"[{c.src}]:{c.sport}" if ":" in c.src else f"{c.src}:{c.sport}"
+        local = fmt_endpoint(c.src, c.sport)
         lv = [c.portal, local, vm, disk]
         for fam, v, div in ((rtt, i.rtt_us, 1e6), (rttvar, i.rttvar_us, 1e6), (rto, i.rto_us, 1e6),
                             (cwnd, i.snd_cwnd, 1), (unacked, i.unacked, 1), (lost, i.lost, 1), (backoff, i.backoff, 1),

@@ -33,6 +33,7 @@ import urllib.request
 from agent.durations import parse_duration
 from agent.errors import ConfigError, KvmscopeError
 from agent.fleet.analysis import PathSample
+from agent.records.addr import fmt_host
 
 RETRANS = "kvmscope_storage_connection_retransmitted_segments_total"
 BYTES = "kvmscope_storage_connection_bytes_total"
@@ -106,7 +107,7 @@ class Prometheus:
         if u.username is not None:
             cred = f"{urllib.parse.unquote(u.username)}:{urllib.parse.unquote(u.password or '')}"
             self.auth = "Basic " + base64.b64encode(cred.encode()).decode()
-            netloc = u.hostname if ":" not in u.hostname else f"[{u.hostname}]"
+            netloc = fmt_host(u.hostname)
             netloc += f":{u.port}" if u.port else ""
             u = u._replace(netloc=netloc)
         self.base = urllib.parse.urlunsplit(u._replace(query="", fragment="")).rstrip("/")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from agent.records.addr import fmt_conn, fmt_endpoint
 from agent.shipping.ecs import Doc, builder
 
 
@@ -19,12 +20,10 @@ def _wall(monotonic_ns: int) -> float:
 
 
 def _conn(family, saddr, sport, daddr, dport, pid=None, comm=None) -> dict:
-    s = f"[{saddr}]" if ":" in saddr else saddr
-    d = f"[{daddr}]:{dport}" if ":" in daddr else f"{daddr}:{dport}"
     return {
         "source.ip": saddr, "source.port": sport, "destination.ip": daddr, "destination.port": dport,
         "network.transport": "tcp", "network.type": family, "process.pid": pid or None, "process.name": comm or None,
-        "kvmscope.connection": f"{s}:{sport}->{d}", "kvmscope.portal": d,
+        "kvmscope.connection": fmt_conn(saddr, sport, daddr, dport), "kvmscope.portal": fmt_endpoint(daddr, dport),
     }
 
 

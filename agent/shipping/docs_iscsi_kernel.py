@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.records.addr import fmt_portal
 from agent.shipping.ecs import Doc, builder
 from agent.shipping.fields import ISCSI_SESSION
 
@@ -33,7 +34,7 @@ def session_docs(data, prev, snap, prev_snap):
                 "kvmscope.iscsi.connection.recv_tmo": c.recv_tmo,
                 "destination.ip": addr,
                 "destination.port": port,
-                "kvmscope.portal": (f"[{addr}]:{port}" if addr and ":" in addr else f"{addr}:{port}") if addr else None,
+                "kvmscope.portal": fmt_portal(addr, port),
             })
         for k, v in (s.stats or {}).items():
             if k in known:

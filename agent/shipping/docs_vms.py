@@ -8,6 +8,7 @@ cycle (latency = Δtotal_time_ns / Δrequests, QEMU's own accounting).
 
 from __future__ import annotations
 
+from agent.records.addr import fmt_endpoint
 from agent.shipping.ecs import Doc, snapshot_builder
 
 
@@ -47,7 +48,7 @@ def vm_disk_docs(snap, prev_snap):
     prev = _vms(prev_snap)
     paths = {}
     try:
-        from agent.topology import build_paths
+        from agent.records.paths import build_paths
 
         for p in build_paths(snap):
             paths.setdefault((p.vm, p.disk), p)
@@ -73,7 +74,7 @@ def vm_disk_docs(snap, prev_snap):
         }
         if disk.hosts:
             h, port = disk.hosts[0]
-            f["kvmscope.portal"] = f"[{h}]:{port}" if ":" in h else f"{h}:{port}"
+            f["kvmscope.portal"] = fmt_endpoint(h, port)
         if p is not None:
             f["kvmscope.portal"] = p.portal or f.get("kvmscope.portal")
             f["kvmscope.iscsi.session.sid"] = p.session

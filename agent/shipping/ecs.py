@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from agent import __version__
-from agent.model import Snapshot
+from agent.records.snapshot import Snapshot
 from agent.shipping.fields import DATASETS, ECS_VERSION
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import redact_url
-from agent.model import Snapshot
+from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import documents, finding_doc
 from agent.shipping.spool import Batch, Record, Spool
 

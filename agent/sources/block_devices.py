@@ -14,10 +14,10 @@ Cost: a few small reads per device per cycle.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
+from agent.records.block import BlockDevice, BlockDevices
 from agent.sources import SourceContext, register
 
 STAT_FIELDS = (
@@ -27,37 +27,6 @@ STAT_FIELDS = (
     "discard_ios", "discard_merges", "discard_sectors", "discard_ticks_ms",
     "flush_ios", "flush_ticks_ms",
 )
-
-
-@dataclass(frozen=True)
-class BlockDevice:
-    name: str
-    devno: str  # MAJ:MIN
-    dm_name: str | None
-    slaves: tuple[str, ...]
-    holders: tuple[str, ...]
-    stat: dict[str, int]
-
-
-@dataclass(frozen=True)
-class BlockDevices:
-    devices: tuple[BlockDevice, ...] = ()
-    partitions: tuple[tuple[str, str, str], ...] = ()  # (devno, partition name, parent disk)
-
-    def by_devno(self, devno: str) -> str | None:
-        for d in self.devices:
-            if d.devno == devno:
-                return d.name
-        for dn, _part, parent in self.partitions:
-            if dn == devno:
-                return parent
-        return None
-
-    def get(self, name: str) -> BlockDevice | None:
-        for d in self.devices:
-            if d.name == name:
-                return d
-        return None
 
 
 def parse_stat(text: str) -> dict[str, int]:

@@ -14,16 +14,10 @@ Cost: two small reads per cycle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from agent.errors import NoData
+from agent.records.tcp import HostTcpCounters
 from agent.sources import SourceContext, register
-
-
-@dataclass(frozen=True)
-class HostTcpCounters:
-    tcp: dict[str, int] = field(default_factory=dict)
-    tcp_ext: dict[str, int] = field(default_factory=dict)
 
 
 def parse_proc_net_groups(text: str) -> dict[str, dict[str, int]]:

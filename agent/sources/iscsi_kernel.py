@@ -32,76 +32,16 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
+from agent.records.iscsi import IscsiConnection, IscsiSession, IscsiSessions, ScsiDisk
 from agent.sources import SourceContext, register
 
 # u64 counters; every other counter in the SNMP block is u32 and wraps
 U64_STATS = frozenset({"txdata_octets", "rxdata_octets", "tx_sendpage_failures", "rx_discontiguous_hdr", "eh_abort_cnt"})
-
-
-@dataclass(frozen=True)
-class IscsiConnection:
-    cid: str  # "<SID>:<CID>"
-    address: str | None
-    port: int | None
-    persistent_address: str | None
-    persistent_port: int | None
-    local_port: int | None
-    state: str | None  # up | down | failed | bound (newer kernels)
-    ping_tmo: int | None
-    recv_tmo: int | None
-
-
-@dataclass(frozen=True)
-class ScsiDisk:
-    hctl: str  # H:C:T:L
-    lun: int
-    name: str | None  # sdX
-    devno: str | None  # MAJ:MIN
-    state: str | None  # running | offline | blocked ...
-    holders: tuple[str, ...] = ()  # dm-N
-    holder_names: tuple[str, ...] = ()  # dm names (e.g. mpatha)
-
-
-@dataclass(frozen=True)
-class IscsiSession:
-    sid: int
-    target: str | None
-    tpgt: int | None
-    state: str | None  # LOGGED_IN | FAILED | FREE
-    recovery_tmo: int | None  # seconds; None when "off" or unreadable
-    iface: str | None
-    initiator: str | None
-    host: str | None  # hostN
-    netdev: str | None
-    host_ipaddress: str | None
-    connections: tuple[IscsiConnection, ...] = ()
-    disks: tuple[ScsiDisk, ...] = ()
-    stats: dict[str, int] | None = None  # unwrapped totals
-    stats_error: str | None = None
-
-    @property
-    def portal(self) -> str | None:
-        c = self.connections[0] if self.connections else None
-        if c is None:
-            return None
-        addr = c.persistent_address or c.address
-        port = c.persistent_port or c.port
-        if addr is None or port is None:
-            return None
-        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-@dataclass(frozen=True)
-class IscsiSessions:
-    sessions: tuple[IscsiSession, ...] = ()
-    vanished: tuple[int, ...] = ()  # SIDs listed but gone while reading (logout race)
-    iscsiadm: str | None = None  # why per-session counters are missing, if they are
 
 
 # --------------------------------------------------------------------------

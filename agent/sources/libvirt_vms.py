@@ -20,8 +20,9 @@ import logging
 import xml.etree.ElementTree as ET
 
 from agent.errors import NoData
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms, host_devno, split_iscsi_name
+from agent.sources._vm_common import host_devno, split_iscsi_name
 from agent.sources.qemu_procs import qemu_processes
 
 log = logging.getLogger(__name__)

@@ -10,35 +10,13 @@ compares MTUs along iSCSI interfaces. Cost: a few reads per interface.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
+from agent.records.net import NetIface, NetIfaces
 from agent.sources import SourceContext, register
 
 COUNTERS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors", "tx_errors", "rx_dropped", "tx_dropped")
-
-
-@dataclass(frozen=True)
-class NetIface:
-    name: str
-    operstate: str | None
-    mtu: int | None
-    speed_mbps: int | None
-    counters: dict[str, int] = field(default_factory=dict)
-    addresses: tuple[str, ...] = ()  # IPv4/IPv6 addresses (getifaddrs)
-
-
-@dataclass(frozen=True)
-class NetIfaces:
-    ifaces: tuple[NetIface, ...] = ()
-
-    def get(self, name: str) -> NetIface | None:
-        return next((i for i in self.ifaces if i.name == name), None)
-
-    def address_map(self) -> dict[str, str]:
-        """host address -> interface name."""
-        return {a: i.name for i in self.ifaces for a in i.addresses}
 
 
 def _int(paths: HostPaths, p) -> int | None:

@@ -19,6 +19,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from agent.records.tcp import TcpInfo
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
@@ -73,47 +75,6 @@ _TCP_INFO_FIELDS = [
     ("total_rto_recoveries", "H", 242),
     ("total_rto_time_ms", "I", 244),
 ]
-
-
-@dataclass(frozen=True)
-class TcpInfo:
-    state: int | None = None
-    ca_state: int | None = None
-    retransmits: int | None = None  # consecutive unrecovered RTOs now
-    probes: int | None = None
-    backoff: int | None = None
-    rto_us: int | None = None
-    ato_us: int | None = None
-    snd_mss: int | None = None
-    rcv_mss: int | None = None
-    unacked: int | None = None
-    sacked: int | None = None
-    lost: int | None = None
-    retrans: int | None = None
-    last_data_sent_ms: int | None = None
-    last_data_recv_ms: int | None = None
-    last_ack_recv_ms: int | None = None
-    pmtu: int | None = None
-    rtt_us: int | None = None
-    rttvar_us: int | None = None
-    snd_ssthresh: int | None = None
-    snd_cwnd: int | None = None
-    total_retrans: int | None = None
-    bytes_acked: int | None = None
-    bytes_received: int | None = None
-    segs_out: int | None = None
-    segs_in: int | None = None
-    notsent_bytes: int | None = None
-    min_rtt_us: int | None = None
-    delivery_rate: int | None = None
-    bytes_sent: int | None = None
-    bytes_retrans: int | None = None
-    dsack_dups: int | None = None
-    reord_seen: int | None = None
-    snd_wnd: int | None = None
-    total_rto: int | None = None
-    total_rto_recoveries: int | None = None
-    total_rto_time_ms: int | None = None
 
 
 def parse_tcp_info(buf: bytes) -> TcpInfo:

@@ -9,17 +9,9 @@ I/O. Reads ``/proc/<pid>/comm`` first and the command line only for
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from agent.hostpaths import HostPaths
-
-
-@dataclass(frozen=True)
-class QemuProcess:
-    pid: int
-    name: str | None  # -name guest=NAME or -name NAME
-    uuid: str | None  # -uuid
-    argv: tuple[str, ...]
+from agent.records.vms import QemuProcess
 
 
 def parse_qemu_name(value: str) -> str:

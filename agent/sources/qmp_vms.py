@@ -39,8 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from agent.errors import NoData
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms, host_devno, parse_iscsi_url
+from agent.sources._vm_common import host_devno, parse_iscsi_url
 from agent.sources.qemu_procs import qemu_processes
 
 

@@ -16,40 +16,12 @@ lives).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
+from agent.records.tcp import StorageConnection, StorageConnections
 from agent.sources import SourceContext, register
-from agent.sources.netlink_diag import DiagSocket, TcpInfo, dump_tcp
-
-
-@dataclass(frozen=True)
-class StorageConnection:
-    family: str  # ipv4 | ipv6
-    state: str
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    inode: int
-    pid: int | None
-    comm: str | None
-    info: TcpInfo | None
-
-    @property
-    def portal(self) -> str:
-        return f"[{self.dst}]:{self.dport}" if ":" in self.dst else f"{self.dst}:{self.dport}"
-
-    @property
-    def four_tuple(self) -> str:
-        s = f"[{self.src}]" if ":" in self.src else self.src
-        return f"{s}:{self.sport}->{self.portal}"
-
-
-@dataclass(frozen=True)
-class StorageConnections:
-    connections: tuple[StorageConnection, ...] = ()
+from agent.sources.netlink_diag import DiagSocket, dump_tcp
 
 
 def socket_owners(paths: HostPaths, inodes: set[int]) -> dict[int, tuple[int, str]]:

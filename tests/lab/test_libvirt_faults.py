@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import Config
 from agent.engine import build_agent
-from agent.model import Status
+from agent.records.snapshot import Status
 
 from .conftest import LAB_DIR
 

@@ -3,10 +3,10 @@
 import io
 
 from agent.codec import decode, dump_recording, encode, load_recording
-from agent.model import Snapshot, SourceHealth, Status
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
-from agent.sources.netlink_diag import TcpInfo
-from agent.sources.storage_tcp import StorageConnection, StorageConnections
+from agent.records.snapshot import Snapshot, SourceHealth, Status
+from agent.records.tcp import TcpInfo
+from agent.records.tcp import StorageConnection, StorageConnections
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from tests.unit.test_topology import kernel_sessions
 
 

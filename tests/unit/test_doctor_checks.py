@@ -8,9 +8,9 @@ import pytest
 from agent.config import Config
 from agent.doctor import DoctorInput, Result, exit_code, load_checks, run_checks
 from agent.hostpaths import HostPaths
-from agent.model import Snapshot, SourceHealth, Status
-from agent.sources._vm_records import Vms
-from agent.sources.storage_tcp import StorageConnections
+from agent.records.snapshot import Snapshot, SourceHealth, Status
+from agent.records.tcp import StorageConnections
+from agent.records.vms import Vms
 from tests.fixtures.etc.hosts import ETC, make_host
 
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import ipaddress
 
 
-from agent.model import Snapshot
+from agent.records.iscsi import IscsiConnection, IscsiSession, IscsiSessions, ScsiDisk
+from agent.records.snapshot import Snapshot
+from agent.records.tcp import HostTcpCounters
+from agent.records.tcp import TcpInfo
+from agent.records.tcp import StorageConnection, StorageConnections
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.shipping import templates
 from agent.shipping.ecs import doc_id, documents, finding_doc
 from agent.shipping.fields import DATASETS, all_fields, flatten
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
-from agent.sources.host_tcp import HostTcpCounters
-from agent.sources.iscsi_kernel import IscsiConnection, IscsiSession, IscsiSessions, ScsiDisk
-from agent.sources.netlink_diag import TcpInfo
 from agent.sources.storage_log import StorageLogEvent, StorageLogEvents
-from agent.sources.storage_tcp import StorageConnection, StorageConnections
 
 
 def snap(seq, ts, *, rd=100, rd_ns=50_000_000, retrans=3, sess_state="LOGGED_IN", conn_state="ESTABLISHED", log_events=()):
@@ -158,8 +158,8 @@ def test_templates_cover_every_dataset_with_priority_over_the_stack():
 def test_ebpf_probe_events_become_mapped_events():
     import time as _t
 
-    from agent.ebpf.tcp_lifecycle import ConnEvent
-    from agent.ebpf.tcp_retrans import TcpRetransEvent
+    from agent.records.ebpf import ConnEvent
+    from agent.records.ebpf import TcpRetransEvent
     from agent.shipping.docs_ebpf import lifecycle_docs, retrans_docs
     from agent.shipping.ecs import finish
 

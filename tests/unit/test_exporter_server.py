@@ -21,8 +21,8 @@ from agent.config import Config, MetricsConfig
 from agent.errors import ConfigError
 from agent.exporters.prometheus import Limits, MetricsServer, cut_label, make_registry
 from agent.exporters.web_config import load_web_config, parse_web_config
-from agent.model import Snapshot
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
+from agent.records.snapshot import Snapshot
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 
 SNAP = Snapshot(1, 1.0, "h", 0.0, data={}, health={})
 

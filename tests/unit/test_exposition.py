@@ -25,8 +25,8 @@ from prometheus_client.utils import floatToGoString
 
 from agent.exporters import prometheus as P
 from agent.exporters.prometheus import Limits, SnapshotCollector, go_float, make_registry, write_exposition
-from agent.model import Snapshot
-from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
+from agent.records.snapshot import Snapshot
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from benchmarks.exporter import synthetic_snapshot
 from tests.unit.test_prometheus import fixture_snapshot
 
@@ -193,12 +193,13 @@ def test_empty_agent(snap):
     assert col.exposition() == generate_latest(make_registry(lambda: snap, clock=lambda: 5.0)) == col.exposition()
 
 
-def test_build_paths_memo_is_per_snapshot_object():
-    from agent.topology import _build_paths, build_paths
+def test_paths_are_joined_once_per_snapshot_object():
+    from agent.records.paths import build_paths
 
     snap = synthetic_snapshot(5, 2, 5)
-    first = build_paths(snap)
-    assert first == _build_paths(snap, None) and build_paths(snap) == first and build_paths(snap) is not first
+    first = snap.paths
+    assert first and snap.paths is first and list(first) == build_paths(snap)
     other = dataclasses.replace(snap, data={k: v for k, v in snap.data.items() if k != "storage_tcp"})
-    assert build_paths(other) == _build_paths(other, None) != first
-    assert build_paths(snap, {"10.0.0.10": "eth9"}) == _build_paths(snap, {"10.0.0.10": "eth9"})
+    assert other.paths is not first and list(other.paths) == build_paths(other) != list(first)
+    mapped = build_paths(snap, {p.connection.split("->")[0].rsplit(":", 1)[0]: "eth9" for p in first if p.connection})
+    assert {p.interface for p in mapped if p.connection} == {"eth9"}

@@ -5,7 +5,7 @@ import time
 
 from agent.errors import NoData
 from agent.loop import Agent
-from agent.model import Status
+from agent.records.snapshot import Status
 
 
 class Src:

@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 from agent.ebpf import decode
-from agent.ebpf.block_io import BlockHistogram, BlockIoData, DeviceNames
+from agent.ebpf.block_io import DeviceNames
 from agent.ebpf.loader import LoadOptions, ProbeStats, check_headers, check_privileges
-from agent.ebpf.tcp_retrans import TcpRetransData
 from agent.exporters.render_ebpf import render_block_io, render_tcp_retrans
 from agent.hostpaths import HostPaths
+from agent.records.ebpf import BlockHistogram, BlockIoData
+from agent.records.ebpf import TcpRetransData
 
 
 def test_slot_to_bucket_bound_mapping_is_pinned():

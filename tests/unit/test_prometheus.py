@@ -5,7 +5,7 @@ from prometheus_client.exposition import generate_latest
 from agent.config import Config
 from agent.exporters import catalog
 from agent.exporters.prometheus import make_registry
-from agent.model import Snapshot, SourceHealth, Status
+from agent.records.snapshot import Snapshot, SourceHealth, Status
 from agent.sources import SourceContext
 from agent.sources.host_tcp import HostTcpSource
 
@@ -64,7 +64,7 @@ def test_odd_vm_names_escaped_and_promtool_accepts():
 
     import pytest
 
-    from agent.sources._vm_records import DiskStats, Vm, VmDisk, Vms
+    from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 
     name = 'web "q" \'s\' ü\nnewline\\back'
     vms = Vms((Vm(name, "u", "running", 1, (VmDisk("vda", "file", source="/x", stats=DiskStats(rd_reqs=5)),)),))

@@ -2,14 +2,14 @@
 
 from agent.config import Config
 from agent.hostpaths import HostPaths
-from agent.model import Snapshot, SourceHealth, Status
+from agent.records.block import BlockDevice, BlockDevices
+from agent.records.paths import build_paths
+from agent.records.snapshot import Snapshot, SourceHealth, Status
+from agent.records.tcp import TcpInfo
+from agent.records.tcp import StorageConnection, StorageConnections
+from agent.records.vms import Vm, VmDisk, Vms
 from agent.sources import SourceContext
-from agent.sources._vm_records import Vm, VmDisk, Vms
-from agent.sources.block_devices import BlockDevice, BlockDevices
 from agent.sources.iscsi_kernel import IscsiKernelSource
-from agent.sources.netlink_diag import TcpInfo
-from agent.sources.storage_tcp import StorageConnection, StorageConnections
-from agent.topology import build_paths
 from tests.fixtures.sysfs_iscsi import Sess, build, stats_text
 
 IQN = "iqn.2003-01.org.linux-iscsi.stor1:lun-db"

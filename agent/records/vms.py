@@ -1,4 +1,9 @@
-"""Records for VMs and their disks, shared by the libvirt and QMP sources."""
+"""VMs and their disks (libvirt and QMP sources), and QEMU processes.
+
+Cumulative per-disk counters as QEMU keeps them (libvirt ``block.N.*``, QMP
+``query-blockstats``); rates and latencies over an interval come from
+:mod:`agent.records.rates`.
+"""
 
 from __future__ import annotations
 
@@ -67,42 +72,9 @@ class Vms:
     failed: tuple[tuple[str, str], ...] = ()  # (vm or socket, reason) that could not be read at all
 
 
-def host_devno(kind: str, source: str | None) -> str | None:
-    """MAJ:MIN of the host block device a file or block disk sits on.
-
-    A block disk is the device itself (st_rdev); a file disk sits on the
-    device of its file system (st_dev). None when the path is unreadable.
-    """
-    import os
-
-    if not source or kind not in ("file", "block"):
-        return None
-    try:
-        st = os.stat(source)
-    except OSError:
-        return None
-    dev = st.st_rdev if kind == "block" else st.st_dev
-    return f"{os.major(dev)}:{os.minor(dev)}"
-
-
-def split_iscsi_name(name: str | None) -> tuple[str | None, int | None]:
-    """libvirt iSCSI source name ``IQN/LUN`` (LUN defaults to 0)."""
-    if not name:
-        return None, None
-    iqn, sep, lun = name.rpartition("/")
-    if sep and lun.isdigit():
-        return iqn, int(lun)
-    return name, 0
-
-
-def parse_iscsi_url(url: str) -> tuple[str | None, int | None, str | None, int | None]:
-    """QEMU ``iscsi://[user[%pass]@]host[:port]/IQN/LUN`` -> (host, port, iqn, lun)."""
-    from urllib.parse import urlsplit
-
-    try:
-        u = urlsplit(url)
-        host, port = u.hostname, u.port or 3260
-    except ValueError:
-        return None, None, None, None
-    iqn, lun = split_iscsi_name(u.path.lstrip("/"))
-    return host, port, iqn, lun
+@dataclass(frozen=True)
+class QemuProcess:
+    pid: int
+    name: str | None  # -name guest=NAME or -name NAME
+    uuid: str | None  # -uuid
+    argv: tuple[str, ...]

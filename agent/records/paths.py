@@ -22,9 +22,13 @@ Every link that cannot be made says why in ``unknown``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from agent.model import Snapshot
-from agent.sources._vm_records import Vm, VmDisk
+from agent.records.addr import fmt_endpoint
+from agent.records.vms import Vm, VmDisk
+
+if TYPE_CHECKING:
+    from agent.records.snapshot import Snapshot
 
 
 @dataclass(frozen=True)
@@ -57,56 +61,29 @@ class StoragePath:
         return d
 
 
-def _fmt_portal(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _iface_for(addr: str, if_addrs: dict[str, str]) -> str | None:
     return if_addrs.get(addr)
 
 
-def _all_vms(snap: Snapshot) -> list[Vm]:
-    vms = []
-    for src in ("libvirt", "qmp"):
-        d = snap.get(src)
-        if d is not None:
-            vms.extend(d.vms)
-    return vms
-
-
-# the last snapshot build_paths(snap) joined, and its paths: the exporter, the
-# shipper and the doctor each ask for the same snapshot's paths (Snapshots are immutable)
-_last: tuple = (None, ())
-
-
 def build_paths(snap: Snapshot, if_addrs: dict[str, str] | None = None) -> list[StoragePath]:
-    """if_addrs: host address -> interface name; default: from the snapshot's net_ifaces."""
-    global _last
-    if if_addrs is not None:
-        return _build_paths(snap, if_addrs)
-    last, paths = _last
-    if last is not snap:
-        paths = tuple(_build_paths(snap, None))
-        _last = (snap, paths)
-    return list(paths)
+    """Every storage path of the snapshot's VM disks (a pure join, no I/O).
 
-
-def _build_paths(snap: Snapshot, if_addrs: dict[str, str] | None) -> list[StoragePath]:
+    if_addrs: host address -> interface name; default: from the snapshot's
+    interfaces. Outputs read ``snap.paths`` (joined once per snapshot), not this.
+    """
     if if_addrs is None:
-        ni = snap.get("net_ifaces")
+        ni = snap.interfaces
         if_addrs = ni.address_map() if ni is not None else {}
-    conns = snap.get("storage_tcp")
-    conns = conns.connections if conns is not None else ()
-    sessions = snap.get("iscsi_kernel")
-    sessions = sessions.sessions if sessions is not None else ()
-    blockdevs = snap.get("block_devices")
-    have_tcp = "storage_tcp" in snap.data or (snap.health.get("storage_tcp") and snap.health["storage_tcp"].status.value == "nodata")
+    conns = snap.storage_connections
+    sessions = snap.iscsi_sessions
+    blockdevs = snap.block_devices
+    have_tcp = snap.storage_tcp is not None or snap.is_nodata("storage_tcp")
 
     by_pid: dict = {}  # each VM's connections, in order: the libiscsi join only looks at its own qemu's
     for c in conns:
         by_pid.setdefault(c.pid, []).append(c)
     out: list[StoragePath] = []
-    for vm in _all_vms(snap):
+    for vm in snap.vms:
         for disk in vm.disks:
             base = dict(vm=vm.name, disk=disk.target, vm_uuid=vm.uuid, pid=vm.pid)
             if disk.backend == "libiscsi":
@@ -130,7 +107,7 @@ def _conn_fields(c, if_addrs) -> dict:
 
 
 def _libiscsi_paths(base, vm: Vm, disk: VmDisk, conns, have_tcp, if_addrs) -> list[StoragePath]:
-    portal = _fmt_portal(*disk.hosts[0]) if disk.hosts else None
+    portal = fmt_endpoint(*disk.hosts[0]) if disk.hosts else None
     common = dict(base, backend="libiscsi", target=disk.iqn, lun=disk.lun, portal=portal)
     unknown = []
     if not disk.hosts:

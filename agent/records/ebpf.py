@@ -1,0 +1,148 @@
+"""What the eBPF probes report each cycle (sources: ebpf_block_io, ebpf_tcp_retrans, ebpf_tcp_lifecycle).
+
+``probe`` holds the loader's ProbeStats (run time and count of the BPF
+programs); it is typed ``object`` so this layer does not import the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+# log2 latency slots of the block probe (probes/block_io.bpf.c SLOT_MAX)
+SLOT_MAX = 36
+
+
+@dataclass(frozen=True)
+class BlockHistogram:
+    device: str
+    major: int
+    minor: int
+    op: str
+    kind: str  # total | queue | device
+    slots: dict[int, int]  # log2 slot -> count
+    count: int
+    sum_ns: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BlockProcess:
+    tgid: int
+    comm: str
+    device: str
+    op: str
+    count: int
+    sum_ns: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BlockIoData:
+    histograms: tuple[BlockHistogram, ...]
+    processes: tuple[BlockProcess, ...]
+    totals: dict[str, int]
+    slot_max: int = SLOT_MAX
+    probe: object = None
+    tracepoints: tuple[str, ...] = field(default_factory=tuple)
+
+    def histogram(self, device: str, op: str, kind: str = "total") -> BlockHistogram | None:
+        for h in self.histograms:
+            if (h.device, h.op, h.kind) == (device, op, kind):
+                return h
+        return None
+
+
+@dataclass(frozen=True)
+class TcpConnection:
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    storage: bool
+    retransmits: int
+    synack_retransmits: int
+    resets_sent: int
+    resets_received: int
+    last_state: str
+    states: tuple[str, ...]
+    last_seen_ns: int  # CLOCK_MONOTONIC ns
+
+    def as_dict(self) -> dict:
+        return self.__dict__ | {"states": list(self.states)}
+
+
+@dataclass(frozen=True)
+class TcpRetransEvent:
+    monotonic_ns: int
+    kind: str
+    state: str
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    storage: bool
+
+
+@dataclass(frozen=True)
+class TcpRetransData:
+    connections: tuple[TcpConnection, ...]
+    # (remote address, remote port) -> kind -> cumulative count
+    storage: dict[tuple[str, int], dict[str, int]]
+    other: dict[str, int]  # kind -> cumulative count, everything not to a storage port
+    totals: dict[str, int]  # kind -> cumulative count, all connections
+    events: tuple[TcpRetransEvent, ...]  # new since the previous read
+    stream_dropped: int
+    probe: object = None  # ProbeStats
+    tracepoints: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class ConnEvent:
+    monotonic_ns: int
+    kind: str
+    oldstate: str
+    newstate: str
+    role: str  # initiator | target
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    tgid: int
+    comm: str
+    age_seconds: float  # since connect (or since the probe first saw it)
+    established_seconds: float
+    reset: str  # "", "received", "sent"
+    conn_id: int  # start time of the connection in monotonic ns: groups one connection's events
+
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class LiveConn:
+    role: str
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    tgid: int
+    comm: str
+    start_ns: int
+    established: bool
+
+
+@dataclass(frozen=True)
+class TcpLifecycleData:
+    # (remote address, storage port) -> kind -> cumulative count
+    counts: dict[tuple[str, int], dict[str, int]]
+    live: tuple[LiveConn, ...]
+    events: tuple[ConnEvent, ...]
+    totals: dict[str, int]
+    probe: object = None
+    tracepoints: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,82 @@
+"""TCP records: tcp_info of a socket, storage connections (source: storage_tcp) and the host-wide
+TCP counters of /proc/net/snmp and /proc/net/netstat (source: host_tcp)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.records.addr import fmt_conn, fmt_endpoint
+
+
+@dataclass(frozen=True)
+class TcpInfo:
+    state: int | None = None
+    ca_state: int | None = None
+    retransmits: int | None = None  # consecutive unrecovered RTOs now
+    probes: int | None = None
+    backoff: int | None = None
+    rto_us: int | None = None
+    ato_us: int | None = None
+    snd_mss: int | None = None
+    rcv_mss: int | None = None
+    unacked: int | None = None
+    sacked: int | None = None
+    lost: int | None = None
+    retrans: int | None = None
+    last_data_sent_ms: int | None = None
+    last_data_recv_ms: int | None = None
+    last_ack_recv_ms: int | None = None
+    pmtu: int | None = None
+    rtt_us: int | None = None
+    rttvar_us: int | None = None
+    snd_ssthresh: int | None = None
+    snd_cwnd: int | None = None
+    total_retrans: int | None = None
+    bytes_acked: int | None = None
+    bytes_received: int | None = None
+    segs_out: int | None = None
+    segs_in: int | None = None
+    notsent_bytes: int | None = None
+    min_rtt_us: int | None = None
+    delivery_rate: int | None = None
+    bytes_sent: int | None = None
+    bytes_retrans: int | None = None
+    dsack_dups: int | None = None
+    reord_seen: int | None = None
+    snd_wnd: int | None = None
+    total_rto: int | None = None
+    total_rto_recoveries: int | None = None
+    total_rto_time_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class StorageConnection:
+    family: str  # ipv4 | ipv6
+    state: str
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    inode: int
+    pid: int | None
+    comm: str | None
+    info: TcpInfo | None
+
+    @property
+    def portal(self) -> str:
+        return fmt_endpoint(self.dst, self.dport)
+
+    @property
+    def four_tuple(self) -> str:
+        return fmt_conn(self.src, self.sport, self.dst, self.dport)
+
+
+@dataclass(frozen=True)
+class StorageConnections:
+    connections: tuple[StorageConnection, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostTcpCounters:
+    tcp: dict[str, int] = field(default_factory=dict)
+    tcp_ext: dict[str, int] = field(default_factory=dict)

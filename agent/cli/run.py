@@ -81,7 +81,9 @@ def shipping_summary(h: dict) -> str:
         parts.append(f"file {h['file_written']}")
     state = ""
     if "up" in h:
-        state = " es up" if h["up"] else f" es DOWN ({h['last_error'] or 'not reached yet'})"
+        state = " es up" if h.get("es_up", h["up"]) else f" es DOWN ({h['last_error'] or 'not reached yet'})"
+    if h.get("local_ok") is False:
+        state += f" LOCAL WRITES FAILING ({h['local_errors']} errors)"
     return "shipping:" + state + " | " + ", ".join(parts)
 
 

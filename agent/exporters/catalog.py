@@ -257,8 +257,10 @@ SHIPPING_OLDEST_AGE = define(
     "kvmscope_shipping_oldest_queued_age_seconds", "gauge",
     "Age of the oldest document not yet acknowledged (0 when the spool is drained).", (), "shipping spool")
 SHIPPING_UP = define(
-    "kvmscope_shipping_up", "gauge", "1 if the last request to Elasticsearch got an answer, 0 if it failed.", (),
-    "shipping bulk responses")
+    "kvmscope_shipping_up", "gauge",
+    "1 if the last request to Elasticsearch got an answer and the last local write (spool, file output) worked; "
+    "0 if either failed (see kvmscope_shipping_local_errors_total for the local side).", (),
+    "shipping bulk responses, local writes")
 SHIPPING_BULK_REQUESTS = define(
     "kvmscope_shipping_bulk_requests_total", "counter", "Bulk requests sent to Elasticsearch.", (),
     "shipping bulk responses")
@@ -266,6 +268,11 @@ SHIPPING_BULK_ERRORS = define(
     "kvmscope_shipping_bulk_errors_total", "counter",
     "Bulk requests (or template installs) that failed as a whole: connection error, timeout, 429, 5xx, 401/403.", (),
     "shipping bulk responses")
+SHIPPING_LOCAL_ERRORS = define(
+    "kvmscope_shipping_local_errors_total", "counter",
+    "Local writes that failed (disk full, read-only file system, I/O error): a cycle's documents not written to the "
+    "spool or the file output (they are not shipped), or a save of the spool position (retried).", (),
+    "shipping spool, file output")
 SHIPPING_FILE_DOCS = define(
     "kvmscope_shipping_file_documents_total", "counter",
     "Documents written to the JSON-lines file output (file_output.path).", (), "shipping file output")

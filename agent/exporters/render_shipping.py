@@ -33,6 +33,7 @@ def render_health(h: dict) -> Iterable:
         (C.SHIPPING_BULK_REQUESTS, "bulk_requests"),
         (C.SHIPPING_BULK_ERRORS, "bulk_errors"),
         (C.SHIPPING_FILE_DOCS, "file_written"),
+        (C.SHIPPING_LOCAL_ERRORS, "local_errors"),
     ]
     for d, key in pairs:
         v = h.get(key)

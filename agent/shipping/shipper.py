@@ -295,7 +295,11 @@ class FileOutput:
         self.rotations = 0
 
     def _rotate(self) -> None:
-        self._fh.close()
+        fh, self._fh = self._fh, None  # reopened by the next write: a failed open cannot wedge the output
+        try:
+            fh.close()
+        except OSError as e:
+            log.warning("file output: closing %s: %s", self.path, e.strerror or e)
         if self.keep <= 0:
             self.path.unlink(missing_ok=True)
         else:
@@ -305,20 +309,33 @@ class FileOutput:
                 if src.exists():
                     os.replace(src, self.path.with_name(f"{self.path.name}.{n + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._fh = open(self.path, "ab")
         self.rotations += 1
 
     def write(self, docs: list[tuple[str, str, dict]]) -> None:
-        for _id, _stream, doc in docs:
-            line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
-            if self._fh.tell() > 0 and self._fh.tell() + len(line) > self.max_bytes:
-                self._rotate()
-            self._fh.write(line)
-            self.written += 1
-        self._fh.flush()
+        try:
+            for _id, _stream, doc in docs:
+                line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str).encode() + b"\n"
+                if self._fh is not None and self._fh.tell() > 0 and self._fh.tell() + len(line) > self.max_bytes:
+                    self._rotate()
+                if self._fh is None:
+                    self._fh = open(self.path, "ab")
+                self._fh.write(line)
+                self.written += 1
+            self._fh.flush()
+        except OSError:
+            # drop the handle (and whatever its buffer holds): the next write starts on a fresh one
+            fh, self._fh = self._fh, None
+            if fh is not None:
+                try:
+                    fh.close()
+                except OSError:
+                    pass
+            raise
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            fh.close()
 
 
 class Shipping:
@@ -332,6 +349,7 @@ class Shipping:
         self.shipper: ElasticShipper | None = None
         self.file: FileOutput | None = None
         self.errors = 0  # consume() failures (disk full...)
+        self.local_ok = True  # the last local write worked
         from agent.errors import KvmscopeError
 
         if es.enabled:
@@ -368,9 +386,13 @@ class Shipping:
                     self.spool.append(docs)
                 if self.file is not None:
                     self.file.write(docs)
-            except OSError as e:
+                self.local_ok = True
+            except Exception as e:  # never let a local fault stop the collection cycle
                 self.errors += 1
-                log.error("shipping: cannot write %d documents locally: %s", len(docs), e)
+                if self.local_ok:
+                    log.error("shipping: cannot write %d documents locally: %s (counted in "
+                              "kvmscope_shipping_local_errors_total until it works again)", len(docs), e)
+                self.local_ok = False
 
     def consume(self, snap: Snapshot) -> None:
         """``agent.on_snapshot`` callback: build the cycle's documents and append them locally."""
@@ -382,16 +404,22 @@ class Shipping:
         self.submit([finding_doc(finding, host, self.namespace, ts or time.time())])
 
     def stop(self, timeout: float | None = None) -> None:
-        if self.shipper:
-            self.shipper.stop(timeout)
-        if self.spool:
-            self.spool.close()
-        if self.file:
-            self.file.close()
+        """Stop shipping and close the local files. Never raises: the caller still has to stop its server."""
+        for what, fn in (("shipper", self.shipper and self.shipper.stop), ("spool", self.spool and self.spool.close),
+                         ("file output", self.file and self.file.close)):
+            if not fn:
+                continue
+            try:
+                fn(timeout) if what == "shipper" else fn()
+            except Exception as e:
+                log.error("shipping: stopping the %s: %s", what, e)
 
     def health(self) -> dict:
         """Numbers for /metrics and the console."""
-        out: dict = {"file_written": self.file.written if self.file else None, "local_errors": self.errors}
+        local_errors = self.errors + (self.spool.stats.state_errors if self.spool is not None else 0)
+        local_ok = self.local_ok and (self.spool is None or self.spool.last_write_ok)
+        out: dict = {"file_written": self.file.written if self.file else None, "local_errors": local_errors,
+                     "local_ok": local_ok}
         if self.spool is not None:
             oldest = self.spool.oldest_pending_time()
             out.update(
@@ -410,7 +438,8 @@ class Shipping:
                 failed=s.failed,
                 bulk_requests=s.bulk_requests,
                 bulk_errors=s.bulk_errors,
-                up=s.up,
+                up=s.up and local_ok,  # healthy only if documents both reach the disk and leave it
+                es_up=s.up,
                 last_error=s.last_error,
             )
         return out

@@ -72,6 +72,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+def _set_aside(path: Path) -> None:
+    """Keep a state file we cannot use for a human to look at, out of the way of the next save."""
+    bad = path.with_name(f"{path.name}.bad-{int(time.time())}")
+    try:
+        os.replace(path, bad)
+        log.warning("kept the unusable %s as %s", path.name, bad.name)
+    except OSError as e:
+        log.warning("cannot rename the unusable %s: %s", path, e.strerror or e)
+
+
 @dataclass
 class Record:
     id: str
@@ -99,6 +109,8 @@ class SpoolStats:
     dropped: int = 0  # persisted: records deleted unshipped because the spool was full
     corrupt: int = 0  # persisted: torn/unreadable lines skipped
     acked: int = 0  # since start: records acknowledged (shipped or set aside)
+    write_errors: int = 0  # since start: appends that failed (disk full, read-only, I/O error)
+    state_errors: int = 0  # since start: saves of state.json that failed (retried on the next ack)
     extra: dict = field(default_factory=dict)
 
 
@@ -129,18 +141,30 @@ class Spool:
             # the acknowledged segment is gone (fully shipped, dropped, or removed by hand)
             self._ack = (min(self._segs, default=self._cur), 0)
         self._read = self._ack  # handed to the reader up to here
-        self._fh = None
+        self._created: set[int] = set()  # segments this process created (directory entry synced)
+        self._state_dirty = False  # the acknowledged position in memory is newer than state.json
+        self.last_write_ok = True  # the last append (or state save) reached the disk
         self._pending = self._count_after(self._ack)
 
     # -- state -----------------------------------------------------------
     def _load_state(self) -> dict:
         try:
-            return json.loads(self._state_path.read_text())
+            st = json.loads(self._state_path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
             log.warning("spool state %s unreadable (%s): starting from the oldest segment", self._state_path, e)
+            _set_aside(self._state_path)
             return {}
+        if not isinstance(st, dict) or not all(
+            isinstance(st.get(k, 0), int) and not isinstance(st.get(k, 0), bool) and st.get(k, 0) >= 0
+            for k in ("segment", "offset", "dropped", "corrupt")
+        ):
+            log.warning("spool state %s has the wrong shape (%.80r): starting from the oldest segment",
+                        self._state_path, st)
+            _set_aside(self._state_path)
+            return {}
+        return st
 
     def _save_state(self) -> None:
         body = {
@@ -150,7 +174,18 @@ class Spool:
             "corrupt": self.stats.corrupt,
             "saved_at": time.time(),
         }
-        write_atomic(self._state_path, json.dumps(body).encode())
+        try:
+            write_atomic(self._state_path, json.dumps(body).encode())
+        except OSError as e:
+            # disk full or read-only: the position stays in memory and is saved by a later ack;
+            # a crash before then only replays more (the documents collapse on their ids)
+            if not self._state_dirty:
+                log.warning("spool: cannot save %s (%s): will retry", self._state_path, e.strerror or e)
+            self._state_dirty = True
+            self.stats.state_errors += 1
+            self.last_write_ok = False
+            return
+        self._state_dirty = False
 
     # -- appending -------------------------------------------------------
     def append(self, records: list[tuple[str, str, dict]]) -> int:
@@ -167,39 +202,86 @@ class Spool:
         ]
         with self._cond:
             total = 0
-            for ln in lines:
-                if self._fh is None or self._segs.get(self._cur, 0) + len(ln) > self.segment_bytes and self._segs.get(self._cur, 0) > 0:
-                    self._roll()
-                self._fh.write(ln)
-                self._segs[self._cur] = self._segs.get(self._cur, 0) + len(ln)
-                total += len(ln)
-                if self.fsync == "always":
-                    self._fh.flush()
-                    os.fsync(self._fh.fileno())
-            self._fh.flush()
-            if self.fsync == "batch":
-                os.fsync(self._fh.fileno())
-            self.stats.appended += len(lines)
-            self._pending += len(lines)
-            self._enforce_cap()
-            self._cond.notify_all()
+            try:
+                i = 0
+                while i < len(lines):
+                    # the lines that go to the current segment
+                    size = self._segs.get(self._cur, 0)
+                    if size > 0 and size + len(lines[i]) > self.segment_bytes:
+                        self._roll()
+                        size = 0
+                    j = i
+                    while j < len(lines) and (j == i or size + len(lines[j]) <= self.segment_bytes):
+                        size += len(lines[j])
+                        j += 1
+                    total += self._write_segment(lines[i:j])
+                    self.stats.appended += j - i
+                    self._pending += j - i
+                    i = j
+            except OSError as e:
+                self.stats.write_errors += 1
+                self.last_write_ok = False
+                raise
+            finally:
+                if total:
+                    self._enforce_cap()
+                    self._cond.notify_all()
+            self.last_write_ok = not self._state_dirty
         return total
 
-    def _roll(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            if self.fsync != "never":
-                os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._cur += 1
+    def _write_segment(self, lines: list[bytes]) -> int:
+        """Append whole lines to the current segment, all or nothing.
+
+        The segment is opened for this call only, so no file of the spool stays
+        open for writing between cycles (an administrator can remount the
+        file system read-only), and a failed open or write leaves nothing
+        half-done behind: the next call simply tries again.
+        """
         path = self.dir / _seg_name(self._cur)
-        self._fh = open(path, "ab")
-        self._segs.setdefault(self._cur, 0)
-        dfd = os.open(self.dir, os.O_RDONLY)
+        good = self._segs.get(self._cur, 0)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
-            os.fsync(dfd)
+            try:
+                for chunk in (lines if self.fsync == "always" else [b"".join(lines)]):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if self.fsync == "always":
+                        os.fsync(fd)
+                if self.fsync == "batch":
+                    os.fsync(fd)
+            except OSError:
+                # take back what a partial write left, so the next record starts on a clean line;
+                # if even that fails, write elsewhere: the reader never reads past the known size
+                try:
+                    os.ftruncate(fd, good)
+                except OSError:
+                    self._roll()
+                raise
         finally:
-            os.close(dfd)
+            os.close(fd)
+        written = sum(len(ln) for ln in lines)
+        self._segs[self._cur] = good + written
+        if self._cur not in self._created:
+            self._created.add(self._cur)
+            self._sync_dir()
+        return written
+
+    def _sync_dir(self) -> None:
+        try:
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            log.debug("spool: cannot fsync %s: %s", self.dir, e)
+
+    def _roll(self) -> None:
+        """Later appends go to a new segment (nothing to open or close here: it cannot fail)."""
+        if self._segs.get(self._cur, 0) > 0 or (self.dir / _seg_name(self._cur)).exists():
+            self._segs.setdefault(self._cur, 0)
+            self._cur += 1
 
     def _enforce_cap(self) -> None:
         changed = False
@@ -222,6 +304,9 @@ class Spool:
                 path.unlink()
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                log.warning("spool full but cannot delete %s: %s", path.name, e.strerror or e)
+                break
             size = self._segs.pop(oldest)
             self.stats.dropped += unread
             self._pending -= unread
@@ -321,6 +406,9 @@ class Spool:
                     (self.dir / _seg_name(n)).unlink()
                 except FileNotFoundError:
                     pass
+                except OSError as e:  # read-only for now: a later ack deletes it
+                    log.debug("spool: cannot delete %s yet: %s", n, e)
+                    continue
                 self._segs.pop(n, None)
             self._save_state()
 
@@ -372,10 +460,7 @@ class Spool:
             return None
 
     def close(self) -> None:
+        """Save the position if a disk fault kept it from being saved. Never raises."""
         with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
-                if self.fsync != "never":
-                    os.fsync(self._fh.fileno())
-                self._fh.close()
-                self._fh = None
+            if self._state_dirty:
+                self._save_state()

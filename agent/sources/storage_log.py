@@ -214,6 +214,41 @@ def _first_line(path: str) -> bytes | None:
     return line if line.endswith(b"\n") else None
 
 
+def _set_aside(path: Path) -> None:
+    """Keep an unusable positions file for a human, out of the way of the next save."""
+    bad = path.with_name(f"{path.name}.bad-{int(time.time())}")
+    try:
+        os.replace(path, bad)
+        log.warning("storage_log: kept the unusable %s as %s", path.name, bad.name)
+    except OSError as e:
+        log.warning("storage_log: cannot rename the unusable %s: %s", path, e.strerror or e)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _valid_positions(data) -> tuple[dict | None, dict]:
+    """``(files, kmsg)`` from a positions file, or ``(None, {})`` when its shape is not ours.
+
+    Entries of the wrong shape inside a good file are dropped (that file is read
+    as new); a document of the wrong shape as a whole is refused.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("files", {}), dict):
+        return None, {}
+    files = {}
+    for path, p in data.get("files", {}).items():
+        if (isinstance(p, dict) and all(_is_count(p.get(k)) for k in ("dev", "ino", "gen", "offset"))
+                and isinstance(p.get("fp"), (str, type(None)))):
+            files[path] = p
+        else:
+            log.warning("storage_log: dropping the saved position of %s (wrong shape: %.80r)", path, p)
+    kmsg = data.get("kmsg", {})
+    if not (isinstance(kmsg, dict) and isinstance(kmsg.get("boot", ""), str) and isinstance(kmsg.get("seq", 0), int)):
+        kmsg = {}
+    return files, kmsg
+
+
 class FileTailer:
     """Positions over many files; ``poll`` returns new complete lines with their (file_id, offset)."""
 
@@ -223,16 +258,23 @@ class FileTailer:
         self.max_lines = max_lines
         self.pos: dict[str, dict] = {}
         self.fresh = True
+        self.kmsg: dict = {}
         try:
             data = json.loads(state_path.read_text())
-            self.pos = data.get("files", {})
-            self.kmsg = data.get("kmsg", {})
-            self.fresh = False
         except FileNotFoundError:
-            self.kmsg = {}
+            data = FileNotFoundError
         except (OSError, ValueError) as e:
             log.warning("storage_log: positions %s unreadable (%s); starting at the end of each file", state_path, e)
-            self.kmsg = {}
+            _set_aside(state_path)
+            data = FileNotFoundError
+        if data is not FileNotFoundError:
+            files, kmsg = _valid_positions(data)
+            if files is None:
+                log.warning("storage_log: positions %s have the wrong shape (%.80r); starting at the end of each file",
+                            state_path, data)
+                _set_aside(state_path)
+            else:
+                self.pos, self.kmsg, self.fresh = files, kmsg, False
         self._dirty = False
 
     def save(self) -> None:

@@ -285,3 +285,25 @@ def test_cli_processes_never_move_the_agents_positions(tmp_path, monkeypatch):
     cli.close()
     monkeypatch.setattr(storage_log, "persist_positions", True)
     assert len(_source(tmp_path, start_at_end=False).collect().events) == 1  # the agent still gets the line
+
+
+@pytest.mark.parametrize("bad", ["[]", '"x"', "null", '{"files": []}', '{"files": {"/x.log": 3}, "kmsg": []}',
+                                 '{"files": {"QEMU": {"dev": "a", "ino": 1, "gen": 0, "offset": 0}}}'])
+def test_positions_of_the_wrong_shape_start_fresh_and_are_kept_aside(tmp_path, bad, caplog):
+    (tmp_path / "qemu").mkdir()
+    (tmp_path / "state").mkdir()
+    log = tmp_path / "qemu" / "x.log"
+    log.write_text("2026-11-25T20:41:26.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
+    (tmp_path / "state" / "positions.json").write_text(bad.replace("QEMU", str(log)))
+    src = _source(tmp_path, start_at_end=False)
+    first = src.collect().events  # no exception: this cycle and every later one work
+    assert len(first) == 1
+    with open(log, "a") as f:
+        f.write("2026-11-25T20:41:27.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
+    assert [e.offset for e in src.collect().events] == [len(log.read_text()) // 2]
+    assert "wrong shape" in caplog.text
+    kept = list((tmp_path / "state").glob("positions.json.bad-*"))
+    whole_file_bad = not bad.startswith('{"files": {')
+    assert len(kept) == (1 if whole_file_bad else 0)
+    if kept:
+        assert kept[0].read_text() == bad

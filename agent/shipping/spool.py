@@ -218,7 +218,7 @@ class Spool:
                     self.stats.appended += j - i
                     self._pending += j - i
                     i = j
-            except OSError as e:
+            except OSError:
                 self.stats.write_errors += 1
                 self.last_write_ok = False
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.sources._values import ascii_uint
 
 
 def host_devno(kind: str, source: str | None) -> str | None:
@@ -23,12 +24,15 @@ def host_devno(kind: str, source: str | None) -> str | None:
 
 
 def split_iscsi_name(name: str | None) -> tuple[str | None, int | None]:
-    """libvirt iSCSI source name ``IQN/LUN`` (LUN defaults to 0)."""
+    """libvirt iSCSI source name ``IQN/LUN`` (LUN defaults to 0; an IQN has no '/').
+
+    A LUN that is not plain ASCII decimal (``"²"``, ``"-1"``) or over 2**64-1 is None.
+    """
     if not name:
         return None, None
     iqn, sep, lun = name.rpartition("/")
-    if sep and lun.isdigit():
-        return iqn, int(lun)
+    if sep:
+        return iqn, ascii_uint(lun)
     return name, 0
 
 

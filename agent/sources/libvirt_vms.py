@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 from agent.errors import NoData
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
+from agent.sources._values import ascii_uint, valid_counter
 from agent.sources._vm_common import host_devno, split_iscsi_name
 from agent.sources.qemu_procs import qemu_processes
 
@@ -30,8 +32,15 @@ log = logging.getLogger(__name__)
 DOMAIN_STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed", 7: "pmsuspended"}
 
 
-def parse_domain_disks(xml: str) -> list[VmDisk]:
-    """Disks of a domain XML (device='disk' only; cdroms and floppies skipped)."""
+def parse_domain_disks(xml: str, problems: list | None = None) -> list[VmDisk]:
+    """Disks of a domain XML (device='disk' only; cdroms and floppies skipped).
+
+    The XML is whatever the domain's definer wrote: a port or LUN that is not
+    a plain number (``"²"`` passes ``isdigit()``) becomes the default port or
+    an unknown LUN, and a sentence naming the disk and the value is appended
+    to ``problems``. Raises only ET.ParseError (not XML at all).
+    """
+    problems = [] if problems is None else problems
     root = ET.fromstring(xml)
     disks = []
     for d in root.findall("./devices/disk"):
@@ -52,9 +61,15 @@ def parse_domain_disks(xml: str) -> list[VmDisk]:
                 source = src.get("name")
                 for h in src.findall("host"):
                     port = h.get("port")
-                    hosts.append((h.get("name", ""), int(port) if port and port.isdigit() else 3260))
+                    num = ascii_uint(port, 65535) if port else 3260
+                    if num is None:
+                        problems.append(f"disk {target.get('dev')}: host port {port!r} is not a port number; 3260 assumed")
+                    hosts.append((h.get("name", ""), num or 3260))
                 if protocol == "iscsi":
                     iqn, lun = split_iscsi_name(source)
+                    if iqn is not None and lun is None:
+                        problems.append(f"disk {target.get('dev')}: LUN {source.rpartition('/')[2]!r} in {source!r} "
+                                        "is not a LUN number")
             elif kind == "file":
                 source = src.get("file")
             elif kind == "block":
@@ -80,32 +95,43 @@ def parse_domain_disks(xml: str) -> list[VmDisk]:
     return disks
 
 
-def parse_block_stats(stats: dict) -> dict[str, DiskStats]:
+# block.<n>.<field> -> DiskStats attribute (libvirt typed parameters, unsigned long long)
+BLOCK_FIELDS = (("rd.reqs", "rd_reqs"), ("rd.bytes", "rd_bytes"), ("rd.times", "rd_time_ns"),
+                ("wr.reqs", "wr_reqs"), ("wr.bytes", "wr_bytes"), ("wr.times", "wr_time_ns"),
+                ("fl.reqs", "fl_reqs"), ("fl.times", "fl_time_ns"))
+MAX_BLOCK_COUNT = 4096  # more disks than any domain can have (bounds the loop over a bad block.count)
+
+
+def parse_block_stats(stats: dict, bad: list | None = None) -> dict[str, DiskStats]:
     """``block.<n>.*`` of a bulk-stats record -> {target: DiskStats}.
 
     With the BACKING flag off, one entry per disk (the top of the chain).
-    Missing fields are 0: libvirt documents that fields may be absent.
+    Missing fields are 0: libvirt documents that fields may be absent. A
+    value that is not a counter (libvirt types them, but they come from the
+    QEMU process) is appended to ``bad`` as ("<disk> <field>", value) and
+    costs that disk its counters for the cycle.
     """
+    bad = [] if bad is None else bad
     out: dict[str, DiskStats] = {}
-    for i in range(int(stats.get("block.count", 0))):
+    count = stats.get("block.count", 0)
+    if not valid_counter(count):
+        bad.append(("block.count", repr(count)[:24]))
+        return out
+    for i in range(min(count, MAX_BLOCK_COUNT)):
         p = f"block.{i}."
         name = stats.get(p + "name")
-        if not name or name in out:
+        if not name or not isinstance(name, str) or name in out:
             continue
-
-        def g(k):
-            return int(stats.get(p + k, 0) or 0)
-
-        out[name] = DiskStats(
-            rd_reqs=g("rd.reqs"),
-            rd_bytes=g("rd.bytes"),
-            rd_time_ns=g("rd.times"),
-            wr_reqs=g("wr.reqs"),
-            wr_bytes=g("wr.bytes"),
-            wr_time_ns=g("wr.times"),
-            fl_reqs=g("fl.reqs"),
-            fl_time_ns=g("fl.times"),
-        )
+        vals, ok = {}, True
+        for field, attr in BLOCK_FIELDS:
+            v = stats.get(p + field, 0)
+            if valid_counter(v):
+                vals[attr] = v
+            else:
+                bad.append((f"{name} {field}", repr(v)[:24]))
+                ok = False
+        if ok:
+            out[name] = DiskStats(**vals)
     return out
 
 
@@ -125,7 +151,8 @@ class LibvirtSource:
         self.paths = ctx.paths
         self.uri = ctx.config.libvirt.uri
         self._conn = None
-        self._xml_cache: dict[tuple[str, int], list[VmDisk]] = {}
+        self._xml_cache: dict[tuple[str, int], tuple[list[VmDisk], tuple[str, ...]]] = {}  # disks, XML problems
+        self.dropped = {"invalid_value": 0}  # cumulative, exported through the loop's health
 
     def _connect(self, libvirt):
         if self._conn is not None:
@@ -152,6 +179,41 @@ class LibvirtSource:
             pass
         self._conn = None
 
+    def _domain(self, libvirt, dom, key: tuple[str, int], name: str, stats: dict, procs: dict) -> Vm:
+        """One domain's record. Values that do not parse are left out, named in ``error`` and counted."""
+        uuid = key[0]
+        bad: list = []
+        block = parse_block_stats(stats, bad)
+        cached = self._xml_cache.get(key)
+        problems: list[str] = []
+        if cached is None or {d.target for d in cached[0]} != set(block) and block:
+            try:
+                disks = parse_domain_disks(dom.XMLDesc(0), problems)
+                self._xml_cache[key] = (disks, tuple(problems))
+                self.dropped["invalid_value"] += len(problems)  # counted once per parse of the XML
+            except (libvirt.libvirtError, ET.ParseError) as e:
+                disks = [VmDisk(target=t, kind="unknown") for t in block]
+                problems = [f"domain XML unavailable: {e}"]
+        else:
+            disks, problems = cached[0], list(cached[1])
+        if bad:
+            self.dropped["invalid_value"] += len(bad)
+            problems.append("invalid values from libvirt left out: " + ", ".join(f"{w}={v}" for w, v in bad[:3])
+                            + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+        state = stats.get("state.state")
+        if "state.state" not in stats:
+            problems.append("stats skipped: domain busy (job lock held, e.g. migration); NOWAIT")
+        disks = [replace(d, stats=block.get(d.target)) for d in disks]
+        return Vm(
+            name=name,
+            uuid=uuid,
+            state=DOMAIN_STATES.get(state, "unknown") if isinstance(state, int) else "unknown",
+            pid=procs.get(uuid),
+            disks=tuple(disks),
+            manager="libvirt",
+            error="; ".join(problems) or None,
+        )
+
     def collect(self) -> Vms:
         libvirt = _import_libvirt()
         conn = self._connect(libvirt)
@@ -172,34 +234,12 @@ class LibvirtSource:
             except libvirt.libvirtError as e:
                 failed.append(("?", f"domain vanished: {e.get_error_message()}"))
                 continue
-            block = parse_block_stats(stats)
-            key = (uuid, dom_id)
-            seen.add(key)
-            disks = self._xml_cache.get(key)
-            error = None
-            if disks is None or {d.target for d in disks} != set(block) and block:
-                try:
-                    disks = parse_domain_disks(dom.XMLDesc(0))
-                    self._xml_cache[key] = disks
-                except (libvirt.libvirtError, ET.ParseError) as e:
-                    disks = [VmDisk(target=t, kind="unknown") for t in block]
-                    error = f"domain XML unavailable: {e}"
-            if "state.state" not in stats:
-                error = error or "stats skipped: domain busy (job lock held, e.g. migration); NOWAIT"
-            from dataclasses import replace
-
-            disks = [replace(d, stats=block.get(d.target)) for d in disks]
-            vms.append(
-                Vm(
-                    name=name,
-                    uuid=uuid,
-                    state=DOMAIN_STATES.get(stats.get("state.state"), "unknown") if "state.state" in stats else "unknown",
-                    pid=procs.get(uuid),
-                    disks=tuple(disks),
-                    manager="libvirt",
-                    error=error,
-                )
-            )
+            seen.add((uuid, dom_id))
+            try:
+                vms.append(self._domain(libvirt, dom, (uuid, dom_id), name, stats, procs))
+            except Exception as e:  # one domain's odd data costs that domain only
+                log.debug("libvirt domain %s", name, exc_info=True)
+                failed.append((name, f"cannot read domain: {type(e).__name__}: {e}"))
         self._xml_cache = {k: v for k, v in self._xml_cache.items() if k in seen}
         if not vms and not failed:
             raise NoData(f"no running domains at {self.uri}")

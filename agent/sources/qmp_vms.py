@@ -41,6 +41,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from agent.errors import NoData
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
+from agent.sources._values import U64_MAX, valid_counter
 from agent.sources._vm_common import host_devno, parse_iscsi_url
 from agent.sources.qemu_procs import qemu_processes
 
@@ -112,18 +113,11 @@ class QmpClient:
         self.sock.close()
 
 
-U64_MAX = (1 << 64) - 1
-
 # BlockDeviceStats members read as counters (QAPI int/uint64) -> DiskStats field
 COUNTERS = (("rd_operations", "rd_reqs"), ("rd_bytes", "rd_bytes"), ("rd_total_time_ns", "rd_time_ns"),
             ("wr_operations", "wr_reqs"), ("wr_bytes", "wr_bytes"), ("wr_total_time_ns", "wr_time_ns"),
             ("flush_operations", "fl_reqs"), ("flush_total_time_ns", "fl_time_ns"))
 FAILED = ("failed_rd_operations", "failed_wr_operations", "failed_flush_operations")
-
-
-def valid_counter(v) -> bool:
-    """A QMP counter: a JSON integer in 0..2**64-1 (not a bool, not a float, not 10**400)."""
-    return type(v) is int and 0 <= v <= U64_MAX
 
 
 def _show(v) -> str:
@@ -215,6 +209,8 @@ def parse_blockstats(blockstats: list, block: list, bad: list | None = None) -> 
         f = files[key] or ""
         if f.startswith("iscsi://"):
             host, port, iqn, lun = parse_iscsi_url(f)
+            if lun is None:
+                bad.append((f"{name} iscsi URL", _show(f)))
             disk = VmDisk(target=name, kind="network", protocol="iscsi", source=f"{iqn}/{lun}",
                           hosts=((host, port),) if host else (), iqn=iqn, lun=lun)
         elif f.startswith("/dev/"):

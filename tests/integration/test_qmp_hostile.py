@@ -201,3 +201,11 @@ def test_parse_blockstats_counts_what_it_drops():
     (d,) = parse_blockstats([{"device": "d0", "stats": stats}], block, bad)
     assert d.stats.rd_bytes == 40960 and set(d.stats.histograms) == {"wr"}
     assert [f for f, _ in bad] == ["d0 rd_latency_histogram"]
+
+
+def test_iscsi_url_with_odd_lun_is_named():
+    block = [{"device": "d0", "inserted": {"file": "iscsi://198.18.1.2:3260/iqn.2025-01.io.kvmscope:t/²"}}]
+    bad = []
+    (d,) = parse_blockstats([{"device": "d0", "stats": GOOD_STATS}], block, bad)
+    assert (d.iqn, d.lun, d.stats.rd_bytes) == ("iqn.2025-01.io.kvmscope:t", None, 40960)
+    assert [w for w, _ in bad] == ["d0 iscsi URL"]

@@ -1,0 +1,108 @@
+"""libvirt domain XML and bulk stats are parsed defensively, one domain at a time:
+a domain whose XML says LUN "²" (passes str.isdigit(), int() raises) or whose
+stats carry a value of the wrong type is reported and degraded, and the other
+domains come through. Literal XML, and libvirt's own test driver (a real
+libvirt connection, in-process, domains defined by our XML)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import Config
+from agent.hostpaths import HostPaths
+from agent.sources import SourceContext
+from agent.sources._vm_common import parse_iscsi_url, split_iscsi_name
+from agent.sources.libvirt_vms import LibvirtSource, parse_block_stats, parse_domain_disks
+
+
+def disk_xml(name="iqn.2025-01.io.kvmscope:t/1", port="3260", dev="vda"):
+    return f"""<domain type='kvm'><name>x</name><devices>
+      <disk type='network' device='disk'>
+        <source protocol='iscsi' name='{name}'><host name='198.18.1.2' port='{port}'/></source>
+        <target dev='{dev}' bus='virtio'/>
+      </disk>
+      <disk type='file' device='disk'><source file='/nonexistent/b.img'/><target dev='vdb'/></disk>
+    </devices></domain>"""
+
+
+@pytest.mark.parametrize("lun", ["²", "٣", "1²", "99999999999999999999999", "-1", " 1"])
+def test_odd_lun_is_reported_not_raised(lun):
+    problems: list = []
+    vda, vdb = parse_domain_disks(disk_xml(name=f"iqn.2025-01.io.kvmscope:t/{lun}"), problems)
+    assert vda.iqn == "iqn.2025-01.io.kvmscope:t" and vda.lun is None
+    assert vdb.source == "/nonexistent/b.img"
+    assert problems and "vda" in problems[0] and "LUN" in problems[0]
+
+
+@pytest.mark.parametrize("port", ["²", "٣٢٦٠", "70000", "0x10"])
+def test_odd_port_is_reported_not_raised(port):
+    problems: list = []
+    (vda, _) = parse_domain_disks(disk_xml(port=port), problems)
+    assert vda.hosts == (("198.18.1.2", 3260),) and vda.lun == 1
+    assert problems and "port" in problems[0]
+
+
+def test_good_xml_has_no_problems():
+    problems: list = []
+    vda, vdb = parse_domain_disks(disk_xml(port="3261"), problems)
+    assert (vda.iqn, vda.lun, vda.hosts) == ("iqn.2025-01.io.kvmscope:t", 1, (("198.18.1.2", 3261),))
+    assert problems == []
+
+
+def test_iscsi_name_helpers_take_ascii_digits_only():
+    assert split_iscsi_name("iqn.x:t/²") == ("iqn.x:t", None)
+    assert split_iscsi_name("iqn.x:t/7") == ("iqn.x:t", 7)
+    assert split_iscsi_name("iqn.x:t") == ("iqn.x:t", 0)
+    assert parse_iscsi_url("iscsi://198.18.1.2:3260/iqn.x:t/²")[3] is None
+    assert parse_iscsi_url("iscsi://198.18.1.2:99999/iqn.x:t/1") == (None, None, None, None)
+
+
+def test_block_stats_values_type_checked():
+    stats = {"block.count": 3,
+             "block.0.name": "vda", "block.0.rd.reqs": 5, "block.0.rd.bytes": 4096,
+             "block.1.name": "vdb", "block.1.rd.reqs": "x", "block.1.wr.bytes": 10**400,
+             "block.2.name": "vdc", "block.2.fl.times": -1}
+    bad: list = []
+    out = parse_block_stats(stats, bad)
+    assert out["vda"].rd_reqs == 5 and out["vda"].rd_bytes == 4096
+    assert "vdb" not in out and "vdc" not in out
+    assert sorted(w for w, _ in bad) == ["vdb rd.reqs", "vdb wr.bytes", "vdc fl.times"]
+    bad = []
+    assert parse_block_stats({"block.count": "x"}, bad) == {} and bad == [("block.count", "'x'")]
+    assert parse_block_stats({"block.count": 10**9, "block.0.name": "vda"}, []).keys() == {"vda"}
+
+
+NODE = """<node>
+  <domain type='test'>
+    <name>bad</name><uuid>6b0a1e44-2222-4a4a-9c9c-000000000001</uuid><memory>65536</memory><os><type>hvm</type></os>
+    <devices><disk type='network' device='disk'>
+      <source protocol='iscsi' name='iqn.2025-01.io.kvmscope:t/²'><host name='198.18.1.2' port='3260'/></source>
+      <target dev='vda' bus='virtio'/></disk></devices>
+  </domain>
+  <domain type='test'>
+    <name>good</name><uuid>6b0a1e44-2222-4a4a-9c9c-000000000002</uuid><memory>65536</memory><os><type>hvm</type></os>
+    <devices><disk type='network' device='disk'>
+      <source protocol='iscsi' name='iqn.2025-01.io.kvmscope:t/1'><host name='198.18.1.2' port='3260'/></source>
+      <target dev='vda' bus='virtio'/></disk></devices>
+  </domain>
+</node>"""
+
+
+def test_one_bad_domain_does_not_fail_the_source(tmp_path):
+    pytest.importorskip("libvirt", reason="python3-libvirt not installed (make test installs it)")
+    node = tmp_path / "node.xml"
+    node.write_text(NODE)
+    cfg = Config()
+    cfg.libvirt.uri = f"test://{node}"
+    src = LibvirtSource(SourceContext(cfg, HostPaths()))
+    try:
+        data = src.collect()
+    finally:
+        src.close()
+    vms = {v.name: v for v in data.vms}
+    assert set(vms) == {"bad", "good"}
+    assert vms["good"].error is None and vms["good"].disks[0].lun == 1
+    bad = vms["bad"]
+    assert bad.disks[0].iqn == "iqn.2025-01.io.kvmscope:t" and bad.disks[0].lun is None
+    assert "LUN" in bad.error and "²" in bad.error
+    assert src.dropped["invalid_value"] == 1

@@ -134,6 +134,10 @@ class Agent:
                 health=health,
             )
             self._history.append(snap)
+        try:
+            snap.paths  # the storage-path join, once per cycle, before any consumer reads it
+        except Exception:
+            log.exception("storage path join failed")
         for cb in self.on_snapshot:
             try:
                 cb(snap)

@@ -8,7 +8,7 @@ from agent.cli import app, examples
 from agent.cli.common import attached_snapshots, health_notes, load_config, print_json, table, to_jsonable
 from agent.engine import collect_now
 from agent.records.addr import fmt_endpoint
-from agent.records.paths import build_paths
+from agent.records.rates import mean_latency_ms
 
 PATH_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces"]
 
@@ -18,7 +18,7 @@ def sessions(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", 
     """Kernel (open-iscsi) iSCSI sessions: state, portal, disks, error counters."""
     cfg, _ = load_config(ctx)
     snaps = collect_now(cfg, ["iscsi_kernel"])
-    data = snaps[-1].get("iscsi_kernel")
+    data = snaps[-1].iscsi
     rows = list(data.sessions) if data else []
     if json_out:
         print_json([dict(to_jsonable(s), portal=s.portal) for s in rows])
@@ -45,8 +45,9 @@ def sessions(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", 
             typer.echo(f"note: sessions {list(data.vanished)} logged out while being read", err=True)
 
 
-def _avg_ms(time_ns: int, reqs: int) -> float | None:
-    return round(time_ns / reqs / 1e6, 3) if reqs else None
+def _avg_ms(before, now, op: str) -> float | None:
+    ms = mean_latency_ms(before, now, op)
+    return None if ms is None else round(ms, 3)
 
 
 @app.command(
@@ -65,52 +66,49 @@ def vms(
     cfg, _ = load_config(ctx)
     snaps = collect_now(cfg, ["libvirt", "qmp"], samples=2 if sample else 1, gap=sample)
     rows, out = [], []
-    for src in ("libvirt", "qmp"):
-        last = snaps[-1].get(src)
-        first = snaps[0].get(src) if sample else None
-        for vm in last.vms if last else ():
-            before = {}
-            if first:
-                for v in first.vms:
-                    if v.uuid == vm.uuid and v.name == vm.name:
-                        before = {d.target: d.stats for d in v.disks if d.stats}
-            for d in vm.disks:
-                s, b = d.stats, before.get(d.target)
-                entry = {
-                    "vm": vm.name,
-                    "uuid": vm.uuid,
-                    "manager": vm.manager,
-                    "state": vm.state,
-                    "pid": vm.pid,
-                    "disk": d.target,
-                    "backend": d.backend,
-                    "source": d.source,
-                    "portal": fmt_endpoint(*d.hosts[0]) if d.hosts else None,
-                    "stats": to_jsonable(s),
-                    "error": vm.error,
+    first_vms = snaps[0].vms if sample else ()
+    for vm in snaps[-1].vms:
+        before = {}
+        for v in first_vms:
+            if v.uuid == vm.uuid and v.name == vm.name:
+                before = {d.target: d.stats for d in v.disks if d.stats}
+        for d in vm.disks:
+            s, b = d.stats, before.get(d.target)
+            entry = {
+                "vm": vm.name,
+                "uuid": vm.uuid,
+                "manager": vm.manager,
+                "state": vm.state,
+                "pid": vm.pid,
+                "disk": d.target,
+                "backend": d.backend,
+                "source": d.source,
+                "portal": fmt_endpoint(*d.hosts[0]) if d.hosts else None,
+                "stats": to_jsonable(s),
+                "error": vm.error,
+            }
+            if s and b and sample:
+                dt = snaps[-1].timestamp - snaps[0].timestamp
+                rd, wr = s.rd_reqs - b.rd_reqs, s.wr_reqs - b.wr_reqs
+                entry["interval"] = {
+                    "seconds": round(dt, 3),
+                    "read_ops_per_second": round(rd / dt, 1),
+                    "write_ops_per_second": round(wr / dt, 1),
+                    "read_avg_ms": _avg_ms(b, s, "read"),
+                    "write_avg_ms": _avg_ms(b, s, "write"),
+                    "read_bytes_per_second": round((s.rd_bytes - b.rd_bytes) / dt),
+                    "write_bytes_per_second": round((s.wr_bytes - b.wr_bytes) / dt),
                 }
-                if s and b and sample:
-                    dt = snaps[-1].timestamp - snaps[0].timestamp
-                    rd, wr = s.rd_reqs - b.rd_reqs, s.wr_reqs - b.wr_reqs
-                    entry["interval"] = {
-                        "seconds": round(dt, 3),
-                        "read_ops_per_second": round(rd / dt, 1),
-                        "write_ops_per_second": round(wr / dt, 1),
-                        "read_avg_ms": _avg_ms(s.rd_time_ns - b.rd_time_ns, rd),
-                        "write_avg_ms": _avg_ms(s.wr_time_ns - b.wr_time_ns, wr),
-                        "read_bytes_per_second": round((s.rd_bytes - b.rd_bytes) / dt),
-                        "write_bytes_per_second": round((s.wr_bytes - b.wr_bytes) / dt),
-                    }
-                out.append(entry)
-                if sample and "interval" in entry:
-                    i = entry["interval"]
-                    rows.append([vm.name, vm.state, d.target, d.backend, entry["portal"] or d.source,
-                                 i["read_ops_per_second"], i["write_ops_per_second"], i["read_avg_ms"], i["write_avg_ms"]])
-                else:
-                    rows.append([vm.name, vm.state, d.target, d.backend, entry["portal"] or d.source,
-                                 s.rd_reqs if s else None, s.wr_reqs if s else None,
-                                 _avg_ms(s.rd_time_ns, s.rd_reqs) if s else None,
-                                 _avg_ms(s.wr_time_ns, s.wr_reqs) if s else None])
+            out.append(entry)
+            if sample and "interval" in entry:
+                i = entry["interval"]
+                rows.append([vm.name, vm.state, d.target, d.backend, entry["portal"] or d.source,
+                             i["read_ops_per_second"], i["write_ops_per_second"], i["read_avg_ms"], i["write_avg_ms"]])
+            else:
+                rows.append([vm.name, vm.state, d.target, d.backend, entry["portal"] or d.source,
+                             s.rd_reqs if s else None, s.wr_reqs if s else None,
+                             _avg_ms(None, s, "read") if s else None,
+                             _avg_ms(None, s, "write") if s else None])
     if json_out:
         print_json(out)
         return
@@ -126,7 +124,7 @@ def paths(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", hel
     """Storage paths: VM disk -> backend -> iSCSI session -> TCP connection -> portal -> interface."""
     cfg, _ = load_config(ctx)
     snaps = attached_snapshots(ctx, cfg, last=1) or collect_now(cfg, PATH_SOURCES)
-    result = build_paths(snaps[-1])
+    result = list(snaps[-1].paths)
     if json_out:
         print_json([p.as_dict() for p in result])
         return

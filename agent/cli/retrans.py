@@ -107,10 +107,8 @@ def _follow(cfg, json_out: bool) -> None:
         while not stop[0]:
             if time.monotonic() - last_inv > 5:  # refresh who owns which connection
                 snap = inv.collect_once()
-                from agent.records.paths import build_paths
-
                 owners = {}
-                for p in build_paths(snap):
+                for p in snap.paths:
                     if p.connection:
                         owners[p.connection] = (p.vm, p.disk)
                 last_inv = time.monotonic()

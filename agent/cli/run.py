@@ -46,22 +46,22 @@ def _health_counts(snap: Snapshot) -> str:
 def _summary(snap: Snapshot, prev: Snapshot | None) -> str:
     """One console line per cycle: health counts, then what the sources saw."""
     parts = [f"{_health_counts(snap)} in {snap.duration_seconds * 1000:.0f}ms"]
-    tcp = snap.get("host_tcp")
-    ptcp = prev.get("host_tcp") if prev else None
+    tcp = snap.host_tcp
+    ptcp = prev.host_tcp if prev else None
     if tcp and ptcp:
         dt = max(snap.timestamp - prev.timestamp, 1e-9)
         d = tcp.tcp.get("RetransSegs", 0) - ptcp.tcp.get("RetransSegs", 0)
         out = tcp.tcp.get("OutSegs", 0) - ptcp.tcp.get("OutSegs", 0)
         pct = 100.0 * d / out if out > 0 else 0.0
         parts.append(f"tcp retrans {d / dt:.1f}/s ({pct:.2f}% of sent), estab {tcp.tcp.get('CurrEstab', 0)}")
-    vms = [v for src in ("libvirt", "qmp") if snap.get(src) for v in snap.get(src).vms]
+    vms = snap.vms
     if vms:
         parts.append(f"vms {len(vms)} ({sum(len(v.disks) for v in vms)} disks)")
-    sess = snap.get("iscsi_kernel")
+    sess = snap.iscsi
     if sess:
         bad = sum(1 for s in sess.sessions if s.state != "LOGGED_IN")
         parts.append(f"iscsi sessions {len(sess.sessions)}" + (f" ({bad} not logged in)" if bad else ""))
-    conns = snap.get("storage_tcp")
+    conns = snap.storage_tcp
     if conns:
         rt = sum((c.info.total_retrans or 0) for c in conns.connections if c.info)
         parts.append(f"storage conns {len(conns.connections)} (retrans total {rt})")

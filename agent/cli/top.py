@@ -43,14 +43,8 @@ def p99_ms(before: dict | None, after: dict | None) -> float | None:
 
 
 def _histograms(snap) -> dict:
-    out = {}
-    for src in ("libvirt", "qmp"):
-        d = snap.get(src)
-        for vm in d.vms if d else ():
-            for disk in vm.disks:
-                if disk.stats and disk.stats.histograms:
-                    out[(vm.name, disk.target)] = disk.stats.histograms
-    return out
+    return {(vm.name, disk.target): disk.stats.histograms
+            for vm in snap.vms for disk in vm.disks if disk.stats and disk.stats.histograms}
 
 
 def top_rows(w: Window, prev=None, snap=None) -> list[dict]:

@@ -13,6 +13,7 @@ from statistics import median
 
 from agent.records.addr import fmt_endpoint
 from agent.records.paths import StoragePath, build_paths
+from agent.records.rates import mean_latency_ms
 from agent.records.snapshot import Snapshot, Status
 
 
@@ -68,39 +69,23 @@ class Window:
         return max(self.end - self.start, 1e-9)
 
 
-def _vm_disks(snap: Snapshot):
-    out = {}
-    for src in ("libvirt", "qmp"):
-        d = snap.get(src)
-        for vm in d.vms if d else ():
-            for disk in vm.disks:
-                out[(vm.name, disk.target)] = (vm, disk)
-    return out
-
-
-def _ms(time_ns: int, ops: int) -> float | None:
-    return time_ns / ops / 1e6 if ops > 0 else None
-
-
 def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) -> Window:
     if not snaps:
         raise ValueError("no snapshots")
     first, last = snaps[0], snaps[-1]
     dt = max(last.timestamp - first.timestamp, 1e-9)
-    paths = build_paths(last, if_addrs)
+    paths = last.paths if if_addrs is None else build_paths(last, if_addrs)
     portal_of = {(p.vm, p.disk): p.portal for p in paths}
 
     # -- VM disks
-    series = [_vm_disks(s) for s in snaps]
+    series = [s.vm_disks for s in snaps]
     disks = []
     for key, (vm, d) in series[-1].items():
         if d.stats is None:
             continue
         firsts = [sd[key][1].stats for sd in series if key in sd and sd[key][1].stats is not None]
         a, b = firsts[0], d.stats
-        ops_r, ops_w, ops_f = b.rd_reqs - a.rd_reqs, b.wr_reqs - a.wr_reqs, b.fl_reqs - a.fl_reqs
-        ops = ops_r + ops_w + ops_f
-        t = (b.rd_time_ns - a.rd_time_ns) + (b.wr_time_ns - a.wr_time_ns) + (b.fl_time_ns - a.fl_time_ns)
+        ops = (b.rd_reqs - a.rd_reqs) + (b.wr_reqs - a.wr_reqs) + (b.fl_reqs - a.fl_reqs)
         per = []
         for x, y in zip(firsts, firsts[1:]):
             per.append((y.rd_reqs + y.wr_reqs + y.fl_reqs) - (x.rd_reqs + x.wr_reqs + x.fl_reqs))
@@ -113,9 +98,9 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
                 portal=portal_of.get((vm.name, d.target)) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None),
                 ops=ops,
                 ops_per_second=ops / dt,
-                mean_ms=_ms(t, ops),
-                read_ms=_ms(b.rd_time_ns - a.rd_time_ns, ops_r),
-                write_ms=_ms(b.wr_time_ns - a.wr_time_ns, ops_w),
+                mean_ms=mean_latency_ms(a, b),
+                read_ms=mean_latency_ms(a, b, "read"),
+                write_ms=mean_latency_ms(a, b, "write"),
                 stalled=stalled,
                 intervals_ops=tuple(per),
             )
@@ -125,11 +110,10 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
     owner = {p.connection: (p.vm, p.disk) for p in paths if p.connection}
     seen: dict[str, list] = {}
     for s in snaps:
-        c = s.get("storage_tcp")
-        for conn in c.connections if c else ():
+        for conn in s.storage_connections:
             seen.setdefault(conn.four_tuple, []).append(conn)
-    last_conns = {c.four_tuple for c in (last.get("storage_tcp").connections if last.get("storage_tcp") else ())}
-    first_conns = {c.four_tuple for c in (first.get("storage_tcp").connections if first.get("storage_tcp") else ())}
+    last_conns = {c.four_tuple for c in last.storage_connections}
+    first_conns = {c.four_tuple for c in first.storage_connections}
     conns = []
     for ft, obs in seen.items():
         i0, i1 = obs[0].info, obs[-1].info
@@ -160,11 +144,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
     per_owner: dict[tuple, set] = {}
     pid_vm = {}
     for s in snaps:
-        for src in ("libvirt", "qmp"):
-            d = s.get(src)
-            for vm in d.vms if d else ():
-                if vm.pid:
-                    pid_vm[vm.pid] = vm.name
+        pid_vm.update(s.vm_by_pid)
     for ft, obs in seen.items():
         o = obs[-1]
         if o.pid is not None:
@@ -174,8 +154,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
     # -- kernel sessions
     sessions: dict[int, dict] = {}
     for s in snaps:
-        d = s.get("iscsi_kernel")
-        for sess in d.sessions if d else ():
+        for sess in s.iscsi_sessions:
             e = sessions.setdefault(sess.sid, {"states": [], "target": sess.target, "portal": sess.portal,
                                                "recovery_tmo": sess.recovery_tmo, "first_stats": sess.stats})
             e["states"].append(sess.state)
@@ -188,7 +167,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
 
     # -- interfaces
     ifaces: dict[str, dict[str, int]] = {}
-    fi, li = first.get("net_ifaces"), last.get("net_ifaces")
+    fi, li = first.interfaces, last.interfaces
     if fi and li:
         for i in li.ifaces:
             j = fi.get(i.name)
@@ -199,7 +178,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
 
     # -- host TCP
     host_retrans = host_out = None
-    a, b = first.get("host_tcp"), last.get("host_tcp")
+    a, b = first.host_tcp, last.host_tcp
     if a and b:
         host_retrans = b.tcp.get("RetransSegs", 0) - a.tcp.get("RetransSegs", 0)
         host_out = b.tcp.get("OutSegs", 0) - a.tcp.get("OutSegs", 0)

@@ -39,19 +39,11 @@ REF_SINGLE = ('multipath.conf(5); open-iscsi README "iSCSI settings for dm-multi
 
 
 def _sessions(inp: DoctorInput):
-    d = inp.snapshot.get("iscsi_kernel")
-    return tuple(d.sessions) if d is not None else ()
+    return tuple(inp.snapshot.iscsi_sessions)
 
 
 def _libiscsi_disks(inp: DoctorInput):
-    out = []
-    for src in ("libvirt", "qmp"):
-        d = inp.snapshot.get(src)
-        for vm in (d.vms if d is not None else ()):
-            for disk in vm.disks:
-                if disk.backend == "libiscsi":
-                    out.append((vm, disk))
-    return out
+    return [(vm, disk) for vm in inp.snapshot.vms for disk in vm.disks if disk.backend == "libiscsi"]
 
 
 def _multipathed(s) -> bool:

@@ -36,13 +36,13 @@ def mtu(inp: DoctorInput) -> list[Result]:
     hole for full-size segments.
     """
     name = "mtu"
-    st = inp.snapshot.get("storage_tcp")
+    st = inp.snapshot.storage_tcp
     if st is None or not st.connections:
         return [Result(name, "skipped", "host",
                        "no storage TCP connections to check" + (f" ({inp.health('storage_tcp')})"
                                                                 if inp.health("storage_tcp") else ""),
                        reference=REF_MTU)]
-    ni = inp.snapshot.get("net_ifaces")
+    ni = inp.snapshot.interfaces
     if ni is None:
         return [Result(name, "skipped", "host", f"interfaces unknown ({inp.health('net_ifaces')})", reference=REF_MTU)]
     addr_map = ni.address_map()

@@ -17,7 +17,6 @@ import glob
 import os
 
 from agent.doctor import DoctorInput, Result, check
-from agent.records.paths import build_paths
 
 REF_CACHE = ('libvirt domain XML docs, "Hard drives, floppy disks, CDROMs": driver attribute cache; '
              'QEMU docs, -drive cache= ("cache.direct", "cache.writeback"); libvirt migration docs (unsafe '
@@ -37,21 +36,19 @@ def iscsi_disks(inp: DoctorInput) -> list[tuple]:
     out = []
     host_iscsi: dict[tuple[str, str], list] = {}
     try:
-        for p in build_paths(inp.snapshot):
+        for p in inp.snapshot.paths:
             if p.backend == "host-iscsi":
                 host_iscsi.setdefault((p.vm, p.disk), []).append(p)
     except Exception:  # a join that fails must not hide the libiscsi disks
         pass
-    for src in ("libvirt", "qmp"):
-        d = inp.snapshot.get(src)
-        for vm in (d.vms if d is not None else ()):
-            for disk in vm.disks:
-                if disk.backend == "libiscsi":
-                    out.append((vm, disk, "libiscsi", f"{disk.iqn} LUN {disk.lun}"))
-                elif (vm.name, disk.target) in host_iscsi:
-                    ps = host_iscsi[(vm.name, disk.target)]
-                    via = ps[0].multipath or ps[0].host_device
-                    out.append((vm, disk, "host-iscsi", f"{disk.source} on {via} ({ps[0].target} LUN {ps[0].lun})"))
+    for vm in inp.snapshot.vms:
+        for disk in vm.disks:
+            if disk.backend == "libiscsi":
+                out.append((vm, disk, "libiscsi", f"{disk.iqn} LUN {disk.lun}"))
+            elif (vm.name, disk.target) in host_iscsi:
+                ps = host_iscsi[(vm.name, disk.target)]
+                via = ps[0].multipath or ps[0].host_device
+                out.append((vm, disk, "host-iscsi", f"{disk.source} on {via} ({ps[0].target} LUN {ps[0].lun})"))
     return out
 
 
@@ -200,7 +197,7 @@ def libiscsi_keepalive(inp: DoctorInput) -> list[Result]:
             f" ({inp.health('libvirt')})" if inp.health("libvirt") else ""), reference=REF_KEEPALIVE)]
     conns_by_disk: dict[tuple, list[str]] = {}
     try:
-        for p in build_paths(inp.snapshot):
+        for p in inp.snapshot.paths:
             if p.backend == "libiscsi" and p.connection:
                 conns_by_disk.setdefault((p.vm, p.disk), []).append(p.connection)
     except Exception:

@@ -15,7 +15,6 @@ from agent.exporters.catalog import define
 from agent.exporters.prometheus import renderer, snapshot_renderer
 from agent.records.addr import fmt_endpoint
 from agent.records.iscsi import IscsiSessions
-from agent.records.paths import build_paths
 from agent.records.snapshot import Snapshot
 from agent.records.vms import Vms
 
@@ -205,8 +204,8 @@ PATH_INFO = define("kvmscope_storage_path_info", "gauge",
 
 @snapshot_renderer(per_snapshot=True)
 def render_storage_connections(snap: Snapshot) -> Iterable:
-    conns = snap.get("storage_tcp")
-    paths = build_paths(snap)
+    conns = snap.storage_tcp
+    paths = snap.paths
     owner = {}
     for p in paths:
         if p.connection:

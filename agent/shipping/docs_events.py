@@ -13,17 +13,17 @@ The first cycle only records a baseline (no "appeared" storm at start-up).
 
 from __future__ import annotations
 
-from agent.shipping.docs_storage_tcp import conn_key, vm_by_pid
+from agent.shipping.docs_storage_tcp import conn_key
 from agent.shipping.ecs import Doc, snapshot_builder
 
 
 def _sessions(snap):
-    d = snap.get("iscsi_kernel") if snap is not None else None
+    d = snap.iscsi if snap is not None else None
     return {s.sid: s for s in d.sessions} if d is not None else None
 
 
 def _conns(snap):
-    d = snap.get("storage_tcp") if snap is not None else None
+    d = snap.storage_tcp if snap is not None else None
     return {conn_key(c): c for c in d.connections} if d is not None else None
 
 
@@ -58,7 +58,7 @@ def change_events(snap, prev_snap):
     cn, cb = _conns(snap), _conns(prev_snap)
     if cn is None or cb is None:
         return
-    vms = vm_by_pid(snap)
+    vms = snap.vm_by_pid
     for key in sorted(set(cn) | set(cb), key=str):
         a, b = cb.get(key), cn.get(key)
         c = b or a

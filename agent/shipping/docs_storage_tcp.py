@@ -14,17 +14,6 @@ import dataclasses
 from agent.shipping.ecs import Doc, builder
 
 
-def vm_by_pid(snap) -> dict[int, str]:
-    out = {}
-    for src in ("libvirt", "qmp"):
-        d = snap.get(src) if snap is not None else None
-        if d is not None:
-            for vm in d.vms:
-                if vm.pid:
-                    out[vm.pid] = vm.name
-    return out
-
-
 def conn_key(c) -> tuple:
     return (c.src, c.sport, c.dst, c.dport, c.inode)
 
@@ -32,7 +21,7 @@ def conn_key(c) -> tuple:
 @builder("storage_tcp")
 def connection_docs(data, prev, snap, prev_snap):
     before = {conn_key(c): c for c in prev.connections} if prev is not None else {}
-    vms = vm_by_pid(snap)
+    vms = snap.vm_by_pid
     dt = snap.timestamp - prev_snap.timestamp if prev_snap is not None else None
     for c in data.connections:
         f = {

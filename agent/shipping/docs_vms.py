@@ -9,20 +9,8 @@ cycle (latency = Δtotal_time_ns / Δrequests, QEMU's own accounting).
 from __future__ import annotations
 
 from agent.records.addr import fmt_endpoint
+from agent.records.rates import mean_latency_ms
 from agent.shipping.ecs import Doc, snapshot_builder
-
-
-def _vms(snap):
-    out = {}
-    if snap is None:
-        return out
-    for src in ("libvirt", "qmp"):
-        d = snap.get(src)
-        if d is not None:
-            for vm in d.vms:
-                for disk in vm.disks:
-                    out[(vm.name, disk.target)] = (vm, disk)
-    return out
 
 
 def _rate(cur, prev, attr, dt):
@@ -32,25 +20,20 @@ def _rate(cur, prev, attr, dt):
     return (a - b) / dt
 
 
-def _lat_ms(cur, prev, reqs, time_ns):
-    dr = getattr(cur, reqs) - getattr(prev, reqs)
-    dtm = getattr(cur, time_ns) - getattr(prev, time_ns)
-    if dr <= 0 or dtm < 0:
-        return None
-    return round(dtm / dr / 1e6, 4)
+def _lat_ms(cur, prev, op):
+    ms = mean_latency_ms(prev, cur, op)
+    return None if ms is None else round(ms, 4)
 
 
 @snapshot_builder
 def vm_disk_docs(snap, prev_snap):
-    cur = _vms(snap)
+    cur = snap.vm_disks if snap is not None else {}
     if not cur:
         return
-    prev = _vms(prev_snap)
+    prev = prev_snap.vm_disks if prev_snap is not None else {}
     paths = {}
     try:
-        from agent.records.paths import build_paths
-
-        for p in build_paths(snap):
+        for p in snap.paths:
             paths.setdefault((p.vm, p.disk), p)
     except Exception:  # the join is a bonus: documents go out without it
         paths = {}
@@ -93,10 +76,9 @@ def vm_disk_docs(snap, prev_snap):
                 r, w = _rate(s, ps, "rd_reqs", dt), _rate(s, ps, "wr_reqs", dt)
                 f["kvmscope.disk.read_iops"] = round(r, 3) if r is not None else None
                 f["kvmscope.disk.write_iops"] = round(w, 3) if w is not None else None
-                f["kvmscope.disk.read_latency_ms"] = _lat_ms(s, ps, "rd_reqs", "rd_time_ns")
-                f["kvmscope.disk.write_latency_ms"] = _lat_ms(s, ps, "wr_reqs", "wr_time_ns")
-                dr = (s.rd_reqs + s.wr_reqs + s.fl_reqs) - (ps.rd_reqs + ps.wr_reqs + ps.fl_reqs)
-                dtm = (s.rd_time_ns + s.wr_time_ns + s.fl_time_ns) - (ps.rd_time_ns + ps.wr_time_ns + ps.fl_time_ns)
-                if dr > 0 and dtm >= 0:
-                    f["kvmscope.disk.latency_ms"] = round(dtm / dr / 1e6, 4)
+                f["kvmscope.disk.read_latency_ms"] = _lat_ms(s, ps, "read")
+                f["kvmscope.disk.write_latency_ms"] = _lat_ms(s, ps, "write")
+                lat = _lat_ms(s, ps, "all")
+                if lat is not None:
+                    f["kvmscope.disk.latency_ms"] = lat
         yield Doc("vm_disk", f"{vm.name}/{disk.target}", f)

@@ -135,12 +135,19 @@ def test_role_applies_idempotently_and_registers_with_prometheus(bundle, install
     assert Path(f"/proc/{new_pid}").exists()
 
     # a bad value is refused by the template's validation: the running agent keeps its config
+    # (by default without showing the file, which may hold credentials; kvmscope_no_log=false shows why)
     vf = tmp_path / "vars.json"
-    vf.write_text(json.dumps({**variables, "kvmscope_interval": -1}))
-    p = subprocess.run([str(ansible_bin("ansible-playbook")), "-i", str(inventory), "-e", f"@{vf}",
-                        str(ANSIBLE_DIR / "site.yml")], cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode != 0 and "interval" in p.stdout
+    for no_log in (True, False):
+        vf.write_text(json.dumps({**variables, "kvmscope_interval": -1, "kvmscope_no_log": no_log,
+                                  "kvmscope_config_extra": {"elasticsearch": {"password": "pa55-in-template"}}}))
+        p = subprocess.run([str(ansible_bin("ansible-playbook")), "-i", str(inventory), "-e", f"@{vf}",
+                            str(ANSIBLE_DIR / "site.yml")], cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode != 0
+        if no_log:
+            assert "no_log: true" in p.stdout and "pa55-in-template" not in p.stdout, p.stdout[-3000:]
+        else:
+            assert "interval" in p.stdout, p.stdout[-3000:]
     assert yaml.safe_load((inst.paths["config_dir"] / "config.yaml").read_text())["agent"]["interval"] == 5
     assert inst.pid() == new_pid
 

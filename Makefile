@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit fuzz bench-probes dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz bench-probes soak dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -25,6 +25,11 @@ fuzz: setup-test
 # Benchmarks (not tests): results go to docs/performance.md. Root needed.
 bench-probes: setup-test
 	$(VENV)/bin/python -m benchmarks.probes $(ARGS)
+
+# Soak (not a test): the agent on the lab under churn for 30 minutes (ARGS='--minutes 5' for less);
+# results in docs/reliability.md. A 3-minute variant is tests/lab/test_soak.py. Root needed.
+soak: setup-test
+	$(VENV)/bin/python -m benchmarks.soak $(ARGS)
 
 # Release bundle for hosts and Ansible: dist/kvmscope-<version>/ (wheel with the
 # probes' C sources, every dependency wheel, install.py, unit) and its .tar.gz.

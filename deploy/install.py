@@ -295,6 +295,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def create_file(path: Path, text: str, mode: int) -> None:
+    """Write ``path`` afresh, with ``mode`` from its first byte on (a configuration may hold
+    secrets: it is never readable by others, not even for the moment between write and chmod)."""
+    path.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode: start from no file
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o700)
+    try:
+        os.fchmod(fd, mode)  # the exact mode, whatever the umask (still empty here)
+        with os.fdopen(fd, "w", closefd=False) as f:
+            f.write(text)
+    finally:
+        os.close(fd)
+
+
 def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
     try:
         if path.read_text() == text:
@@ -303,8 +316,7 @@ def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
+    create_file(tmp, text, mode)
     os.replace(tmp, path)
     return True
 
@@ -369,7 +381,7 @@ def cmd_install(a: argparse.Namespace) -> None:
     else:
         wanted = lay.config.read_text() if lay.config.exists() else default_config_text(lay)
     candidate = lay.config_dir / ".config.yaml.candidate"
-    candidate.write_text(wanted)
+    create_file(candidate, wanted, 0o600)
     try:
         run([str(release / "bin" / "kvmscope"), "config", "check", str(candidate)],
             f"checking the configuration ({a.config or lay.config}) with kvmscope {version}", cwd="/")

@@ -176,3 +176,65 @@ def test_install_errors_are_clear(install_dir, tmp_path):
     assert p.returncode == 1 and "install first" in p.stderr
     p = inst.run("frobnicate", check=False)
     assert p.returncode == 2
+
+
+def test_config_files_are_never_readable_by_others_not_even_before_the_chmod(installer, tmp_path, monkeypatch):
+    """write_if_changed: the mode of the temporary file whenever it is (re)moded, and at the end."""
+    import os
+
+    seen = []
+    real_chmod, real_fchmod = Path.chmod, os.fchmod
+    monkeypatch.setattr(Path, "chmod", lambda p, m, **kw: (seen.append(p.stat().st_mode & 0o777), real_chmod(p, m, **kw))[1])
+    monkeypatch.setattr(os, "fchmod", lambda fd, m: (seen.append(os.fstat(fd).st_mode & 0o777), real_fchmod(fd, m))[1])
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "etc" / "config.yaml"
+        (tmp_path / "etc").mkdir()
+        (tmp_path / "etc" / ".config.yaml.tmp").write_text("stale, world-readable")  # left by a crash
+        assert installer.write_if_changed(target, "password: s3cret\n", 0o640)
+    finally:
+        os.umask(old)
+    assert seen, "the mode was never set"
+    assert all(m & 0o037 == 0 for m in seen), [oct(m) for m in seen]
+    assert target.stat().st_mode & 0o777 == 0o640 and target.read_text() == "password: s3cret\n"
+
+
+def test_the_config_candidate_is_private_while_it_is_checked(bundle, install_dir):
+    """A real install: watch the configuration directory while the new release checks the candidate."""
+    import os
+    import threading
+    import time
+
+    inst = install_dir
+    cfg = bundle.parent / "secret.yaml"
+    cfg.write_text(inst.config_text())
+    cfg.chmod(0o600)
+    etc = inst.paths["config_dir"]
+    modes: dict[str, set] = {}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                names = os.listdir(etc)
+            except FileNotFoundError:
+                names = []
+            for n in names:
+                try:
+                    modes.setdefault(n, set()).add(os.stat(etc / n).st_mode & 0o777)
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.001)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        p = inst.run("install", "--wheel", str(wheel(bundle)), "--wheelhouse", str(bundle / "wheels"),
+                     "--config", str(cfg), "--no-apt", *inst.args)
+    finally:
+        stop.set()
+        t.join(5)
+    assert inst.result(p) == "installed"
+    assert ".config.yaml.candidate" in modes, f"the watcher never saw the candidate: {modes}"
+    assert all(m & 0o077 == 0 for m in modes[".config.yaml.candidate"]), modes
+    assert all(m & 0o007 == 0 for n, ms in modes.items() if "config" in n for m in ms), modes

@@ -36,7 +36,8 @@ from pathlib import Path
 from prometheus_client.exposition import generate_latest
 
 from benchmarks._doc import write_section
-from agent.exporters.prometheus import MetricsServer, SnapshotCollector, make_registry
+from agent.exporters.collector import SnapshotCollector, make_registry
+from agent.exporters.server import MetricsServer
 from agent.records.snapshot import Snapshot, SourceHealth, Status
 from agent.records.tcp import TcpInfo
 from agent.records.tcp import StorageConnection, StorageConnections

@@ -9,7 +9,7 @@ import time
 
 import typer
 
-from agent import __version__
+from agent import __version__, sdnotify
 from agent.cli import app, examples
 from agent.cli.common import load_config, msg
 from agent.config import _check_listen
@@ -104,121 +104,30 @@ def run(
 ):
     """Run the agent in the foreground: collect every interval and serve /metrics. Stop with Ctrl-C or SIGTERM."""
     cfg, origin = load_config(ctx)
-    if listen is not None:
-        try:
-            _check_listen(listen)
-        except ValueError as e:
-            raise ConfigError(f"--listen: got {listen!r}; {e}") from None
-        cfg.metrics.listen = listen
-    if interval is not None:
-        cfg.agent.interval = interval
-        cfg.agent.collector_timeout = min(cfg.agent.collector_timeout, interval)
+    _apply_options(cfg, listen, interval)
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    paths = HostPaths.from_config(cfg.paths)
-    sctx = SourceContext(cfg, paths)
-    infos = selected(cfg)
-    sources = [i.factory(sctx) for i in infos]
-    agent = Agent(
-        sources,
-        interval=cfg.agent.interval,
-        timeout=cfg.agent.collector_timeout,
-        history=cfg.agent.history,
-        hostname=cfg.agent.hostname,
-    )
+    agent, infos = _build_agent(cfg)
     msg(f"kvmscope {__version__}: configuration from {origin}")
     msg(f"collectors: {', '.join(i.name for i in infos) or 'none'}; interval {cfg.agent.interval:g}s")
-
     if once:
-        snap = agent.collect_once()
-        for line in _health_changes(snap, None):
-            msg(line)
-        msg(_summary(snap, None))
-        agent.close()
-        failed = [h for h in snap.health.values() if h.status is Status.FAILED]
-        raise typer.Exit(1 if failed else 0)
-
-    server = None
-    if cfg.metrics.enabled:
-        from agent.exporters.prometheus import MetricsServer
-
-        server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history).start()
-        agent.on_snapshot.append(server.prerender)  # the scrape after a cycle then costs ~1 ms
-        h, p = server.address[:2]
-        msg(f"serving {server.scheme}://{fmt_endpoint(h, p)}/metrics")
+        _run_once(agent)
 
     from agent.sources import storage_log
 
     storage_log.persist_positions = True  # the agent owns the log read positions
-    shipping = None
-    if cfg.elasticsearch.enabled or cfg.file_output.enabled:
-        from agent.exporters import render_shipping
-        from agent.shipping.shipper import Shipping
-
-        shipping = Shipping(cfg, on_notice=lambda t: msg(f"shipping: {t}")).start()
-        agent.on_snapshot.insert(0, shipping.consume)  # only appends to the local spool/file
-        render_shipping.set_provider(shipping.health)
-        if cfg.elasticsearch.enabled:
-            from agent.config import redact_url
-
-            msg(f"shipping to elasticsearch {', '.join(redact_url(h) for h in cfg.elasticsearch.hosts)} "
-                f"(namespace {cfg.elasticsearch.namespace}) via spool {cfg.elasticsearch.spool_dir}")
-        if cfg.file_output.enabled:
-            msg(f"writing documents to {cfg.file_output.path}")
-
-    live = None
-    if cfg.diagnose.live:
-        from agent.diagnose.live import LiveDiagnosis, ship_dict
-        from agent.exporters import render_diagnosis
-
-        def _new_finding(f, snap):
-            if not quiet:
-                msg(f"finding: {f.severity.upper()} {f.title}")
-            if shipping is not None:
-                shipping.submit_finding(ship_dict(f), snap.host, snap.timestamp)
-
-        live = LiveDiagnosis(agent.history, cfg.diagnose, on_new=_new_finding)
-        agent.on_snapshot.append(live.consume)
-        render_diagnosis.set_provider(lambda: live.current)
-
-    stop = threading.Event()
-
-    def _stop(signum, _frame):
-        msg(f"{signal.Signals(signum).name}: stopping")
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-
-    # systemd (Type=notify): ready once the first cycle is done and /metrics is
-    # served; the watchdog is pinged while cycles keep completing.
-    from agent import sdnotify
-
-    last_cycle: list[float | None] = [None]
-
-    def _systemd(snap: Snapshot):
-        first = last_cycle[0] is None
-        last_cycle[0] = time.monotonic()
-        sdnotify.notify(*(["READY=1"] if first else []), f"STATUS=collectors: {_health_counts(snap)}")
-
-    agent.on_snapshot.append(_systemd)
-    watchdog = None
-    every = sdnotify.watchdog_interval()
-    if every:
-        alive = sdnotify.loop_alive(lambda: last_cycle[0], cfg.agent.interval, cfg.agent.collector_timeout)
-        watchdog = sdnotify.Watchdog(alive, every).start()
+    shipping = _start_shipping(cfg, agent)
+    live = _start_live_diagnosis(cfg, agent, shipping, quiet)
+    try:
+        server = _start_server(cfg, agent, shipping, live)
+    except BaseException:
+        if shipping is not None:
+            shipping.stop()
+        agent.close()
+        raise
+    stop = _stop_on_signals()
+    watchdog = _start_systemd(cfg, agent)
     if not quiet:
-        prev: list[Snapshot | None] = [None]
-
-        def _print(snap: Snapshot):
-            for line in _health_changes(snap, prev[0]):
-                msg(line)
-            msg(_summary(snap, prev[0]))
-            if shipping is not None:
-                msg(shipping_summary(shipping.health()))
-            prev[0] = snap
-
-        agent.on_snapshot.append(_print)
+        agent.on_snapshot.append(_console_lines(shipping))
     try:
         agent.run(stop)
     finally:
@@ -231,3 +140,150 @@ def run(
             server.stop()
         agent.close()
     msg("stopped")
+
+
+def _apply_options(cfg, listen: str | None, interval: float | None) -> None:
+    """Let ``--listen`` and ``--interval`` override the configuration."""
+    if listen is not None:
+        try:
+            _check_listen(listen)
+        except ValueError as e:
+            raise ConfigError(f"--listen: got {listen!r}; {e}") from None
+        cfg.metrics.listen = listen
+    if interval is not None:
+        cfg.agent.interval = interval
+        cfg.agent.collector_timeout = min(cfg.agent.collector_timeout, interval)
+
+
+def _build_agent(cfg) -> tuple[Agent, list]:
+    """The agent over the configured sources, and the sources' infos."""
+    paths = HostPaths.from_config(cfg.paths)
+    sctx = SourceContext(cfg, paths)
+    infos = selected(cfg)
+    sources = [i.factory(sctx) for i in infos]
+    agent = Agent(
+        sources,
+        interval=cfg.agent.interval,
+        timeout=cfg.agent.collector_timeout,
+        history=cfg.agent.history,
+        hostname=cfg.agent.hostname,
+    )
+    return agent, infos
+
+
+def _run_once(agent: Agent):
+    """``--once``: one cycle, its summary, exit 1 if a collector failed."""
+    snap = agent.collect_once()
+    for line in _health_changes(snap, None):
+        msg(line)
+    msg(_summary(snap, None))
+    agent.close()
+    failed = [h for h in snap.health.values() if h.status is Status.FAILED]
+    raise typer.Exit(1 if failed else 0)
+
+
+def _start_shipping(cfg, agent: Agent):
+    """Elasticsearch and/or the file output, fed by every snapshot; None when neither is enabled."""
+    if not (cfg.elasticsearch.enabled or cfg.file_output.enabled):
+        return None
+    from agent.shipping.shipper import Shipping
+
+    shipping = Shipping(cfg, on_notice=lambda t: msg(f"shipping: {t}")).start()
+    agent.on_snapshot.insert(0, shipping.consume)  # only appends to the local spool/file
+    if cfg.elasticsearch.enabled:
+        from agent.config import redact_url
+
+        msg(f"shipping to elasticsearch {', '.join(redact_url(h) for h in cfg.elasticsearch.hosts)} "
+            f"(namespace {cfg.elasticsearch.namespace}) via spool {cfg.elasticsearch.spool_dir}")
+    if cfg.file_output.enabled:
+        msg(f"writing documents to {cfg.file_output.path}")
+    return shipping
+
+
+def _start_live_diagnosis(cfg, agent: Agent, shipping, quiet: bool):
+    """The diagnosis rules over the agent's history after every cycle (new findings printed and shipped);
+    None when ``diagnose.live`` is off."""
+    if not cfg.diagnose.live:
+        return None
+    from agent.diagnose.live import LiveDiagnosis, ship_dict
+
+    def _new_finding(f, snap):
+        if not quiet:
+            msg(f"finding: {f.severity.upper()} {f.title}")
+        if shipping is not None:
+            shipping.submit_finding(ship_dict(f), snap.host, snap.timestamp)
+
+    live = LiveDiagnosis(agent.history, cfg.diagnose, on_new=_new_finding)
+    agent.on_snapshot.append(live.consume)
+    return live
+
+
+def _start_server(cfg, agent: Agent, shipping, live):
+    """The HTTP server (/metrics, the API) with the shipper's and the live diagnosis' renderers added;
+    None when ``metrics.enabled`` is off."""
+    if not cfg.metrics.enabled:
+        return None
+    from agent.exporters.registry import load_renderers
+    from agent.exporters.server import MetricsServer
+
+    renderers = load_renderers()
+    if live is not None:
+        from agent.exporters.render_diagnosis import diagnosis_renderer
+
+        renderers = renderers.with_snapshot(diagnosis_renderer(lambda: live.current))
+    if shipping is not None:
+        from agent.exporters.render_shipping import shipping_renderer
+
+        renderers = renderers.with_snapshot(shipping_renderer(shipping.health))
+    server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history,
+                                       renderers=renderers).start()
+    agent.on_snapshot.append(server.prerender)  # the scrape after a cycle then costs ~1 ms
+    h, p = server.address[:2]
+    msg(f"serving {server.scheme}://{fmt_endpoint(h, p)}/metrics")
+    return server
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def _stop(signum, _frame):
+        msg(f"{signal.Signals(signum).name}: stopping")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return stop
+
+
+def _start_systemd(cfg, agent: Agent):
+    """systemd (Type=notify): ready once the first cycle is done and /metrics is served; the watchdog is
+    pinged while cycles keep completing. Returns the running watchdog, or None."""
+    last_cycle: list[float | None] = [None]
+
+    def _systemd(snap: Snapshot):
+        first = last_cycle[0] is None
+        last_cycle[0] = time.monotonic()
+        sdnotify.notify(*(["READY=1"] if first else []), f"STATUS=collectors: {_health_counts(snap)}")
+
+    agent.on_snapshot.append(_systemd)
+    every = sdnotify.watchdog_interval()
+    if not every:
+        return None
+    alive = sdnotify.loop_alive(lambda: last_cycle[0], cfg.agent.interval, cfg.agent.collector_timeout)
+    return sdnotify.Watchdog(alive, every).start()
+
+
+def _console_lines(shipping):
+    """An on_snapshot callback printing each cycle's health changes, summary and shipping line."""
+    prev: list[Snapshot | None] = [None]
+
+    def _print(snap: Snapshot):
+        for line in _health_changes(snap, prev[0]):
+            msg(line)
+        msg(_summary(snap, prev[0]))
+        if shipping is not None:
+            msg(shipping_summary(shipping.health()))
+        prev[0] = snap
+
+    return _print

@@ -220,7 +220,7 @@ PROBE_RUNS = define(
     "Runs of the probe's BPF programs counted while BPF stats were on; /proc/self/fdinfo run_cnt.",
     ("probe",), "/proc/self/fdinfo")
 
-# -- the exporter's own bounds (agent/exporters/prometheus.py, metrics.max_*) --
+# -- the exporter's own bounds (agent/exporters/caps.py, metrics.max_*) --
 SERIES_DROPPED = define(
     "kvmscope_exporter_series_dropped_total", "counter",
     "Series left out of /metrics because a cap (metrics.max_vms, max_disks, max_connections) was reached, by kind "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from agent.exporters import catalog
-from agent.exporters.prometheus import load_renderers
+from agent.exporters.registry import load_renderers
 
 UNITS = {
     "_seconds": "seconds",

@@ -1,11 +1,14 @@
-"""Prometheus rendering of the running agent's live diagnosis (agent/diagnose/live.py)."""
+"""Prometheus rendering of the running agent's live diagnosis (agent/diagnose/live.py).
+
+The findings live outside the snapshot: ``kvmscope run`` builds the renderer
+around the live diagnosis (:func:`diagnosis_renderer`) and adds it to the
+collector's renderers."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from agent.exporters.catalog import define
-from agent.exporters.prometheus import snapshot_renderer
 
 FINDINGS = define(
     "kvmscope_diagnosis_findings", "gauge",
@@ -16,19 +19,17 @@ PROBLEMS = define(
     "Number of current diagnosis findings by severity (critical, warning, info).",
     ("severity",), "agent diagnosis (docs/diagnose.md)")
 
-_provider: Callable[[], list] | None = None
+
+def diagnosis_renderer(findings: Callable[[], list]) -> Callable:
+    """A snapshot renderer (run at every scrape) of the current findings ``findings()`` returns."""
+
+    def render_diagnosis(_snap):
+        return render_findings(findings())
+
+    return render_diagnosis
 
 
-def set_provider(fn: Callable[[], list] | None) -> None:
-    global _provider
-    _provider = fn
-
-
-@snapshot_renderer
-def render_diagnosis(_snap):
-    if _provider is None:
-        return []
-    findings = _provider()
+def render_findings(findings: list) -> list:
     fam, count = FINDINGS.family(), PROBLEMS.family()
     for f in findings:
         fam.add_metric([f.rule, f.severity, str(f.subject.get("kind")), str(f.subject.get("id"))], 1)

@@ -10,7 +10,7 @@ from typing import Iterable
 
 from agent.ebpf import decode
 from agent.exporters import catalog as C
-from agent.exporters.prometheus import renderer
+from agent.exporters.registry import renderer
 from agent.records.ebpf import BlockIoData
 from agent.records.ebpf import TcpLifecycleData
 from agent.records.ebpf import TcpRetransData

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from agent.exporters.catalog import define
-from agent.exporters.prometheus import renderer, snapshot_renderer
+from agent.exporters.registry import renderer, snapshot_renderer
 from agent.records.addr import fmt_endpoint
 from agent.records.iscsi import IscsiSessions
 from agent.records.snapshot import Snapshot

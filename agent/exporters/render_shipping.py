@@ -1,7 +1,8 @@
 """Prometheus families for the shipper's health (agent/shipping).
 
 Shipping state lives outside the snapshot (it changes between cycles), so
-``kvmscope run`` registers the live provider with :func:`set_provider`; the
+``kvmscope run`` builds the renderer around the shipper's health provider
+(:func:`shipping_renderer`) and adds it to the collector's renderers; the
 renderer only reads counters kept in memory.
 """
 
@@ -10,14 +11,6 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from agent.exporters import catalog as C
-from agent.exporters.prometheus import snapshot_renderer
-
-_provider: Callable[[], dict] | None = None
-
-
-def set_provider(fn: Callable[[], dict] | None) -> None:
-    global _provider
-    _provider = fn
 
 
 def render_health(h: dict) -> Iterable:
@@ -44,8 +37,10 @@ def render_health(h: dict) -> Iterable:
         yield fam
 
 
-@snapshot_renderer
-def render_shipping(snap) -> Iterable:
-    if _provider is None:
-        return
-    yield from render_health(_provider())
+def shipping_renderer(health: Callable[[], dict]) -> Callable:
+    """A snapshot renderer (run at every scrape) of the counters ``health()`` returns."""
+
+    def render_shipping(_snap) -> Iterable:
+        yield from render_health(health())
+
+    return render_shipping

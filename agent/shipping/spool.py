@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.fsutil import write_atomic
+
 log = logging.getLogger(__name__)
 
 SEG_PREFIX = "seg-"
@@ -55,21 +57,6 @@ def _seg_number(name: str) -> int | None:
         return None
     core = name[len(SEG_PREFIX) : -len(SEG_SUFFIX)]
     return int(core) if core.isdigit() else None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _set_aside(path: Path) -> None:

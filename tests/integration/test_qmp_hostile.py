@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config
-from agent.exporters.prometheus import MetricsServer
+from agent.exporters.server import MetricsServer
 from agent.hostpaths import HostPaths
 from agent.loop import Agent
 from agent.shipping.ecs import documents

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from agent.exporters import catalog
-from agent.exporters.prometheus import load_renderers
+from agent.exporters.registry import load_renderers
 from dashboards.grafana import generate
 from tests.conftest import ROOT
 

@@ -8,6 +8,7 @@ import ipaddress
 
 from agent.records.iscsi import IscsiConnection, IscsiSession, IscsiSessions, ScsiDisk
 from agent.records.snapshot import Snapshot
+from agent.records.storage_log import StorageLogEvent, StorageLogEvents
 from agent.records.tcp import HostTcpCounters
 from agent.records.tcp import TcpInfo
 from agent.records.tcp import StorageConnection, StorageConnections
@@ -15,7 +16,6 @@ from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.shipping import templates
 from agent.shipping.ecs import doc_id, documents, finding_doc
 from agent.shipping.fields import DATASETS, all_fields, flatten
-from agent.sources.storage_log import StorageLogEvent, StorageLogEvents
 
 
 def snap(seq, ts, *, rd=100, rd_ns=50_000_000, retrans=3, sess_state="LOGGED_IN", conn_state="ESTABLISHED", log_events=()):

@@ -19,7 +19,9 @@ from prometheus_client.exposition import generate_latest
 
 from agent.config import Config, MetricsConfig
 from agent.errors import ConfigError
-from agent.exporters.prometheus import Limits, MetricsServer, cut_label, make_registry
+from agent.exporters.caps import Limits, cut_label
+from agent.exporters.collector import make_registry
+from agent.exporters.server import MetricsServer
 from agent.exporters.web_config import load_web_config, parse_web_config
 from agent.records.snapshot import Snapshot
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
@@ -339,7 +341,7 @@ def test_same_metric_from_several_renderers_is_one_family():
     """Found on the lab: each eBPF probe yields its own kvmscope_probe_events_total family; the
     exposition must still have one HELP/TYPE per name (promtool check metrics refused it)."""
     from agent.exporters import catalog as C
-    from agent.exporters.prometheus import merge_families
+    from agent.exporters.collector import merge_families
 
     fams = []
     for probe in ("tcp_retrans", "block_io"):

@@ -1,4 +1,4 @@
-"""The exporter's own text writer and its per-snapshot cache (agent/exporters/prometheus.py).
+"""The exporter's own text writer and its per-snapshot cache (agent/exporters/exposition.py, collector.py).
 
 The writer must produce prometheus_client's generate_latest bytes exactly
 (text format 0.0.4: escaping, number formatting, suffixed families), and a
@@ -23,8 +23,10 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
 
-from agent.exporters import prometheus as P
-from agent.exporters.prometheus import Limits, SnapshotCollector, go_float, make_registry, write_exposition
+from agent.exporters.caps import Limits
+from agent.exporters.collector import SnapshotCollector, make_registry
+from agent.exporters.exposition import go_float, write_exposition
+from agent.exporters.registry import load_renderers
 from agent.records.snapshot import Snapshot
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from benchmarks.exporter import synthetic_snapshot
@@ -115,10 +117,10 @@ def test_writer_matches_generate_latest_on_the_benchmark_host():
     assert body.count(b"\n") > 2000
 
 
-def _scrape_pair(snap, clock, limits=None, renders=2):
+def _scrape_pair(snap, clock, limits=None, renders=2, renderers=None):
     """(cached exposition, full render through generate_latest) for ``renders`` scrapes, each on its own collector."""
-    cached = SnapshotCollector(lambda: snap, clock=clock, limits=limits)
-    full = SnapshotCollector(lambda: snap, clock=clock, limits=limits)
+    cached = SnapshotCollector(lambda: snap, clock=clock, limits=limits, renderers=renderers)
+    full = SnapshotCollector(lambda: snap, clock=clock, limits=limits, renderers=renderers)
     out = []
     for _ in range(renders):
         now = clock()
@@ -142,18 +144,19 @@ def test_cached_scrapes_equal_full_renders_under_caps_and_cuts():
     assert n > 0 and f'kvmscope_exporter_series_dropped_total{{kind="vm"}} {3 * n!r}' in third.decode()
 
 
-def test_a_snapshot_is_rendered_once_but_its_age_and_live_families_are_not(monkeypatch):
-    from agent.exporters import render_shipping
+def test_a_snapshot_is_rendered_once_but_its_age_and_live_families_are_not():
+    from agent.exporters.render_shipping import shipping_renderer
 
     calls = []
-    real = P.RENDERERS["libvirt"]
-    monkeypatch.setitem(P.RENDERERS, "libvirt", lambda data: calls.append(1) or real(data))
     shipped = {"shipped": 1}
-    monkeypatch.setattr(render_shipping, "_provider", lambda: dict(shipped))
+    renderers = load_renderers()
+    real = renderers.by_source["libvirt"]
+    renderers = renderers.with_source("libvirt", lambda data: calls.append(1) or real(data)).with_snapshot(
+        shipping_renderer(lambda: dict(shipped)))
     vms = Vms((Vm("a", None, "running", 1, ()),))
     snaps = [Snapshot(1, 100.0, "h", 0.0, data={"libvirt": vms}), Snapshot(2, 110.0, "h", 0.0, data={"libvirt": vms})]
     now, current = [105.0], [snaps[0]]
-    col = SnapshotCollector(lambda: current[0], clock=lambda: now[0])
+    col = SnapshotCollector(lambda: current[0], clock=lambda: now[0], renderers=renderers)
     a = col.exposition().decode()
     now[0], shipped["shipped"] = 107.5, 9
     b = col.exposition().decode()
@@ -163,10 +166,10 @@ def test_a_snapshot_is_rendered_once_but_its_age_and_live_families_are_not(monke
     current[0] = snaps[1]
     c = col.exposition().decode()
     assert len(calls) == 2 and "kvmscope_snapshot_timestamp_seconds 110.0" in c
-    assert generate_latest(make_registry(lambda: snaps[1], clock=lambda: 107.5)).decode() == c
+    assert generate_latest(make_registry(lambda: snaps[1], clock=lambda: 107.5, renderers=renderers)).decode() == c
 
 
-def test_a_live_family_that_names_vms_falls_back_to_a_full_render(monkeypatch):
+def test_a_live_family_that_names_vms_falls_back_to_a_full_render():
     """A live renderer adding to the caps or to a cached family's name: the scrape is rendered whole."""
 
     def live(snap):
@@ -176,14 +179,13 @@ def test_a_live_family_that_names_vms_falls_back_to_a_full_render(monkeypatch):
         g.add_metric(["live-vm"], 2)
         return [f, g]
 
-    live.per_snapshot = False
-    monkeypatch.setattr(P, "SNAPSHOT_RENDERERS", P.SNAPSHOT_RENDERERS + [live])
+    renderers = load_renderers().with_snapshot(live)
     snap = synthetic_snapshot(6, 2, 8)
     clock = iter(range(1000, 1100))
-    for cached, full in _scrape_pair(snap, lambda: float(next(clock)), Limits(max_vms=4), renders=2):
+    for cached, full in _scrape_pair(snap, lambda: float(next(clock)), Limits(max_vms=4), renders=2, renderers=renderers):
         assert cached == full
         assert b'vm="zz-live"' not in cached  # over the cap of 4 VMs, name order
-    for cached, full in _scrape_pair(snap, lambda: float(next(clock)), None, renders=1):
+    for cached, full in _scrape_pair(snap, lambda: float(next(clock)), None, renders=1, renderers=renderers):
         assert cached == full and b'kvmscope_vm_running{manager="libvirt",vm="zz-live"} 1.0' in cached
 
 

@@ -7,8 +7,9 @@ from prometheus_client.exposition import generate_latest
 from agent.codec import load_recording
 from agent.config import DiagnoseConfig
 from agent.diagnose.live import LiveDiagnosis, ship_dict
-from agent.exporters import render_diagnosis
-from agent.exporters.prometheus import make_registry
+from agent.exporters.collector import make_registry
+from agent.exporters.registry import load_renderers
+from agent.exporters.render_diagnosis import diagnosis_renderer
 
 REC = Path(__file__).resolve().parents[1] / "fixtures" / "recordings"
 
@@ -26,11 +27,8 @@ def test_findings_reported_once_and_exported():
     assert len([d for d in shipped if d["rule"] == "packet_loss"]) == 1  # not once per cycle
     d = next(d for d in shipped if d["rule"] == "packet_loss")
     assert d["portal"] == "198.18.1.2:3260" and d["severity"] == "warning" and '"retransmits"' in d["evidence"]
-    render_diagnosis.set_provider(lambda: live.current)
-    try:
-        text = generate_latest(make_registry(lambda: snaps[-1])).decode()
-    finally:
-        render_diagnosis.set_provider(None)
+    renderers = load_renderers().with_snapshot(diagnosis_renderer(lambda: live.current))
+    text = generate_latest(make_registry(lambda: snaps[-1], renderers=renderers)).decode()
     assert ('kvmscope_diagnosis_findings{rule="packet_loss",severity="warning",subject="198.18.1.2:3260",'
             'subject_kind="portal"} 1.0') in text
     assert 'kvmscope_diagnosis_problems{severity="warning"} 1.0' in text

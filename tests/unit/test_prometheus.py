@@ -4,7 +4,7 @@ from prometheus_client.exposition import generate_latest
 
 from agent.config import Config
 from agent.exporters import catalog
-from agent.exporters.prometheus import make_registry
+from agent.exporters.collector import make_registry
 from agent.records.snapshot import Snapshot, SourceHealth, Status
 from agent.sources import SourceContext
 from agent.sources.host_tcp import HostTcpSource

@@ -16,7 +16,8 @@ from agent.config import Config
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
 from agent.sources import SourceContext
-from agent.sources.storage_log import StorageLogSource, classify, parse_kmsg, parse_line
+from agent.sources.storage_log import StorageLogSource
+from agent.sources.storage_log_parse import classify, parse_kmsg, parse_line
 
 
 @pytest.fixture(autouse=True)

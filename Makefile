@@ -17,10 +17,11 @@ test: setup-test
 unit: setup-test
 	$(VENV)/bin/python -m pytest -m "not lab and not ebpf" $(PYTEST_ARGS)
 
-# Fuzz the parsers of outside input (tests/fuzz) with the long budget; make test
-# runs the same targets with the short 'ci' profile. FUZZ_ARGS e.g. -k netlink
+# Fuzz the parsers of outside input (tests/fuzz) with the long budget
+# (FUZZ_EXAMPLES per target, default 20000); make test runs the same targets with
+# the short 'ci' profile. FUZZ_ARGS e.g. FUZZ_ARGS='-k netlink'
 fuzz: setup-test
-	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -p no:cacheprovider -m fuzz tests/fuzz $(FUZZ_ARGS)
+	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -m fuzz tests/fuzz --durations=0 $(FUZZ_ARGS)
 
 # Benchmarks (not tests): results go to docs/performance.md. Root needed.
 bench-probes: setup-test

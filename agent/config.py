@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from agent import health
 from agent.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/kvmscope/config.yaml")
@@ -200,14 +201,20 @@ class EbpfConfig(_Section):
 
 
 class DiagnoseConfig(_Section):
-    slow_ms: float = Field(5.0, gt=0, description="mean latency per request (ms) above which a VM disk is slow")
-    critical_ms: float = Field(50.0, gt=0, description="mean latency per request (ms) above which it is critical")
-    min_ops: int = Field(10, ge=1, description="requests a disk needs in the window before its latency is judged")
+    # defaults: the health model (agent/health.py, docs/diagnose.md "What lossy, slow and stalled mean")
+    slow_ms: float = Field(health.SLOW_MS, gt=0, description="mean latency per request (ms) above which a VM disk is slow")
+    critical_ms: float = Field(health.CRITICAL_MS, gt=0,
+                               description="mean latency per request (ms) above which it is critical")
+    min_ops: int = Field(health.MIN_OPS, ge=1,
+                         description="requests a disk needs in the window before its latency is judged")
     retrans_per_second: float = Field(
-        0.5, ge=0, description="retransmits per second on a storage connection above which the path is lossy"
+        health.LOSS_MIN_RETRANS_PER_S, ge=0,
+        description="a storage connection is lossy when it retransmits at least this many segments per second "
+                    "and at least retrans_ratio of what it sent"
     )
     retrans_ratio: float = Field(
-        0.002, ge=0, le=1, description="retransmitted / sent segments above which the path is lossy"
+        health.LOSS_MIN_RATIO, ge=0, le=1,
+        description="retransmitted / sent (bytes, else segments) a lossy connection reaches, with retrans_per_second"
     )
     saturation_factor: float = Field(
         3.0, gt=1, description="a disk doing this many times the median ops of its path's other disks saturates it"

@@ -4,7 +4,9 @@ The findings of the last cycle are exported on /metrics
 (``kvmscope_diagnosis_findings``) and, when shipping is configured, each
 finding is shipped once when it appears or its severity changes (the ES
 ``logs-kvmscope.findings`` data stream), so Kibana and alerting see the
-same verdicts as ``kvmscope diagnose``.
+same verdicts as ``kvmscope diagnose`` (the same rules, so the same health
+model: :mod:`agent.health` defines lossy, slow and stalled once). A rule that
+raises is a ``blind_spots`` finding here too.
 
 Cost: one window build and six rules over ``diagnose.window_seconds`` of
 snapshots per cycle (a few ms for tens of VMs).

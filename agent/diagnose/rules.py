@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from statistics import median
 
+from agent import health
 from agent.config import DiagnoseConfig
 from agent.diagnose.window import ConnWindow, DiskWindow, Window
 
@@ -60,21 +61,28 @@ def _r(x, n=2):
 
 
 def _slow(d: DiskWindow, cfg: DiagnoseConfig) -> bool:
-    return d.ops >= cfg.min_ops and d.mean_ms is not None and d.mean_ms > cfg.slow_ms
+    return health.slow(d.mean_ms, d.ops, cfg.slow_ms, cfg.min_ops)
 
 
 def _dead(c: ConnWindow, w: Window) -> bool:
     """A connection whose peer stopped answering: RTO backing off and its disk doing nothing."""
     disks = [d for d in w.disks if d.vm == c.vm and d.disk == c.disk]
-    return c.max_backoff >= 2 and bool(disks) and all(d.ops == 0 or d.stalled for d in disks)
+    return health.backing_off(c.max_backoff) and bool(disks) and all(d.ops == 0 or d.stalled for d in disks)
 
 
 def _lossy(c: ConnWindow, cfg: DiagnoseConfig) -> bool:
-    """Loss on an established connection (SYN retries of a dead portal are path_down's)."""
-    if c.state != "ESTABLISHED":
+    """Loss on an established connection (SYN retries of a dead portal are path_down's): agent.health.lossy."""
+    if c.state != "ESTABLISHED" or c.retrans <= 0:
         return False
-    ratio = c.retrans / c.segs_out if c.segs_out else (1.0 if c.retrans else 0.0)
-    return c.retrans > 0 and (c.retrans_per_second > cfg.retrans_per_second or ratio > cfg.retrans_ratio)
+    return health.lossy(c.retrans_per_second, c.loss_ratio, cfg.retrans_per_second, cfg.retrans_ratio)
+
+
+def _ratio_of(cs: list[ConnWindow]) -> float | None:
+    """The loss ratio of several connections together (bytes when every one has them)."""
+    with_bytes = all(c.bytes_sent is not None and c.bytes_retrans is not None for c in cs)
+    return health.loss_ratio(
+        sum(c.bytes_retrans for c in cs) if with_bytes else None, sum(c.bytes_sent for c in cs) if with_bytes else None,
+        sum(c.retrans for c in cs), sum(c.segs_out for c in cs))
 
 
 def _disks_on(w: Window, portal: str) -> list[DiskWindow]:
@@ -93,8 +101,9 @@ def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     Signals: TCP retransmits on the storage connections to that portal
     (tcp_info total_retrans deltas), with the latency of the disks served
     by those connections.
-    Threshold: retransmits/s > diagnose.retrans_per_second or retransmitted/
-    sent segments > diagnose.retrans_ratio on a connection.
+    Threshold: the health model's "lossy" (agent/health.py): on one
+    connection, retransmits/s >= diagnose.retrans_per_second and
+    retransmitted/sent (bytes, else segments) >= diagnose.retrans_ratio.
     Remedy: find where packets are lost: host interface counters, bond and
     switch port errors, MTU mismatches, the target's NIC.
     """
@@ -126,14 +135,14 @@ def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         else:
             scope = "one VM" if len({c.vm for c in cs}) == 1 else f"some VMs on portal {ident}"
         retrans = sum(c.retrans for c in cs)
-        segs = sum(c.segs_out for c in cs)
-        severity = "critical" if stalled or any(d.mean_ms and d.mean_ms > cfg.critical_ms for d in slow) else "warning"
+        ratio = _ratio_of(cs)
+        severity = "critical" if stalled or any(health.critical(d.mean_ms, cfg.critical_ms) for d in slow) else "warning"
         vms = sorted({d.vm for d in affected})
         ifaces = sorted({p.interface for p in w.paths if p.portal in portals and p.interface})
         ev = {
             "retransmits": retrans,
             "retransmits_per_second": _r(retrans / w.seconds),
-            "retransmit_ratio_pct": _r(100.0 * retrans / segs, 3) if segs else None,
+            "retransmit_ratio_pct": _r(100.0 * ratio, 3) if ratio is not None else None,
             "connections": len(cs),
             "rtt_ms": _r(max((c.rtt_ms or 0) for c in cs), 3),
             "disks": {f"{d.vm}/{d.disk}": _r(d.mean_ms, 3) for d in affected},
@@ -213,7 +222,7 @@ def slow_target(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     return [
         Finding(
             rule="slow_target",
-            severity="critical" if worst > cfg.critical_ms else "warning",
+            severity="critical" if health.critical(worst, cfg.critical_ms) else "warning",
             subject={"kind": kind, "id": ident},
             scope=scope,
             title=f"slow iSCSI target or backing storage ({len(slow)} disk(s), worst {worst:.1f} ms per request), network clean",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import median
 
+from agent import health
 from agent.records.addr import fmt_endpoint
 from agent.records.paths import StoragePath, build_paths
 from agent.records.rates import mean_latency_ms
@@ -45,6 +46,13 @@ class ConnWindow:
     max_backoff: int
     state: str
     present_at_end: bool
+    bytes_sent: int | None = None  # tcpi_bytes_sent delta (None: kernel < 4.19)
+    bytes_retrans: int | None = None  # tcpi_bytes_retrans delta
+
+    @property
+    def loss_ratio(self) -> float | None:
+        """Retransmitted / sent in the window (bytes, else segments): agent.health.loss_ratio."""
+        return health.loss_ratio(self.bytes_retrans, self.bytes_sent, self.retrans, self.segs_out)
 
 
 @dataclass(frozen=True)
@@ -69,89 +77,101 @@ class Window:
         return max(self.end - self.start, 1e-9)
 
 
-def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) -> Window:
-    if not snaps:
-        raise ValueError("no snapshots")
-    first, last = snaps[0], snaps[-1]
-    dt = max(last.timestamp - first.timestamp, 1e-9)
-    paths = last.paths if if_addrs is None else build_paths(last, if_addrs)
-    portal_of = {(p.vm, p.disk): p.portal for p in paths}
-
-    # -- VM disks
+def _disk_windows(snaps: list[Snapshot], dt: float, portal_of: dict) -> list[DiskWindow]:
+    """Per VM disk: requests and mean latency over the window, requests per interval (for stalls)."""
     series = [s.vm_disks for s in snaps]
     disks = []
     for key, (vm, d) in series[-1].items():
         if d.stats is None:
             continue
-        firsts = [sd[key][1].stats for sd in series if key in sd and sd[key][1].stats is not None]
-        a, b = firsts[0], d.stats
+        stats = [sd[key][1].stats for sd in series if key in sd and sd[key][1].stats is not None]
+        a, b = stats[0], d.stats
         ops = (b.rd_reqs - a.rd_reqs) + (b.wr_reqs - a.wr_reqs) + (b.fl_reqs - a.fl_reqs)
-        per = []
-        for x, y in zip(firsts, firsts[1:]):
-            per.append((y.rd_reqs + y.wr_reqs + y.fl_reqs) - (x.rd_reqs + x.wr_reqs + x.fl_reqs))
-        stalled = len(per) >= 2 and per[-1] == 0 and any(v > 0 for v in per[:-1])
-        disks.append(
-            DiskWindow(
-                vm=vm.name,
-                disk=d.target,
-                backend=d.backend,
-                portal=portal_of.get((vm.name, d.target)) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None),
-                ops=ops,
-                ops_per_second=ops / dt,
-                mean_ms=mean_latency_ms(a, b),
-                read_ms=mean_latency_ms(a, b, "read"),
-                write_ms=mean_latency_ms(a, b, "write"),
-                stalled=stalled,
-                intervals_ops=tuple(per),
-            )
-        )
+        per = tuple((y.rd_reqs + y.wr_reqs + y.fl_reqs) - (x.rd_reqs + x.wr_reqs + x.fl_reqs)
+                    for x, y in zip(stats, stats[1:]))
+        disks.append(DiskWindow(
+            vm=vm.name,
+            disk=d.target,
+            backend=d.backend,
+            portal=portal_of.get((vm.name, d.target)) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None),
+            ops=ops,
+            ops_per_second=ops / dt,
+            mean_ms=mean_latency_ms(a, b),
+            read_ms=mean_latency_ms(a, b, "read"),
+            write_ms=mean_latency_ms(a, b, "write"),
+            stalled=health.stalled(per),
+            intervals_ops=per,
+        ))
+    return sorted(disks, key=lambda d: (d.vm, d.disk))
 
-    # -- storage connections
-    owner = {p.connection: (p.vm, p.disk) for p in paths if p.connection}
+
+def _connections_seen(snaps: list[Snapshot]) -> dict[str, list]:
+    """four-tuple -> its observations, in snapshot order."""
     seen: dict[str, list] = {}
     for s in snaps:
         for conn in s.storage_connections:
             seen.setdefault(conn.four_tuple, []).append(conn)
-    last_conns = {c.four_tuple for c in last.storage_connections}
-    first_conns = {c.four_tuple for c in first.storage_connections}
+    return seen
+
+
+def _four_tuples(snap: Snapshot) -> set[str]:
+    return {x.four_tuple for x in snap.storage_connections}
+
+
+def _counter_delta(first, last, name: str, born_inside: bool) -> int | None:
+    """last - first of a tcp_info counter; a connection born inside the window counts from 0."""
+    b = getattr(last, name, None)
+    if b is None:
+        return None
+    a = 0 if born_inside or first is None else getattr(first, name, None)
+    return None if a is None else max(b - a, 0)
+
+
+def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths) -> list[ConnWindow]:
+    """Per storage connection: retransmits, segments and bytes over the window, its last state."""
+    owner = {p.connection: (p.vm, p.disk) for p in paths if p.connection}
+    first_conns, last_conns = _four_tuples(snaps[0]), _four_tuples(snaps[-1])
     conns = []
     for ft, obs in seen.items():
         i0, i1 = obs[0].info, obs[-1].info
         if i1 is None:
             continue
-        # a connection born inside the window counts all its retransmits
         born_inside = ft not in first_conns
-        retrans = (i1.total_retrans or 0) - (0 if born_inside or i0 is None else (i0.total_retrans or 0))
-        segs = (i1.segs_out or 0) - (0 if born_inside or i0 is None else (i0.segs_out or 0))
+        retrans = _counter_delta(i0, i1, "total_retrans", born_inside) or 0
         vm, disk = owner.get(ft, (None, None))
-        conns.append(
-            ConnWindow(
-                four_tuple=ft,
-                portal=obs[-1].portal,
-                vm=vm,
-                disk=disk,
-                retrans=max(retrans, 0),
-                retrans_per_second=max(retrans, 0) / dt,
-                segs_out=max(segs, 0),
-                rtt_ms=i1.rtt_us / 1000 if i1.rtt_us is not None else None,
-                max_backoff=max((o.info.backoff or 0) for o in obs if o.info),
-                state=obs[-1].state,
-                present_at_end=ft in last_conns,
-            )
-        )
+        conns.append(ConnWindow(
+            four_tuple=ft,
+            portal=obs[-1].portal,
+            vm=vm,
+            disk=disk,
+            retrans=retrans,
+            retrans_per_second=retrans / dt,
+            segs_out=_counter_delta(i0, i1, "segs_out", born_inside) or 0,
+            rtt_ms=i1.rtt_us / 1000 if i1.rtt_us is not None else None,
+            max_backoff=max((o.info.backoff or 0) for o in obs if o.info),
+            state=obs[-1].state,
+            present_at_end=ft in last_conns,
+            bytes_sent=_counter_delta(i0, i1, "bytes_sent", born_inside),
+            bytes_retrans=_counter_delta(i0, i1, "bytes_retrans", born_inside),
+        ))
+    return sorted(conns, key=lambda c: (c.portal, c.four_tuple))
 
-    # -- reconnects: distinct connections per (owner pid, portal), minus one
-    per_owner: dict[tuple, set] = {}
+
+def _reconnects(snaps: list[Snapshot], seen: dict[str, list]) -> dict[tuple[str, str], int]:
+    """Distinct connections per (owning VM, portal), minus one."""
     pid_vm = {}
     for s in snaps:
         pid_vm.update(s.vm_by_pid)
+    per_owner: dict[tuple, set] = {}
     for ft, obs in seen.items():
         o = obs[-1]
         if o.pid is not None:
             per_owner.setdefault((pid_vm.get(o.pid, f"pid {o.pid}"), o.portal), set()).add(ft)
-    reconnects = {k: len(v) - 1 for k, v in per_owner.items() if len(v) > 1}
+    return {k: len(v) - 1 for k, v in per_owner.items() if len(v) > 1}
 
-    # -- kernel sessions
+
+def _sessions(snaps: list[Snapshot]) -> dict[int, dict]:
+    """Kernel iSCSI sessions: states seen, last state, error counter deltas."""
     sessions: dict[int, dict] = {}
     for s in snaps:
         for sess in s.iscsi_sessions:
@@ -164,45 +184,61 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
     for e in sessions.values():
         a, b = e.pop("first_stats") or {}, e.pop("last_stats") or {}
         e["errors"] = {k: b.get(k, 0) - a.get(k, 0) for k in ("digest_err", "timeout_err", "eh_abort_cnt") if k in b}
+    return sessions
 
-    # -- interfaces
+
+def _iface_deltas(first: Snapshot, last: Snapshot) -> dict[str, dict[str, int]]:
     ifaces: dict[str, dict[str, int]] = {}
     fi, li = first.interfaces, last.interfaces
     if fi and li:
         for i in li.ifaces:
             j = fi.get(i.name)
-            if j is None:
-                continue
-            ifaces[i.name] = {k: i.counters.get(k, 0) - j.counters.get(k, 0) for k in i.counters}
-    storage_ifaces = {p.interface for p in paths if p.interface}
+            if j is not None:
+                ifaces[i.name] = {k: i.counters.get(k, 0) - j.counters.get(k, 0) for k in i.counters}
+    return ifaces
 
-    # -- host TCP
-    host_retrans = host_out = None
+
+def _host_tcp(first: Snapshot, last: Snapshot) -> tuple[int | None, int | None]:
+    """(RetransSegs, OutSegs) deltas of the host's /proc/net/snmp, None without it."""
     a, b = first.host_tcp, last.host_tcp
-    if a and b:
-        host_retrans = b.tcp.get("RetransSegs", 0) - a.tcp.get("RetransSegs", 0)
-        host_out = b.tcp.get("OutSegs", 0) - a.tcp.get("OutSegs", 0)
+    if not (a and b):
+        return None, None
+    return b.tcp.get("RetransSegs", 0) - a.tcp.get("RetransSegs", 0), b.tcp.get("OutSegs", 0) - a.tcp.get("OutSegs", 0)
 
+
+def _blind_spots(snaps: list[Snapshot]) -> dict[str, str]:
     blind = {}
     for s in snaps:
         for name, h in s.health.items():
             if h.status is Status.FAILED:
                 blind[name] = h.reason
+    return blind
+
+
+def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) -> Window:
+    """The window over ``snaps`` (oldest first): each part from its own function above."""
+    if not snaps:
+        raise ValueError("no snapshots")
+    first, last = snaps[0], snaps[-1]
+    dt = max(last.timestamp - first.timestamp, 1e-9)
+    paths = last.paths if if_addrs is None else build_paths(last, if_addrs)
+    seen = _connections_seen(snaps)
+    host_retrans, host_out = _host_tcp(first, last)
     return Window(
         host=last.host,
         start=first.timestamp,
         end=last.timestamp,
         snapshots=len(snaps),
-        disks=tuple(sorted(disks, key=lambda d: (d.vm, d.disk))),
-        conns=tuple(sorted(conns, key=lambda c: (c.portal, c.four_tuple))),
+        disks=tuple(_disk_windows(snaps, dt, {(p.vm, p.disk): p.portal for p in paths})),
+        conns=tuple(_conn_windows(snaps, seen, dt, paths)),
         paths=tuple(paths),
-        reconnects=reconnects,
-        sessions=sessions,
-        ifaces=ifaces,
-        storage_ifaces=frozenset(storage_ifaces),
+        reconnects=_reconnects(snaps, seen),
+        sessions=_sessions(snaps),
+        ifaces=_iface_deltas(first, last),
+        storage_ifaces=frozenset(p.interface for p in paths if p.interface),
         host_retrans=host_retrans,
         host_out_segs=host_out,
-        blind_spots=blind,
+        blind_spots=_blind_spots(snaps),
     )
 
 

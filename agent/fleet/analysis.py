@@ -7,11 +7,12 @@ the agents' inet_diag counters in Prometheus
 
 A path (host -> portal) is **bad** when, over the window,
 
-* it retransmits: at least ``min_retrans_per_s`` segments/s *and* at least
-  ``min_ratio`` of the bytes it sent were retransmissions (tcp_info's
-  ``tcpi_bytes_retrans / tcpi_bytes_sent``; the ratio keeps a busy clean host
-  from looking worse than an idle lossy one, the rate keeps one tail-loss
-  probe on an idle connection from counting), or
+* it is lossy as the health model (:mod:`agent.health`) defines it for
+  ``diagnose`` and the alerts too: at least ``min_retrans_per_s`` segments/s
+  *and* at least ``min_ratio`` of the bytes it sent were retransmissions
+  (tcp_info's ``tcpi_bytes_retrans / tcpi_bytes_sent``; the ratio keeps a busy
+  clean host from looking worse than an idle lossy one, the rate keeps one
+  tail-loss probe on an idle connection from counting), or
 * it is unreachable: the host has connections to the portal but none
   established (SYN_SENT, CLOSE_WAIT... after a dead portal or a reset).
 
@@ -31,12 +32,14 @@ port for the storage network; some of them, at the path to those portals
 (a per-portal interface, VLAN or switch port).
 
 Pure functions; no I/O. Thresholds are arguments, defaults in
-:class:`Thresholds`.
+:class:`Thresholds` (the health model's numbers).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from agent import health
 
 PORTAL_WIDE = "portal-wide"
 HOST_LOCAL = "host-local"
@@ -46,8 +49,8 @@ OK = "ok"
 
 @dataclass(frozen=True)
 class Thresholds:
-    min_retrans_per_s: float = 0.5
-    min_ratio: float = 0.01
+    min_retrans_per_s: float = health.LOSS_MIN_RETRANS_PER_S
+    min_ratio: float = health.LOSS_MIN_RATIO
     portal_share: float = 0.5
 
     def __post_init__(self):
@@ -73,9 +76,7 @@ class PathSample:
 
     @property
     def ratio(self) -> float | None:
-        if self.sent_bytes_per_s and self.retrans_bytes_per_s is not None:
-            return self.retrans_bytes_per_s / self.sent_bytes_per_s
-        return None
+        return health.loss_ratio(self.retrans_bytes_per_s, self.sent_bytes_per_s)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def judge_path(s: PathSample, t: Thresholds) -> PathVerdict:
         states = ", ".join(f"{n} {st}" for st, n in sorted(s.other_states.items()))
         bad, why = True, f"unreachable: no established connection ({states})"
     elif s.retrans_per_s is not None and s.retrans_per_s >= t.min_retrans_per_s and s.retrans_per_s > 0:
-        if ratio is None or ratio >= t.min_ratio:
+        if health.lossy(s.retrans_per_s, ratio, t.min_retrans_per_s, t.min_ratio):
             pct = "" if ratio is None else f", {ratio * 100:.1f}% of bytes sent"
             bad, why = True, f"retransmits {s.retrans_per_s:.2f}/s{pct}"
         else:

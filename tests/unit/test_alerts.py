@@ -5,12 +5,15 @@ promtool check config."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
 import pytest
 import yaml
 
+from agent import health
+from agent.durations import parse_duration
 from tests.conftest import ROOT
 from tests.unit.test_dashboards import exported_names, metric_names
 
@@ -95,3 +98,58 @@ def test_file_sd_targets_example_is_valid():
             assert set(g) <= {"targets", "labels"} and g["targets"]
             assert all(isinstance(t, str) and ":" in t for t in g["targets"])
             assert all(isinstance(v, str) for v in g.get("labels", {}).values())
+
+
+# -- the alert rules use the health model's numbers (agent/health.py) ------------------------
+def _rule(name):
+    return next(r for r in rules() if r["alert"] == name)
+
+
+def _one(pattern, expr, what):
+    m = re.findall(pattern, " ".join(expr.split()))
+    assert len(m) == 1, f"{what}: expected one match of {pattern!r} in {expr!r}, got {m}"
+    return m[0]
+
+
+def _secs(duration):
+    return parse_duration(duration)
+
+
+@pytest.mark.parametrize("name, rate_re, ratio_re", [
+    ("KvmscopeStorageConnectionRetransmits",
+     r"rate\(kvmscope_storage_connection_retransmitted_segments_total\[(\w+)\]\) (>=?) ([\d.]+)",
+     r'rate\(kvmscope_storage_connection_bytes_total\{direction="sent"\}\[(\w+)\]\) \) (>=?) ([\d.]+)'),
+    ("KvmscopeStoragePortalRetransmits",
+     r'rate\(kvmscope_tcp_retransmits_total\{remote_address!="other"\}\[(\w+)\]\) \) (>=?) ([\d.]+)',
+     r'rate\(kvmscope_storage_connection_bytes_total\{direction="sent"\}\[(\w+)\]\)\) \) (>=?) ([\d.]+)'),
+])
+def test_loss_alerts_use_the_health_model(name, rate_re, ratio_re):
+    r = _rule(name)
+    rng, op, rate = _one(rate_re, r["expr"], "retransmit rate")
+    assert (op, float(rate), _secs(rng)) == (">=", health.LOSS_MIN_RETRANS_PER_S, _secs(health.ALERT_LOSS_RANGE))
+    rng, op, ratio = _one(ratio_re, r["expr"], "retransmitted/sent bytes")
+    assert (op, float(ratio), _secs(rng)) == (">=", health.LOSS_MIN_RATIO, _secs(health.ALERT_LOSS_RANGE))
+    assert _secs(r["for"]) == _secs(health.ALERT_LOSS_FOR)
+    # the description states the same numbers
+    d = r["annotations"]["description"]
+    assert f"at least {health.LOSS_MIN_RETRANS_PER_S:g}/s" in d and f"{health.LOSS_MIN_RATIO * 100:g}% of the bytes" in d
+
+
+def test_latency_alert_uses_the_health_model():
+    r = _rule("KvmscopeVmDiskLatencyHigh")
+    op, mean_s = _one(r"rate\(kvmscope_vm_disk_requests_total\{op!=\"flush\"\}\[5m\]\)\) \) (>=?) ([\d.]+)",
+                      r["expr"], "mean latency")
+    assert (op, float(mean_s) * 1000) == (">", health.CRITICAL_MS)
+    rng, op, ops = _one(r"increase\(kvmscope_vm_disk_requests_total\{op!=\"flush\"\}\[(\w+)\]\)\) (>=?) (\d+)",
+                        r["expr"], "minimum requests")
+    assert (op, int(ops), _secs(rng)) == (">=", health.MIN_OPS, _secs(health.ALERT_SLOW_RANGE))
+    assert set(re.findall(r"\[(\w+)\]", r["expr"])) == {health.ALERT_SLOW_RANGE}
+    assert _secs(r["for"]) == _secs(health.ALERT_SLOW_FOR)
+    d = r["annotations"]["description"]
+    assert f"threshold {health.CRITICAL_MS:g}ms, over at least {health.MIN_OPS} requests" in d
+
+
+def test_the_comparison_finds_a_changed_number():
+    expr = _rule("KvmscopeStorageConnectionRetransmits")["expr"].replace(">= 0.01", ">= 0.02")
+    _, _, ratio = _one(r'direction="sent"\}\[(\w+)\]\) \) (>=?) ([\d.]+)', expr, "ratio")
+    assert float(ratio) != health.LOSS_MIN_RATIO

@@ -38,7 +38,7 @@
  *                             on first use (BPF_F_NO_PREALLOC): memory only
  *                             for the (dev, op) pairs seen
  *   procs     lru_percpu_hash (tgid, comm, dev, op) -> count, sum_ns, bytes
- *   totals    percpu_array    see TOT_*
+ *   totals    percpu_array    see TOT_* (block_io.h)
  *
  * kind: 0 = total (first seen -> complete), 1 = queue (insert -> issue,
  * only when insert was seen), 2 = device (issue -> complete).
@@ -49,10 +49,15 @@
  * nest on one CPU (the kernel skips a nested run and counts it in the
  * program's recursion misses, which the loader adds to the lost events).
  *
+ * The layouts user space reads (lat, procs, totals), ops, kinds and TOT_*
+ * live in block_io.h (shared with agent/ebpf/block_io.py, checked by a
+ * test).
+ *
  * Defines: MAX_INFLIGHT (a power of two), MAX_HIST_DEVS, MAX_PROCS, SLOT_MAX,
  * HAVE_BLOCK_RQ_INSERT.
  */
 #include "common.h"
+#include "block_io.h"
 
 #ifndef MAX_INFLIGHT
 #define MAX_INFLIGHT 16384 /* a power of two */
@@ -65,21 +70,8 @@
 #ifndef MAX_PROCS
 #define MAX_PROCS 4096
 #endif
-#ifndef SLOT_MAX
-#define SLOT_MAX 36 /* 2^36 ns = 68.7 s */
-#endif
-#define NSLOTS (SLOT_MAX + 2)
 
-enum op { OP_READ = 0, OP_WRITE = 1, OP_FLUSH = 2, OP_DISCARD = 3, OP_OTHER = 4 };
-enum kind { KIND_TOTAL = 0, KIND_QUEUE = 1, KIND_DEVICE = 2, KIND_N = 3 };
-
-#define TOT_INSERTED 0
-#define TOT_ISSUED 1
-#define TOT_COMPLETED 2       /* completions matched to an issue */
-#define TOT_UNMATCHED 3       /* completions without an issue seen (lost) */
-#define TOT_OVERWRITTEN 4     /* issue found the slot taken by another request */
-#define TOT_N 5
-
+/* The in-flight table is the kernel's own: user space never reads it. */
 struct rq_key {
     u32 dev;
     u32 op;
@@ -102,32 +94,8 @@ struct rq_set {
     struct rq_val way[INFLIGHT_WAYS];
 };
 
-struct lat_key {
-    u32 dev;
-    u32 op;
-};
-
-struct lat_val {
-    u64 slots[KIND_N * NSLOTS]; /* [kind * NSLOTS + slot] */
-    u64 sum_ns[KIND_N];
-    u64 bytes;
-};
-
-struct sum_val {
-    u64 count;
-    u64 sum_ns;
-    u64 bytes;
-};
-
-struct proc_key {
-    u32 tgid;
-    u32 dev;
-    u32 op;
-    char comm[16];
-};
-
 BPF_ARRAY(inflight, struct rq_set, INFLIGHT_SETS);
-BPF_F_TABLE("percpu_hash", struct lat_key, struct lat_val, lat, MAX_HIST_DEVS * 5, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct lat_key, struct lat_val, lat, MAX_HIST_DEVS * OP_N, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_percpu_hash", struct proc_key, struct sum_val, procs, MAX_PROCS);
 BPF_PERCPU_ARRAY(totals, u64, TOT_N);
 BPF_ARRAY(lat_zero, struct lat_val, 1); /* never written: the initial value of a lat entry (too big for the stack) */

@@ -17,19 +17,25 @@
  *   counts   percpu_hash  (family, remote address, storage port, kind) ->
  *                      count (per CPU, no atomics; Python sums the CPUs)
  *   totals   percpu    one element: the TOT_* counters and the stream's
- *                      rate window (one lookup per event)
- *   events   ringbuf   one event per transition (rate-capped)
+ *                      counters and rate window (one lookup per event)
+ *   events   ringbuf   one event per transition (rate-capped; common.h)
+ *
+ * Key, value and record layouts, kinds, flags and TOT_* live in
+ * tcp_lifecycle.h (shared with agent/ebpf/tcp_lifecycle.py, checked by a
+ * test).
  *
  * Cost per storage-port transition: one per-CPU array lookup, one socks
  * lookup (plus an insert for a new socket or a delete at CLOSE), one
  * counts lookup for the counted kinds, one ring buffer record. Any other
  * TCP transition returns after the protocol and port compares.
  *
- * Event kinds: see enum kind. Defines: IS_STORAGE_PORT(p), MAX_SOCKS,
- * MAX_REMOTES, EVENTS_PER_SEC_PER_CPU, RINGBUF_PAGES, HAVE_TCP_RECEIVE_RESET,
- * HAVE_TCP_SEND_RESET.
+ * Event kinds: see enum kind (tcp_lifecycle.h). Defines: IS_STORAGE_PORT(p),
+ * MAX_SOCKS, MAX_REMOTES, EVENTS_PER_SEC_PER_CPU, RINGBUF_PAGES,
+ * HAVE_TCP_RECEIVE_RESET, HAVE_TCP_SEND_RESET.
  */
+#define KS_EVENT_STREAM /* common.h declares the ring buffer `events` */
 #include "common.h"
+#include "tcp_lifecycle.h"
 
 #ifndef MAX_SOCKS
 #define MAX_SOCKS 4096
@@ -37,86 +43,10 @@
 #ifndef MAX_REMOTES
 #define MAX_REMOTES 1024
 #endif
-#ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 16
-#endif
-
-#define KS_TCP_ESTABLISHED 1
-#define KS_TCP_SYN_SENT 2
-#define KS_TCP_SYN_RECV 3
-#define KS_TCP_CLOSE 7
-#define KS_IPPROTO_TCP 6
-
-enum kind {
-    K_CONNECT = 0,     /* CLOSE -> SYN_SENT */
-    K_ESTABLISHED = 1, /* -> ESTABLISHED */
-    K_CLOSE = 2,       /* -> CLOSE after an orderly shutdown */
-    K_RESET = 3,       /* -> CLOSE after a reset was received or sent */
-    K_FAILED = 4,      /* SYN_SENT -> CLOSE without reset (connect timed out) */
-    K_ABORT = 5,       /* ESTABLISHED -> CLOSE without reset or FIN (timeout) */
-    K_STATE = 6,       /* any other transition */
-};
-
-#define F_RST_RECV 1
-#define F_RST_SENT 2
-#define F_TARGET 4
-
-#define TOT_TRANSITIONS 0
-#define TOT_TRACKED 1
-#define TOT_EV_SENT 2
-#define TOT_EV_CAPPED 3
-#define TOT_EV_FULL 4
-#define TOT_UNTRACKED_CLOSE 5
-#define TOT_N 6
-
-struct sock_val {
-    u64 start_ns;
-    u64 estab_ns;
-    u32 tgid;
-    u16 family;
-    u16 sport;
-    u16 dport;
-    u8 flags;
-    u8 pad;
-    u8 saddr[16];
-    u8 daddr[16];
-    char comm[16];
-};
-
-struct count_key {
-    u16 family;
-    u16 port; /* the storage port */
-    u32 kind;
-    u8 remote[16];
-};
-
-struct event {
-    u64 ts;
-    u64 age_ns;   /* since connect (or first sight) */
-    u64 estab_ns; /* time spent established, 0 if never */
-    u32 tgid;
-    u8 kind;
-    u8 oldstate;
-    u8 newstate;
-    u8 flags;
-    u16 family;
-    u16 sport;
-    u16 dport;
-    u16 pad;
-    u8 saddr[16];
-    u8 daddr[16];
-    char comm[16];
-};
-
-struct totals_val {
-    u64 t[TOT_N];
-    struct ks_rate rate;
-};
 
 BPF_TABLE("lru_hash", u64, struct sock_val, socks, MAX_SOCKS);
 BPF_TABLE("percpu_hash", struct count_key, u64, counts, MAX_REMOTES);
 BPF_PERCPU_ARRAY(totals, struct totals_val, 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 /* Per-CPU values are bumped without atomics: tracepoint programs never
  * nest on one CPU (a nested run is skipped and counted as a recursion
@@ -138,15 +68,11 @@ static __always_inline void count(struct sock_val *s, u32 kind)
 static __always_inline void emit(struct totals_val *t, struct sock_val *s, u32 kind, int oldstate, int newstate,
                                  u64 now)
 {
-    if (!ks_rate_ok(&t->rate, now)) {
-        t->t[TOT_EV_CAPPED]++;
+    struct event *e = ks_stream_admit(&t->stream, now)
+        ? ks_stream_room(&t->stream, events.ringbuf_reserve(sizeof(struct event)))
+        : NULL;
+    if (!e)
         return;
-    }
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        t->t[TOT_EV_FULL]++;
-        return;
-    }
     e->ts = now;
     e->age_ns = now - s->start_ns;
     e->estab_ns = s->estab_ns ? now - s->estab_ns : 0;
@@ -163,7 +89,7 @@ static __always_inline void emit(struct totals_val *t, struct sock_val *s, u32 k
     __builtin_memcpy(e->daddr, s->daddr, 16);
     __builtin_memcpy(e->comm, s->comm, 16);
     events.ringbuf_submit(e, KS_RB_NO_WAKEUP);
-    t->t[TOT_EV_SENT]++;
+    ks_stream_sent(&t->stream);
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
@@ -200,13 +126,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         n.start_ns = now;
         n.family = args->family;
         n.flags = target ? F_TARGET : 0;
-        if (args->family == KS_AF_INET6) {
-            __builtin_memcpy(n.saddr, args->saddr_v6, 16);
-            __builtin_memcpy(n.daddr, args->daddr_v6, 16);
-        } else {
-            __builtin_memcpy(n.saddr, args->saddr, 4);
-            __builtin_memcpy(n.daddr, args->daddr, 4);
-        }
+        KS_COPY_ADDRS(n.saddr, n.daddr, args);
         if (connect) {
             n.tgid = bpf_get_current_pid_tgid() >> 32;
             bpf_get_current_comm(&n.comm, sizeof(n.comm));

@@ -15,10 +15,14 @@
  *                            total (the "other" aggregate) and returns
  *                            before any hash map work
  *   totals         percpu    one element: never-evicted totals (TOT_*
- *                            below) and the stream's rate window, so one
- *                            lookup serves the whole event
+ *                            in tcp_retrans.h) and the stream's counters
+ *                            and rate window, so one lookup serves the
+ *                            whole event
  *   events         ringbuf   rate-capped stream (time, 4-tuple, state,
- *                            kind) of the tracked connections
+ *                            kind) of the tracked connections (common.h)
+ *
+ * Key, value and record layouts, kinds and TOT_* live in tcp_retrans.h
+ * (shared with agent/ebpf/tcp_retrans.py, checked by a test).
  *
  * Defines: IS_STORAGE_PORT(p), TRACK_ALL_CONNS, MAX_CONNS, MAX_STORAGE_CONNS,
  * EVENTS_PER_SEC_PER_CPU, RINGBUF_PAGES, HAVE_TCP_RETRANSMIT_SYNACK,
@@ -26,7 +30,9 @@
  * HAVE_TCP_SEND_RESET (+ TCP_SEND_RESET_SOCKADDR: 6.10+ layout with
  * sockaddr saddr[28]/daddr[28]), HAVE_TCP_RECEIVE_RESET.
  */
+#define KS_EVENT_STREAM /* common.h declares the ring buffer `events` */
 #include "common.h"
+#include "tcp_retrans.h"
 
 #ifndef MAX_CONNS
 #define MAX_CONNS 8192
@@ -34,58 +40,12 @@
 #ifndef MAX_STORAGE_CONNS
 #define MAX_STORAGE_CONNS 1024
 #endif
-#ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 16
-#endif
-
-enum kind { K_RETRANS = 0, K_SYNACK = 1, K_RST_SENT = 2, K_RST_RECV = 3 };
-
-/* totals indexes: per kind (0..3), storage per kind (4..7), stream (8..10) */
-#define TOT_STORAGE 4
-#define TOT_EV_SENT 8
-#define TOT_EV_CAPPED 9
-#define TOT_EV_FULL 10
-#define TOT_N 11
-
-struct conn_key {
-    u16 family;
-    u16 sport;
-    u16 dport;
-    u16 pad;
-    u8 saddr[16];
-    u8 daddr[16];
-};
-
-struct conn_val {
-    u64 count[4]; /* by enum kind */
-    u64 last_ns;
-    u32 last_state;
-    u32 state_mask; /* bit n set: a retransmit happened in TCP state n */
-};
-
-struct event {
-    u64 ts;
-    u32 state;
-    u8 kind;
-    u8 storage;
-    u16 family;
-    u16 sport;
-    u16 dport;
-    u8 saddr[16];
-    u8 daddr[16];
-};
-
-struct totals_val {
-    u64 t[TOT_N];
-    struct ks_rate rate;
-};
 
 #ifdef TRACK_ALL_CONNS
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, conns, MAX_CONNS);
 #endif
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, storage_conns, MAX_STORAGE_CONNS);
 BPF_PERCPU_ARRAY(totals, struct totals_val, 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline struct totals_val *my_totals(void)
 {
@@ -122,15 +82,11 @@ static __always_inline void record(struct conn_key *k, int kind, int state, stru
         }
     }
 
-    if (!ks_rate_ok(&t->rate, now)) {
-        t->t[TOT_EV_CAPPED]++;
+    struct event *e = ks_stream_admit(&t->stream, now)
+        ? ks_stream_room(&t->stream, events.ringbuf_reserve(sizeof(struct event)))
+        : NULL;
+    if (!e)
         return;
-    }
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        t->t[TOT_EV_FULL]++;
-        return;
-    }
     e->ts = now;
     e->state = state;
     e->kind = kind;
@@ -141,7 +97,7 @@ static __always_inline void record(struct conn_key *k, int kind, int state, stru
     __builtin_memcpy(e->saddr, k->saddr, 16);
     __builtin_memcpy(e->daddr, k->daddr, 16);
     events.ringbuf_submit(e, KS_RB_NO_WAKEUP);
-    t->t[TOT_EV_SENT]++;
+    ks_stream_sent(&t->stream);
 }
 
 /* Count the event in the never-evicted totals; without TRACK_ALL_CONNS a
@@ -154,18 +110,12 @@ static __always_inline void record(struct conn_key *k, int kind, int state, stru
 
 /* The tracepoints below share the field names family/sport/dport (host
  * order), saddr/daddr (IPv4) and saddr_v6/daddr_v6. */
-#define FILL_KEY(k, a)                                           \
-    do {                                                         \
-        (k).family = (a)->family;                                \
-        (k).sport = (a)->sport;                                  \
-        (k).dport = (a)->dport;                                  \
-        if ((a)->family == KS_AF_INET6) {                        \
-            __builtin_memcpy((k).saddr, (a)->saddr_v6, 16);      \
-            __builtin_memcpy((k).daddr, (a)->daddr_v6, 16);      \
-        } else {                                                 \
-            __builtin_memcpy((k).saddr, (a)->saddr, 4);          \
-            __builtin_memcpy((k).daddr, (a)->daddr, 4);          \
-        }                                                        \
+#define FILL_KEY(k, a)                                   \
+    do {                                                 \
+        (k).family = (a)->family;                        \
+        (k).sport = (a)->sport;                          \
+        (k).dport = (a)->dport;                          \
+        KS_COPY_ADDRS((k).saddr, (k).daddr, (a));        \
     } while (0)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
@@ -177,11 +127,11 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
         return 0;
 #endif
     struct totals_val *t = my_totals();
-    if (!t || !KS_FILTER(t, K_RETRANS, args->dport))
+    if (!t || !KS_FILTER(t, K_RETRANSMIT, args->dport))
         return 0;
     struct conn_key k = {};
     FILL_KEY(k, args);
-    record(&k, K_RETRANS, args->state, t);
+    record(&k, K_RETRANSMIT, args->state, t);
     return 0;
 }
 
@@ -189,11 +139,11 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
     struct totals_val *t = my_totals();
-    if (!t || !KS_FILTER(t, K_SYNACK, args->dport))
+    if (!t || !KS_FILTER(t, K_SYNACK_RETRANSMIT, args->dport))
         return 0;
     struct conn_key k = {};
     FILL_KEY(k, args);
-    record(&k, K_SYNACK, 3 /* TCP_SYN_RECV */, t);
+    record(&k, K_SYNACK_RETRANSMIT, KS_TCP_SYN_RECV, t);
     return 0;
 }
 #endif
@@ -202,11 +152,11 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
     struct totals_val *t = my_totals();
-    if (!t || !KS_FILTER(t, K_RST_RECV, args->dport))
+    if (!t || !KS_FILTER(t, K_RESET_RECEIVED, args->dport))
         return 0;
     struct conn_key k = {};
     FILL_KEY(k, args);
-    record(&k, K_RST_RECV, -1, t);
+    record(&k, K_RESET_RECEIVED, -1, t);
     return 0;
 }
 #endif
@@ -229,7 +179,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
         return 0;
     k.family = fam;
     k.dport = ((u16)d[2] << 8) | d[3];
-    if (!KS_FILTER(t, K_RST_SENT, k.dport))
+    if (!KS_FILTER(t, K_RESET_SENT, k.dport))
         return 0;
     __builtin_memcpy(s, args->saddr, 28);
     k.sport = ((u16)s[2] << 8) | s[3];
@@ -240,12 +190,12 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
         __builtin_memcpy(k.saddr, &s[4], 4);
         __builtin_memcpy(k.daddr, &d[4], 4);
     }
-    record(&k, K_RST_SENT, args->state, t);
+    record(&k, K_RESET_SENT, args->state, t);
 #else
-    if (!KS_FILTER(t, K_RST_SENT, args->dport))
+    if (!KS_FILTER(t, K_RESET_SENT, args->dport))
         return 0;
     FILL_KEY(k, args);
-    record(&k, K_RST_SENT, -1, t);
+    record(&k, K_RESET_SENT, -1, t);
 #endif
     return 0;
 }

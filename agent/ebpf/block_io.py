@@ -21,14 +21,45 @@ overwrote another in-flight request with the same (dev, op, sector).
 
 from __future__ import annotations
 
+import ctypes
 
 from agent.ebpf import decode
 from agent.ebpf.loader import Probe
 from agent.hostpaths import HostPaths
 from agent.records.ebpf import SLOT_MAX, BlockHistogram, BlockIoData, BlockProcess
 
+# The C side of everything below is probes/block_io.h (checked by
+# tests/unit/test_probe_layouts.py). SLOT_MAX (agent/records/ebpf.py) is
+# passed to the C as -DSLOT_MAX; KINDS: enum kind, in order; ops:
+# decode.BLOCK_OPS.
+NSLOTS = SLOT_MAX + 2
 KINDS = ("total", "queue", "device")
 TOT_INSERTED, TOT_ISSUED, TOT_COMPLETED, TOT_UNMATCHED, TOT_OVERWRITTEN, TOT_N = 0, 1, 2, 3, 4, 5
+
+
+class LatKey(ctypes.Structure):
+    _fields_ = [("dev", ctypes.c_uint32), ("op", ctypes.c_uint32)]
+
+
+class LatVal(ctypes.Structure):
+    _fields_ = [
+        ("slots", ctypes.c_uint64 * (len(KINDS) * NSLOTS)),  # [kind * NSLOTS + slot]
+        ("sum_ns", ctypes.c_uint64 * len(KINDS)),
+        ("bytes", ctypes.c_uint64),
+    ]
+
+
+class SumVal(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint64), ("sum_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class ProcKey(ctypes.Structure):
+    _fields_ = [("tgid", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("op", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
+
+
+STRUCTS = {"lat_key": LatKey, "lat_val": LatVal, "sum_val": SumVal, "proc_key": ProcKey}
+# maps read through these types (not bcc's own reading of the C)
+TABLES = {"lat": (LatKey, LatVal), "procs": (ProcKey, SumVal), "totals": (ctypes.c_int, ctypes.c_uint64)}
 
 
 class DeviceNames:
@@ -65,6 +96,10 @@ class BlockIoProbe(Probe):
     def extra_cflags(self, present):
         return [f"-DSLOT_MAX={SLOT_MAX}"]
 
+    def on_loaded(self):
+        for name, (key, leaf) in TABLES.items():
+            self.bpf[name.encode()] = self.bpf.get_table(name.encode(), key, leaf)
+
     def events_and_lost(self):
         t = self.percpu_totals("totals", TOT_N)
         return t[TOT_INSERTED] + t[TOT_ISSUED] + t[TOT_COMPLETED] + t[TOT_UNMATCHED], t[TOT_UNMATCHED] + t[TOT_OVERWRITTEN]
@@ -75,14 +110,14 @@ class BlockIoProbe(Probe):
         # lat: per-CPU (dev, op) -> slots/sum_ns per kind + bytes; summed here
         for k, percpu in b[b"lat"].items():
             dev, op = int(k.dev), int(k.op)
-            slots = [[0] * (SLOT_MAX + 2) for _ in KINDS]
+            slots = [[0] * NSLOTS for _ in KINDS]
             sums = [0] * len(KINDS)
             nbytes = 0
             for v in percpu:
-                flat = v.slots  # [kind * (SLOT_MAX + 2) + slot]
+                flat = v.slots  # [kind * NSLOTS + slot]
                 for kind in range(len(KINDS)):
-                    acc, base = slots[kind], kind * (SLOT_MAX + 2)
-                    for s in range(SLOT_MAX + 2):
+                    acc, base = slots[kind], kind * NSLOTS
+                    for s in range(NSLOTS):
                         acc[s] += flat[base + s]
                     sums[kind] += v.sum_ns[kind]
                 nbytes += v.bytes

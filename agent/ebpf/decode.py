@@ -12,15 +12,38 @@ functions with unit tests (tests/unit/test_probe_decode.py):
 * TCP state numbers → names, checked against the running kernel's
   ``sock:inet_sock_set_state`` print format by an eBPF test.
 * ``/proc/PID/fdinfo/FD`` of a BPF program → run_time_ns, run_cnt.
+* the probes' shared totals (TOT_* counters + event stream) → sums.
+
+The ctypes layouts here and in the probe modules mirror probes/common.h
+and probes/<name>.h; tests/unit/test_probe_layouts.py compiles those
+headers with cc and compares every field and constant.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import re
 
+# probes/common.h KS_AF_INET, KS_AF_INET6
 AF_INET = 2
 AF_INET6 = 10
+
+
+class KsRate(ctypes.Structure):
+    """probes/common.h struct ks_rate."""
+
+    _fields_ = [("window_start", ctypes.c_uint64), ("sent", ctypes.c_uint64)]
+
+
+class KsStream(ctypes.Structure):
+    """probes/common.h struct ks_stream: one CPU's event stream counters."""
+
+    _fields_ = [("sent", ctypes.c_uint64), ("capped", ctypes.c_uint64), ("full", ctypes.c_uint64), ("rate", KsRate)]
+
+
+# C struct name -> ctypes mirror, for tests/unit/test_probe_layouts.py
+STRUCTS = {"ks_rate": KsRate, "ks_stream": KsStream}
 
 # internal kernel dev_t (include/linux/kdev_t.h: MINORBITS 20)
 MINORBITS = 20
@@ -102,7 +125,7 @@ def slot_of_ns(ns: int) -> int:
     return 0 if ns <= 0 else int(ns).bit_length()
 
 
-# -- block operations (probes/block_io.bpf.c enum op) ------------------------
+# -- block operations (probes/block_io.h enum op, in order) ------------------
 BLOCK_OPS = ("read", "write", "flush", "discard", "other")
 
 
@@ -118,7 +141,7 @@ def rwbs_op(rwbs: str) -> str:
     return {"R": "read", "W": "write", "D": "discard"}.get(c0, "other")
 
 
-# -- TCP states (include/net/tcp_states.h) ------------------------------------
+# -- TCP states (include/net/tcp_states.h; probes/common.h KS_TCP_*) ---------
 TCP_STATES = {
     1: "ESTABLISHED",
     2: "SYN_SENT",
@@ -176,6 +199,22 @@ def parse_fdinfo(text: str) -> dict[str, int]:
             except ValueError:
                 continue
     return out
+
+
+def sum_totals(percpu, n: int) -> tuple[list[int], int, int]:
+    """Per-CPU values of a streaming probe's totals (``u64 t[TOT_N]`` +
+    ``struct ks_stream stream``) → (t summed over the CPUs, records sent,
+    records dropped by the rate cap or a full ring buffer)."""
+    t = [0] * n
+    sent = dropped = 0
+    for v in percpu:
+        arr = v.t
+        for i in range(n):
+            t[i] += int(arr[i])
+        s = v.stream
+        sent += int(s.sent)
+        dropped += int(s.capped) + int(s.full)
+    return t, sent, dropped
 
 
 def counter_delta(prev: int | None, now: int) -> int:

@@ -28,12 +28,40 @@ from agent.ebpf import decode
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import ConnEvent, LiveConn, TcpLifecycleData
 
+# The C side of everything below is probes/tcp_lifecycle.h (checked by
+# tests/unit/test_probe_layouts.py). KINDS: enum kind, in order; all but
+# the last ("state") are counted per remote.
 KINDS = ("connect", "established", "close", "reset", "failed", "abort", "state")
-TOT_TRANSITIONS, TOT_TRACKED, TOT_EV_SENT, TOT_EV_CAPPED, TOT_EV_FULL, TOT_UNTRACKED_CLOSE, TOT_N = range(7)
+TOT_TRANSITIONS, TOT_TRACKED, TOT_UNTRACKED_CLOSE, TOT_N = range(4)
 F_RST_RECV, F_RST_SENT, F_TARGET = 1, 2, 4
 
 
-class _Event(ctypes.Structure):
+class SockVal(ctypes.Structure):
+    _fields_ = [
+        ("start_ns", ctypes.c_uint64),
+        ("estab_ns", ctypes.c_uint64),
+        ("tgid", ctypes.c_uint32),
+        ("family", ctypes.c_uint16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+class CountKey(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_uint16),
+        ("port", ctypes.c_uint16),
+        ("kind", ctypes.c_uint32),
+        ("remote", ctypes.c_uint8 * 16),
+    ]
+
+
+class Event(ctypes.Structure):
     _fields_ = [
         ("ts", ctypes.c_uint64),
         ("age_ns", ctypes.c_uint64),
@@ -53,7 +81,16 @@ class _Event(ctypes.Structure):
     ]
 
 
-def event_from_raw(e: _Event) -> ConnEvent:
+class TotalsVal(ctypes.Structure):
+    _fields_ = [("t", ctypes.c_uint64 * TOT_N), ("stream", decode.KsStream)]
+
+
+STRUCTS = {"sock_val": SockVal, "count_key": CountKey, "event": Event, "totals_val": TotalsVal}
+# maps read through these types (not bcc's own reading of the C)
+TABLES = {"socks": (ctypes.c_uint64, SockVal), "counts": (CountKey, ctypes.c_uint64), "totals": (ctypes.c_int, TotalsVal)}
+
+
+def event_from_raw(e: Event) -> ConnEvent:
     fam = int(e.family)
     flags = int(e.flags)
     reset = "received" if flags & F_RST_RECV else "sent" if flags & F_RST_SENT else ""
@@ -79,14 +116,21 @@ class TcpLifecycleProbe(Probe):
         self.recent: deque[ConnEvent] = deque(maxlen=history)
 
     def on_loaded(self):
+        for name, (key, leaf) in TABLES.items():
+            self.bpf[name.encode()] = self.bpf.get_table(name.encode(), key, leaf)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, _ctx, data, _size):
-        self._pending.append(event_from_raw(ctypes.cast(data, ctypes.POINTER(_Event)).contents))
+        self._pending.append(event_from_raw(ctypes.cast(data, ctypes.POINTER(Event)).contents))
+
+    def _totals(self) -> tuple[list[int], int]:
+        tab = self.bpf[b"totals"]
+        t, _sent, dropped = decode.sum_totals(tab.getvalue(tab.Key(0)), TOT_N)
+        return t, dropped
 
     def events_and_lost(self):
-        t = self.percpu_struct_totals("totals", TOT_N)
-        return t[TOT_TRANSITIONS], t[TOT_EV_CAPPED] + t[TOT_EV_FULL] + t[TOT_UNTRACKED_CLOSE]
+        t, dropped = self._totals()
+        return t[TOT_TRANSITIONS], dropped + t[TOT_UNTRACKED_CLOSE]
 
     def read(self) -> TcpLifecycleData:
         b = self.bpf
@@ -107,7 +151,7 @@ class TcpLifecycleProbe(Probe):
                                  decode.addr_text(fam, bytes(s.daddr)), int(s.dport), int(s.tgid),
                                  bytes(s.comm).split(b"\0", 1)[0].decode(errors="replace"), int(s.start_ns),
                                  bool(s.estab_ns)))
-        t = self.percpu_struct_totals("totals", TOT_N)
+        t, dropped = self._totals()
         totals = {"transitions": t[TOT_TRANSITIONS], "tracked": t[TOT_TRACKED], "untracked_closes": t[TOT_UNTRACKED_CLOSE],
-                  "stream_dropped": t[TOT_EV_CAPPED] + t[TOT_EV_FULL]}
+                  "stream_dropped": dropped}
         return TcpLifecycleData(counts, tuple(live), events, totals, self.stats(), tuple(self.report.tracepoints))

@@ -31,11 +31,33 @@ from agent.ebpf import decode
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import TcpConnection, TcpRetransData, TcpRetransEvent
 
+# The C side of everything below is probes/tcp_retrans.h (checked by
+# tests/unit/test_probe_layouts.py). KINDS: enum kind, in order.
 KINDS = ("retransmit", "synack_retransmit", "reset_sent", "reset_received")
-TOT_STORAGE, TOT_EV_SENT, TOT_EV_CAPPED, TOT_EV_FULL, TOT_N = 4, 8, 9, 10, 11
+TOT_STORAGE, TOT_N = 4, 8
 
 
-class _Event(ctypes.Structure):
+class ConnKey(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_uint16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
+class ConnVal(ctypes.Structure):
+    _fields_ = [
+        ("count", ctypes.c_uint64 * len(KINDS)),
+        ("last_ns", ctypes.c_uint64),
+        ("last_state", ctypes.c_uint32),
+        ("state_mask", ctypes.c_uint32),
+    ]
+
+
+class Event(ctypes.Structure):
     _fields_ = [
         ("ts", ctypes.c_uint64),
         ("state", ctypes.c_int32),
@@ -47,6 +69,15 @@ class _Event(ctypes.Structure):
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
     ]
+
+
+class TotalsVal(ctypes.Structure):
+    _fields_ = [("t", ctypes.c_uint64 * TOT_N), ("stream", decode.KsStream)]
+
+
+STRUCTS = {"conn_key": ConnKey, "conn_val": ConnVal, "event": Event, "totals_val": TotalsVal}
+# maps read through these types (not bcc's own reading of the C)
+TABLES = {"storage_conns": (ConnKey, ConnVal), "conns": (ConnKey, ConnVal), "totals": (ctypes.c_int, TotalsVal)}
 
 
 def conn_fields(k) -> tuple[str, str, int, str, int]:
@@ -87,19 +118,27 @@ class TcpRetransProbe(Probe):
         return flags
 
     def on_loaded(self):
+        for name, (key, leaf) in TABLES.items():
+            if name != "conns" or self.all_connections:
+                self.bpf[name.encode()] = self.bpf.get_table(name.encode(), key, leaf)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, _ctx, data, _size):
-        e = ctypes.cast(data, ctypes.POINTER(_Event)).contents
+        e = ctypes.cast(data, ctypes.POINTER(Event)).contents
         fam = int(e.family)
         self._pending.append(TcpRetransEvent(
             int(e.ts), KINDS[e.kind] if e.kind < len(KINDS) else str(e.kind), decode.tcp_state_name(int(e.state)),
             decode.family_name(fam), decode.addr_text(fam, bytes(e.saddr)), int(e.sport),
             decode.addr_text(fam, bytes(e.daddr)), int(e.dport), bool(e.storage)))
 
+    def _totals(self) -> tuple[list[int], int]:
+        tab = self.bpf[b"totals"]
+        t, _sent, dropped = decode.sum_totals(tab.getvalue(tab.Key(0)), TOT_N)
+        return t, dropped
+
     def events_and_lost(self):
-        t = self.percpu_struct_totals("totals", TOT_N)
-        return sum(t[:4]), t[TOT_EV_CAPPED] + t[TOT_EV_FULL]
+        t, dropped = self._totals()
+        return sum(t[:TOT_STORAGE]), dropped
 
     def read(self) -> TcpRetransData:
         b = self.bpf
@@ -126,7 +165,7 @@ class TcpRetransProbe(Probe):
                     fam, sa, sp, da, dp, storage, *counts, decode.tcp_state_name(int(v.last_state)),
                     tuple(decode.tcp_state_name(s) for s in range(32) if mask >> s & 1), int(v.last_ns)))
         self._prev = seen
-        t = self.percpu_struct_totals("totals", TOT_N)
+        t, dropped = self._totals()
         totals = {kind: t[i] for i, kind in enumerate(KINDS)}
         storage_kernel = {kind: t[TOT_STORAGE + i] for i, kind in enumerate(KINDS)}
         other = {kind: totals[kind] - storage_kernel[kind] for kind in KINDS}
@@ -136,7 +175,7 @@ class TcpRetransProbe(Probe):
             other=other,
             totals=totals,
             events=events,
-            stream_dropped=t[TOT_EV_CAPPED] + t[TOT_EV_FULL],
+            stream_dropped=dropped,
             probe=self.stats(),
             tracepoints=tuple(self.report.tracepoints),
         )

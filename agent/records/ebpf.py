@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-# log2 latency slots of the block probe (probes/block_io.bpf.c SLOT_MAX)
+# log2 latency slots of the block probe (-DSLOT_MAX of probes/block_io.h)
 SLOT_MAX = 36
 
 

@@ -7,9 +7,13 @@ that builds its ``-D`` switches, reads its maps and decodes them:
   block_io       block:block_rq_insert/issue/complete
   tcp_lifecycle  sock:inet_sock_set_state (+ tcp resets)
 
-:mod:`agent.ebpf.loader` checks requirements, compiles each probe once on a
+:mod:`agent.ebpf.loader` (the Probe base and the compile thread) checks the
+requirements (:mod:`agent.ebpf.requirements`), compiles each probe once on a
 background thread, reports attached/unavailable/failed with reason and fix,
-and measures the probes' own cost. See docs/probes.md.
+and measures the probes' own cost (:mod:`agent.ebpf.bpfstats` switches the
+kernel's BPF run-time statistics on). :mod:`agent.ebpf.source` is the glue to
+the agent loop; it takes ``SourceContext`` from :mod:`agent.source_api`, never
+from ``agent.sources``. See docs/probes.md.
 """
 
 from __future__ import annotations

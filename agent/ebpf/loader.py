@@ -1,55 +1,46 @@
-"""Loading the probes: requirement checks, compile once, attach, self-measure.
+"""Loading the probes: the Probe base class and the shared compile thread.
 
-Every probe goes through :func:`check_requirements` and then
-:meth:`Probe.load`. The outcome is a :class:`ProbeReport`: ``attached``
+Every probe goes through the requirement checks (:mod:`agent.ebpf.requirements`)
+and then :meth:`Probe.load`. The outcome is a :class:`ProbeReport`: ``attached``
 (with the tracepoints it is on), or ``unavailable`` with the reason and the
 fix (a host without what the probe needs: normal, reported as "no data"),
 or ``failed`` (compile/attach error: a bug or an unusual kernel). One
 probe's outcome never affects another's.
 
-Requirements checked, in this order (messages in docs/probes.md):
-  * root, or CAP_BPF + CAP_PERFMON (kernel 5.8+), or CAP_SYS_ADMIN;
-  * tracefs at ``paths.tracefs`` with an ``events/`` directory, mounted
-    here when missing (``mount -t tracefs tracefs <dir>``);
-  * kernel headers for bcc: ``/lib/modules/$(uname -r)/build/include`` (or
-    ``ebpf.kernel_build``), or ``/sys/kernel/kheaders.tar.xz``;
-  * each required tracepoint present in tracefs (optional ones are left out
-    of the build with ``-D`` switches);
-  * BTF (``/sys/kernel/btf/vmlinux``): informational only, TRACEPOINT_PROBE
-    programs do not need it.
-
 Compiling takes ~0.5 s of CPU per probe (LLVM): done once, on a single
-background thread shared by all probes, never per cycle.
+background thread shared by all probes (:meth:`Probe.load_async`), never
+per cycle.
 
-Self-measurement: BPF run-time statistics are switched on with the
-``BPF_ENABLE_STATS`` command (kernel 5.8+), which holds a reference on the
-kernel's stats switch for as long as the agent keeps the returned fd and
-drops it on close or exit, so ``kernel.bpf_stats_enabled`` is never written
-and is left exactly as found. On kernels without that command the sysctl
-is set to 1 and restored to its previous value when the last probe closes.
-The per-program ``run_time_ns``/``run_cnt``/``recursion_misses`` are read
-from ``/proc/self/fdinfo/<prog fd>``.
+Self-measurement: while a probe is attached it holds the kernel's BPF stats
+switch (:mod:`agent.ebpf.bpfstats`); the per-program
+``run_time_ns``/``run_cnt``/``recursion_misses`` are read from
+``/proc/self/fdinfo/<prog fd>``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
-import platform
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from agent.ebpf import decode
+from agent.ebpf.bpfstats import STATS
+from agent.ebpf.requirements import (
+    Check,
+    available_tracepoints,
+    check_btf,
+    check_headers,
+    check_privileges,
+    ensure_tracefs,
+)
 from agent.hostpaths import HostPaths
 
 log = logging.getLogger(__name__)
-
 
 
 def _probes_dir() -> Path:
@@ -70,21 +61,6 @@ UNAVAILABLE = "unavailable"
 FAILED = "failed"
 LOADING = "loading"
 CLOSED = "closed"
-
-CAP_SYS_ADMIN = 21
-CAP_PERFMON = 38
-CAP_BPF = 39
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
 
 
 @dataclass
@@ -136,163 +112,6 @@ class ProbeReport:
             "checks": [c.as_dict() for c in self.checks],
         }
 
-
-# -- requirements --------------------------------------------------------------
-
-def _cap_eff(paths: HostPaths) -> int:
-    try:
-        text = paths.read_text(paths.proc("self", "status"))
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
-def check_privileges(paths: HostPaths, euid: int | None = None) -> Check:
-    euid = os.geteuid() if euid is None else euid
-    caps = _cap_eff(paths)
-    has = lambda c: bool(caps >> c & 1)  # noqa: E731
-    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
-        who = "root" if euid == 0 else "capabilities"
-        return Check("privileges", True, f"{who}: CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN effective")
-    return Check(
-        "privileges",
-        False,
-        f"euid {euid} without CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN)",
-        "run as root, or grant CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE (systemd AmbientCapabilities=, see deploy/)",
-    )
-
-
-def _mount(source: str, target: Path, fstype: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
-    if libc.mount(source.encode(), str(target).encode(), fstype.encode(), 0, None) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def ensure_tracefs(paths: HostPaths, mount: bool = True) -> Check:
-    """tracefs with an events/ directory at paths.tracefs; mount it if missing."""
-    events = paths.tracefs / "events"
-    if events.is_dir():
-        return Check("tracefs", True, f"{paths.tracefs} mounted")
-    fix = f"mount -t tracefs tracefs {paths.tracefs}"
-    if not mount:
-        return Check("tracefs", False, f"no tracefs at {paths.tracefs}", fix)
-    try:
-        _mount("tracefs", paths.tracefs, "tracefs")
-    except OSError as e:
-        return Check("tracefs", False, f"no tracefs at {paths.tracefs} and mounting it failed: {e.strerror}", fix)
-    if events.is_dir():
-        log.info("mounted tracefs on %s", paths.tracefs)
-        return Check("tracefs", True, f"{paths.tracefs} mounted by kvmscope")
-    return Check("tracefs", False, f"mounted tracefs on {paths.tracefs} but it has no events/ directory",
-                 "kernel without CONFIG_EVENT_TRACING? tracepoint probes cannot run here")
-
-
-def default_kernel_build() -> Path:
-    return Path("/lib/modules") / platform.release() / "build"
-
-
-def check_headers(paths: HostPaths, kernel_build: Path | None) -> Check:
-    build = kernel_build or default_kernel_build()
-    if (build / "include").is_dir():
-        return Check("kernel headers", True, f"{build} (-> {os.path.realpath(build)})")
-    if paths.sys("kernel", "kheaders.tar.xz").exists():
-        return Check("kernel headers", True, f"{build} missing; bcc uses /sys/kernel/kheaders.tar.xz")
-    return Check(
-        "kernel headers",
-        False,
-        f"no kernel headers for bcc at {build}",
-        "apt-get install linux-headers-$(uname -r), or linux-headers-amd64 linked as "
-        f"{build} (deploy/setup.sh does this), or set ebpf.kernel_build",
-    )
-
-
-def check_btf(paths: HostPaths) -> Check:
-    p = paths.sys("kernel", "btf", "vmlinux")
-    if p.exists():
-        return Check("btf", True, str(p))
-    return Check("btf", True, f"{p} missing (not needed: tracepoint probes read tracefs formats)")
-
-
-def available_tracepoints(paths: HostPaths, wanted: Iterable[str]) -> set[str]:
-    """Which of ``wanted`` ("category:event") exist under tracefs events/."""
-    out = set()
-    for tp in wanted:
-        cat, _, ev = tp.partition(":")
-        if (paths.tracefs / "events" / cat / ev / "format").exists():
-            out.add(tp)
-    return out
-
-
-# -- BPF run-time statistics -----------------------------------------------------
-
-_SYS_bpf = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
-_BPF_ENABLE_STATS = 32
-_BPF_STATS_RUN_TIME = 0
-
-
-class _StatsSwitch:
-    """Reference-counted holder of the kernel's BPF stats switch."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._fd: int | None = None
-        self._sysctl_prev: str | None = None
-        self._sysctl_path: Path | None = None
-        self.mode = "off"
-
-    def acquire(self, paths: HostPaths) -> str:
-        with self._lock:
-            self._users += 1
-            if self._users > 1:
-                return self.mode
-            libc = ctypes.CDLL(None, use_errno=True)
-            attr = (ctypes.c_uint8 * 16)()  # union bpf_attr { .enable_stats.type = BPF_STATS_RUN_TIME }
-            fd = libc.syscall(_SYS_bpf, _BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr))
-            if fd >= 0:
-                self._fd = fd
-                self.mode = "bpf_enable_stats"
-                return self.mode
-            err = ctypes.get_errno()
-            log.debug("BPF_ENABLE_STATS failed (%s); falling back to the sysctl", errno.errorcode.get(err, err))
-            path = paths.proc("sys", "kernel", "bpf_stats_enabled")
-            try:
-                prev = paths.read_text(path).strip()
-                if prev != "1":
-                    path.write_text("1\n")
-                self._sysctl_prev, self._sysctl_path = prev, path
-                self.mode = "sysctl"
-            except OSError as e:
-                log.warning("cannot enable BPF run-time stats (%s): ns per event will be unknown", e)
-                self.mode = "off"
-            return self.mode
-
-    def release(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                return
-            self._users -= 1
-            if self._users:
-                return
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            if self._sysctl_path is not None and self._sysctl_prev is not None:
-                try:
-                    if self._sysctl_path.read_text().strip() != self._sysctl_prev:
-                        self._sysctl_path.write_text(self._sysctl_prev + "\n")
-                except OSError as e:
-                    log.warning("could not restore kernel.bpf_stats_enabled=%s: %s", self._sysctl_prev, e)
-                self._sysctl_path = self._sysctl_prev = None
-            self.mode = "off"
-
-
-STATS = _StatsSwitch()
 
 # bcc is imported lazily (after tracefs is mounted: bcc picks its tracefs
 # directory at import time) and compiles under one lock, on one thread.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent.ebpf.loader import ATTACHED, UNAVAILABLE, LoadOptions, Probe
 from agent.errors import NoData
-from agent.sources import SourceContext
+from agent.source_api import SourceContext
 
 
 def load_options(ctx: SourceContext) -> LoadOptions:

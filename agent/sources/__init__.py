@@ -24,47 +24,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
 
 from agent.config import Config
 from agent.errors import ConfigError
-from agent.hostpaths import HostPaths
+from agent.source_api import REGISTRY, Source, SourceContext, SourceInfo, register
 
-
-@dataclass(frozen=True)
-class SourceContext:
-    config: Config
-    paths: HostPaths
-
-
-class Source(Protocol):
-    name: str
-
-    def collect(self) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    name: str
-    default_enabled: bool
-    description: str
-    factory: Callable[[SourceContext], Source]
-
-
-REGISTRY: dict[str, SourceInfo] = {}
-
-
-
-def register(name: str, *, default_enabled: bool = True, description: str = ""):
-    def deco(cls):
-        cls.name = name
-        REGISTRY[name] = SourceInfo(name, default_enabled, description or (cls.__doc__ or "").strip().split("\n")[0], cls)
-        return cls
-
-    return deco
+__all__ = ["REGISTRY", "Source", "SourceContext", "SourceInfo", "register", "load_registry", "selected"]
 
 
 def load_registry() -> dict[str, SourceInfo]:

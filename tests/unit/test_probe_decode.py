@@ -6,7 +6,8 @@ import pytest
 
 from agent.ebpf import decode
 from agent.ebpf.block_io import DeviceNames
-from agent.ebpf.loader import LoadOptions, ProbeStats, check_headers, check_privileges
+from agent.ebpf.loader import LoadOptions, ProbeStats
+from agent.ebpf.requirements import check_headers, check_privileges
 from agent.exporters.render_ebpf import render_block_io, render_tcp_retrans
 from agent.hostpaths import HostPaths
 from agent.records.ebpf import BlockHistogram, BlockIoData

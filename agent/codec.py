@@ -1,10 +1,15 @@
-"""Snapshots to JSON and back (for recordings, golden tests and the local API).
+"""Snapshots to JSON and back (for recordings, golden tests, the local API and every ``--json``).
 
-``encode`` turns dataclasses, tuples, dicts and enums into plain JSON data;
-``decode`` rebuilds typed records from JSON using the dataclasses' type
-hints. A recording is ``{"kvmscope_recording": 1, "snapshots": [...]}``;
-each snapshot's ``data`` is keyed by source name and decoded with the return
-type of that source's ``collect()``.
+``encode`` turns dataclasses, tuples, dicts and enums into plain JSON data:
+the one JSON encoder of the agent (the CLI's ``--json`` output uses it too).
+A dict whose keys are not all strings (``(address, port)`` tuples, histogram
+slot numbers) is written as ``{"__pairs__": [[key, value], ...]}`` so that
+its keys come back with their types. ``decode`` rebuilds typed records with
+pydantic's ``TypeAdapter`` over the records' type hints (the frozen
+dataclasses of :mod:`agent.records`), after turning the ``__pairs__`` form
+back into a dict. A recording is ``{"kvmscope_recording": 1, "snapshots":
+[...]}``; each snapshot's ``data`` is keyed by source name and decoded with
+the return type of that source's ``collect()``.
 """
 
 from __future__ import annotations
@@ -12,17 +17,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import types
 import typing
 from functools import lru_cache
 
 from agent.records.snapshot import Snapshot, SourceHealth, Status
-from agent.sources import load_registry
 
 FORMAT = 1
+PAIRS = "__pairs__"
 
 
 def encode(obj):
+    """Records to plain JSON data (dataclasses, tuples, dicts, enums; anything else as is)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -36,55 +41,35 @@ def encode(obj):
     return obj
 
 
-PAIRS = "__pairs__"
-
-
-@lru_cache(maxsize=None)
-def _hints(cls):
-    return typing.get_type_hints(cls)
-
-
-def decode(tp, value):
-    if value is None:
-        return None
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        for a in non_none:
-            try:
-                return decode(a, value)
-            except (TypeError, ValueError, KeyError):
-                continue
-        raise ValueError(f"cannot decode {value!r} as {tp}")
-    if dataclasses.is_dataclass(tp):
-        hints = _hints(tp)
-        kwargs = {f.name: decode(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value}
-        return tp(**kwargs)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(decode(args[0], v) for v in value)
-        if args:
-            return tuple(decode(a, v) for a, v in zip(args, value))
-        return tuple(value)
-    if origin is list:
-        return [decode(args[0], v) for v in value] if args else list(value)
-    if origin is dict:
-        kt, vt = args if args else (str, typing.Any)
-        items = value[PAIRS] if isinstance(value, dict) and PAIRS in value else value.items()
-        return {decode(kt, k): decode(vt, v) for k, v in items}
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(value)
-    if tp is float and isinstance(value, int):
-        return float(value)
-    if tp in (int, str, bool, float) and not isinstance(value, tp):
-        raise TypeError(f"{value!r} is not {tp.__name__}")
-    if tp is typing.Any or tp is object:
-        return value
+def _unpairs(value):
+    """The ``__pairs__`` form back to a dict (list keys become tuples: they were tuples)."""
+    if isinstance(value, dict):
+        if PAIRS in value:
+            return {(tuple(k) if isinstance(k, list) else k): _unpairs(v) for k, v in value[PAIRS]}
+        return {k: _unpairs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpairs(v) for v in value]
     return value
 
 
+@lru_cache(maxsize=None)
+def _adapter(tp):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(tp)
+
+
+def decode(tp, value):
+    """Plain JSON data (as :func:`encode` wrote it) to the typed records ``tp``; None stays None."""
+    if value is None:
+        return None
+    return _adapter(tp).validate_python(_unpairs(value))
+
+
 def record_types() -> dict[str, type]:
+    """Source name -> the record type its ``collect()`` returns."""
+    from agent.sources import load_registry
+
     out = {}
     for name, info in load_registry().items():
         try:

@@ -53,22 +53,6 @@ def health_notes(snaps, names: list[str]) -> None:
             msg(f"note: {n}: {h.reason}")
 
 
-def to_jsonable(obj):
-    """Dataclasses (incl. nested), tuples and enums to plain JSON data."""
-    import dataclasses
-    import enum
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    return obj
-
-
 def attached_snapshots(ctx, cfg, **params):
     """Snapshots from a running agent on metrics.listen, or None (standalone, or none answers)."""
     if (ctx.obj or {}).get("standalone") or not cfg.metrics.enabled:

@@ -7,7 +7,8 @@ import sys
 import typer
 
 from agent.cli import app, examples
-from agent.cli.common import msg, print_json, table, to_jsonable
+from agent.cli.common import msg, print_json, table
+from agent.codec import encode
 from agent.errors import ConfigError, KvmscopeError
 from agent.fleet.analysis import FleetReport, Thresholds, analyse
 from agent.fleet.prometheus import Prometheus, check_label, check_selector, collect, parse_window, queries
@@ -61,12 +62,12 @@ def report_json(rep: FleetReport, agents: dict, base: str, window_s: int, at: st
         "prometheus": base,
         "window_seconds": window_s,
         "at": at,
-        "thresholds": to_jsonable(t),
+        "thresholds": encode(t),
         "agents": [{"host": h, "up": agents[h]} for h in sorted(agents)],
-        "paths": to_jsonable(list(rep.paths)),
+        "paths": encode(list(rep.paths)),
         "portals": [{"portal": p, "verdict": v} for p, v in sorted(rep.portals.items())],
         "hosts": [{"host": h, "verdict": v} for h, v in sorted(rep.hosts.items())],
-        "findings": to_jsonable(list(rep.findings)),
+        "findings": encode(list(rep.findings)),
         "problems": rep.problems,
     }
 

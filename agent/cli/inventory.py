@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from agent.cli import app, examples
-from agent.cli.common import attached_snapshots, health_notes, load_config, print_json, table, to_jsonable
+from agent.cli.common import attached_snapshots, health_notes, load_config, print_json, table
+from agent.codec import encode
 from agent.engine import collect_now
 from agent.records.addr import fmt_endpoint
 from agent.records.rates import mean_latency_ms
@@ -21,7 +22,7 @@ def sessions(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", 
     data = snaps[-1].iscsi
     rows = list(data.sessions) if data else []
     if json_out:
-        print_json([dict(to_jsonable(s), portal=s.portal) for s in rows])
+        print_json([dict(encode(s), portal=s.portal) for s in rows])
     else:
         health_notes(snaps, ["iscsi_kernel"])
         table(
@@ -84,7 +85,7 @@ def vms(
                 "backend": d.backend,
                 "source": d.source,
                 "portal": fmt_endpoint(*d.hosts[0]) if d.hosts else None,
-                "stats": to_jsonable(s),
+                "stats": encode(s),
                 "error": vm.error,
             }
             if s and b and sample:

@@ -27,6 +27,7 @@ from agent import __version__
 from agent.errors import KvmscopeError
 from agent.exporters.caps import Limits
 from agent.exporters.collector import SnapshotCollector
+from agent.records.addr import fmt_endpoint
 from agent.records.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ class MetricsServer:
             self.httpd = server_cls((host, port), handler)
         except OSError as e:
             raise KvmscopeError(
-                f"cannot listen on {host}:{port}: {e.strerror or e} "
+                f"cannot listen on {fmt_endpoint(host, port)}: {e.strerror or e} "
                 "(another kvmscope running? set metrics.listen or KVMSCOPE_METRICS__LISTEN)"
             ) from None
         if web is not None and web.tls is not None:

@@ -165,3 +165,27 @@ def test_lifecycle_connect_close_reset(netpair):
     counts = data.counts[(netpair["addr_b"], 3260)]
     assert counts["connect"] >= 1 and counts["close"] >= 1
     assert data.counts[(netpair["addr_b"], 3262)]["reset"] >= 1
+
+
+def test_lifecycle_stream_cap_accounts_for_every_record(netpair):
+    """The event stream's bookkeeping (probes/common.h ks_stream_*): capped
+    at one record per CPU per second, every tracked transition is either
+    read from the ring buffer or counted as dropped, never both or neither.
+    Port 3267 is this test's alone (nothing else on the host is tracked)."""
+    probe = TcpLifecycleProbe(LoadOptions(storage_ports=(3267,), events_per_second=1))
+    assert probe.load().state == ATTACHED
+    srv = start_server(netpair, "3267")
+    try:
+        for _ in range(5):
+            cl = in_ns(netpair["a"], PY, "-c", CLIENT, netpair["addr_b"], "3267", "1000")
+            _, err = cl.communicate(timeout=30)
+            assert cl.returncode == 0, err
+        time.sleep(0.2)
+        data = probe.read()
+    finally:
+        srv.kill()
+        probe.close()
+    t = data.totals
+    assert t["transitions"] >= 5 * 4, t  # connect, established and the closing steps of 5 connections
+    assert data.events and t["stream_dropped"] > 0, t
+    assert len(data.events) + t["stream_dropped"] == t["transitions"] - t["untracked_closes"], (len(data.events), t)

@@ -168,6 +168,11 @@ class ElasticsearchConfig(_Section):
     request_timeout: float = Field(10.0, gt=0, le=300, description="seconds for one bulk request")
     retry_initial: float = Field(0.5, gt=0, le=60, description="first retry back-off in seconds (doubles, jittered)")
     retry_max: float = Field(30.0, gt=0, le=3600, description="longest retry back-off in seconds")
+    item_max_retries: int = Field(
+        5, ge=0, le=1000,
+        description="retries of one document answered 429/5xx while others are accepted, then it goes to the "
+        "dead-letter file (a request whose every document gets 429 is back pressure: retried without limit)",
+    )
     stop_timeout: float = Field(5.0, ge=0, le=300, description="seconds to keep flushing at shutdown")
 
 

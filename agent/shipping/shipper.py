@@ -11,7 +11,11 @@ The shipper, per batch (``batch_max_docs`` / ``batch_max_bytes``):
 * installs the templates first (again after every connection loss);
 * sends one ``_bulk`` with ``create`` actions and the documents' own ids;
 * per item: 201 = shipped; 409 (version conflict: that id is already there,
-  i.e. a replay) = shipped; 429 / 5xx = retried later; any other refusal
+  i.e. a replay) = shipped; 429 / 5xx = retried with the batch's back-off, at
+  most ``item_max_retries`` times, then set aside like a refusal (so one
+  document a shard keeps failing cannot hold back every later one); a
+  response where *every* document got 429 is the cluster's back pressure and
+  is retried without limit, like a whole-request 429; any other refusal
   (mapping conflict, unparsable document...) = written to
   ``dead-letter.ndjson`` with the status and reason and counted as failed;
 * whole-request failures (connection refused/reset, timeout, 429, 5xx,
@@ -132,6 +136,7 @@ class ElasticShipper:
         self._backoff = 0.0
         self._notice = on_notice or (lambda text: log.warning("%s", text))
         self._held: Batch | None = None  # a batch handed out and not yet resolved
+        self._item_tries: dict[int, int] = {}  # per document of the held batch (by position): item-level retries
 
     # -- life cycle ------------------------------------------------------
     def start(self) -> "ElasticShipper":
@@ -218,6 +223,7 @@ class ElasticShipper:
                 self._sleep(self._next_backoff())
         self.spool.ack(batch)
         self._held = None
+        self._item_tries.clear()
         self._backoff = 0.0
 
     def _bulk(self, records: list[Record]) -> list[Record]:
@@ -255,9 +261,18 @@ class ElasticShipper:
         items = body.get("items", [])
         if len(items) != len(records):
             raise RuntimeError(f"bulk answered {len(items)} items for {len(records)} documents")
+        statuses = [next(iter(i.values())).get("status", 0) for i in items]
+        back_pressure = all(st == 429 for st in statuses)  # the whole cluster says "slower": not this document's fault
         for r, item in zip(records, items):
             res = next(iter(item.values()))
             st = res.get("status", 0)
+            if st in RETRYABLE_ITEM and not back_pressure:
+                tries = self._item_tries[id(r)] = self._item_tries.get(id(r), 0) + 1
+                if tries > self.cfg.item_max_retries:
+                    err = res.get("error") or {}
+                    self._dead(r, st, f"{err.get('type', 'error')}: {err.get('reason', '')} "
+                                      f"(still failing after {tries} attempts)")
+                    continue
             if 200 <= st < 300:
                 self.stats.shipped += 1
             elif st == 409:

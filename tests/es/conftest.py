@@ -27,7 +27,8 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ES = ROOT / "deploy" / "es" / "es"
-NODE_DIR = Path("/var/lib/kvmscope-es/pytest")
+# one node per directory: engineers running the suite side by side each set their own
+NODE_DIR = Path(os.environ.get("KVMSCOPE_ES_NODE_DIR", "/var/lib/kvmscope-es/pytest"))
 
 
 class EsNode:
@@ -104,6 +105,11 @@ class Proxy:
     mode "forward": pass requests through; "429": answer bulk requests with 429
     (what a cluster with a full write queue answers); down(): the port refuses
     connections (as when the node is stopped); up(): listen again on the same port.
+
+    Per item: ``fail_items[id] = (status, times)`` keeps that document out of the
+    bulk request the node gets and answers it ``status`` in the node's real
+    response, ``times`` times (None: always); ``sent[id]`` counts each
+    document's sends.
     """
 
     def __init__(self, upstream: str):
@@ -112,6 +118,9 @@ class Proxy:
         self.mode = "forward"
         self.rejected = 0
         self.forwarded = 0
+        self.fail_items: dict[str, tuple[int, int | None]] = {}
+        self.sent: dict[str, int] = {}
+        self._lock = threading.Lock()
         self._srv = None
         self._conns: set = set()  # open client connections (keep-alive): cut on down()
         self.up()
@@ -147,6 +156,13 @@ class Proxy:
                     self.end_headers()
                     self.wfile.write(data)
                     return
+                held = {}  # position in the request -> (action, status) answered here, not by the node
+                if "_bulk" in self.path and body and self.command in ("POST", "PUT"):
+                    body, held = proxy._take_items(body)
+                    if body is None:  # every document answered here
+                        return self._reply(200, {"Content-Type": "application/json",
+                                                 "X-Elastic-Product": "Elasticsearch"},
+                                           proxy._merge({"took": 0, "errors": False, "items": []}, held))
                 req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command)
                 for k in ("Content-Type", "Accept", "Authorization"):
                     if self.headers.get(k):
@@ -157,6 +173,11 @@ class Proxy:
                 except urllib.error.HTTPError as e:
                     status, headers, data = e.code, e.headers, e.read()
                 proxy.forwarded += 1
+                if held and status == 200:
+                    data = proxy._merge(json.loads(data), held)
+                self._reply(status, headers, data)
+
+            def _reply(self, status, headers, data):
                 self.send_response(status)
                 for k in ("Content-Type", "X-Elastic-Product"):
                     if headers.get(k):
@@ -176,6 +197,41 @@ class Proxy:
 
         self._srv = Srv(("127.0.0.1", self.port), H)
         threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+
+    def _take_items(self, body: bytes):
+        """Split the documents to fail off an NDJSON bulk body: (the rest or None, {position: (action, status)})."""
+        lines = body.split(b"\n")
+        keep, held = [], {}
+        for pos in range(len(lines) // 2):
+            action, doc = lines[2 * pos], lines[2 * pos + 1]
+            op, meta = next(iter(json.loads(action).items()))
+            with self._lock:
+                self.sent[meta["_id"]] = self.sent.get(meta["_id"], 0) + 1
+                fail = self.fail_items.get(meta["_id"])
+                if fail is not None:
+                    status, times = fail
+                    if times is not None and times <= 1:
+                        del self.fail_items[meta["_id"]]
+                    elif times is not None:
+                        self.fail_items[meta["_id"]] = (status, times - 1)
+                    held[pos] = ({op: meta}, status)
+                    continue
+            keep += [action, doc]
+        return (b"\n".join(keep) + b"\n" if keep else None), held
+
+    @staticmethod
+    def _merge(resp: dict, held: dict) -> bytes:
+        """The node's bulk response with the held documents' answers put back in their places."""
+        items = list(resp.get("items", []))
+        for pos in sorted(held):
+            action, status = held[pos]
+            op, meta = next(iter(action.items()))
+            kind = "es_rejected_execution_exception" if status == 429 else "unavailable_shards_exception"
+            items.insert(pos, {op: {"_index": meta["_index"], "_id": meta["_id"], "status": status,
+                                    "error": {"type": kind, "reason": f"injected by the test proxy ({status})"}}})
+        resp["items"] = items
+        resp["errors"] = resp.get("errors", False) or bool(held)
+        return json.dumps(resp).encode()
 
     def down(self):
         if self._srv is not None:

@@ -158,3 +158,41 @@ def test_a_full_spool_drops_the_oldest_and_counts_them_exactly(es_node, proxy, n
     assert set(ids.values()) == {1}
     # the newest survived
     assert f"d{total - 1}" in ids
+
+
+def test_a_document_always_answered_503_is_set_aside_and_the_later_ones_flow(es_node, proxy, namespace, tmp_path):
+    """Head-of-line blocking: one document a shard keeps refusing with 503 among 20 later ones."""
+    sh = Shipping(es_cfg(tmp_path, [proxy.url], namespace, batch_max_docs=10, item_max_retries=3)).start()
+    proxy.fail_items["d5"] = (503, None)  # always
+    proxy.fail_items["d7"] = (503, 2)  # twice, then accepted
+    try:
+        sh.submit(host_docs(10, namespace))
+        sh.submit(host_docs(20, namespace, start=10))  # the later documents
+        wait_for(drained(sh), 30, "the spool to drain past the failing document")
+    finally:
+        sh.stop()
+    ids = es_node.ids(namespace)
+    assert set(ids) == {f"d{i}" for i in range(30)} - {"d5"} and set(ids.values()) == {1}
+    assert proxy.sent["d5"] == 1 + 3  # the first send and item_max_retries retries, not one more
+    assert proxy.sent["d7"] == 3  # a document that recovers within the limit is shipped, not set aside
+    assert all(proxy.sent[f"d{i}"] == 1 for i in range(10, 30))
+    (line,) = (tmp_path / "spool" / "dead-letter.ndjson").read_text().splitlines()
+    dead = json.loads(line)
+    assert dead["id"] == "d5" and dead["status"] == 503 and "after 4 attempts" in dead["reason"]
+    h = sh.health()
+    assert h["failed"] == 1 and h["shipped"] == 29 and h["retried"] >= 5
+
+
+def test_per_item_429_on_every_document_is_back_pressure_and_retried_past_the_limit(es_node, proxy, namespace,
+                                                                                   tmp_path):
+    sh = Shipping(es_cfg(tmp_path, [proxy.url], namespace, batch_max_docs=10, item_max_retries=1)).start()
+    for i in range(10):
+        proxy.fail_items[f"d{i}"] = (429, 4)  # every document of the request, four times: the cluster is busy
+    try:
+        sh.submit(host_docs(10, namespace))
+        wait_for(drained(sh), 30, "the spool to drain")
+    finally:
+        sh.stop()
+    assert all(proxy.sent[f"d{i}"] == 5 for i in range(10))
+    ids = es_node.ids(namespace)
+    assert len(ids) == 10 and set(ids.values()) == {1} and sh.health()["failed"] == 0

@@ -17,7 +17,9 @@ Sources:
 
 Any kernel with ``scsi_transport_iscsi``; open-iscsi 2.0-870 or later.
 Cost: a few dozen small sysfs reads and one iscsiadm call per session per
-cycle (each with a deadline).
+cycle, all calls together within one budget (half the collector deadline by
+default): a hung iscsid costs the counters of that cycle, never the sysfs
+states (see :class:`IscsiKernelSource`).
 
 Caveats: during recovery or a logout, attributes return errors or vanish
 between listing and reading (offload drivers answer -ENOTCONN for
@@ -31,7 +33,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -234,61 +238,116 @@ def list_sids(paths: HostPaths) -> list[int]:
 Runner = Callable[[list[str], float], str]
 
 
+class CommandTimeout(RuntimeError):
+    """The command did not finish before its deadline (and was killed with its children)."""
+
+
 def run_command(argv: list[str], timeout: float) -> str:
-    """Run a command with a deadline; raise RuntimeError with a clear reason."""
+    """Run a command with a deadline; raise RuntimeError with a clear reason.
+
+    The command gets its own process group, killed as a whole at the
+    deadline: a wrapper script's children (or iscsiadm's) do not outlive it.
+    """
     if shutil.which(argv[0]) is None:
         raise FileNotFoundError(f"{argv[0]} not installed")
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         errors="replace", start_new_session=True)
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, errors="replace")
+        out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{' '.join(argv)} timed out after {timeout:g}s") from None
-    if r.returncode != 0:
-        err = (r.stderr or r.stdout).strip().splitlines()
-        raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {err[-1] if err else 'no output'}")
-    return r.stdout
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.communicate()
+        raise CommandTimeout(f"{' '.join(argv)} timed out after {timeout:g}s") from None
+    if p.returncode != 0:
+        lines = (err or out).strip().splitlines()
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {lines[-1] if lines else 'no output'}")
+    return out
+
+
+MIN_CALL = 0.05  # seconds: less budget than this left, no call is started
 
 
 @register("iscsi_kernel", description="open-iscsi kernel sessions from sysfs, counters from iscsiadm")
 class IscsiKernelSource:
-    def __init__(self, ctx: SourceContext, runner: Runner = run_command, stats_timeout: float = 2.0):
+    """Sessions from sysfs, then counters from iscsiadm within one budget for all sessions.
+
+    ``stats_budget`` (default: half of ``agent.collector_timeout``) bounds
+    all iscsiadm calls of a cycle together; each call also has its own
+    ``stats_timeout``. Once the budget is spent, or after one call timed out
+    (iscsid is not answering: the next call would wait the same), the
+    remaining sessions are reported without counters, with the reason. The
+    sessions not asked in one cycle are asked first in the next, and one
+    whose call timed out is asked last: one hung session never starves the
+    others for good.
+    """
+
+    def __init__(self, ctx: SourceContext, runner: Runner = run_command, stats_timeout: float = 2.0,
+                 stats_budget: float | None = None, monotonic: Callable[[], float] = time.monotonic):
         self.paths = ctx.paths
         self.runner = runner
         self.stats_timeout = stats_timeout
+        self.stats_budget = stats_budget if stats_budget is not None else ctx.config.agent.collector_timeout / 2
+        self._mono = monotonic
+        self._skipped: list[int] = []  # sids not asked last cycle (budget spent): asked first now
+        self._timed_out: list[int] = []  # sids whose call timed out last cycle: asked last now
         self.unwrap = Unwrapper()
 
     def collect(self) -> IscsiSessions:
         sids = list_sids(self.paths)
         if not sids:
             raise NoData("no kernel iSCSI sessions logged in")
-        sessions, vanished = [], []
-        iscsiadm_problem = None
-        idents = set()
+        read, vanished = {}, []
         for sid in sids:
             try:
-                s = read_session(self.paths, sid)
+                read[sid] = read_session(self.paths, sid)
             except _Gone:
                 vanished.append(sid)
+        stats, problem = self._counters(read)
+        # a session without counters this cycle keeps its totals: forget only sessions that are gone
+        self.unwrap.forget_except({(sid, s.target) for sid, s in read.items()})
+        sessions = tuple(_with_stats(s, *stats[sid]) for sid, s in read.items())
+        return IscsiSessions(sessions, tuple(vanished), problem)
+
+    def _counters(self, read: dict[int, IscsiSession]) -> tuple[dict[int, tuple], str | None]:
+        """{sid: (unwrapped counters or None, why missing)} and the source-wide iscsiadm problem, if any."""
+        deadline = self._mono() + self.stats_budget
+        first = [sid for sid in self._skipped if sid in read]
+        last = [sid for sid in self._timed_out if sid in read and sid not in first]
+        order = first + [sid for sid in read if sid not in first and sid not in last] + last
+        out: dict[int, tuple] = {}
+        problem = stop = None
+        skipped, timed_out = [], []
+        for sid in order:
+            left = deadline - self._mono()
+            if stop is None and left < MIN_CALL:
+                stop = f"skipped: the iscsiadm budget of {self.stats_budget:g}s for all sessions was spent"
+                problem = problem or stop
+            if stop is not None:
+                out[sid] = (None, stop)
+                skipped.append(sid)
                 continue
-            stats, err = None, None
-            if iscsiadm_problem is None or not iscsiadm_problem.endswith("not installed"):
-                try:
-                    raw = parse_iscsiadm_stats(
-                        self.runner(["iscsiadm", "-m", "session", "-r", str(sid), "-s"], self.stats_timeout)
-                    )
-                    if raw:
-                        ident = (sid, s.target)
-                        idents.add(ident)
-                        stats = self.unwrap.update(ident, raw)
-                    else:
-                        err = "iscsiadm printed no counters"
-                except (OSError, RuntimeError) as e:
-                    err = str(e)
-                    iscsiadm_problem = err
-            else:
-                err = iscsiadm_problem
-            sessions.append(_with_stats(s, stats, err))
-        self.unwrap.forget_except(idents)
-        return IscsiSessions(tuple(sessions), tuple(vanished), iscsiadm_problem)
+            try:
+                raw = parse_iscsiadm_stats(
+                    self.runner(["iscsiadm", "-m", "session", "-r", str(sid), "-s"], min(self.stats_timeout, left)))
+                if raw:
+                    out[sid] = (self.unwrap.update((sid, read[sid].target), raw), None)
+                else:
+                    out[sid] = (None, "iscsiadm printed no counters")
+            except CommandTimeout as e:
+                out[sid] = (None, str(e))
+                timed_out.append(sid)
+                problem = str(e)
+                stop = f"skipped: iscsiadm timed out on session {sid} this cycle"
+            except (OSError, RuntimeError) as e:
+                out[sid] = (None, str(e))
+                problem = str(e)
+                if isinstance(e, FileNotFoundError):  # not installed: the same for every session
+                    stop = str(e)
+        self._skipped, self._timed_out = skipped, timed_out
+        return out, problem
 
     def close(self) -> None:
         pass

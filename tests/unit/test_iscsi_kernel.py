@@ -157,3 +157,95 @@ def test_real_iscsiadm_runner_reports_absent_binary():
         run_command(["sh", "-c", "echo boom >&2; exit 3"], 5)
     with pytest.raises(RuntimeError, match="timed out after 0.2s"):
         run_command(["sleep", "5"], 0.2)
+
+
+# -- one bounded budget for iscsiadm (issue 16 #7) ---------------------------------
+# A real executable named iscsiadm on PATH (a shell script): it prints the session's
+# counters from a file, or sleeps for the sessions listed in SLOW, like an iscsid
+# that stopped answering.
+
+FOUR = [Sess(sid=i, host=6 + i, target=T1, portal=f"198.18.{i}.2", local_port=41000 + i, disk=f"sd{'bcde'[i - 1]}",
+             devno=f"8:{16 * i}", lun=1) for i in (1, 2, 3, 4)]
+
+
+@pytest.fixture
+def fake_iscsiadm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "iscsiadm"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"d={tmp_path}\n"
+        'for s in $(cat "$d/SLOW" 2>/dev/null); do [ "$s" = "$4" ] && exec sleep 30; done\n'
+        'echo "$4" >> "$d/calls"\n'
+        'cat "$d/stats.$4"\n'
+    )
+    script.chmod(0o755)
+    for s in FOUR:
+        (tmp_path / f"stats.{s.sid}").write_text(stats_text(s))
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+    def slow(*sids):
+        (tmp_path / "SLOW").write_text(" ".join(map(str, sids)))
+
+    return slow
+
+
+def _pgrep_sleep30() -> list[str]:
+    import subprocess
+
+    return subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True, text=True).stdout.split()
+
+
+def test_hung_iscsiadm_bounded_by_one_budget(tmp_path, fake_iscsiadm):
+    """Four sessions and an iscsiadm that hangs: once 2 s each, serially (8 s against the 4 s deadline,
+    and the sysfs data lost with the timeout). Now one budget for all calls; every session still reports
+    its sysfs state, with the reason its counters are missing."""
+    import time
+
+    from agent.loop import Agent
+    from agent.records.snapshot import Status
+
+    build(tmp_path / "sys", FOUR)
+    fake_iscsiadm(1, 2, 3, 4)
+    before = set(_pgrep_sleep30())
+    cfg = Config()
+    cfg.agent.collector_timeout = 4.0
+    src = IscsiKernelSource(SourceContext(cfg, paths_for(tmp_path)))
+    agent = Agent([src], interval=5.0, timeout=cfg.agent.collector_timeout, hostname="h")
+    t0 = time.monotonic()
+    snap = agent.collect_once()
+    elapsed = time.monotonic() - t0
+    assert snap.health["iscsi_kernel"].status is Status.OK, snap.health["iscsi_kernel"]
+    assert elapsed < 3.0, f"collect took {elapsed:.1f}s"
+    data = snap.data["iscsi_kernel"]
+    assert [(s.sid, s.state) for s in data.sessions] == [(1, "LOGGED_IN"), (2, "LOGGED_IN"), (3, "LOGGED_IN"), (4, "LOGGED_IN")]
+    assert all(s.stats is None and s.stats_error for s in data.sessions)
+    assert "timed out" in data.sessions[0].stats_error
+    assert all("skipped" in s.stats_error for s in data.sessions[1:]), [s.stats_error for s in data.sessions]
+    assert data.iscsiadm and "timed out" in data.iscsiadm
+    assert set(_pgrep_sleep30()) <= before, "the hung iscsiadm's children must be killed with it"
+
+
+def test_one_slow_session_others_keep_counters_and_rotate(tmp_path, fake_iscsiadm):
+    import time
+
+    build(tmp_path / "sys", FOUR)
+    fake_iscsiadm(2)
+    cfg = Config()
+    cfg.agent.collector_timeout = 4.0
+    src = IscsiKernelSource(SourceContext(cfg, paths_for(tmp_path)))
+    t0 = time.monotonic()
+    data = src.collect()
+    assert time.monotonic() - t0 < 3.0
+    by = {s.sid: s for s in data.sessions}
+    assert by[1].stats is not None and by[1].stats["scsicmd_pdus"] == 25600
+    assert by[2].stats is None and "timed out" in by[2].stats_error
+    assert by[3].stats is None and "skipped" in by[3].stats_error and by[4].stats is None
+    # next cycle: the sessions not asked last time go first, the one that timed out last: none starves
+    fake_iscsiadm()
+    (tmp_path / "calls").unlink()
+    data = src.collect()
+    assert all(s.stats is not None for s in data.sessions), [s.stats_error for s in data.sessions]
+    assert (tmp_path / "calls").read_text().split() == ["3", "4", "1", "2"]
+    assert data.iscsiadm is None

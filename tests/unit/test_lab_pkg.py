@@ -1,0 +1,442 @@
+"""The pure parts of the lab package (deploy/lab/kvmslab): argument parsing,
+the iptables/tgtadm/blkio lines it would write, the status document, the
+state file. No root, no lab: the real commands are proven by tests/lab."""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "deploy" / "lab"))
+
+from kvmslab import cli, common, faults, guest, hosts, state, status, target, vms  # noqa: E402
+from kvmslab.common import LabError  # noqa: E402
+
+LAB = ROOT / "deploy" / "lab" / "lab"
+
+
+@pytest.fixture
+def lab_dir(tmp_path, monkeypatch):
+    d = tmp_path / "lab"
+    monkeypatch.setattr(common, "LAB_DIR", str(d))
+    return d
+
+
+def faults_with(**kw):
+    f = faults.empty_faults()
+    f.update(kw)
+    return f
+
+
+# -- command line -------------------------------------------------------------
+
+def test_subcommands_in_help_order(capsys):
+    assert "KVMSCOPE_LAB_DIR" in cli.build_parser().format_help()
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bogus"])
+    assert ("(choose from 'up', 'down', 'loss', 'throttle-target', 'target-offline', "
+            "'target-online', 'status')") in capsys.readouterr().err
+
+
+def test_parse_defaults_and_options():
+    p = cli.build_parser()
+    a = p.parse_args(["up"])
+    assert (a.cmd, a.vms, a.timeout, a.func) == ("up", 2, 300, cli.cmd_up)
+    a = p.parse_args(["up", "--vms", "4", "--timeout", "12.5"])
+    assert (a.vms, a.timeout) == (4, 12.5)
+    a = p.parse_args(["loss", "5", "--portal", "1"])
+    assert (a.cmd, a.pct, a.portal) == ("loss", "5", 1)
+    assert p.parse_args(["loss", "0"]).portal is None
+    a = p.parse_args(["status"])
+    assert (a.json, a.interval) == (False, 2.0)
+    assert p.parse_args(["status", "--json", "--interval", "0.5"]).interval == 0.5
+    assert p.parse_args(["throttle-target", "off"]).iops == "off"
+    assert p.parse_args(["target-offline", "--portal", "2"]).portal == 2
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["loss"], ["loss", "5", "--portal", "3"],
+                                  ["target-online", "--portal", "0"], ["up", "--vms", "x"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert "usage: lab" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,pct", [("0", 0.0), ("5", 5.0), ("0.5", 0.5), ("100", 100.0)])
+def test_parse_pct(text, pct):
+    assert faults.parse_pct(text) == pct
+
+
+@pytest.mark.parametrize("text,msg", [("abc", "PCT must be a number 0..100, got 'abc'"),
+                                      ("500", "PCT must be between 0 and 100, got 500"),
+                                      ("-1", "PCT must be between 0 and 100, got -1")])
+def test_parse_pct_rejects(text, msg):
+    with pytest.raises(LabError, match=msg):
+        faults.parse_pct(text)
+
+
+@pytest.mark.parametrize("text,iops", [("off", None), ("OFF", None), ("0", None), ("none", None),
+                                       ("50", 50), (" 7 ", 7)])
+def test_parse_iops(text, iops):
+    assert faults.parse_iops(text) == iops
+
+
+def test_parse_iops_rejects():
+    with pytest.raises(LabError, match="positive integer or 'off', got 'x'"):
+        faults.parse_iops("x")
+    with pytest.raises(LabError, match="must be > 0"):
+        faults.parse_iops("-5")
+
+
+def test_vm_count_validation():
+    kind = vms.LIBVIRT_VMS
+    for n in (0, 17):
+        with pytest.raises(LabError, match="--vms must be between 1 and 16"):
+            kind.validate(cli.build_parser().parse_args(["up", "--vms", str(n)]))
+    args = cli.build_parser().parse_args(["up", "--vms", "4"])
+    kind.validate(args)
+    kind.check_against(None, args)
+    kind.check_against({"vm_count": 4}, args)
+    with pytest.raises(LabError, match="already up with 2 VMs; run `lab down` before `lab up --vms 4`"):
+        kind.check_against({"vm_count": 2}, args)
+
+
+def test_portal_list():
+    assert common.portal_list(None) == [1, 2]
+    assert common.portal_list(2) == [2]
+    with pytest.raises(LabError):
+        common.portal_list(3)
+
+
+def test_front_is_the_package(tmp_path):
+    """deploy/lab/lab run by the system Python answers as the package does."""
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    env = dict(os.environ, KVMSCOPE_LAB_DIR=str(tmp_path / "none"))
+    p = subprocess.run([py, str(LAB), "-h"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout == cli.build_parser().format_help()
+    p = subprocess.run([py, str(LAB), "loss", "5", "--portal", "9"], capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 2 and "invalid choice: 9" in p.stderr
+
+
+# -- fault registry and iptables rules -----------------------------------------
+
+def test_fault_registry():
+    assert [s.key for s in faults.FAULTS] == ["loss_pct", "throttle_iops", "offline_portals"]
+    assert faults.mechanisms() == [faults.IPTABLES, faults.BLKIO]
+    assert faults.empty_faults() == {"loss_pct": {"1": 0.0, "2": 0.0}, "throttle_iops": None,
+                                     "offline_portals": []}
+    for m in faults.mechanisms():
+        assert m.stage in (faults.NETWORK, faults.TARGET)
+        assert callable(m.apply) and callable(m.clear)
+
+
+def test_no_faults_no_rules():
+    assert faults.drop_rules(faults.empty_faults()) == []
+    assert faults.drop_rules(faults_with(loss_pct={"1": 0, "2": 0.0})) == []
+
+
+def test_loss_rules_drop_at_the_receiving_end():
+    rules = faults.drop_rules(faults_with(loss_pct={"1": 5.0, "2": 0.0}))
+    stat = ["-m", "statistic", "--mode", "random", "--probability", "0.050000",
+            "-m", "comment", "--comment", "kvmslab portal 1 loss 5%", "-j", "DROP"]
+    assert rules == [
+        (None, ["iptables", "-w", "-A", "KVMSLAB", "-i", "kvmslab-h1", "-s", "198.18.1.2",
+                "-p", "tcp", "--sport", "3260"] + stat),
+        ("kvmslab-stor", ["ip", "netns", "exec", "kvmslab-stor", "iptables", "-w", "-A", "KVMSLAB",
+                          "-i", "kvmslab-n1", "-d", "198.18.1.2", "-p", "tcp", "--dport", "3260"]
+         + stat),
+    ]
+
+
+def test_full_loss_and_fractions():
+    rules = faults.drop_rules(faults_with(loss_pct={"1": 100.0, "2": 0.25}))
+    assert len(rules) == 4
+    assert "statistic" not in rules[0][1] and "kvmslab portal 1 loss 100%" in rules[0][1]
+    assert rules[2][1][rules[2][1].index("--probability") + 1] == "0.002500"
+    assert "kvmslab portal 2 loss 0.25%" in rules[3][1]
+
+
+def test_offline_beats_loss_on_its_portal_only():
+    rules = faults.drop_rules(faults_with(loss_pct={"1": 5.0, "2": 5.0}, offline_portals=[2]))
+    assert [r[1][r[1].index("--comment") + 1] for r in rules] == [
+        "kvmslab portal 1 loss 5%", "kvmslab portal 1 loss 5%",
+        "kvmslab portal 2 offline", "kvmslab portal 2 offline"]
+    assert "statistic" not in rules[2][1]
+    assert [r[0] for r in rules] == [None, "kvmslab-stor", None, "kvmslab-stor"]
+
+
+# -- blkio throttle ------------------------------------------------------------
+
+@pytest.fixture
+def blkio(tmp_path, monkeypatch):
+    root = tmp_path / "blkio"
+    root.mkdir()
+    for f in ("blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device"):
+        (root / f).write_text("")
+    monkeypatch.setattr(faults, "BLKIO_ROOT", str(root))
+    return root
+
+
+def test_throttle_lines(blkio):
+    assert faults.throttle_writes(["7:0", "7:1"], 50) == [
+        (str(blkio / "blkio.throttle.read_iops_device"), "7:0 50\n"),
+        (str(blkio / "blkio.throttle.read_iops_device"), "7:1 50\n"),
+        (str(blkio / "blkio.throttle.write_iops_device"), "7:0 50\n"),
+        (str(blkio / "blkio.throttle.write_iops_device"), "7:1 50\n")]
+    assert {line for _, line in faults.throttle_writes(["7:0"], None)} == {"7:0 0\n"}
+
+
+def test_set_throttle_writes_each_file(blkio):
+    faults.set_throttle(["7:3"], 20)
+    assert (blkio / "blkio.throttle.write_iops_device").read_text() == "7:3 20\n"
+    assert faults.current_throttles() == {
+        str(blkio / "blkio.throttle.read_iops_device"): {"7:3": 20},
+        str(blkio / "blkio.throttle.write_iops_device"): {"7:3": 20}}
+
+
+def test_set_throttle_without_blkio(tmp_path, monkeypatch):
+    monkeypatch.setattr(faults, "BLKIO_ROOT", str(tmp_path / "absent"))
+    with pytest.raises(LabError, match="cgroup v1 blkio throttling not available"):
+        faults.set_throttle(["7:0"], 5)
+
+
+# -- tgtd / tgtadm / losetup ---------------------------------------------------
+
+def test_tgt_command_lines():
+    assert target.tgtd_cmd() == ["ip", "netns", "exec", "kvmslab-stor", "tgtd", "-f", "-C", "42",
+                                 "--iscsi", "portal=198.18.1.2:3260"]
+    assert target.tgtadm_cmd("--op", "show", "--mode", "sys") == [
+        "tgtadm", "-C", "42", "--lld", "iscsi", "--op", "show", "--mode", "sys"]
+    assert target.new_target_args(3, "iqn.x:y") == ["--op", "new", "--mode", "target",
+                                                     "--tid", "3", "-T", "iqn.x:y"]
+    assert target.new_lun_args(3, "/dev/loop2") == [
+        "--op", "new", "--mode", "logicalunit", "--tid", "3", "--lun", "1", "-b", "/dev/loop2",
+        "--bsoflags", "direct"]
+    assert "--bsoflags" not in target.new_lun_args(3, "/dev/loop2", direct=False)
+    assert target.bind_args(3)[-2:] == ["--initiator-address", "ALL"]
+
+
+class FakeRun:
+    """Records tgtadm argv; answers `show target` with `shown`, fails what `fail` says."""
+
+    def __init__(self, shown="", fail=()):
+        self.cmds, self.shown, self.fail = [], shown, fail
+
+    def __call__(self, cmd, check=True, **kw):
+        self.cmds.append(cmd)
+        rc = 1 if any(f in cmd for f in self.fail) else 0
+        if rc and check:
+            raise LabError("failed")
+        out = self.shown if cmd[-4:] == ["--op", "show", "--mode", "target"] else ""
+        return subprocess.CompletedProcess(cmd, rc, out, "refused" if rc else "")
+
+
+def test_ensure_target_new(monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(target, "run", fake)
+    target.ensure_target(2, "iqn.a:b", "/dev/loop1")
+    assert [c[5:] for c in fake.cmds] == [
+        ["--op", "show", "--mode", "target"], target.new_target_args(2, "iqn.a:b"),
+        target.new_lun_args(2, "/dev/loop1"), target.bind_args(2)]
+
+
+def test_ensure_target_present_or_replaced(monkeypatch, capsys):
+    shown = "Target 2: iqn.a:b\n    System information:\nTarget 5: iqn.c:d\n"
+    assert target.parse_targets(shown) == {2: "iqn.a:b", 5: "iqn.c:d"}
+    fake = FakeRun(shown)
+    monkeypatch.setattr(target, "run", fake)
+    target.ensure_target(2, "iqn.a:b", "/dev/loop1")
+    assert len(fake.cmds) == 1                       # already there: nothing to do
+    fake = FakeRun(shown, fail=("--bsoflags",))
+    monkeypatch.setattr(target, "run", fake)
+    target.ensure_target(5, "iqn.new:e", "/dev/loop4")
+    assert [c[5:] for c in fake.cmds[1:]] == [
+        target.delete_target_args(5), target.new_target_args(5, "iqn.new:e"),
+        target.new_lun_args(5, "/dev/loop4"), target.new_lun_args(5, "/dev/loop4", direct=False),
+        target.bind_args(5)]
+    assert "LUN without O_DIRECT" in capsys.readouterr().err
+
+
+def test_losetup_parsers():
+    assert target.parse_losetup_j("/dev/loop3: [2049]:12 (/var/tmp/kvmscope-lab/a.img)\n"
+                                  "junk\n") == ["/dev/loop3"]
+    listing = ("/dev/loop0 /var/tmp/kvmscope-lab/kvmslab-vm0-lun.img\n"
+               "/dev/loop1 /var/tmp/kvmscope-lab/kvmslab-vm1-lun.img (deleted)\n"
+               "/dev/loop2 /srv/other.img\n/dev/loop3\n")
+    assert target.parse_losetup_list(listing, "/var/tmp/kvmscope-lab") == ["/dev/loop0", "/dev/loop1"]
+
+
+# -- state file ------------------------------------------------------------------
+
+def test_state_roundtrip(lab_dir):
+    assert state.load_state() is None
+    with pytest.raises(LabError, match=f"the lab is not up \\(no state in {lab_dir}\\)"):
+        state.require_state()
+    st = state.empty_state()
+    assert st["faults"] == faults.empty_faults() and st["lab_dir"] == str(lab_dir)
+    assert (st["version"], st["vms"], st["tgtd_pid"]) == (1, [], None)
+    st["faults"]["loss_pct"]["1"] = 5.0
+    state.save_state(st)
+    assert os.listdir(lab_dir) == ["state.json"]     # written through a tmp + rename
+    assert state.require_state() == st
+    assert json.loads((lab_dir / "state.json").read_text())["faults"]["loss_pct"]["1"] == 5.0
+
+
+def test_state_unreadable(lab_dir):
+    lab_dir.mkdir()
+    (lab_dir / "state.json").write_text("{not json")
+    with pytest.raises(LabError, match="cannot read lab state .*run `lab down` to clean up"):
+        state.load_state()
+
+
+# -- host kinds -------------------------------------------------------------------
+
+def test_vm_records_and_domain(lab_dir):
+    vm = vms.vm_record(3, {"loop": "/dev/loop7", "loop_majmin": "7:7"})
+    assert vm == {"name": "kvmslab-vm3", "index": 3, "portal": 2,
+                  "iqn": "iqn.2025-01.io.kvmscope.lab:kvmslab-vm3-vda", "tid": 4, "lun": 1,
+                  "lun_file": f"{lab_dir}/kvmslab-vm3-lun.img", "loop": "/dev/loop7",
+                  "loop_majmin": "7:7", "vdb_file": f"{lab_dir}/kvmslab-vm3-vdb.img",
+                  "console": f"{lab_dir}/kvmslab-vm3.console.log"}
+    dom = ET.fromstring(vms.domain_xml(vm))
+    assert dom.get("type") == "qemu" and dom.findtext("name") == "kvmslab-vm3"
+    vda, vdb = dom.findall("devices/disk")
+    assert vda.find("source").get("name") == vm["iqn"] + "/1"
+    assert vda.find("source/host").attrib == {"name": "198.18.2.2", "port": "3260"}
+    assert vdb.find("source").get("file") == vm["vdb_file"]
+    assert vdb.find("driver").get("io") == "native"
+    assert dom.find("devices/serial/source").get("path") == vm["console"]
+    assert [k.luns({"vms": [vm]}) for k in hosts.host_kinds()] == [[vm]]
+    assert hosts.recorded_luns({"vms": [vm]}) == [vm] and hosts.recorded_luns(None) == []
+
+
+def test_ordered_modules_dependencies_first():
+    deps = {"virtio_blk": ["virtio", "virtio_ring"], "virtio": [], "virtio_ring": [],
+            "virtio_pci": ["virtio_pci_modern_dev", "virtio-ring"], "virtio_pci_modern_dev": []}
+    order = guest.ordered_modules("v", ["virtio_blk", "virtio_pci"], lambda v, m: deps.get(m, []))
+    assert order == ["virtio", "virtio_ring", "virtio_blk", "virtio_pci_modern_dev", "virtio_pci"]
+
+
+def test_cpio_newc():
+    c = guest.Cpio()
+    c.dir("bin")
+    c.file("init", b"#!/bin/sh\n", 0o755)
+    c.chardev("dev/console", 5, 1)
+    data = c.finish()
+    names, off = [], 0
+    while True:
+        hdr = data[off:off + 110].decode()
+        assert hdr.startswith("070701")
+        f = [int(hdr[6 + 8 * k:14 + 8 * k], 16) for k in range(13)]
+        namesize, filesize = f[11], f[6]
+        name = data[off + 110:off + 110 + namesize - 1].decode()
+        names.append((name, f[1], f[9:11]))
+        off += 110 + namesize
+        off += (4 - off % 4) % 4
+        if name == "TRAILER!!!":
+            break
+        assert data[off:off + filesize] == (b"#!/bin/sh\n" if name == "init" else b"")
+        off += filesize + (4 - filesize % 4) % 4
+    assert off == len(data)
+    assert [(n, oct(m)) for n, m, _ in names] == [("bin", "0o40755"), ("init", "0o100755"),
+                                                  ("dev/console", "0o20600"), ("TRAILER!!!", "0o0")]
+    assert names[2][2] == [5, 1]
+
+
+# -- status ------------------------------------------------------------------------
+
+def sample(rd, rd_ns, wr, wr_ns):
+    return {"rd.reqs": rd, "rd.times": rd_ns, "rd.bytes": rd * 4096, "wr.reqs": wr,
+            "wr.times": wr_ns, "wr.bytes": wr * 4096, "fl.reqs": 0, "fl.times": 0}
+
+
+def test_stats_delta():
+    a, b = sample(100, 10_000_000, 100, 10_000_000), sample(300, 50_000_000, 300, 70_000_000)
+    assert vms.stats_delta(a, b, 2.0) == {"ops": 400, "ops_per_s": 200.0, "avg_latency_ms": 0.25}
+    assert vms.stats_delta(a, a, 2.0) == {"ops": 0, "ops_per_s": 0.0, "avg_latency_ms": None}
+    assert vms.stats_delta(a, b, 0)["ops_per_s"] == 0.0
+
+
+def test_parse_block_stats():
+    rec = {"block.count": 2, "block.0.name": "vda", "block.0.rd.reqs": 5, "block.0.wr.times": 9,
+           "block.1.name": "vdb"}
+    out = vms.parse_block_stats(rec)
+    assert set(out) == {"vda", "vdb"} and out["vda"]["rd.reqs"] == 5 and out["vda"]["wr.times"] == 9
+    assert set(out["vdb"]) == set(vms.STAT_KEYS) and not any(out["vdb"].values())
+
+
+def status_doc(lab_dir, running=True):
+    f = faults_with(loss_pct={"1": 5.0, "2": 0.0}, offline_portals=[2], throttle_iops=50)
+    res = status.base_doc(1.0, f, True, {1: True, 2: False})
+    vm = vms.vm_record(0, {"loop": "/dev/loop0", "loop_majmin": "7:0"})
+    a = {"disks": {"vda": sample(0, 0, 0, 0), "vdb": sample(0, 0, 0, 0)}}
+    b = {"disks": {"vda": sample(10, 4_000_000, 10, 4_000_000), "vdb": sample(0, 0, 0, 0)}}
+    res["vms"] = [vms.vm_status(vm, a, b, 1.0, running, ("/dev/vda", "254:0"))]
+    return res
+
+
+def test_status_document_shape(lab_dir):
+    res = status_doc(lab_dir)
+    json.dumps(res)
+    assert set(res) == {"schema", "up", "lab_dir", "sample_interval_s", "namespace", "tgtd",
+                        "libvirt", "portals", "faults", "vms"}
+    assert res["schema"] == 1 and res["lab_dir"] == str(lab_dir)
+    assert res["tgtd"] == {"pid": None, "running": False, "control_port": 42,
+                           "log": f"{lab_dir}/tgtd.log"}
+    assert set(res["libvirt"]) == {"uri", "reachable", "libvirtd_started_by_lab",
+                                   "virtlogd_started_by_lab"}
+    p1, p2 = res["portals"]
+    assert p1 == {"index": 1, "address": "198.18.1.2", "port": 3260, "host_addr": "198.18.1.1",
+                  "host_if": "kvmslab-h1", "ns_if": "kvmslab-n1", "link_up": True,
+                  "loss_pct": 5.0, "offline": False}
+    assert (p2["link_up"], p2["offline"], p2["loss_pct"]) == (False, True, 0.0)
+    vm = res["vms"][0]
+    assert set(vm) == {"name", "index", "portal", "running", "load_progressing", "console", "disks"}
+    vda, vdb = vm["disks"]
+    assert vda["url"] == "iscsi://198.18.1.2:3260/iqn.2025-01.io.kvmscope.lab:kvmslab-vm0-vda/1"
+    assert (vda["ops"], vda["ops_per_s"], vda["avg_latency_ms"], vda["progressing"]) == (20, 20.0, 0.4, True)
+    assert (vda["target_backing_device"], vda["target_backing_majmin"], vda["tid"]) == ("/dev/loop0", "7:0", 1)
+    assert (vdb["backend"], vdb["host_device"], vdb["host_majmin"]) == ("file", "/dev/vda", "254:0")
+    assert (vdb["ops"], vdb["avg_latency_ms"], vdb["progressing"]) == (0, None, False)
+    assert vm["running"] and not vm["load_progressing"]        # vdb did not move
+    assert set(vda["stats"]) == set(vms.STAT_KEYS)
+
+
+def test_status_when_vm_stats_missing(lab_dir):
+    vm = vms.vm_record(1, {"loop": "/dev/loop1", "loop_majmin": "7:1"})
+    rec = vms.vm_status(vm, {"disks": {}}, {"disks": {}, "state": None}, 0.0, False, (None, None))
+    assert [(d["stats"], d["ops"], d["ops_per_s"], d["avg_latency_ms"]) for d in rec["disks"]] == [
+        (None, 0, 0.0, None)] * 2
+    assert (rec["running"], rec["load_progressing"], rec["portal"]) == (False, False, 2)
+
+
+def test_status_text(lab_dir):
+    res = status_doc(lab_dir)
+    res["tgtd"].update(pid=123, running=True)
+    assert status.render_text(res).splitlines() == [
+        f"lab dir: {lab_dir}   up: no",
+        "namespace kvmslab-stor: present   tgtd: running pid 123",
+        "portal 1: 198.18.1.2:3260 via kvmslab-h1 (host 198.18.1.1) link up  loss 5%  online",
+        "portal 2: 198.18.2.2:3260 via kvmslab-h2 (host 198.18.2.1) link absent  loss 0%  OFFLINE",
+        "target throttle: 50 IOPS/device",
+        f"kvmslab-vm0: running, load NOT progressing (console {lab_dir}/kvmslab-vm0.console.log)",
+        "  vda: iSCSI 198.18.1.2:3260 iqn.2025-01.io.kvmscope.lab:kvmslab-vm0-vda LUN 1 "
+        "(portal 1, target dev /dev/loop0)",
+        "       20 ops/s, avg 0.40 ms over 1s",
+        f"  vdb: file {lab_dir}/kvmslab-vm0-vdb.img on /dev/vda",
+        "       0 ops/s, avg - over 1s"]
+
+
+def test_status_when_down(lab_dir):
+    """No state: the document still has every portal and the empty faults."""
+    res = status.collect_status(0)
+    assert res["up"] is False and res["vms"] == [] and "kernel" not in res
+    assert res["faults"] == faults.empty_faults()
+    assert [p["index"] for p in res["portals"]] == [1, 2]

@@ -440,3 +440,26 @@ def test_status_when_down(lab_dir):
     assert res["up"] is False and res["vms"] == [] and "kernel" not in res
     assert res["faults"] == faults.empty_faults()
     assert [p["index"] for p in res["portals"]] == [1, 2]
+
+
+# -- module seams ----------------------------------------------------------------
+
+LAYERS = ["cli", "status", "faults", "hosts", "vms", "hostkind", "libvirtd", "guest",
+          "target", "network", "state", "common"]
+
+
+def test_imports_go_down_the_layers():
+    """Each module imports only modules below it (README: Code layout)."""
+    import ast
+
+    pkg = ROOT / "deploy" / "lab" / "kvmslab"
+    assert {p.stem for p in pkg.glob("*.py")} == set(LAYERS) | {"__init__"}
+    for mod in LAYERS:
+        tree = ast.parse((pkg / f"{mod}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                for name in names:
+                    if name == "__doc__":
+                        continue
+                    assert LAYERS.index(name) > LAYERS.index(mod), f"{mod} imports {name}"

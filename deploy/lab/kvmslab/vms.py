@@ -17,7 +17,7 @@ import time
 from . import guest, target
 from .common import (ISCSI_PORT, LIBVIRT_URI, PORTALS, PREFIX, LabError,
                      lab_path, libvirt_mod, log)
-from .hosts import HostKind
+from .hostkind import HostKind
 from .libvirtd import LIBVIRT_SOCK, ensure_libvirt, libvirtd_up, stop_lab_daemons
 from .state import save_state
 

@@ -20,6 +20,7 @@ import json
 import typing
 from functools import lru_cache
 
+from agent.errors import KvmscopeError
 from agent.records.snapshot import Snapshot, SourceHealth, Status
 
 FORMAT = 1
@@ -39,6 +40,14 @@ def encode(obj):
     if isinstance(obj, enum.Enum):
         return obj.value
     return obj
+
+
+class SnapshotError(KvmscopeError, ValueError):
+    """Snapshot JSON that does not fit the records (from an agent's API or a recording).
+
+    The only error ``snapshot_from_json`` raises: that JSON comes from outside
+    the process (another agent, possibly not ours, or a file).
+    """
 
 
 def _unpairs(value):
@@ -90,19 +99,51 @@ def snapshot_to_json(s: Snapshot) -> dict:
     }
 
 
+def _number(d: dict, key: str) -> float:
+    v = d[key]
+    if type(v) not in (int, float):
+        raise TypeError(f"{key}: {v!r:.60} is not a number")
+    return float(v)
+
+
+def _health(k: str, h) -> SourceHealth:
+    if not isinstance(h, dict):
+        raise TypeError(f"health {k!r}: not an object")
+    dropped = h.get("dropped") or {}
+    if not isinstance(h["name"], str) or not isinstance(h.get("reason", ""), str) or not isinstance(dropped, dict) \
+            or not all(type(n) is int for n in dropped.values()):
+        raise TypeError(f"health {k!r}: name, reason or dropped of the wrong type")
+    return SourceHealth(h["name"], Status(h["status"]), _number(h, "duration_seconds"), h.get("reason", ""),
+                        dict(dropped))
+
+
 def snapshot_from_json(d: dict, types_: dict[str, type] | None = None) -> Snapshot:
+    """A snapshot from its JSON (``snapshot_to_json``); SnapshotError when it does not fit."""
     types_ = types_ or record_types()
-    data = {}
-    for name, v in d.get("data", {}).items():
-        tp = types_.get(name)
-        if tp is not None:
-            data[name] = decode(tp, v)
-    health = {
-        k: SourceHealth(h["name"], Status(h["status"]), h["duration_seconds"], h.get("reason", ""),
-                        dict(h.get("dropped") or {}))
-        for k, h in d.get("health", {}).items()
-    }
-    return Snapshot(d["seq"], d["timestamp"], d["host"], d["duration_seconds"], data, health)
+    where = "snapshot"
+    try:
+        if not isinstance(d, dict):
+            raise TypeError("not an object")
+        seq, host = d["seq"], d["host"]
+        if type(seq) is not int or not isinstance(host, str):
+            raise TypeError("seq must be an integer, host a string")
+        raw_data, raw_health = d.get("data", {}), d.get("health", {})
+        if not isinstance(raw_data, dict) or not isinstance(raw_health, dict):
+            raise TypeError("data and health must be objects")
+        data = {}
+        for name, v in raw_data.items():
+            tp = types_.get(name)
+            if tp is not None:
+                where = f"snapshot data {name!r}"
+                if v is None:
+                    raise TypeError("null")
+                data[name] = decode(tp, v)
+        where = "snapshot"
+        health = {k: _health(k, h) for k, h in raw_health.items()}
+        return Snapshot(seq, _number(d, "timestamp"), host, _number(d, "duration_seconds"), data, health)
+    except (TypeError, ValueError, KeyError) as e:  # pydantic's ValidationError is a ValueError
+        first = str(e).splitlines()[:3]
+        raise SnapshotError(f"{where} does not fit kvmscope's records: {type(e).__name__}: {' '.join(first)}") from None
 
 
 def dump_recording(snaps: list[Snapshot], fp) -> None:
@@ -110,22 +151,21 @@ def dump_recording(snaps: list[Snapshot], fp) -> None:
 
 
 def load_recording(fp) -> list[Snapshot]:
-    from agent.errors import KvmscopeError
-
     try:
         doc = json.load(fp)
     except ValueError as e:
         raise KvmscopeError(f"not a kvmscope recording: {e}") from None
     if not isinstance(doc, dict) or doc.get("kvmscope_recording") != FORMAT:
         raise KvmscopeError("not a kvmscope recording (no kvmscope_recording: 1)")
+    snaps = doc.get("snapshots")
+    if not isinstance(snaps, list):
+        raise KvmscopeError("not a kvmscope recording (no list of snapshots)")
     types_ = record_types()
-    return [snapshot_from_json(s, types_) for s in doc["snapshots"]]
+    return [snapshot_from_json(s, types_) for s in snaps]
 
 
 def read_recording(path: str, minimum: int = 1) -> list[Snapshot]:
     """Load a recording file; a clear KvmscopeError when it cannot be used."""
-    from agent.errors import KvmscopeError
-
     try:
         with open(path, encoding="utf-8") as f:
             snaps = load_recording(f)

@@ -40,3 +40,69 @@ def test_not_a_recording():
         load_recording(io.StringIO('{"x": 1}'))
     with pytest.raises(KvmscopeError, match="not a kvmscope recording"):
         load_recording(io.StringIO("garbage"))
+
+
+# -- found by tests/fuzz/test_fuzz_codec.py: snapshot JSON from outside (an agent's API,
+# a recording) that does not fit the records is one SnapshotError, never a crash or a
+# record holding the wrong type
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from agent.codec import SnapshotError, snapshot_from_json  # noqa: E402
+from agent.errors import KvmscopeError  # noqa: E402
+
+GOOD = {"seq": 1, "timestamp": 1.5, "host": "h", "duration_seconds": 0.1, "health": {},
+        "data": {"libvirt": {"vms": [{"name": "vm1", "uuid": None, "state": "running", "pid": 7, "disks": [
+            {"target": "vda", "kind": "file", "stats": {"rd_reqs": 3}}]}], "failed": []}}}
+
+
+def _with(path, value):
+    doc = json.loads(json.dumps(GOOD))
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize("doc, words", [
+    ([], "not an object"),
+    (_with(("seq",), KeyError), "KeyError"),
+    (_with(("seq",), "1"), "seq must be an integer"),
+    (_with(("timestamp",), None), "not a number"),
+    (_with(("health",), {"x": None}), "health 'x'"),
+    (_with(("health",), {"x": {"name": "x", "status": "bad", "duration_seconds": 0}}), "ValueError"),
+    (_with(("data",), []), "data and health must be objects"),
+    (_with(("data", "libvirt", "vms"), None), "data 'libvirt'"),
+    (_with(("data", "libvirt", "vms"), {"a": 1}), "data 'libvirt'"),
+    (_with(("data", "libvirt", "vms", 0, "disks", 0, "stats", "rd_reqs"), None), "data 'libvirt'"),
+    (_with(("data", "libvirt", "vms", 0), "vm1"), "data 'libvirt'"),
+])
+def test_snapshot_json_that_does_not_fit_is_one_clear_error(doc, words):
+    with pytest.raises(SnapshotError, match="does not fit") as e:
+        snapshot_from_json(doc)
+    assert words in str(e.value)
+    assert isinstance(e.value, KvmscopeError) and isinstance(e.value, ValueError)
+
+
+def test_snapshot_json_that_fits_still_decodes():
+    snap = snapshot_from_json(GOOD)
+    assert snap.data["libvirt"].vms[0].disks[0].stats.rd_reqs == 3 and snap.data["libvirt"].vms[0].pid == 7
+
+
+def test_pairs_that_are_not_pairs():
+    for bad in ({"__pairs__": [[["a", 1]]]}, {"__pairs__": 5}):
+        with pytest.raises((TypeError, ValueError)):
+            decode(dict[tuple[str, int], int], bad)
+        with pytest.raises(SnapshotError):
+            snapshot_from_json(_with(("data", "libvirt", "vms", 0, "disks", 0, "stats", "histograms"), bad))
+
+
+def test_recording_whose_snapshots_do_not_fit(tmp_path):
+    for text in ('{"kvmscope_recording": 1}', '{"kvmscope_recording": 1, "snapshots": [[]]}'):
+        with pytest.raises(KvmscopeError, match="not a kvmscope recording|does not fit"):
+            load_recording(io.StringIO(text))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import typing
 from functools import lru_cache
 
@@ -101,8 +102,8 @@ def snapshot_to_json(s: Snapshot) -> dict:
 
 def _number(d: dict, key: str) -> float:
     v = d[key]
-    if type(v) not in (int, float):
-        raise TypeError(f"{key}: {v!r:.60} is not a number")
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise TypeError(f"{key}: {v!r:.60} is not a finite number")
     return float(v)
 
 

@@ -9,6 +9,7 @@ error), and every record it returns fits the type of its source's ``collect()``.
 from __future__ import annotations
 
 import json
+import math
 
 from hypothesis import given
 
@@ -32,6 +33,7 @@ def decode_ok(doc):
     assert isinstance(snap, Snapshot)
     check(snap.seq, int, "seq")
     check(snap.timestamp, float, "timestamp")
+    assert math.isfinite(snap.timestamp) and math.isfinite(snap.duration_seconds)
     check(snap.host, str, "host")
     check(snap.duration_seconds, float, "duration_seconds")
     for name, rec in snap.data.items():

@@ -69,6 +69,11 @@ class CollectorSelection(_Section):
     disable: list[str] = Field(default_factory=list, description="collectors to turn off")
 
 
+def default_collector_timeout(interval: float) -> float:
+    """The collector deadline when none is configured: 4 s, at most 0.8 x the interval."""
+    return min(4.0, round(0.8 * interval, 3))
+
+
 class AgentConfig(_Section):
     interval: float = Field(5.0, ge=0.5, le=3600, description="seconds between collection cycles")
     collector_timeout: float = Field(
@@ -85,7 +90,7 @@ class AgentConfig(_Section):
     def _timeout_within_interval(self):
         if "collector_timeout" not in self.model_fields_set:
             # derived default; set through __dict__ to avoid re-validation
-            self.__dict__["collector_timeout"] = min(4.0, round(0.8 * self.interval, 3))
+            self.__dict__["collector_timeout"] = default_collector_timeout(self.interval)
         elif self.collector_timeout > self.interval:
             raise ValueError(
                 f"collector_timeout ({self.collector_timeout:g}) must not exceed interval ({self.interval:g})"

@@ -8,17 +8,17 @@ import threading
 import time
 
 import typer
+from pydantic import ValidationError
 
 from agent import __version__, sdnotify
 from agent.cli import app, examples
 from agent.cli.common import load_config, msg
 from agent.config import _check_listen
 from agent.errors import ConfigError
-from agent.hostpaths import HostPaths
+from agent.engine import build_agent
 from agent.loop import Agent
 from agent.records.addr import fmt_endpoint
 from agent.records.snapshot import Snapshot, Status
-from agent.sources import SourceContext, selected
 
 
 def _health_changes(snap: Snapshot, prev: Snapshot | None) -> list[str]:
@@ -106,9 +106,9 @@ def run(
     cfg, origin = load_config(ctx)
     _apply_options(cfg, listen, interval)
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent, infos = _build_agent(cfg)
+    agent = build_agent(cfg)
     msg(f"kvmscope {__version__}: configuration from {origin}")
-    msg(f"collectors: {', '.join(i.name for i in infos) or 'none'}; interval {cfg.agent.interval:g}s")
+    msg(f"collectors: {', '.join(s.name for s in agent.sources) or 'none'}; interval {cfg.agent.interval:g}s")
     if once:
         _run_once(agent)
 
@@ -151,24 +151,13 @@ def _apply_options(cfg, listen: str | None, interval: float | None) -> None:
             raise ConfigError(f"--listen: got {listen!r}; {e}") from None
         cfg.metrics.listen = listen
     if interval is not None:
-        cfg.agent.interval = interval
-        cfg.agent.collector_timeout = min(cfg.agent.collector_timeout, interval)
-
-
-def _build_agent(cfg) -> tuple[Agent, list]:
-    """The agent over the configured sources, and the sources' infos."""
-    paths = HostPaths.from_config(cfg.paths)
-    sctx = SourceContext(cfg, paths)
-    infos = selected(cfg)
-    sources = [i.factory(sctx) for i in infos]
-    agent = Agent(
-        sources,
-        interval=cfg.agent.interval,
-        timeout=cfg.agent.collector_timeout,
-        history=cfg.agent.history,
-        hostname=cfg.agent.hostname,
-    )
-    return agent, infos
+        # the configuration's own rule: a derived collector_timeout follows the new interval,
+        # a configured one must fit in it
+        try:
+            cfg.agent.interval = interval
+        except ValidationError as e:
+            problem = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+            raise ConfigError(f"--interval: got {interval:g}; {problem}") from None
 
 
 def _run_once(agent: Agent):

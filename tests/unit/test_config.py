@@ -96,6 +96,21 @@ def test_cross_field_rule(tmp_path):
     )
 
 
+def test_run_interval_follows_the_same_timeout_rule(tmp_path):
+    """`run --interval` changes the interval through the configuration's rule, not a second formula."""
+    from agent.cli.run import _apply_options
+
+    cfg, _ = config.load(None, environ={})
+    _apply_options(cfg, None, 2.0)
+    assert (cfg.agent.interval, cfg.agent.collector_timeout) == (2.0, config.default_collector_timeout(2.0)) == (2.0, 1.6)
+    cfg, _ = config.load(write(tmp_path, "agent:\n  interval: 10\n  collector_timeout: 1\n"), environ={})
+    _apply_options(cfg, None, 2.0)
+    assert cfg.agent.collector_timeout == 1.0  # a configured deadline that fits is kept
+    cfg, _ = config.load(write(tmp_path, "agent:\n  interval: 10\n  collector_timeout: 3\n"), environ={})
+    with pytest.raises(ConfigError, match=r"^--interval: got 2; collector_timeout \(3\) must not exceed interval \(2\)$"):
+        _apply_options(cfg, None, 2.0)
+
+
 @pytest.mark.parametrize("listen", ["127.0.0.1:9847", "[::1]:9847", ":9847", "localhost:1"])
 def test_good_listen(tmp_path, listen):
     p = write(tmp_path, f"metrics:\n  listen: '{listen}'\n")

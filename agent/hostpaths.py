@@ -19,6 +19,7 @@ class HostPaths:
     tracefs: Path = Path("/sys/kernel/tracing")
     debugfs: Path = Path("/sys/kernel/debug")
     etcdir: Path = Path("/etc")  # configuration files (doctor): iscsi/iscsid.conf, multipath.conf
+    rundir: Path = Path("/run")  # runtime state of daemons: libvirt's QEMU pid files (/run/libvirt/qemu/NAME.pid)
 
     @classmethod
     def from_config(cls, paths) -> "HostPaths":
@@ -28,6 +29,7 @@ class HostPaths:
             tracefs=Path(paths.tracefs),
             debugfs=Path(paths.debugfs),
             etcdir=Path(getattr(paths, "etc", "/etc")),
+            rundir=Path(getattr(paths, "run", "/run")),
         )
 
     def proc(self, *parts: str) -> Path:
@@ -38,6 +40,9 @@ class HostPaths:
 
     def etc(self, *parts: str) -> Path:
         return self.etcdir.joinpath(*parts)
+
+    def run(self, *parts: str) -> Path:
+        return self.rundir.joinpath(*parts)
 
     def read_text(self, path: Path) -> str:
         """Read a whole pseudo file. Raises OSError (incl. FileNotFoundError)."""

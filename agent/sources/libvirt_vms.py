@@ -10,6 +10,11 @@ type='network'><source protocol='iscsi' name='IQN/LUN'><host name port/>``
 for QEMU's libiscsi, ``<source file|dev>`` for host block devices), cached
 per domain ID and re-read when the disk set changes.
 
+The QEMU pid of a domain is libvirt's own (``/run/libvirt/qemu/<name>.pid``)
+when it checks out, else the one trusted process with the domain's ``-uuid``
+(see :mod:`agent.sources.qemu_procs`: impostors and ambiguity are reported in
+the VM's error, never silently chosen).
+
 The connection is read-only (``openReadOnly``) and is re-opened after an
 error. A hung libvirtd is handled by the agent loop's deadline.
 """
@@ -25,7 +30,7 @@ from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
 from agent.sources._values import ascii_uint, valid_counter
 from agent.sources._vm_common import host_devno, split_iscsi_name
-from agent.sources.qemu_procs import qemu_processes
+from agent.sources.qemu_procs import Owners
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +184,7 @@ class LibvirtSource:
             pass
         self._conn = None
 
-    def _domain(self, libvirt, dom, key: tuple[str, int], name: str, stats: dict, procs: dict) -> Vm:
+    def _domain(self, libvirt, dom, key: tuple[str, int], name: str, stats: dict, procs: Owners) -> Vm:
         """One domain's record. Values that do not parse are left out, named in ``error`` and counted."""
         uuid = key[0]
         bad: list = []
@@ -200,6 +205,9 @@ class LibvirtSource:
             self.dropped["invalid_value"] += len(bad)
             problems.append("invalid values from libvirt left out: " + ", ".join(f"{w}={v}" for w, v in bad[:3])
                             + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+        pid, note = procs.by_uuid(uuid, name)
+        if note:
+            problems.append(note)
         state = stats.get("state.state")
         if "state.state" not in stats:
             problems.append("stats skipped: domain busy (job lock held, e.g. migration); NOWAIT")
@@ -208,7 +216,7 @@ class LibvirtSource:
             name=name,
             uuid=uuid,
             state=DOMAIN_STATES.get(state, "unknown") if isinstance(state, int) else "unknown",
-            pid=procs.get(uuid),
+            pid=pid,
             disks=tuple(disks),
             manager="libvirt",
             error="; ".join(problems) or None,
@@ -226,7 +234,7 @@ class LibvirtSource:
         except libvirt.libvirtError as e:
             self._drop()  # the connection may be gone; re-open next cycle
             raise RuntimeError(f"libvirt getAllDomainStats: {e.get_error_message() or e}") from None
-        procs = {p.uuid: p.pid for p in qemu_processes(self.paths) if p.uuid}
+        procs = Owners(self.paths)
         vms, failed, seen = [], [], set()
         for dom, stats in records:
             try:

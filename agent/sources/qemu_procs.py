@@ -4,11 +4,24 @@ Used to tie a VM (libvirt domain UUID, or the ``-name`` of a stand-alone
 QEMU) to the process that owns its iSCSI sockets and issues its host block
 I/O. Reads ``/proc/<pid>/comm`` first and the command line only for
 ``qemu*`` processes. Not a source by itself (no records of its own).
+
+A process name and a command line are the process's own claim: any local
+user can start a program named ``qemu-system-x86_64`` with ``-uuid`` of a
+VM. Before a process is tied to a libvirt domain it must pass
+:func:`impostor_reason`: real and effective uid root or a QEMU user
+(``libvirt-qemu`` on Debian, ``qemu`` on RHEL), and an executable
+(``/proc/<pid>/exe``) named like a QEMU binary, owned by root and writable
+by nobody else. libvirt's own record comes first: it writes the pid of each
+domain's QEMU to ``/run/libvirt/qemu/<name>.pid`` (libvirt has no pid API).
+Two trusted processes claiming one UUID are reported as ambiguous, never
+resolved by "the last one wins".
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import re
 
 from agent.hostpaths import HostPaths
 from agent.records.vms import QemuProcess
@@ -50,7 +63,7 @@ def parse_cmdline(pid: int, raw: bytes) -> QemuProcess:
 def qemu_processes(paths: HostPaths) -> list[QemuProcess]:
     out = []
     try:
-        pids = [p for p in os.listdir(paths.procfs) if p.isdigit()]
+        pids = [p for p in os.listdir(paths.procfs) if p.isascii() and p.isdigit()]
     except OSError:
         return out
     for p in pids:
@@ -65,3 +78,139 @@ def qemu_processes(paths: HostPaths) -> list[QemuProcess]:
         if raw:
             out.append(parse_cmdline(int(p), raw))
     return sorted(out, key=lambda q: q.pid)
+
+
+# -- identity: is this process really a VM's QEMU? -------------------------------
+
+QEMU_USERS = ("libvirt-qemu", "qemu")  # Debian/Ubuntu, RHEL/Fedora: the user libvirt runs system QEMU as
+QEMU_BINARY = re.compile(r"qemu-system-[A-Za-z0-9_.-]+|qemu-kvm|kvm")
+
+
+def trusted_uids(users=QEMU_USERS) -> frozenset[int]:
+    """root and the QEMU users that exist on this host."""
+    out = {0}
+    for u in users:
+        try:
+            out.add(pwd.getpwnam(u).pw_uid)
+        except KeyError:
+            pass
+    return frozenset(out)
+
+
+def parse_status_uids(text: str) -> tuple[int, int] | None:
+    """(real, effective) uid from /proc/<pid>/status ``Uid:\treal\teffective\tsaved\tfs``."""
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            f = line.split()[1:3]
+            if len(f) == 2 and all(x.isascii() and x.isdigit() for x in f):
+                return int(f[0]), int(f[1])
+    return None
+
+
+def impostor_reason(paths: HostPaths, pid: int, uids: frozenset[int]) -> str | None:
+    """Why process ``pid`` cannot be a VM's QEMU, or None if it can.
+
+    Checks the real and effective uid (/proc/<pid>/status) against ``uids``,
+    and the executable behind /proc/<pid>/exe: a QEMU binary name, owned by
+    root, not writable by group or others (a user's copy of any program,
+    renamed, fails here). An exe the agent may not read (no CAP_SYS_PTRACE)
+    is judged by the uid alone.
+    """
+    try:
+        ids = parse_status_uids(paths.read_text(paths.proc(str(pid), "status")))
+    except OSError:
+        return "process gone"
+    if ids is None:
+        return "no Uid line in /proc/PID/status"
+    bad = [u for u in ids if u not in uids]
+    if bad:
+        return f"uid {bad[0]} is not root or a QEMU user ({', '.join(QEMU_USERS)})"
+    exe = paths.proc(str(pid), "exe")
+    try:
+        target = os.readlink(exe)
+        st = os.stat(exe)
+    except OSError:
+        return None
+    target = target.removesuffix(" (deleted)")  # QEMU upgraded under a running VM
+    if not QEMU_BINARY.fullmatch(os.path.basename(target)):
+        return f"executable {target} is not a QEMU binary"
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        return f"executable {target} is owned by uid {st.st_uid} or writable by others"
+    return None
+
+
+def read_pidfile(paths: HostPaths, *parts: str) -> int | None:
+    """A pid file's number (ASCII decimal), or None if absent or not a pid."""
+    try:
+        text = paths.read_text(paths.run(*parts)).strip()
+    except OSError:
+        return None
+    return int(text) if text.isascii() and text.isdigit() and 0 < len(text) <= 10 else None
+
+
+class Owners:
+    """The QEMU processes of one cycle, and who may own what.
+
+    :meth:`by_uuid` answers for a libvirt domain, :meth:`by_socket` for a
+    stand-alone QEMU's QMP socket. Each returns (pid or None, problem or
+    None): a problem names the impostors left out or the ambiguity.
+    """
+
+    def __init__(self, paths: HostPaths, uids: frozenset[int] | None = None):
+        self.paths = paths
+        self.procs = qemu_processes(paths)
+        self.uids = trusted_uids() if uids is None else uids
+        self._why: dict[int, str | None] = {}
+
+    def why_not(self, pid: int) -> str | None:
+        if pid not in self._why:
+            self._why[pid] = impostor_reason(self.paths, pid, self.uids)
+        return self._why[pid]
+
+    def _choose(self, claims: list[QemuProcess], what: str) -> tuple[int | None, str | None]:
+        ok = [q.pid for q in claims if self.why_not(q.pid) is None]
+        rejected = [f"pid {q.pid} ({self.why_not(q.pid)})" for q in claims if self.why_not(q.pid) is not None]
+        note = f"ignored process(es) claiming {what}: {'; '.join(rejected)}" if rejected else None
+        if len(ok) > 1:
+            amb = f"ambiguous: trusted pids {', '.join(map(str, ok))} all claim {what}; no pid reported"
+            return None, "; ".join(x for x in (amb, note) if x)
+        return (ok[0] if ok else None), note
+
+    def by_uuid(self, uuid: str, name: str | None = None) -> tuple[int | None, str | None]:
+        """The QEMU of libvirt domain ``name``/``uuid``: libvirt's pid file if it checks out, else the
+        one trusted process whose ``-uuid`` is ``uuid``."""
+        claims = [q for q in self.procs if q.uuid == uuid]
+        pid = read_pidfile(self.paths, "libvirt", "qemu", f"{name}.pid") if name and "/" not in name else None
+        if pid is not None and any(q.pid == pid for q in claims) and self.why_not(pid) is None:
+            return pid, self._choose([q for q in claims if q.pid != pid and self.why_not(q.pid)], f"UUID {uuid}")[1]
+        return self._choose(claims, f"UUID {uuid}")
+
+    def by_socket(self, path: str, peer_pid: int | None = None) -> tuple[int | None, str | None]:
+        """The QEMU listening on QMP socket ``path``: the kernel's answer (SO_PEERCRED of our connection)
+        if it is a QEMU process here, else the one trusted process whose command line names exactly ``path``."""
+        if peer_pid and any(q.pid == peer_pid for q in self.procs):
+            return peer_pid, None
+        want = os.path.abspath(path)
+        claims = [q for q in self.procs if want in {os.path.abspath(p) for p in qmp_socket_paths(q.argv)}]
+        return self._choose(claims, f"QMP socket {path}")
+
+
+def _qemu_opts(value: str) -> list[str]:
+    """QemuOpts ``a,b=c,,d`` -> ["a", "b=c,d"] (',,' is a literal comma)."""
+    return [p.replace("\0", ",") for p in value.replace(",,", "\0").split(",")]  # argv never holds a NUL
+
+
+def qmp_socket_paths(argv: tuple[str, ...]) -> set[str]:
+    """Unix socket paths a QEMU command line serves: ``-qmp unix:PATH[,...]``, ``-qmp-pretty``,
+    ``-chardev socket,path=PATH,...`` (with ``-mon``) and ``-monitor unix:PATH``."""
+    out = set()
+    for i, a in enumerate(argv[:-1]):
+        v = argv[i + 1]
+        if a in ("-qmp", "-qmp-pretty", "-monitor") and v.startswith("unix:"):
+            out.add(_qemu_opts(v[5:])[0])
+        elif a == "-chardev" and v.startswith("socket,"):
+            for o in _qemu_opts(v)[1:]:
+                if o.startswith("path="):
+                    out.add(o[5:])
+    out.discard("")
+    return out

@@ -22,6 +22,11 @@ cycle, the VM's ``error`` names the member and the value, and the source
 counts it in ``dropped["invalid_value"]``; nothing a QEMU says can fail the
 /metrics page or another VM's documents.
 
+The VM's pid is the process listening on the socket, as the kernel tells
+the client (``SO_PEERCRED``); failing that, the one trusted QEMU whose
+command line names exactly that socket path (``-qmp unix:PATH``,
+``-chardev socket,path=PATH``), see :class:`agent.sources.qemu_procs.Owners`.
+
 Every socket has its own deadline (``qmp.timeout``) and its own thread: a
 socket that accepts and never answers marks that VM failed, and the cycle
 still completes on time.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import glob
 import json
 import socket
+import struct
 import threading
 import time
 from dataclasses import replace
@@ -43,7 +49,7 @@ from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
 from agent.sources._values import U64_MAX, valid_counter
 from agent.sources._vm_common import host_devno, parse_iscsi_url
-from agent.sources.qemu_procs import qemu_processes
+from agent.sources.qemu_procs import Owners
 
 
 class QmpError(Exception):
@@ -58,6 +64,7 @@ class QmpClient:
         self.deadline = deadline
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.buf = b""
+        self.peer_pid: int | None = None  # the process listening on the socket (SO_PEERCRED), 0 if not in our pid namespace
 
     def _remaining(self) -> float:
         left = self.deadline - time.monotonic()
@@ -89,6 +96,10 @@ class QmpClient:
             self.sock.connect(self.path)
         except OSError as e:
             raise QmpError(f"cannot connect: {e.strerror or e}") from None
+        try:
+            self.peer_pid = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            self.peer_pid = None
         greeting = self._read_msg()
         if "QMP" not in greeting:
             raise QmpError("not a QMP greeting")
@@ -251,7 +262,7 @@ class QmpSource:
         self._busy: dict[str, threading.Event] = {}
         self.dropped = {"invalid_value": 0}  # cumulative, exported through the loop's health
 
-    def _query(self, path: str) -> tuple[Vm, list]:
+    def _query(self, path: str) -> tuple[Vm, list, int | None]:
         c = QmpClient(path, time.monotonic() + self.cfg.timeout)
         try:
             c.connect()
@@ -292,7 +303,7 @@ class QmpSource:
                 manager="qmp",
                 error="; ".join(hist_errors) or None,
             )
-            return vm, bad
+            return vm, bad, c.peer_pid
         finally:
             c.close()
 
@@ -321,17 +332,13 @@ class QmpSource:
             futures[p] = self._pool.submit(run)
         vms = []
         end = time.monotonic() + self.cfg.timeout + 0.5
-        owners = {}
-        for q in qemu_processes(self.paths):
-            for a in q.argv:
-                for p in futures:
-                    if p in a:
-                        owners[p] = q.pid
+        owners = Owners(self.paths)
         for p, fut in futures.items():
             try:
-                vm, bad = fut.result(timeout=max(0.0, end - time.monotonic()))
+                vm, bad, peer = fut.result(timeout=max(0.0, end - time.monotonic()))
                 self.dropped["invalid_value"] += len(bad)
-                vms.append(replace(vm, pid=owners.get(p)))
+                pid, note = owners.by_socket(p, peer)
+                vms.append(replace(vm, pid=pid, error="; ".join(x for x in (vm.error, note) if x) or None))
             except FutureTimeout:
                 failed.append((p, f"no answer within {self.cfg.timeout:g}s"))
             except QmpError as e:

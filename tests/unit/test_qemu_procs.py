@@ -1,0 +1,166 @@
+"""Which process is a VM's QEMU: a name and a command line are the process's own claim.
+
+Pure logic on /proc trees built here (comm, cmdline, status, an exe link), and a
+real impostor: a copy of /bin/sh named qemu-system-x86_64, run by an unprivileged
+user with the -uuid of a libvirt domain (libvirt's own test driver), on the real /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.hostpaths import HostPaths
+from agent.sources.qemu_procs import Owners, impostor_reason, qmp_socket_paths
+
+U = "6b0a1e44-3333-4a4a-9c9c-000000000001"
+TRUSTED = frozenset({0, 64055})
+
+
+@pytest.fixture
+def proc_tree(tmp_path):
+    root = tmp_path / "proc"
+    root.mkdir()
+    bindir = tmp_path / "usr" / "bin"
+    bindir.mkdir(parents=True)
+    qemu = bindir / "qemu-system-x86_64"
+    qemu.write_bytes(b"\x7fELF")
+    qemu.chmod(0o755)
+    other = bindir / "python3"
+    other.write_bytes(b"\x7fELF")
+    other.chmod(0o755)
+    writable = tmp_path / "tmp" / "qemu-system-x86_64"
+    writable.parent.mkdir()
+    writable.write_bytes(b"\x7fELF")
+    writable.chmod(0o777)
+
+    def add(pid, argv, uid=0, exe=qemu, comm="qemu-system-x86"):
+        d = root / str(pid)
+        d.mkdir()
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t0\t0\t0\t0\n")
+        os.symlink(exe, d / "exe")
+
+    add.paths = HostPaths(procfs=root, rundir=tmp_path / "run")
+    add.other, add.writable = other, writable
+    return add
+
+
+def test_unprivileged_impostor_never_takes_the_pid(proc_tree):
+    proc_tree(100, ["/usr/bin/qemu-system-x86_64", "-name", "guest=vm0", "-uuid", U], uid=64055)
+    proc_tree(900, ["/home/u/qemu-system-x86_64", "-uuid", U], uid=1000)  # later pid: used to win
+    pid, note = Owners(proc_tree.paths, TRUSTED).by_uuid(U, "vm0")
+    assert pid == 100
+    assert "pid 900" in note and "uid 1000" in note
+
+
+def test_impostor_alone_gets_nothing(proc_tree):
+    proc_tree(900, ["qemu-system-x86_64", "-uuid", U], uid=1000)
+    assert Owners(proc_tree.paths, TRUSTED).by_uuid(U, "vm0")[0] is None
+
+
+@pytest.mark.parametrize("which", ["other", "writable"])
+def test_root_process_with_wrong_executable_rejected(proc_tree, which):
+    exe = getattr(proc_tree, which)
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=0, exe=exe)
+    assert "executable" in impostor_reason(proc_tree.paths, 100, TRUSTED)
+    pid, note = Owners(proc_tree.paths, TRUSTED).by_uuid(U)
+    assert pid is None and "executable" in note
+
+
+def test_two_trusted_claims_are_ambiguous(proc_tree):
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=64055)
+    proc_tree(200, ["qemu-system-x86_64", "-uuid", U], uid=0)
+    pid, note = Owners(proc_tree.paths, TRUSTED).by_uuid(U, "vm0")
+    assert pid is None and "ambiguous" in note and "100" in note and "200" in note
+
+
+def test_libvirt_pid_file_decides(proc_tree):
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=64055)
+    proc_tree(200, ["qemu-system-x86_64", "-uuid", U], uid=0)
+    run = proc_tree.paths.rundir / "libvirt" / "qemu"
+    run.mkdir(parents=True)
+    (run / "vm0.pid").write_text("200")
+    assert Owners(proc_tree.paths, TRUSTED).by_uuid(U, "vm0") == (200, None)
+    # a pid file naming a process that does not claim the UUID is not believed
+    (run / "vm0.pid").write_text("4242")
+    assert Owners(proc_tree.paths, TRUSTED).by_uuid(U, "vm0")[0] is None
+    (run / "vm0.pid").write_text("²")
+    assert Owners(proc_tree.paths, TRUSTED).by_uuid(U, "vm0")[0] is None
+
+
+def test_qmp_socket_matched_exactly(proc_tree):
+    proc_tree(100, ["qemu-system-x86_64", "-qmp", "unix:/run/q/vm1.qmp.old,server=on,wait=off"], uid=0)
+    proc_tree(200, ["qemu-system-x86_64", "-chardev", "socket,id=mon,path=/run/q/vm1.qmp,server=on",
+                    "-mon", "chardev=mon,mode=control"], uid=0)
+    proc_tree(300, ["qemu-system-x86_64", "-name", "/run/q/vm1.qmp"], uid=0)  # substring of an argument only
+    o = Owners(proc_tree.paths, TRUSTED)
+    assert o.by_socket("/run/q/vm1.qmp") == (200, None)
+    assert o.by_socket("/run/q/vm1") == (None, None)
+    assert o.by_socket("/run/q/vm1.qmp", peer_pid=100) == (100, None)  # the kernel's word (SO_PEERCRED) first
+
+
+def test_qmp_socket_paths_forms():
+    assert qmp_socket_paths(("q", "-qmp", "unix:/a,,b.qmp,server,nowait", "-monitor", "unix:/m,server",
+                             "-chardev", "socket,id=c,path=/c.sock,server=on", "-chardev", "pty,id=x")) == {
+        "/a,b.qmp", "/m", "/c.sock"}
+
+
+# -- the real thing ------------------------------------------------------------------
+
+NODE = f"""<node><domain type='test'><name>victim</name><uuid>{U}</uuid><memory>65536</memory>
+<os><type>hvm</type></os></domain></node>"""
+
+
+@pytest.fixture
+def impostor():
+    """A copy of /bin/sh named qemu-system-x86_64, run as nobody with the domain's -uuid."""
+    if os.geteuid() != 0:
+        pytest.skip("starting a process as another user needs root (make test runs as root)")
+    d = Path(tempfile.mkdtemp(prefix="kvmscope-impostor-"))
+    d.chmod(0o755)
+    exe = d / "qemu-system-x86_64"
+    shutil.copy("/bin/sh", exe)
+    os.chown(exe, 65534, 65534)
+    p = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          str(exe), "-c", "sleep 60; :", "-uuid", U, "-name", "guest=victim"])
+    try:
+        for _ in range(100):
+            try:
+                if Path(f"/proc/{p.pid}/cmdline").read_bytes().count(b"-uuid"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
+        yield p
+    finally:
+        p.kill()
+        p.wait(5)
+        shutil.rmtree(d)
+
+
+def test_real_impostor_rejected_by_libvirt_source(tmp_path, impostor):
+    pytest.importorskip("libvirt", reason="python3-libvirt not installed (make test installs it)")
+    from agent.config import Config
+    from agent.sources import SourceContext
+    from agent.sources.libvirt_vms import LibvirtSource
+
+    (tmp_path / "node.xml").write_text(NODE)
+    cfg = Config()
+    cfg.libvirt.uri = f"test://{tmp_path / 'node.xml'}"
+    paths = HostPaths(rundir=tmp_path / "run")  # real /proc; no libvirt pid file for the test driver's domain
+    assert any(q.pid == impostor.pid and q.uuid == U for q in Owners(paths).procs), "the impostor looks like a QEMU"
+    src = LibvirtSource(SourceContext(cfg, paths))
+    try:
+        (vm,) = src.collect().vms
+    finally:
+        src.close()
+    assert vm.uuid == U and vm.pid is None
+    assert f"pid {impostor.pid} (uid 65534 is not root" in vm.error

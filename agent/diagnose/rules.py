@@ -3,7 +3,11 @@
 Every rule is small and documented the same way (shown by
 ``kvmscope diagnose --rules`` and in docs/diagnose.md):
 symptom, signals, threshold, remedy. Thresholds come from the ``diagnose``
-section of the configuration.
+section of the configuration; what lossy, slow and stalled mean (and the
+defaults) is :mod:`agent.health`, shared with fleet and the alert rules.
+:func:`run_rules` isolates the rules like sources: one that raises becomes a
+``blind_spots`` finding and the others still run; rules only read the
+(frozen) window.
 
 Severities: ``critical`` (I/O is failing or stalled), ``warning`` (I/O is
 slow or the path is degraded), ``info`` (context, e.g. blind spots).

@@ -86,9 +86,12 @@ class QmpClient:
                 raise QmpError("QMP answer larger than 64 MiB")
         line, _, self.buf = self.buf.partition(b"\n")
         try:
-            return json.loads(line)
+            msg = json.loads(line)
         except ValueError:
             raise QmpError(f"not JSON from QMP: {line[:80]!r}") from None
+        if not isinstance(msg, dict):  # every QMP message is a JSON object (qapi/qmp-spec)
+            raise QmpError(f"not a JSON object from QMP: {line[:80]!r}")
+        return msg
 
     def connect(self) -> None:
         self.sock.settimeout(self._remaining())
@@ -117,6 +120,8 @@ class QmpClient:
                 continue  # asynchronous events may come before the answer
             if "error" in reply:
                 e = reply["error"]
+                if not isinstance(e, dict):
+                    raise QmpError(f"{cmd}: error {str(e)[:80]!r}")
                 raise QmpError(f"{cmd}: {e.get('class')}: {e.get('desc')}")
             return reply.get("return")
 
@@ -277,7 +282,7 @@ class QmpSource:
                     # the command wants the frontend device: its QOM path reaches the
                     # virtio backend (the short id would name the PCI proxy)
                     dev = _str(b.get("qdev")) if isinstance(b, dict) else None
-                    if not (b.get("inserted") and dev) or (path, dev) in self._hist_done:
+                    if not (dev and b.get("inserted")) or (path, dev) in self._hist_done:
                         continue
                     args = {"id": dev, "boundaries": list(self.cfg.histogram_boundaries_ns)}
                     try:

@@ -94,12 +94,30 @@ def test_cap_does_not_count_records_already_handed_out(tmp_path):
 
 
 def test_oldest_pending_time(tmp_path):
+    """The append time of the oldest unacknowledged record: it moves to the next
+    record when the oldest is acknowledged, and survives a restart (read from the segment)."""
+    import time
+
     s = Spool(tmp_path, 1 << 20)
     assert s.oldest_pending_time() is None
-    s.append(recs(1))
-    assert s.oldest_pending_time() is not None
+    t0 = time.time()
+    s.append(recs(2))
+    t1 = time.time()
+    time.sleep(0.05)
+    t2 = time.time()
+    s.append(recs(1, start=2))
+    t3 = time.time()
+    assert t0 - 0.001 <= s.oldest_pending_time() <= t1 + 0.001
+    first = s.read_batch(2, 1 << 20)
+    assert ids(first) == ["id0", "id1"]
+    s.ack(first)
+    assert t2 - 0.001 <= s.oldest_pending_time() <= t3 + 0.001
+    s.close()
+    s = Spool(tmp_path, 1 << 20)
+    assert t2 - 0.001 <= s.oldest_pending_time() <= t3 + 0.001
     s.ack(s.read_batch(10, 1 << 20))
     assert s.oldest_pending_time() is None
+    s.close()
 
 
 def test_secrets_are_masked_and_urls_redacted(tmp_path):

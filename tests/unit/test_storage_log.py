@@ -223,11 +223,22 @@ def test_positions_file_is_json_and_survives_garbage(tmp_path):
     (tmp_path / "qemu").mkdir()
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "positions.json").write_text("{not json")
-    (tmp_path / "qemu" / "x.log").write_text("")
+    log = tmp_path / "qemu" / "x.log"
+    log.write_text("2026-11-25T20:41:26.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
     src = _source(tmp_path)
-    src.collect()
+    assert src.collect().events == ()  # unreadable positions: start at the end, no replay of old lines
     src.close()
-    assert "files" in json.loads((tmp_path / "state" / "positions.json").read_text())
+    saved = json.loads((tmp_path / "state" / "positions.json").read_text())
+    st = log.stat()
+    pos = saved["files"][str(log)]
+    assert (pos["dev"], pos["ino"], pos["offset"]) == (st.st_dev, st.st_ino, st.st_size), pos
+    # the rewritten file is used by the next start: only the line appended since is read
+    with log.open("a") as f:
+        f.write("2026-11-25T20:41:27.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
+    src = _source(tmp_path)
+    (ev,) = src.collect().events
+    src.close()
+    assert ev.offset == st.st_size and ev.kind == "nop_timeout"
 
 
 def test_a_log_that_appears_after_the_first_cycle_is_read_from_its_start(tmp_path):

@@ -350,3 +350,38 @@ def test_same_metric_from_several_renderers_is_one_family():
         fams.append(f)
     merged = merge_families(fams)
     assert len(merged) == 1 and len(merged[0].samples) == 2
+
+
+# -- the local API behind the same protection ------------------------------------
+def _history():
+    return [Snapshot(1, 1.0, "h", 0.0, data={}, health={}), Snapshot(2, 2.0, "h", 0.0, data={}, health={})]
+
+
+def test_snapshots_api_behind_basic_auth(tmp_path, server):
+    import json
+
+    wc = tmp_path / "web.yml"
+    wc.write_text(f"basic_auth_users:\n  prom: '{_hash('s3cret')}'\n")
+    port = server(web=load_web_config(wc), history=_history).address[1]
+    for user, pw in ((None, None), ("prom", "wrong"), ("nobody", "s3cret")):
+        code, body, headers = _get(port, user, pw, path="/api/v1/snapshots?last=2")
+        assert code == 401 and "Basic" in headers["WWW-Authenticate"], (user, code)
+        assert '"seq"' not in body and '"host"' not in body  # nothing of the history leaks
+    code, body, _ = _get(port, "prom", "s3cret", path="/api/v1/snapshots?last=2")
+    assert code == 200 and [s["seq"] for s in json.loads(body)] == [1, 2]
+
+
+def test_snapshots_api_behind_tls_with_client_certificates(pki, server):
+    import json
+
+    (pki / "web.yml").write_text(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n")
+    port = server(web=load_web_config(pki / "web.yml"), history=_history).address[1]
+    code, body, _ = _get(port, path="/api/v1/snapshots?last=1", scheme="https", ctx=_client_ctx(pki, "client"))
+    assert code == 200 and [s["seq"] for s in json.loads(body)] == [2]
+    for cert in (None, "stranger"):  # no client certificate, or one from an untrusted CA: no TLS session at all
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _get(port, path="/api/v1/snapshots?last=1", scheme="https", ctx=_client_ctx(pki, cert))
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+        _get(port, path="/api/v1/snapshots?last=1")  # plain HTTP

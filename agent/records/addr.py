@@ -11,6 +11,29 @@ the agent prints, exports or ships goes through these functions, so
 
 from __future__ import annotations
 
+import socket
+
+
+def canonical_host(host: str | None) -> str | None:
+    """An IP literal in its one text form, a name as is: the edge where addresses enter.
+
+    ``FD00:0:0::0002`` or ``[fd00::2]`` -> ``fd00::2`` (RFC 5952 section 4:
+    lower case, longest zero run compressed, no brackets), by the same
+    ``inet_ntop`` that writes the addresses of the sockets the agent reads
+    (inet_diag), so a portal a VM's definition names and the socket that
+    serves it compare and print the same. Anything else (a host name, a
+    zoned ``fe80::1%eth0``) is returned as is.
+    """
+    if not host:
+        return host
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    for family in (socket.AF_INET6, socket.AF_INET):
+        try:
+            return socket.inet_ntop(family, socket.inet_pton(family, bare))
+        except OSError:
+            continue
+    return host
+
 
 def fmt_host(addr: str | None) -> str:
     """``fd00::1`` -> ``[fd00::1]``; IPv4 and names unchanged; None or "" -> ""."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.records.addr import canonical_host, fmt_host
 from agent.sources._values import ascii_uint
 
 
@@ -42,8 +43,55 @@ def parse_iscsi_url(url: str) -> tuple[str | None, int | None, str | None, int |
 
     try:
         u = urlsplit(url)
-        host, port = u.hostname, u.port or 3260
+        host, port = canonical_host(u.hostname), u.port or 3260
     except ValueError:
         return None, None, None, None
     iqn, lun = split_iscsi_name(u.path.lstrip("/"))
     return host, port, iqn, lun
+
+
+# How deep a json: filename's "file" children are followed (format over protocol is 2)
+_JSON_DEPTH = 8
+
+
+def plain_qemu_filename(name: str) -> str:
+    """QEMU's ``json:{...}`` pseudo-filename -> the plain filename it stands for.
+
+    ``query-block`` reports ``inserted.file`` as a plain name only when QEMU
+    can rebuild the node from one; otherwise (``bdrv_refresh_filename`` in
+    block.c) it writes the node's options as ``json:``, e.g. for
+    ``-drive file=iscsi://[fd00::2]:3260/IQN/1,format=raw`` (QEMU 7.2):
+    ``json:{"driver": "raw", "file": {"driver": "iscsi", "portal":
+    "[fd00::2]:3260", "target": "IQN", "lun": "1", "transport": "tcp"}}``.
+    The ``file`` children are followed down to the protocol node: an
+    ``iscsi`` node becomes ``iscsi://PORTAL/TARGET/LUN`` (the portal as QEMU
+    wrote it, IPv6 in brackets), a ``file``/``host_device`` node its
+    ``filename``. Anything else, or a value of the wrong type (QEMU's answers
+    are outside input), returns ``name`` unchanged.
+    """
+    import json
+
+    if not name.startswith("json:"):
+        return name
+    try:
+        node = json.loads(name[5:])
+    except ValueError:
+        return name
+    for _ in range(_JSON_DEPTH):
+        if isinstance(node, str):
+            return node
+        if not isinstance(node, dict):
+            return name
+        driver = node.get("driver")
+        if driver == "iscsi":
+            portal, target, lun = node.get("portal"), node.get("target"), node.get("lun", 0)
+            if not isinstance(portal, str) or not isinstance(target, str) or isinstance(lun, bool) \
+                    or not isinstance(lun, (int, str)) or "/" in portal or "/" in target:
+                return name
+            if portal.count(":") > 1 and not portal.startswith("["):  # a bare IPv6 address, no port
+                portal = fmt_host(portal)
+            return f"iscsi://{portal}/{target}/{lun}"
+        if driver in ("file", "host_device") and isinstance(node.get("filename"), str):
+            return node["filename"]
+        node = node.get("file")
+    return name

@@ -26,6 +26,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 
 from agent.errors import NoData
+from agent.records.addr import canonical_host
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
 from agent.sources._values import ascii_uint, valid_counter
@@ -69,7 +70,7 @@ def parse_domain_disks(xml: str, problems: list | None = None) -> list[VmDisk]:
                     num = ascii_uint(port, 65535) if port else 3260
                     if num is None:
                         problems.append(f"disk {target.get('dev')}: host port {port!r} is not a port number; 3260 assumed")
-                    hosts.append((h.get("name", ""), num or 3260))
+                    hosts.append((canonical_host(h.get("name", "")), num or 3260))
                 if protocol == "iscsi":
                     iqn, lun = split_iscsi_name(source)
                     if iqn is not None and lun is None:

@@ -4,7 +4,9 @@ Sources: QMP ``query-blockstats`` (qapi/block-core.json ``BlockStats`` /
 ``BlockDeviceStats``: rd/wr/flush operations, bytes, ``*_total_time_ns``,
 failed operations, ``idle_time_ns``) and ``query-block`` (the drive's
 ``inserted.file`` / ``image.filename``, e.g. ``iscsi://HOST:PORT/IQN/LUN``
-for QEMU's libiscsi driver). Sockets are found by the glob patterns in
+for QEMU's libiscsi driver, or the same node written as a ``json:{...}``
+pseudo-filename, which is what QEMU 7.2 reports for ``-drive
+file=iscsi://...,format=raw``; see :func:`plain_qemu_filename`). Sockets are found by the glob patterns in
 ``qmp.sockets``.
 
 Opt-in latency histograms (``qmp.latency_histograms``): the source issues
@@ -48,7 +50,7 @@ from agent.errors import NoData
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
 from agent.sources._values import U64_MAX, valid_counter
-from agent.sources._vm_common import host_devno, parse_iscsi_url
+from agent.sources._vm_common import host_devno, parse_iscsi_url, plain_qemu_filename
 from agent.sources.qemu_procs import Owners
 
 
@@ -222,7 +224,7 @@ def parse_blockstats(blockstats: list, block: list, bad: list | None = None) -> 
         if key not in files:
             continue
         name = _str(bs.get("device")) or _qdev_name(_str(bs.get("qdev"))) or _str(bs.get("node-name")) or "?"
-        f = files[key] or ""
+        f = plain_qemu_filename(files[key] or "")
         if f.startswith("iscsi://"):
             host, port, iqn, lun = parse_iscsi_url(f)
             if lun is None:

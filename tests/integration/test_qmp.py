@@ -168,3 +168,42 @@ def test_parse_iscsi_drive():
     assert (d.target, d.backend, d.iqn, d.lun, d.hosts) == (
         "drive-vda", "libiscsi", "iqn.2025-01.io.kvmscope.lab:vm0-vda", 1, (("198.18.1.2", 3260),))
     assert (d.stats.rd_reqs, d.stats.wr_time_ns, d.stats.failed_reqs, d.stats.idle_time_ns) == (10, 2000000, 2, 12345)
+
+
+# What QEMU 7.2 answers in query-block for -drive file=iscsi://[fd00:...::2]:3260/IQN/1,format=raw (seen on
+# this machine): the node written as a json: pseudo-filename, not the URL.
+QEMU_JSON_ISCSI = ('json:{"driver": "raw", "file": {"lun": "1", "portal": "[fd00:6b76:6d73:6::2]:3260", '
+                   '"driver": "iscsi", "transport": "tcp", "target": "iqn.2026-11.io.kvmscope.test:v6"}}')
+
+
+@pytest.mark.parametrize("file, hosts, iqn, lun", [
+    (QEMU_JSON_ISCSI, (("fd00:6b76:6d73:6::2", 3260),), "iqn.2026-11.io.kvmscope.test:v6", 1),
+    (QEMU_JSON_ISCSI.replace("[fd00:6b76:6d73:6::2]:3260", "198.18.66.2:3260"),
+     (("198.18.66.2", 3260),), "iqn.2026-11.io.kvmscope.test:v6", 1),
+    ('json:{"driver": "iscsi", "portal": "FD00:0:0::2", "target": "iqn.x:t", "lun": 3}', (("fd00::2", 3260),),
+     "iqn.x:t", 3),  # a bare IPv6 portal (no port), a numeric LUN, no format node
+    ("iscsi://[FD00::0002]:3261/iqn.x:t/1", (("fd00::2", 3261),), "iqn.x:t", 1),
+])
+def test_parse_iscsi_drive_as_qemu_writes_it(file, hosts, iqn, lun):
+    block = [{"device": "drive0", "inserted": {"file": file}}]
+    (d,) = parse_blockstats([{"device": "drive0", "stats": {}}], block)
+    assert (d.backend, d.kind, d.hosts, d.iqn, d.lun) == ("libiscsi", "network", hosts, iqn, lun)
+
+
+@pytest.mark.parametrize("file", [
+    'json:{"driver": "raw", "file": {"driver": "iscsi", "portal": 7, "target": "iqn.x:t"}}',
+    'json:{"driver": "raw", "file": {"driver": "iscsi", "portal": "p/q", "target": "iqn.x:t"}}',
+    'json:{"driver": "raw", "file": {"driver": "nbd", "server": {"host": "::1"}}}',
+    'json:{"driver": "raw", "file": [1, 2]}',
+    'json:{not json',
+    "json:" + '{"file": ' * 20 + "{}" + "}" * 20,
+])
+def test_odd_json_filenames_stay_what_they_are(file):
+    (d,) = parse_blockstats([{"device": "drive0", "stats": {}}], [{"device": "drive0", "inserted": {"file": file}}])
+    assert d.backend != "libiscsi" and d.source == file
+
+
+def test_json_filename_of_a_local_file():
+    f = 'json:{"driver": "raw", "file": {"driver": "file", "filename": "/nonexistent/d.img"}}'
+    (d,) = parse_blockstats([{"device": "drive0", "stats": {}}], [{"device": "drive0", "inserted": {"file": f}}])
+    assert (d.kind, d.source) == ("file", "/nonexistent/d.img")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.records.addr import fmt_conn, fmt_endpoint, fmt_host, fmt_portal
+from agent.records.addr import canonical_host, fmt_conn, fmt_endpoint, fmt_host, fmt_portal
 from agent.records.iscsi import IscsiConnection, IscsiSession
 from agent.records.tcp import StorageConnection
 
@@ -45,3 +45,27 @@ def test_records_use_it():
     s = IscsiSession(1, "iqn.x", 1, "LOGGED_IN", 5, "default", None, "host1", None, None, connections=(conn,))
     assert s.portal == "[fd00::1]:3260"
     assert IscsiSession(2, "iqn.x", 1, "FREE", 5, None, None, None, None, None).portal is None
+
+
+@pytest.mark.parametrize(
+    "given, canonical",
+    [
+        ("FD00:0:0::0002", "fd00::2"),  # what a VM definition may say -> what inet_diag says
+        ("[fd00:6b76:6d73:6::2]", "fd00:6b76:6d73:6::2"),
+        ("fd00:0000:0000:0000:0000:0000:0000:0001", "fd00::1"),
+        ("::ffff:10.0.0.1", "::ffff:10.0.0.1"),  # inet_ntop keeps the dotted tail
+        ("10.0.0.1", "10.0.0.1"),
+        ("010.0.0.1", "010.0.0.1"),  # not an inet_pton address: left as written
+        ("fe80::1%eth0", "fe80::1%eth0"),
+        ("target.example", "target.example"),
+        ("", ""),
+        (None, None),
+    ],
+)
+def test_canonical_host(given, canonical):
+    assert canonical_host(given) == canonical
+
+
+def test_canonical_then_formatted_is_one_string():
+    forms = ["FD00:6B76:6D73:6::2", "fd00:6b76:6d73:0006:0:0:0:2", "[fd00:6b76:6d73:6::2]"]
+    assert {fmt_portal(canonical_host(f), 3260) for f in forms} == {"[fd00:6b76:6d73:6::2]:3260"}

@@ -106,3 +106,10 @@ def test_one_bad_domain_does_not_fail_the_source(tmp_path):
     assert bad.disks[0].iqn == "iqn.2025-01.io.kvmscope:t" and bad.disks[0].lun is None
     assert "LUN" in bad.error and "²" in bad.error
     assert src.dropped["invalid_value"] == 1
+
+
+def test_ipv6_portal_host_is_canonical():
+    xml = disk_xml().replace("198.18.1.2", "FD00:6B76:0:0::2")
+    (vda, _) = parse_domain_disks(xml)
+    assert vda.hosts == (("fd00:6b76::2", 3260),)
+    assert parse_iscsi_url("iscsi://[FD00:6b76::0002]:3261/iqn.x:t/1") == ("fd00:6b76::2", 3261, "iqn.x:t", 1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 
 from agent.ebpf import decode
+from agent.ebpf.bounded import AgingTable
 from agent.ebpf.loader import Probe
 from agent.hostpaths import HostPaths
 from agent.records.ebpf import SLOT_MAX, BlockHistogram, BlockIoData, BlockProcess
@@ -63,22 +64,35 @@ TABLES = {"lat": (LatKey, LatVal), "procs": (ProcKey, SumVal), "totals": (ctypes
 
 
 class DeviceNames:
-    """dev_t → name through /sys/dev/block/MAJ:MIN/uevent, cached."""
+    """dev_t → name through /sys/dev/block/MAJ:MIN/uevent, cached.
 
-    def __init__(self, paths: HostPaths):
+    Bounded: at most ``cap`` devices, and a device not named for
+    ``expire_cycles`` reads (:meth:`end_cycle`) is forgotten, so a dev_t
+    reused by another device is looked up again and a host that churns
+    through devices does not grow the cache.
+    """
+
+    def __init__(self, paths: HostPaths, cap: int = 4096, expire_cycles: int = 60):
         self.paths = paths
-        self._cache: dict[int, str] = {}
+        self._cache: AgingTable[int, str] = AgingTable(cap, expire_cycles)
+
+    def end_cycle(self) -> None:
+        self._cache.end_cycle()
+
+    def counts(self) -> dict[str, int]:
+        return self._cache.counts()
 
     def name(self, dev: int) -> str:
-        if dev in self._cache:
-            return self._cache[dev]
+        cached = self._cache.get(dev)
+        if cached is not None:
+            return cached
         major, minor = decode.dev_major_minor(dev)
         try:
             text = self.paths.read_text(self.paths.sys("dev", "block", f"{major}:{minor}", "uevent"))
             name = decode.parse_uevent(text).get("DEVNAME") or f"{major}:{minor}"
         except OSError:
             return f"{major}:{minor}"  # gone, or not yet: do not cache
-        self._cache[dev] = name
+        self._cache.put(dev, name)
         return name
 
 
@@ -92,6 +106,11 @@ class BlockIoProbe(Probe):
     def __init__(self, opts=None):
         super().__init__(opts)
         self.devices = DeviceNames(self.opts.paths)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Device names forgotten from the cache (evicted over its cap, or expired)."""
+        return self.devices.counts()
 
     def extra_cflags(self, present):
         return [f"-DSLOT_MAX={SLOT_MAX}"]
@@ -139,4 +158,5 @@ class BlockIoProbe(Probe):
         t = self.percpu_totals("totals", TOT_N)
         totals = {"inserted": t[TOT_INSERTED], "issued": t[TOT_ISSUED], "completed": t[TOT_COMPLETED],
                   "unmatched": t[TOT_UNMATCHED], "overwritten": t[TOT_OVERWRITTEN]}
+        self.devices.end_cycle()
         return BlockIoData(tuple(hists), tuple(procs), totals, SLOT_MAX, self.stats(), tuple(self.report.tracepoints))

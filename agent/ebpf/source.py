@@ -52,6 +52,11 @@ class ProbeSource:
             raise RuntimeError(f"probe {rep.name} {rep.state}: {rep.reason}")
         return self.probe.read()
 
+    @property
+    def dropped(self) -> dict[str, int]:
+        """The probe's own cumulative ``dropped`` counters (tracked objects evicted or expired), if any."""
+        return dict(getattr(self.probe, "dropped", None) or {})
+
     def close(self) -> None:
         fut, probe = self._future, self.probe
         if fut is not None and probe is not None:

@@ -8,7 +8,13 @@ reads the maps.
 Prometheus counters stay monotonic although the kernel maps are bounded
 LRU maps: per connection, the increase since the last read is added to a
 running total per storage remote (address, port); "other" is the kernel's
-never-evicted total minus the storage total.
+never-evicted total minus the storage total. The running totals are bounded
+too (any local user can make SYN retransmits to many addresses on a storage
+port): at most ``max_remotes`` remotes, the least recently seen evicted
+first, and a remote with no connection left in the kernel map for
+``expire_cycles`` reads is forgotten; both counted in ``dropped`` (exported
+as kvmscope_collector_dropped_samples_total). A forgotten remote that comes
+back starts from zero (a counter reset, which rate() handles).
 
 Per-connection entries and stream events cover connections to a storage
 port; every other connection only counts in the "other" aggregate (the
@@ -28,6 +34,7 @@ import ctypes
 from collections import deque
 
 from agent.ebpf import decode
+from agent.ebpf.bounded import AgingTable
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import TcpConnection, TcpRetransData, TcpRetransEvent
 
@@ -86,6 +93,10 @@ def conn_fields(k) -> tuple[str, str, int, str, int]:
             decode.addr_text(fam, bytes(k.daddr)), int(k.dport))
 
 
+MAX_REMOTES = 1024  # storage remotes with running totals (as many as the kernel's MAX_STORAGE_CONNS connections)
+EXPIRE_CYCLES = 120  # reads without a connection to the remote in the kernel map before its totals are forgotten
+
+
 class TcpRetransProbe(Probe):
     name = "tcp_retrans"
     source_file = "tcp_retrans.bpf.c"
@@ -93,13 +104,20 @@ class TcpRetransProbe(Probe):
     optional = ("tcp:tcp_retransmit_synack", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")
     description = "TCP retransmits and resets per connection"
 
-    def __init__(self, opts=None, history: int = 1000, all_connections: bool = False):
+    def __init__(self, opts=None, history: int = 1000, all_connections: bool = False,
+                 max_remotes: int = MAX_REMOTES, expire_cycles: int = EXPIRE_CYCLES):
         super().__init__(opts)
         self.all_connections = all_connections
-        self._prev: dict[bytes, tuple[int, ...]] = {}
-        self._storage_cum: dict[tuple[str, int], dict[str, int]] = {}
+        self._prev: dict[bytes, tuple[int, ...]] = {}  # as big as the kernel map, rebuilt every read
+        # running totals per storage remote: bounded, a remote gone from the kernel map is forgotten
+        self._storage_cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
         self._pending: list[TcpRetransEvent] = []
         self.recent: deque[TcpRetransEvent] = deque(maxlen=history)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Storage remotes whose running totals were forgotten: evicted (over max_remotes) or expired."""
+        return self._storage_cum.counts()
 
     def _fields(self, event: str) -> dict[str, str]:
         try:
@@ -140,6 +158,20 @@ class TcpRetransProbe(Probe):
         t, dropped = self._totals()
         return sum(t[:TOT_STORAGE]), dropped
 
+    def accumulate(self, rows) -> dict[tuple[str, int], dict[str, int]]:
+        """One read of the storage connections map, ``rows`` of (raw key, (remote address, port), counts per
+        kind), into the running totals per remote; returns a copy of them (the snapshot's own)."""
+        seen: dict[bytes, tuple[int, ...]] = {}
+        for raw, remote, counts in rows:
+            prev = self._prev.get(raw)
+            cum = self._storage_cum.setdefault(remote, lambda: dict.fromkeys(KINDS, 0))
+            for i, kind in enumerate(KINDS):
+                cum[kind] += decode.counter_delta(None if prev is None else prev[i], counts[i])
+            seen[raw] = counts
+        self._prev = seen
+        self._storage_cum.end_cycle()
+        return {k: dict(v) for k, v in self._storage_cum.items()}
+
     def read(self) -> TcpRetransData:
         b = self.bpf
         self._pending = []
@@ -147,31 +179,26 @@ class TcpRetransProbe(Probe):
         events = tuple(self._pending)
         self.recent.extend(events)
         conns = []
-        seen: dict[bytes, tuple[int, ...]] = {}
+        rows = []
         tables = (("storage_conns", True), ("conns", False)) if self.all_connections else (("storage_conns", True),)
         for table, storage in tables:
             for k, v in b[table.encode()].items():
                 counts = tuple(int(c) for c in v.count)
-                raw = bytes(k)
                 fam, sa, sp, da, dp = conn_fields(k)
                 if storage:
-                    prev = self._prev.get(raw)
-                    cum = self._storage_cum.setdefault((da, dp), dict.fromkeys(KINDS, 0))
-                    for i, kind in enumerate(KINDS):
-                        cum[kind] += decode.counter_delta(None if prev is None else prev[i], counts[i])
-                    seen[raw] = counts
+                    rows.append((bytes(k), (da, dp), counts))
                 mask = int(v.state_mask)
                 conns.append(TcpConnection(
                     fam, sa, sp, da, dp, storage, *counts, decode.tcp_state_name(int(v.last_state)),
                     tuple(decode.tcp_state_name(s) for s in range(32) if mask >> s & 1), int(v.last_ns)))
-        self._prev = seen
+        storage_totals = self.accumulate(rows)
         t, dropped = self._totals()
         totals = {kind: t[i] for i, kind in enumerate(KINDS)}
         storage_kernel = {kind: t[TOT_STORAGE + i] for i, kind in enumerate(KINDS)}
         other = {kind: totals[kind] - storage_kernel[kind] for kind in KINDS}
         return TcpRetransData(
             connections=tuple(conns),
-            storage={k: dict(v) for k, v in self._storage_cum.items()},
+            storage=storage_totals,
             other=other,
             totals=totals,
             events=events,

@@ -267,7 +267,7 @@ class QmpSource:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qmp")
         self._hist_done: set[tuple[str, str]] = set()
         self._busy: dict[str, threading.Event] = {}
-        self.dropped = {"invalid_value": 0}  # cumulative, exported through the loop's health
+        self.dropped = {"invalid_value": 0, "expired": 0}  # cumulative, exported through the loop's health
 
     def _query(self, path: str) -> tuple[Vm, list, int | None]:
         c = QmpClient(path, time.monotonic() + self.cfg.timeout)
@@ -320,6 +320,7 @@ class QmpSource:
             raise NoData("no QMP sockets configured (qmp.sockets)")
         if not paths:
             raise NoData(f"no QMP socket matches {self.cfg.sockets}")
+        self._prune(set(paths))
         futures = {}
         failed = []
         for p in paths:
@@ -353,6 +354,14 @@ class QmpSource:
             except Exception as e:
                 failed.append((p, f"{type(e).__name__}: {e}"))
         return Vms(tuple(sorted(vms, key=lambda v: v.name)), tuple(failed))
+
+    def _prune(self, present: set[str]) -> None:
+        """Forget sockets that no longer match: their histogram set-up (a new QEMU on the same path starts
+        without histograms) and their finished queries. A query still hanging is kept, so it is not started twice."""
+        before = len(self._hist_done) + len(self._busy)
+        self._hist_done = {k for k in self._hist_done if k[0] in present}
+        self._busy = {p: ev for p, ev in self._busy.items() if p in present or not ev.is_set()}
+        self.dropped["expired"] += before - len(self._hist_done) - len(self._busy)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

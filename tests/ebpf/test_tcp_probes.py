@@ -189,3 +189,64 @@ def test_lifecycle_stream_cap_accounts_for_every_record(netpair):
     assert t["transitions"] >= 5 * 4, t  # connect, established and the closing steps of 5 connections
     assert data.events and t["stream_dropped"] > 0, t
     assert len(data.events) + t["stream_dropped"] == t["transitions"] - t["untracked_closes"], (len(data.events), t)
+
+
+FLOOD = """
+import socket, sys, time
+n = int(sys.argv[1])
+socks = []
+for i in range(n):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((f"127.1.{i // 250}.{i % 250 + 1}", 3260))
+    socks.append(s)
+time.sleep(1.6)  # the first SYN retransmit comes after the initial RTO (1 s)
+for s in socks:
+    s.close()
+"""
+
+
+def test_retrans_storage_remotes_bounded_under_syn_flood():
+    """What any local user can do: SYNs to many addresses on port 3260 that nobody answers (dropped on
+    arrival in a namespace of our own, 127.1.0.0/16 on its loopback). Every remote gets a kernel map entry
+    and a SYN retransmit; the agent keeps running totals for at most max_remotes of them and counts the rest."""
+    from tests.ebpf.conftest import need_root
+
+    need_root()
+    ns, n, cap = "ksprb-flood", 300, 32
+    sh(f"ip netns del {ns}", check=False)
+    sh(f"ip netns add {ns} && ip -n {ns} link set lo up")
+    try:
+        sh(f"ip netns exec {ns} iptables -A INPUT -p tcp --dport 3260 --syn -j DROP")
+        probe = TcpRetransProbe(LoadOptions(storage_ports=(3260,)), max_remotes=cap, expire_cycles=3)
+        rep = probe.load()
+        assert rep.state == ATTACHED, rep
+        try:
+            fl = in_ns(ns, PY, "-c", FLOOD, str(n))
+            _, err = fl.communicate(timeout=60)
+            assert fl.returncode == 0, err
+            time.sleep(0.2)
+            kernel = {bytes(k): k for k in probe.bpf[b"storage_conns"].keys()}
+            flood = {conn_remote(k) for k in kernel.values()} & {f"127.1.{i // 250}.{i % 250 + 1}" for i in range(n)}
+            assert len(flood) >= n * 0.9, f"only {len(flood)} flood remotes reached the kernel map"
+            data = probe.read()
+            assert len(data.storage) <= cap
+            assert probe.dropped["evicted"] >= len(flood) - cap
+            # the source exports it (loop health -> kvmscope_collector_dropped_samples_total)
+            from agent.ebpf.source import ProbeSource
+
+            src = ProbeSource.__new__(ProbeSource)
+            src.probe = probe
+            assert src.dropped["evicted"] == probe.dropped["evicted"]
+            # the counts the agent does keep are the real ones: one SYN retransmit (or two) per remote
+            assert all(1 <= c["retransmit"] <= 3 for c in data.storage.values()), data.storage
+        finally:
+            probe.close()
+    finally:
+        sh(f"ip netns del {ns}", check=False)
+
+
+def conn_remote(k) -> str:
+    from agent.ebpf.tcp_retrans import conn_fields
+
+    return conn_fields(k)[3]

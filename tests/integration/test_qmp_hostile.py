@@ -209,3 +209,29 @@ def test_iscsi_url_with_odd_lun_is_named():
     (d,) = parse_blockstats([{"device": "d0", "stats": GOOD_STATS}], block, bad)
     assert (d.iqn, d.lun, d.stats.rd_bytes) == ("iqn.2025-01.io.kvmscope:t", None, 40960)
     assert [w for w, _ in bad] == ["d0 iscsi URL"]
+
+
+def test_state_of_vanished_sockets_is_forgotten(tmp_path):
+    """Per-socket state (histogram set-up, finished queries) is dropped with the socket: QEMU churn
+    does not grow the source's memory."""
+    cfg = Config()
+    cfg.qmp.sockets = [str(tmp_path / "*.qmp")]
+    cfg.qmp.latency_histograms = True
+    src = QmpSource(SourceContext(cfg, HostPaths()))
+    servers = []
+    try:
+        for i in range(5):
+            a = answers(f"vm{i}", json.dumps(GOOD_STATS))
+            a["block-latency-histogram-set"] = "{}"
+            servers.append(FakeQmp(tmp_path / f"vm{i}.qmp", a))
+        assert len(src.collect().vms) == 5
+        assert len(src._hist_done) == 5 and len(src._busy) == 5
+        for s in servers[1:]:
+            s.close()
+            s.path.unlink()
+        assert [v.name for v in src.collect().vms] == ["vm0"]
+        assert len(src._hist_done) == 1 and set(src._busy) == {str(tmp_path / "vm0.qmp")}
+        assert src.dropped["expired"] == 8
+    finally:
+        src.close()
+        servers[0].close()

@@ -1,0 +1,79 @@
+"""Per-object state kept across cycles is bounded and expires (issue 16 #8): the running
+totals per TCP storage remote, the block probe's device-name cache, the QMP source's
+per-socket state. Pure logic; the real-kernel check is tests/ebpf/test_tcp_probes.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.ebpf.block_io import DeviceNames
+from agent.ebpf.bounded import AgingTable
+from agent.ebpf.tcp_retrans import KINDS, TcpRetransProbe
+from agent.hostpaths import HostPaths
+
+
+def test_aging_table_cap_evicts_least_recently_seen():
+    t = AgingTable(cap=3, expire_cycles=10)
+    for k in "abc":
+        t.setdefault(k, list)
+    t.get("a")  # seen again: b is now the least recently seen
+    t.setdefault("d", list)
+    assert sorted(k for k, _ in t.items()) == ["a", "c", "d"]
+    assert t.counts() == {"evicted": 1, "expired": 0}
+
+
+def test_aging_table_expires_what_was_not_seen():
+    t = AgingTable(cap=10, expire_cycles=2)
+    t.put("old", 1)
+    t.put("kept", 2)
+    t.end_cycle()
+    t.get("kept")
+    t.end_cycle()  # "old" last seen 2 cycles ago: still within 2 cycles
+    assert "old" in t
+    t.get("kept")
+    t.end_cycle()
+    assert "old" not in t and "kept" in t and t.counts() == {"evicted": 0, "expired": 1}
+    with pytest.raises(ValueError):
+        AgingTable(0, 1)
+
+
+def rows_for(remotes, counts=(1, 0, 0, 0)):
+    return [(f"key-{a}".encode(), (a, 3260), counts) for a in remotes]
+
+
+def test_tcp_retrans_remotes_bounded_under_a_flood():
+    """Any local user can make SYN retransmits to many addresses on port 3260: the totals stay capped."""
+    p = TcpRetransProbe(max_remotes=64, expire_cycles=5)
+    for cycle in range(10):
+        out = p.accumulate(rows_for(f"10.{cycle}.{i // 256}.{i % 256}" for i in range(1000)))
+        assert len(out) <= 64
+    assert p.dropped["evicted"] >= 10 * 1000 - 64
+    assert len(p._storage_cum) <= 64
+
+
+def test_tcp_retrans_remote_expires_and_real_totals_survive():
+    p = TcpRetransProbe(max_remotes=8, expire_cycles=3)
+    portal = ("198.18.1.2", 3260)
+    rows = [(b"portal-conn", portal, (5, 0, 1, 0))]
+    out = p.accumulate(rows + rows_for(["10.0.0.1"]))
+    assert out[portal] == dict(zip(KINDS, (5, 0, 1, 0)))
+    for _ in range(3):  # the portal's connection stays in the kernel map; the flood address is gone
+        out = p.accumulate([(b"portal-conn", portal, (7, 0, 1, 0))])
+    assert "10.0.0.1" not in {a for a, _ in out} and p.dropped["expired"] == 1
+    assert out[portal]["retransmit"] == 7  # monotonic across reads, never reset by the pruning
+
+
+def test_device_names_cache_bounded(tmp_path):
+    sysfs = tmp_path / "sys"
+    for minor in range(20):
+        d = sysfs / "dev" / "block" / f"8:{minor}"
+        d.mkdir(parents=True)
+        (d / "uevent").write_text(f"MAJOR=8\nMINOR={minor}\nDEVNAME=sd{minor}\n")
+    names = DeviceNames(HostPaths(sysfs=sysfs), cap=5, expire_cycles=2)
+    dev = lambda minor: (8 << 20) | minor  # kernel-internal dev_t (MINORBITS 20)
+    assert [names.name(dev(m)) for m in range(20)] == [f"sd{m}" for m in range(20)]
+    assert len(names._cache) == 5 and names.counts()["evicted"] == 15
+    names.end_cycle()
+    names.end_cycle()
+    names.end_cycle()
+    assert len(names._cache) == 0 and names.counts()["expired"] == 5

@@ -132,13 +132,15 @@ def impostor():
     p = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           str(exe), "-c", "sleep 60; :", "-uuid", U, "-name", "guest=victim"])
     try:
-        for _ in range(100):
+        for _ in range(500):  # until setpriv has exec'd the impostor (its own argv names -uuid too)
             try:
-                if Path(f"/proc/{p.pid}/cmdline").read_bytes().count(b"-uuid"):
+                if Path(f"/proc/{p.pid}/comm").read_text().startswith("qemu"):
                     break
             except OSError:
                 pass
             time.sleep(0.02)
+        else:
+            pytest.fail("the impostor did not start")
         yield p
     finally:
         p.kill()

@@ -299,17 +299,6 @@ class Probe:
         t = self.bpf[table.encode()]
         return [int(sum(t.getvalue(t.Key(i)))) for i in range(n)]
 
-    def percpu_struct_totals(self, table: str, n: int, field: str = "t") -> list[int]:
-        """Per-CPU array of one struct whose ``field`` is an array of n u64
-        counters (one lookup per event in the kernel), summed over the CPUs."""
-        t = self.bpf[table.encode()]
-        out = [0] * n
-        for v in t.getvalue(t.Key(0)):
-            arr = getattr(v, field)
-            for i in range(n):
-                out[i] += int(arr[i])
-        return out
-
     def close(self) -> None:
         if self.bpf is not None:
             try:

@@ -633,7 +633,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.minutes <= 0 or a.every < 2:
         ap.error("--minutes must be > 0 and --every >= 2")
-    res = soak(a.minutes, a.every, a.seed, a.interval)
+    import fcntl
+
+    # the lab is shared with the lab tests: take turns through their lock (tests/lab/conftest.py)
+    lock = open("/run/kvmscope-lab.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log("waiting for the lab lock /run/kvmscope-lab.lock (a lab test session is running)")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        res = soak(a.minutes, a.every, a.seed, a.interval)
+    finally:
+        lock.close()
     section = render(res)
     print(section)
     if a.results:

@@ -45,7 +45,9 @@
 #endif
 
 BPF_TABLE("lru_hash", u64, struct sock_val, socks, MAX_SOCKS);
-BPF_TABLE("percpu_hash", struct count_key, u64, counts, MAX_REMOTES);
+/* LRU: a flood of connects to many remotes pushes old entries out (user
+ * space keeps running totals) instead of filling the map for good */
+BPF_TABLE("lru_percpu_hash", struct count_key, u64, counts, MAX_REMOTES);
 BPF_PERCPU_ARRAY(totals, struct totals_val, 1);
 
 /* Per-CPU values are bumped without atomics: tracepoint programs never

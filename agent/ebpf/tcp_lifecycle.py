@@ -25,6 +25,7 @@ import ctypes
 from collections import deque
 
 from agent.ebpf import decode
+from agent.ebpf.bounded import AgingTable
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import ConnEvent, LiveConn, TcpLifecycleData
 
@@ -110,10 +111,33 @@ class TcpLifecycleProbe(Probe):
     optional = ("tcp:tcp_receive_reset", "tcp:tcp_send_reset")
     description = "connect/established/close/reset of storage-port TCP connections"
 
-    def __init__(self, opts=None, history: int = 1000):
+    def __init__(self, opts=None, history: int = 1000, max_remotes: int = 1024, expire_cycles: int = 17280):
         super().__init__(opts)
         self._pending: list[ConnEvent] = []
         self.recent: deque[ConnEvent] = deque(maxlen=history)
+        # `counts` is an LRU map: running totals per remote, bounded like tcp_retrans's
+        self._prev: dict[bytes, int] = {}
+        self._cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Remotes whose running totals were forgotten: evicted (over max_remotes) or expired."""
+        return self._cum.counts()
+
+    def accumulate(self, rows) -> dict[tuple[str, int], dict[str, int]]:
+        """One read of ``counts``, rows of (raw key, (remote, port), kind, count summed over CPUs), into the
+        running totals per remote (an entry pushed out of the LRU map and created again restarts at zero);
+        returns a copy of them."""
+        seen: dict[bytes, int] = {}
+        for raw, remote, kind, n in rows:
+            d = decode.counter_delta(self._prev.get(raw), n)
+            seen[raw] = n
+            if d:  # activity marks a remote seen (see TcpRetransProbe.accumulate)
+                cum = self._cum.setdefault(remote, lambda: dict.fromkeys(KINDS[:6], 0))
+                cum[kind] = cum.get(kind, 0) + d
+        self._prev = seen
+        self._cum.end_cycle()
+        return {k: dict(v) for k, v in self._cum.items()}
 
     def on_loaded(self):
         for name, (key, leaf) in TABLES.items():
@@ -138,11 +162,12 @@ class TcpLifecycleProbe(Probe):
         b.ring_buffer_consume()
         events = tuple(self._pending)
         self.recent.extend(events)
-        counts: dict[tuple[str, int], dict[str, int]] = {}
+        rows = []
         for k, v in b[b"counts"].items():
             fam = int(k.family)
             kind = KINDS[k.kind] if k.kind < len(KINDS) else str(k.kind)
-            counts.setdefault((decode.addr_text(fam, bytes(k.remote)), int(k.port)), dict.fromkeys(KINDS[:6], 0))[kind] = sum(int(c) for c in v)  # per CPU
+            rows.append((bytes(k), (decode.addr_text(fam, bytes(k.remote)), int(k.port)), kind, sum(int(c) for c in v)))  # per CPU
+        counts = self.accumulate(rows)
         live = []
         for _k, s in b[b"socks"].items():
             fam = int(s.family)

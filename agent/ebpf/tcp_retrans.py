@@ -10,9 +10,10 @@ LRU maps: per connection, the increase since the last read is added to a
 running total per storage remote (address, port); "other" is the kernel's
 never-evicted total minus the storage total. The running totals are bounded
 too (any local user can make SYN retransmits to many addresses on a storage
-port): at most ``max_remotes`` remotes, the least recently seen evicted
-first, and a remote with no connection left in the kernel map for
-``expire_cycles`` reads is forgotten; both counted in ``dropped`` (exported
+port): at most ``max_remotes`` remotes, the one with the oldest new event
+evicted first (a remote is "seen" when its counts move, so the idle entries
+of a flood never push out an active portal), and a remote without a new
+event for ``expire_cycles`` reads is forgotten; both counted in ``dropped`` (exported
 as kvmscope_collector_dropped_samples_total). A forgotten remote that comes
 back starts from zero (a counter reset, which rate() handles).
 
@@ -94,7 +95,7 @@ def conn_fields(k) -> tuple[str, str, int, str, int]:
 
 
 MAX_REMOTES = 1024  # storage remotes with running totals (as many as the kernel's MAX_STORAGE_CONNS connections)
-EXPIRE_CYCLES = 120  # reads without a connection to the remote in the kernel map before its totals are forgotten
+EXPIRE_CYCLES = 17280  # reads (a day at 5 s) without a new event before a remote's totals are forgotten
 
 
 class TcpRetransProbe(Probe):
@@ -164,10 +165,12 @@ class TcpRetransProbe(Probe):
         seen: dict[bytes, tuple[int, ...]] = {}
         for raw, remote, counts in rows:
             prev = self._prev.get(raw)
-            cum = self._storage_cum.setdefault(remote, lambda: dict.fromkeys(KINDS, 0))
-            for i, kind in enumerate(KINDS):
-                cum[kind] += decode.counter_delta(None if prev is None else prev[i], counts[i])
+            deltas = [decode.counter_delta(None if prev is None else prev[i], c) for i, c in enumerate(counts)]
             seen[raw] = counts
+            if any(deltas):  # activity marks a remote seen: a flood's idle entries do not push it out
+                cum = self._storage_cum.setdefault(remote, lambda: dict.fromkeys(KINDS, 0))
+                for kind, d in zip(KINDS, deltas):
+                    cum[kind] += d
         self._prev = seen
         self._storage_cum.end_cycle()
         return {k: dict(v) for k, v in self._storage_cum.items()}

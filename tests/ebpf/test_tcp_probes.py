@@ -250,3 +250,48 @@ def conn_remote(k) -> str:
     from agent.ebpf.tcp_retrans import conn_fields
 
     return conn_fields(k)[3]
+
+
+CONNECT_MANY = """
+import socket, sys
+first, n = int(sys.argv[1]), int(sys.argv[2])
+for i in range(first, first + n):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((f"127.{1 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}", 3260))
+    except OSError:
+        pass  # refused: nobody listens
+    s.close()
+"""
+
+
+def test_lifecycle_counts_survive_a_flood_of_remotes():
+    """`counts` holds 1024 (remote, port, kind) entries. Connects to 1500 local addresses on port 3260 (refused
+    at once) fill it; a portal connected afterwards must still be counted: the map is an LRU and the agent
+    keeps bounded running totals (it used to be a plain hash that stayed full for good)."""
+    from tests.ebpf.conftest import need_root
+
+    need_root()
+    ns = "ksprb-flood"
+    sh(f"ip netns del {ns}", check=False)
+    sh(f"ip netns add {ns} && ip -n {ns} link set lo up")
+    try:
+        probe = TcpLifecycleProbe(LoadOptions(storage_ports=(3260,)), max_remotes=64)
+        rep = probe.load()
+        assert rep.state == ATTACHED, rep
+        try:
+            fl = in_ns(ns, PY, "-c", CONNECT_MANY, "0", "1500")
+            _, err = fl.communicate(timeout=120)
+            assert fl.returncode == 0, err
+            assert len(list(probe.bpf[b"counts"].keys())) >= 900  # about full (an LRU map evicts a little early)
+            first = probe.read()
+            assert len(first.counts) <= 64 and probe.dropped["evicted"] > 0
+            portal = in_ns(ns, PY, "-c", CONNECT_MANY, "200000", "1")  # 127.4.50.1: after the flood
+            portal.communicate(timeout=30)
+            data = probe.read()
+            assert data.counts.get(("127.4.50.1", 3260), {}).get("connect", 0) == 1, sorted(data.counts)[:5]
+        finally:
+            probe.close()
+    finally:
+        sh(f"ip netns del {ns}", check=False)

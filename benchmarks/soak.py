@@ -483,11 +483,17 @@ def soak(minutes: float, every: float, seed: int = 1, interval: float = 2.0, rea
     own_work = work is None
     work = work or Path(tempfile.mkdtemp(prefix="kvmscope-soak-", dir="/var/tmp"))
     brought_up = False
-    if lab_up and run(["/usr/bin/python3", str(LAB), "status", "--json"], check=False,
-                      timeout=120).returncode != 0:
-        log("bringing the lab up (2 VMs)")
+    if lab_up:
+        st = run(["/usr/bin/python3", str(LAB), "status", "--json"], check=False, timeout=120)
+        try:
+            was_up = bool(json.loads(st.stdout).get("vms"))
+        except ValueError:
+            was_up = False
+        log("checking the lab (lab up --vms 2: idempotent, repairs what is missing)")
         run(["/usr/bin/python3", str(LAB), "up", "--vms", "2"], timeout=900)
-        brought_up = True
+        brought_up = not was_up
+    if not [n for n in virsh("list", "--name").stdout.split() if n.startswith("kvmslab-vm")]:
+        raise RuntimeError("no running lab VM (kvmslab-vm*): the soak needs the lab up")
     if real_es_restart is None:
         real_es_restart = minutes >= 10
     node = EsNode(Path("/var/lib/kvmscope-es/soak"), free_port())

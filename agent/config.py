@@ -196,10 +196,16 @@ class StorageLogConfig(_Section):
         default_factory=lambda: ["/var/log/kern.log", "/var/log/syslog", "/var/log/messages"],
         description="syslog-style files with kernel and iscsid lines (read when present)",
     )
-    kmsg: bool = Field(False, description="also read /dev/kmsg (kernel ring buffer) when no kernel log file exists")
+    kernel_source: Literal["auto", "kmsg", "journal", "files"] = Field(
+        "auto", description="where kernel messages come from: auto = /dev/kmsg if readable, else the systemd journal "
+        "(_TRANSPORT=kernel), else kernel lines of kernel_logs (which any local user can forge)")
+    kmsg: bool | None = Field(None, description="deprecated: false keeps auto from choosing /dev/kmsg")
     state_dir: str = Field("/var/lib/kvmscope/storage_log", description="where read positions are kept")
     start_at_end: bool = Field(True, description="on the first sight of a file, skip what it already holds")
     max_lines: int = Field(10_000, ge=1, description="lines read per file per cycle, at most")
+    max_events: int = Field(
+        1000, ge=1, le=1_000_000, description="events kept per cycle, at most; the rest are counted as dropped "
+        "(event_cap) and not read again")
 
 
 class EbpfConfig(_Section):

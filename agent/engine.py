@@ -9,9 +9,12 @@ from agent.records.snapshot import Snapshot
 from agent.sources import SourceContext, load_registry, selected
 
 
-def build_agent(cfg: Config, only: list[str] | None = None) -> Agent:
-    """The agent with the configured sources (or just ``only``, enabled or not)."""
-    ctx = SourceContext(cfg, HostPaths.from_config(cfg.paths))
+def build_agent(cfg: Config, only: list[str] | None = None, owns_state: bool = False) -> Agent:
+    """The agent with the configured sources (or just ``only``, enabled or not).
+
+    ``owns_state``: the sources may move their durable state (``kvmscope run`` only, see SourceContext).
+    """
+    ctx = SourceContext(cfg, HostPaths.from_config(cfg.paths), owns_state=owns_state)
     if only is None:
         infos = selected(cfg)
     else:

@@ -20,6 +20,9 @@ from agent.hostpaths import HostPaths
 class SourceContext:
     config: Config
     paths: HostPaths
+    # True only in the agent (`kvmscope run`): it alone moves durable state such as storage_log's read
+    # positions; CLI commands that collect in-process read that state but never move it.
+    owns_state: bool = False
 
 
 class Source(Protocol):

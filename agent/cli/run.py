@@ -106,15 +106,12 @@ def run(
     cfg, origin = load_config(ctx)
     _apply_options(cfg, listen, interval)
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = build_agent(cfg)
+    agent = build_agent(cfg, owns_state=not once)  # the agent owns the log read positions; --once does not move them
     msg(f"kvmscope {__version__}: configuration from {origin}")
     msg(f"collectors: {', '.join(s.name for s in agent.sources) or 'none'}; interval {cfg.agent.interval:g}s")
     if once:
         _run_once(agent)
 
-    from agent.sources import storage_log
-
-    storage_log.persist_positions = True  # the agent owns the log read positions
     shipping = _start_shipping(cfg, agent)
     live = _start_live_diagnosis(cfg, agent, shipping, quiet)
     try:

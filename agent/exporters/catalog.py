@@ -70,7 +70,9 @@ COLLECTOR_DROPPED = define(
     "counter",
     "Samples or tracked objects the collector left out since the agent started, by reason: invalid_value (a value "
     "from outside of the wrong type or out of range, e.g. a QMP counter that is not an integer), evicted (a "
-    "per-object table was full), expired (an object not seen for a while was forgotten).",
+    "per-object table was full), expired (an object not seen for a while was forgotten); storage_log: line_too_long (a "
+    "log line over 1 MiB, skipped), event_cap (events over storage_log.max_events in one cycle), "
+    "untrusted_kernel_line (a syslog line tagged kernel whose facility is not kern).",
     ("collector", "reason"),
     "agent loop",
 )

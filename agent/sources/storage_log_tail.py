@@ -20,6 +20,9 @@ from agent.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
+MAX_LINE = 1 << 20  # bytes: a longer line is skipped (and counted), never waited for
+MAX_READ = 64 << 20  # bytes read from one file per cycle, at most (the rest is read next cycle)
+
 
 def _fingerprint(first_line: bytes) -> str:
     return hashlib.blake2b(first_line, digest_size=8).hexdigest()
@@ -59,7 +62,7 @@ def _valid_positions(data) -> tuple[dict | None, dict]:
     files = {}
     for path, p in data.get("files", {}).items():
         if (isinstance(p, dict) and all(_is_count(p.get(k)) for k in ("dev", "ino", "gen", "offset"))
-                and isinstance(p.get("fp"), (str, type(None)))):
+                and isinstance(p.get("fp"), (str, type(None))) and isinstance(p.get("skip", False), bool)):
             files[path] = p
         else:
             log.warning("storage_log: dropping the saved position of %s (wrong shape: %.80r)", path, p)
@@ -77,6 +80,7 @@ class FileTailer:
         self.start_at_end = start_at_end
         self.max_lines = max_lines
         self.pos: dict[str, dict] = {}
+        self.long_lines = 0  # lines over MAX_LINE skipped since start
         self.fresh = True
         self.kmsg: dict = {}
         try:
@@ -105,20 +109,44 @@ class FileTailer:
         write_atomic(self.state_path, json.dumps({"files": self.pos, "kmsg": self.kmsg}).encode())
         self._dirty = False
 
-    def _read_from(self, path: str, st_id: str, offset: int, limit: int) -> tuple[list[tuple[int, bytes]], int]:
-        """Complete lines from ``offset``: [(offset, line)], new offset."""
+    def _read_from(self, path: str, p: dict, offset: int, limit: int) -> tuple[list[tuple[int, bytes]], int]:
+        """Complete lines from ``offset``: [(offset, line)], new offset.
+
+        A line longer than MAX_LINE is skipped, counted once in ``long_lines``:
+        its bytes are passed as they are read, across cycles if its newline is
+        not written yet (``p["skip"]`` remembers that, in the positions file too),
+        and the lines after it are read as usual.
+        """
         out = []
+        skipping = p.get("skip") is True
+        budget = MAX_READ
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
-                while len(out) < limit:
-                    line = f.readline(1 << 20)
-                    if not line or not line.endswith(b"\n"):
+                while len(out) < limit and budget > 0:
+                    line = f.readline(MAX_LINE)
+                    if not line:
                         break
-                    out.append((offset, line))
-                    offset += len(line)
+                    budget -= len(line)
+                    complete = line.endswith(b"\n")
+                    if skipping:  # the rest of an over-long line
+                        offset += len(line)
+                        skipping = not complete
+                    elif complete:
+                        out.append((offset, line))
+                        offset += len(line)
+                    elif len(line) >= MAX_LINE:
+                        self.long_lines += 1
+                        log.debug("storage_log: skipping a line over %d bytes at %s:%d", MAX_LINE, path, offset)
+                        offset += len(line)
+                        skipping = True
+                    else:
+                        break  # no newline yet: left for the next cycle
         except OSError as e:
             log.debug("storage_log: cannot read %s: %s", path, e)
+        if skipping != (p.get("skip") is True):
+            p["skip"] = skipping
+            self._dirty = True
         return out, offset
 
     def _old_inode_sibling(self, path: str, dev: int, ino: int) -> str | None:
@@ -151,7 +179,9 @@ class FileTailer:
                         chunk = f.read(start - max(0, start - 65536))
                     nl = chunk.rfind(b"\n")
                     start = start - len(chunk) + nl + 1 if nl >= 0 else start
-                p = {"dev": st.st_dev, "ino": st.st_ino, "gen": 0, "offset": start, "fp": fp}
+                # no newline in the last 64 KiB: inside an over-long line, skipped to its end
+                p = {"dev": st.st_dev, "ino": st.st_ino, "gen": 0, "offset": start, "fp": fp,
+                     "skip": bool(start) and start == st.st_size and not chunk.endswith(b"\n")}
                 self.pos[path] = p
                 self._dirty = True
             elif (p["dev"], p["ino"]) != (st.st_dev, st.st_ino):
@@ -159,9 +189,9 @@ class FileTailer:
                 old = self._old_inode_sibling(path, p["dev"], p["ino"])
                 if old:
                     fid = f"{p['dev']}:{p['ino']}:{p['gen']}"
-                    lines, _ = self._read_from(old, fid, p["offset"], self.max_lines)
+                    lines, _ = self._read_from(old, dict(p), p["offset"], self.max_lines)
                     out.extend((old, fid, o, ln) for o, ln in lines)
-                p = {"dev": st.st_dev, "ino": st.st_ino, "gen": 0, "offset": 0, "fp": fp}
+                p = {"dev": st.st_dev, "ino": st.st_ino, "gen": 0, "offset": 0, "fp": fp, "skip": False}
                 self.pos[path] = p
                 self._dirty = True
             elif st.st_size < p["offset"] or (p.get("fp") and fp and fp != p["fp"]):
@@ -170,15 +200,15 @@ class FileTailer:
                 r1 = _first_line(rotated)
                 if st.st_size < p["offset"] and r1 is not None and p.get("fp") == _fingerprint(r1):
                     fid = f"{p['dev']}:{p['ino']}:{p['gen']}"
-                    lines, _ = self._read_from(rotated, fid, p["offset"], self.max_lines)
+                    lines, _ = self._read_from(rotated, dict(p), p["offset"], self.max_lines)
                     out.extend((rotated, fid, o, ln) for o, ln in lines)
-                p.update(gen=p["gen"] + 1, offset=0, fp=fp)
+                p.update(gen=p["gen"] + 1, offset=0, fp=fp, skip=False)
                 self._dirty = True
             if p.get("fp") is None and fp is not None:
                 p["fp"] = fp
                 self._dirty = True
             fid = f"{p['dev']}:{p['ino']}:{p['gen']}"
-            lines, new_off = self._read_from(path, fid, p["offset"], self.max_lines)
+            lines, new_off = self._read_from(path, p, p["offset"], self.max_lines)
             if new_off != p["offset"]:
                 p["offset"] = new_off
                 self._dirty = True

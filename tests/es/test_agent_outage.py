@@ -59,8 +59,9 @@ class Agent:
                               "request_timeout": 5, "stop_timeout": 3},
             "file_output": {"enabled": True, "path": str(tmp_path / "out" / "docs.ndjson"), "max_bytes": 256 * 1024,
                             "keep": 100},
+            # QEMU lines only (counted below): not this host's kernel ring, where other tests' iSCSI messages land
             "storage_log": {"qemu_logs": [str(tmp_path / "qemu" / "*.log")], "kernel_logs": [],
-                            "state_dir": str(tmp_path / "storage_log")},
+                            "kernel_source": "files", "state_dir": str(tmp_path / "storage_log")},
         }))
         self.proc = None
 

@@ -17,7 +17,8 @@ from agent.doctor.parsers import (IscsidConf, MultipathConf, Queueing, int_setti
                                   parse_multipath_conf, queueing)
 from agent.sources.host_tcp import parse_proc_net_groups
 from agent.sources.iscsi_kernel import parse_iscsiadm_stats
-from agent.sources.storage_log import StorageLogEvent, classify, parse_kmsg, parse_line
+from agent.sources.storage_log import (StorageLogEvent, classify, parse_journal_entry, parse_kmsg, parse_line,
+                                       parse_syslog)
 from tests.conftest import FIXTURES
 from tests.fuzz.mutate import lines_of, mutated_text
 from tests.fuzz.typecheck import check
@@ -78,6 +79,39 @@ def test_storage_log_line(line, year):
         # the source builds its event from this dict: it must make a well-typed record
         ev = StorageLogEvent(time=ts, message=msg.strip(), origin="qemu", path="/x", offset=0, file_id="1:2:0", **c)
         check(ev, StorageLogEvent)
+
+
+SYSLOG_PRI = ["<0>" + LOG_LINES[2], "<13>" + LOG_LINES[4], "<191>" + LOG_LINES[7], "<999>" + LOG_LINES[8]]
+ZONES = [None, "UTC", "Europe/Berlin", "Pacific/Kiritimati", "America/St_Johns"]
+
+
+@given(st.one_of(mutated_text(LOG_LINES + SYSLOG_PRI), st.sampled_from(LOG_LINES + SYSLOG_PRI), st.text(max_size=300)),
+       st.floats(-1e11, 1e11, allow_nan=False) | st.none(), st.sampled_from(ZONES))
+def test_storage_log_syslog_line(line, now, zone):
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(zone) if zone else None
+    got = parse_syslog(line, default_time=1.7e9, now=now, tz=tz)
+    check(got, tuple[float, str, str | None, int | None])
+    assert got[3] is None or 0 <= got[3] <= 23
+    ts, msg, prog = parse_line(line, default_time=1.7e9, now=now, tz=tz)
+    check((ts, msg, prog), tuple[float, str, str | None])
+    if now is not None and ts != 1.7e9 and line[:1].isalpha():  # a classic syslog time: never a day ahead
+        assert ts <= now + 86400
+
+
+JOURNAL = ['{"__CURSOR": "s=7e1f;i=1a2b;b=4f9d;m=2d1c;t=5f2a;x=9", "__REALTIME_TIMESTAMP": "1795636801250000", '
+           '"_TRANSPORT": "kernel", "_BOOT_ID": "4f9d", "MESSAGE": "connection2:0: detected conn error (1020)"}',
+           '{"__CURSOR": "s=7e1f;i=1a2c", "_TRANSPORT": "syslog", "MESSAGE": [105, 255, 0]}']
+
+
+@given(st.one_of(mutated_text(JOURNAL), st.text(max_size=200)))
+def test_journal_entry(text):
+    got = parse_journal_entry(text)
+    check(got, typing.Optional[dict])
+    if got is not None:
+        check((got["cursor"], got["seqnum_id"], got["seqnum"], got["time"], got["message"], got["transport"],
+               got["boot"]), tuple[str, str, int, float | None, str, str | None, str | None])
 
 
 @given(st.one_of(mutated_text(KMSG), st.text(max_size=200)))

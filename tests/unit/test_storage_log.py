@@ -20,13 +20,6 @@ from agent.sources.storage_log import StorageLogSource
 from agent.sources.storage_log_parse import classify, parse_kmsg, parse_line
 
 
-@pytest.fixture(autouse=True)
-def _agent_owns_positions(monkeypatch):
-    from agent.sources import storage_log
-
-    monkeypatch.setattr(storage_log, "persist_positions", True)  # as `kvmscope run` does
-
-
 @pytest.mark.parametrize(
     "line,kind,extra",
     [
@@ -112,13 +105,14 @@ class Writer:
         self.p.wait(10)
 
 
-def _source(tmp_path, start_at_end=True):
+def _source(tmp_path, start_at_end=True, owns_state=True):
     cfg = Config()
     cfg.storage_log.qemu_logs = [str(tmp_path / "qemu" / "*.log")]
     cfg.storage_log.kernel_logs = []
     cfg.storage_log.state_dir = str(tmp_path / "state")
     cfg.storage_log.start_at_end = start_at_end
-    return StorageLogSource(SourceContext(cfg, HostPaths()))
+    cfg.storage_log.kernel_source = "files"  # the file tests never read this host's /dev/kmsg
+    return StorageLogSource(SourceContext(cfg, HostPaths(), owns_state=owns_state))  # as `kvmscope run` does
 
 
 def _storage_lines(tmp_path):
@@ -265,7 +259,7 @@ def test_kernel_messages_from_dev_kmsg_once_each(tmp_path):
 
     def src():
         s = _source(tmp_path)
-        s.cfg.kmsg = True
+        s.cfg.kernel_source = "kmsg"
         return s
 
     s = src()
@@ -280,9 +274,7 @@ def test_kernel_messages_from_dev_kmsg_once_each(tmp_path):
     assert not [e for e in src().collect().events if tag in e.message]  # not again after a restart
 
 
-def test_cli_processes_never_move_the_agents_positions(tmp_path, monkeypatch):
-    from agent.sources import storage_log
-
+def test_cli_processes_never_move_the_agents_positions(tmp_path):
     (tmp_path / "qemu").mkdir()
     log = tmp_path / "qemu" / "vm9.log"
     agent = _source(tmp_path, start_at_end=False)
@@ -290,12 +282,10 @@ def test_cli_processes_never_move_the_agents_positions(tmp_path, monkeypatch):
     agent.collect()
     agent.close()
     log.write_text("2026-11-25T20:41:26.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n")
-    monkeypatch.setattr(storage_log, "persist_positions", False)  # e.g. `kvmscope paths` collecting in-process
-    cli = _source(tmp_path, start_at_end=False)
+    cli = _source(tmp_path, start_at_end=False, owns_state=False)  # e.g. `kvmscope paths` collecting in-process
     assert len(cli.collect().events) == 1
     cli.collect()
     cli.close()
-    monkeypatch.setattr(storage_log, "persist_positions", True)
     assert len(_source(tmp_path, start_at_end=False).collect().events) == 1  # the agent still gets the line
 
 
@@ -319,3 +309,206 @@ def test_positions_of_the_wrong_shape_start_fresh_and_are_kept_aside(tmp_path, b
     assert len(kept) == (1 if whole_file_bad else 0)
     if kept:
         assert kept[0].read_text() == bad
+
+
+# -- issue 16 #9: over-long lines, local time and the year, a cap per cycle, who may speak for the kernel --------
+
+NOP = "2026-11-25T20:41:{:02d}.000001Z qemu-system-x86_64: iSCSI: NOP timeout. Reconnecting...\n"
+
+
+def test_a_line_over_1_mib_is_skipped_counted_and_reading_goes_on(tmp_path):
+    (tmp_path / "qemu").mkdir()
+    log = tmp_path / "qemu" / "big.log"
+    with open(log, "w") as f:
+        f.write(NOP.format(1) + "x" * (3 << 20) + " iSCSI: NOP timeout\n" + NOP.format(2))
+    src = _source(tmp_path, start_at_end=False)
+    got = src.collect().events
+    assert [e.time % 60 for e in got] == pytest.approx([1.000001, 2.000001])
+    assert src.dropped["line_too_long"] == 1
+    # an over-long line still being written: skipped as it grows, the line after its newline is read
+    with open(log, "a") as f:
+        f.write("y" * ((1 << 20) + 10))
+    assert src.collect().events == ()
+    with open(log, "a") as f:
+        f.write("y" * 100)
+    assert src.collect().events == ()
+    with open(log, "a") as f:
+        f.write("iSCSI: NOP timeout, the end of the long line\n" + NOP.format(3))
+    assert [e.offset for e in src.collect().events] == [log.stat().st_size - len(NOP.format(3))]
+    assert src.dropped["line_too_long"] == 2
+    src.close()
+    saved = json.loads((tmp_path / "state" / "positions.json").read_text())["files"][str(log)]
+    assert saved["offset"] == log.stat().st_size
+
+
+def _berlin():
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo("Europe/Berlin")
+
+
+def _ts(y, mo, d, h, mi, s, tz):
+    from datetime import datetime
+
+    return datetime(y, mo, d, h, mi, s, tzinfo=tz).timestamp()
+
+
+def test_syslog_time_is_local_time_and_the_year_is_never_in_the_future():
+    berlin = _berlin()
+    now = _ts(2026, 11, 26, 9, 0, 0, berlin)
+    ts, _, prog = parse_line("Nov 25 20:00:01 kvm1 kernel: x", default_time=0.0, now=now, tz=berlin)
+    assert ts == _ts(2026, 11, 25, 20, 0, 1, berlin) == _ts(2026, 11, 25, 19, 0, 1, __import__("datetime").timezone.utc)
+    assert prog == "kernel"
+    # summer time: +02:00
+    ts, _, _ = parse_line("Jul  5 12:00:00 kvm1 kernel: x", default_time=0.0, now=now, tz=berlin)
+    assert ts == _ts(2026, 7, 5, 10, 0, 0, __import__("datetime").timezone.utc)
+    # New Year: a Dec 31 line read on Jan 1 belongs to the year before
+    jan1 = _ts(2027, 1, 1, 0, 5, 0, berlin)
+    assert parse_line("Dec 31 23:59:58 kvm1 kernel: x", default_time=0.0, now=jan1, tz=berlin)[0] == \
+        _ts(2026, 12, 31, 23, 59, 58, berlin)
+    # ... and a Jan 1 line read a little before midnight (a clock behind) is next year's, not 364 days old
+    dec31 = _ts(2026, 12, 31, 23, 59, 0, berlin)
+    assert parse_line("Jan  1 00:00:30 kvm1 kernel: x", default_time=0.0, now=dec31, tz=berlin)[0] == \
+        _ts(2027, 1, 1, 0, 0, 30, berlin)
+    # more than a day ahead of now: last year
+    assert parse_line("Nov 28 10:00:00 kvm1 kernel: x", default_time=0.0, now=now, tz=berlin)[0] == \
+        _ts(2025, 11, 28, 10, 0, 0, berlin)
+    # RFC 3339 (rsyslog's high-precision format) keeps its own offset, whatever the local zone
+    ts, msg, prog = parse_line("2026-11-25T20:00:01.250000+05:00 kvm1 kernel: x", default_time=0.0, now=now, tz=berlin)
+    assert ts == _ts(2026, 11, 25, 15, 0, 1, __import__("datetime").timezone.utc) + 0.25
+
+
+def test_syslog_time_follows_the_hosts_zone_tz_europe_berlin():
+    code = ("from agent.sources.storage_log_parse import parse_line\n"
+            "import datetime\n"
+            "now = datetime.datetime(2026, 11, 26, 8, 0, tzinfo=datetime.timezone.utc).timestamp()\n"
+            "print(repr(parse_line('Nov 25 20:00:01 kvm1 kernel: x', default_time=0.0, now=now)[0]))\n")
+    env = dict(__import__("os").environ, TZ="Europe/Berlin")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert float(out) == _ts(2026, 11, 25, 19, 0, 1, __import__("datetime").timezone.utc)
+
+
+def test_events_per_cycle_are_capped_counted_and_not_read_again(tmp_path):
+    (tmp_path / "qemu").mkdir()
+    log = tmp_path / "qemu" / "many.log"
+    log.write_text("".join(NOP.format(i) for i in range(20)))
+    src = _source(tmp_path, start_at_end=False)
+    src.cfg.max_events = 5
+    got = src.collect()
+    assert len(got.events) == 5 and got.lines_read == 20
+    assert src.dropped["event_cap"] == 15
+    assert src.collect().events == ()  # the positions moved past the dropped lines
+    src.close()
+    assert _source(tmp_path, start_at_end=False).collect().events == ()  # also after a restart
+
+
+SPOOF = "Nov 25 20:00:01 kvm1 kernel: connection2:0: detected conn error (1020)\n"
+
+
+def _kernel_file_source(tmp_path, kernel_source):
+    (tmp_path / "qemu").mkdir(exist_ok=True)
+    kern = tmp_path / "kern.log"
+    s = _source(tmp_path, start_at_end=False)
+    s.cfg.kernel_logs = [str(kern)]
+    s.cfg.kernel_source = kernel_source
+    return s, kern
+
+
+@pytest.mark.skipif(not __import__("os").access("/dev/kmsg", __import__("os").R_OK),
+                    reason="/dev/kmsg not readable (needs root or CAP_SYSLOG)")
+def test_a_logger_t_kernel_line_is_not_a_kernel_event_when_kmsg_is_readable(tmp_path):
+    s, kern = _kernel_file_source(tmp_path, "auto")
+    # what `logger -t kernel "connection2:0: detected conn error (1020)"` leaves in /var/log/syslog
+    kern.write_text(SPOOF + "Nov 25 20:00:02 kvm1 iscsid[812]: connection2:0 is operational after recovery (1 attempts)\n")
+    got = s.collect().events
+    assert [e for e in got if e.path == str(kern) and e.origin == "kernel"] == []
+    assert [e.kind for e in got if e.path == str(kern)] == ["recovered"]  # iscsid still comes from the file
+    assert s.kernel_source == "kmsg"
+
+
+def test_kernel_lines_from_files_only_when_nothing_better_and_the_facility_must_be_kern(tmp_path):
+    s, kern = _kernel_file_source(tmp_path, "files")
+    kern.write_text(SPOOF + "<13>Nov 25 20:00:03 kvm1 kernel: connection3:0: detected conn error (1020)\n"
+                    "<3>Nov 25 20:00:04 kvm1 kernel: connection4:0: detected conn error (1020)\n"
+                    "Nov 25 20:00:05 kvm1 myapp[7]: I/O error on my own file\n"
+                    "2026-11-25T20:00:06.000000+01:00 kvm1 myapp[7]: I/O error on my own file\n")
+    got = s.collect().events
+    assert [e.cid for e in got] == ["2:0", "4:0"]  # user.notice (<13>) claiming to be the kernel: refused
+    assert s.dropped["untrusted_kernel_line"] == 1
+
+
+# literal `journalctl -k -o json` entries (systemd 252); the second is what `logger -t kernel` makes of it
+JOURNAL = [
+    {"__CURSOR": "s=7e1f0c;i=1a2b;b=4f9d;m=2d1c;t=5f2a;x=9", "__REALTIME_TIMESTAMP": "1795636801250000",
+     "_TRANSPORT": "kernel", "_BOOT_ID": "4f9d", "SYSLOG_IDENTIFIER": "kernel", "PRIORITY": "3",
+     "MESSAGE": "connection2:0: detected conn error (1020)"},
+    {"__CURSOR": "s=7e1f0c;i=1a2c;b=4f9d;m=2d1d;t=5f2b;x=9", "__REALTIME_TIMESTAMP": "1795636802000000",
+     "_TRANSPORT": "syslog", "_UID": "1000", "SYSLOG_IDENTIFIER": "kernel", "SYSLOG_FACILITY": "1",
+     "MESSAGE": "connection3:0: detected conn error (1020)"},
+    {"__CURSOR": "s=7e1f0c;i=1a2d;b=4f9d;m=2d1e;t=5f2c;x=9", "__REALTIME_TIMESTAMP": "1795636803000000",
+     "_TRANSPORT": "kernel", "MESSAGE": [115, 101, 115, 115, 105, 111, 110, 51, 58, 32, 115, 101, 115, 115, 105, 111,
+                                         110, 32, 114, 101, 99, 111, 118, 101, 114, 121, 32, 116, 105, 109, 101, 100,
+                                         32, 111, 117, 116, 32, 97, 102, 116, 101, 114, 32, 49, 50, 48, 32, 115, 101,
+                                         99, 115, 255]},
+]
+
+
+def test_journal_entries_literal_json():
+    from agent.sources.storage_log_parse import parse_journal_entry
+
+    a, b, c = (parse_journal_entry(json.dumps(e)) for e in JOURNAL)
+    assert a == {"cursor": JOURNAL[0]["__CURSOR"], "seqnum_id": "7e1f0c", "seqnum": 0x1a2b, "time": 1795636801.25,
+                 "message": "connection2:0: detected conn error (1020)", "transport": "kernel", "boot": "4f9d"}
+    assert b["transport"] == "syslog"
+    assert c["message"].startswith("session3: session recovery timed out after 120 secs")  # bytes, not UTF-8
+    for bad in ("", "[]", "{}", '{"__CURSOR": 3, "MESSAGE": "x"}', '{"__CURSOR": "s=1;i=zz", "MESSAGE": "x"}',
+                '{"__CURSOR": "s=1;i=2", "MESSAGE": [300]}'):
+        assert parse_journal_entry(bad) is None
+
+
+FAKE_JOURNALCTL = r'''#!/bin/sh
+# stands in for journalctl: records its arguments, prints the entries after --after-cursor (or the last one for -n 1)
+echo "$*" >> "$JOURNAL_ARGS"
+case "$*" in
+  *"-n 1"*) tail -n 1 "$JOURNAL_DATA" ;;
+  *--after-cursor=*) c=$(echo "$*" | sed 's/.*--after-cursor=\([^ ]*\).*/\1/'); sed -n "/$c/,\$p" "$JOURNAL_DATA" | tail -n +2 ;;
+  *) cat "$JOURNAL_DATA" ;;
+esac
+'''
+
+
+def test_kernel_events_from_the_journal_only_with_the_trusted_transport(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "journalctl").write_text(FAKE_JOURNALCTL)
+    (bindir / "journalctl").chmod(0o755)
+    data = tmp_path / "journal.json"
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("JOURNAL_DATA", str(data))
+    monkeypatch.setenv("JOURNAL_ARGS", str(tmp_path / "args"))
+    data.write_text(json.dumps(JOURNAL[0]) + "\n")
+    s, _ = _kernel_file_source(tmp_path, "journal")
+    s.cfg.start_at_end = True
+    s._tailer = None
+    assert s.collect().events == ()  # what the journal held at the first start is not replayed
+    data.write_text("".join(json.dumps(e) + "\n" for e in JOURNAL))
+    got = s.collect().events
+    assert [(e.kind, e.origin, e.path, e.file_id, e.offset) for e in got] == [
+        ("recovery_timeout", "kernel", "journal", "journal:7e1f0c", 0x1a2d)]  # the syslog-transport "kernel": no
+    assert s.collect().events == ()
+    s.close()
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[0].startswith("-k -o json") and "-n 1" in args[0]
+    assert args[1].endswith(f"--after-cursor={JOURNAL[0]['__CURSOR']}")
+    assert args[2].endswith(f"--after-cursor={JOURNAL[2]['__CURSOR']}")
+    assert json.loads((tmp_path / "state" / "positions.json").read_text())["kmsg"] == {"cursor": JOURNAL[2]["__CURSOR"]}
+
+
+def test_only_the_agent_moves_the_positions_no_module_state(tmp_path):
+    from agent.engine import build_agent
+    from agent.sources import storage_log
+
+    assert not hasattr(storage_log, "persist_positions")
+    cfg = Config()
+    assert [s.persist_positions for s in build_agent(cfg, ["storage_log"]).sources] == [False]
+    assert [s.persist_positions for s in build_agent(cfg, ["storage_log"], owns_state=True).sources] == [True]

@@ -87,3 +87,34 @@ def test_run_stops_on_event():
     assert not t.is_alive()
     assert 2 <= a.latest.seq <= 4
     a.close()
+
+
+def test_dropped_counters_reach_health_and_metrics_even_when_the_source_hangs():
+    """A source's cumulative `dropped` counters are in its health every cycle (also while it hangs),
+    and /metrics shows them as kvmscope_collector_dropped_samples_total."""
+    from agent.exporters.collector import SnapshotCollector
+
+    release = threading.Event()
+    src = Src("qmp", lambda: 1)
+    src.dropped = {"invalid_value": 0}
+
+    def bad_then_hang():
+        src.dropped["invalid_value"] += 3
+        if len(calls) > 0:
+            release.wait(10)
+        calls.append(1)
+        return 1
+
+    calls: list = []
+    src.fn = bad_then_hang
+    a = Agent([src, Src("plain", lambda: 2)], timeout=0.3)
+    snap = a.collect_once()
+    assert snap.health["qmp"].dropped == {"invalid_value": 3} and snap.health["plain"].dropped == {}
+    assert snap.health["qmp"].as_dict()["dropped"] == {"invalid_value": 3} and "dropped" not in snap.health["plain"].as_dict()
+    snap = a.collect_once()  # hangs past the deadline: the counters are still reported
+    assert snap.health["qmp"].status is Status.FAILED and snap.health["qmp"].dropped == {"invalid_value": 6}
+    text = SnapshotCollector(lambda: snap).exposition().decode()
+    assert 'kvmscope_collector_dropped_samples_total{collector="qmp",reason="invalid_value"} 6.0' in text
+    assert 'collector="plain",reason' not in text
+    release.set()
+    a.close()

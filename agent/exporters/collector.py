@@ -125,17 +125,18 @@ class _Rendered:
         return self._chunks
 
 
-def _source_families(snap: Snapshot, by_source) -> list:
-    """The non-empty families of every per-source renderer; a renderer bug is logged, never fails the scrape."""
+def _records_families(snap: Snapshot, of_records) -> list:
+    """The non-empty families of every renderer of records (skipped when its accessor gives None);
+    a renderer bug is logged, never fails the scrape."""
     out = []
-    for name, data in snap.data.items():
-        render = by_source.get(name)
-        if render is None:
+    for name, render in of_records:
+        data = getattr(snap, name)
+        if data is None:
             continue
         try:
             out.extend(f for f in render(data) if f.samples)
         except Exception:
-            log.exception("rendering %s failed", name)
+            log.exception("rendering snapshot.%s failed", name)
     return out
 
 
@@ -211,7 +212,7 @@ class SnapshotCollector:
         else:
             for f in _render_agent(snap):
                 items.append((lambda now, snap=snap: [_age_family(snap, now)]) if f is _AGE else f)
-            items.extend(_source_families(snap, self.renderers.by_source))
+            items.extend(_records_families(snap, self.renderers.records))
             for render in self.renderers.snapshot:
                 if not getattr(render, "per_snapshot", False):
                     items.append(lambda now, render=render, snap=snap: _run_snapshot_renderer(render, snap))
@@ -226,7 +227,7 @@ class SnapshotCollector:
         """Every family of one scrape, rendered from scratch."""
         fams = list(render_agent(snap, now))
         if snap is not None:
-            fams.extend(_source_families(snap, self.renderers.by_source))
+            fams.extend(_records_families(snap, self.renderers.records))
             for render in self.renderers.snapshot:
                 fams.extend(_run_snapshot_renderer(render, snap))
         fams = merge_families(fams)

@@ -11,9 +11,8 @@ from typing import Iterable
 from agent.ebpf import decode
 from agent.exporters import catalog as C
 from agent.exporters.registry import renderer
-from agent.records.ebpf import BlockIoData
-from agent.records.ebpf import TcpLifecycleData
-from agent.records.ebpf import TcpRetransData
+from agent.records.ebpf import BlockIoData, TcpLifecycleData, TcpRetransData
+from agent.records.snapshot import Snapshot
 
 OTHER = "other"
 
@@ -29,23 +28,11 @@ def probe_families(name: str, stats) -> Iterable:
         yield fam
 
 
-@renderer("ebpf_tcp_retrans")
-def render_tcp_retrans(data: TcpRetransData) -> Iterable:
-    for d, kind in ((C.TCP_RETRANSMITS, "retransmit"), (C.TCP_SYNACK_RETRANSMITS, "synack_retransmit"),
-                    (C.TCP_RESETS_SENT, "reset_sent"), (C.TCP_RESETS_RECEIVED, "reset_received")):
-        fam = d.family()
-        for (addr, port), counts in sorted(data.storage.items()):
-            fam.add_metric([addr, str(port)], counts.get(kind, 0))
-        fam.add_metric([OTHER, OTHER], data.other.get(kind, 0))
-        yield fam
-    yield from probe_families("tcp_retrans", data.probe)
-
-
 def histogram_buckets(slots: dict[int, int], slot_max: int) -> list[tuple[str, int]]:
     return decode.cumulative_buckets(slots, slot_max)
 
 
-@renderer("ebpf_block_io")
+@renderer(Snapshot.block_io)
 def render_block_io(data: BlockIoData) -> Iterable:
     for d, kind in ((C.BLOCK_IO_LATENCY, "total"), (C.BLOCK_IO_QUEUE, "queue"), (C.BLOCK_IO_DEVICE, "device")):
         fam = d.family()
@@ -59,7 +46,7 @@ def render_block_io(data: BlockIoData) -> Iterable:
     yield from probe_families("block_io", data.probe)
 
 
-@renderer("ebpf_tcp_lifecycle")
+@renderer(Snapshot.tcp_lifecycle)
 def render_tcp_lifecycle(data: TcpLifecycleData) -> Iterable:
     fam = C.STORAGE_CONN_EVENTS.family()
     for (addr, port), counts in sorted(data.counts.items()):
@@ -76,3 +63,15 @@ def render_tcp_lifecycle(data: TcpLifecycleData) -> Iterable:
         fam.add_metric([addr, str(port)], n)
     yield fam
     yield from probe_families("tcp_lifecycle", data.probe)
+
+
+@renderer(Snapshot.tcp_retrans)
+def render_tcp_retrans(data: TcpRetransData) -> Iterable:
+    for d, kind in ((C.TCP_RETRANSMITS, "retransmit"), (C.TCP_SYNACK_RETRANSMITS, "synack_retransmit"),
+                    (C.TCP_RESETS_SENT, "reset_sent"), (C.TCP_RESETS_RECEIVED, "reset_received")):
+        fam = d.family()
+        for (addr, port), counts in sorted(data.storage.items()):
+            fam.add_metric([addr, str(port)], counts.get(kind, 0))
+        fam.add_metric([OTHER, OTHER], data.other.get(kind, 0))
+        yield fam
+    yield from probe_families("tcp_retrans", data.probe)

@@ -6,10 +6,11 @@ from typing import Iterable
 
 from agent.exporters import catalog as C
 from agent.exporters.registry import renderer
+from agent.records.snapshot import Snapshot
 from agent.records.tcp import HostTcpCounters
 
 
-@renderer("host_tcp")
+@renderer(Snapshot.host_tcp)
 def render_host_tcp(data: HostTcpCounters) -> Iterable:
     groups = {"Tcp": data.tcp, "TcpExt": data.tcp_ext}
     for (group, field), d in C.HOST_TCP_FIELDS.items():

@@ -16,7 +16,7 @@ from agent.exporters.registry import renderer, snapshot_renderer
 from agent.records.addr import fmt_endpoint
 from agent.records.iscsi import IscsiSessions
 from agent.records.snapshot import Snapshot
-from agent.records.vms import Vms
+from agent.records.vms import Vm
 
 SESSION_LABELS = ("target", "portal", "session")
 
@@ -59,7 +59,7 @@ ERROR_STATS = {"digest_err": "digest", "timeout_err": "timeout", "eh_abort_cnt":
 BYTE_STATS = {"txdata_octets": "tx", "rxdata_octets": "rx"}
 
 
-@renderer("iscsi_kernel")
+@renderer(Snapshot.iscsi)
 def render_iscsi_kernel(data: IscsiSessions) -> Iterable:
     up, state, tmo, cup = SESSION_UP.family(), SESSION_STATE.family(), SESSION_RECOVERY_TMO.family(), CONNECTION_UP.family()
     pdus, byts, errs, ok = SESSION_PDUS.family(), SESSION_BYTES.family(), SESSION_ERRORS.family(), SESSION_STATS_OK.family()
@@ -120,10 +120,12 @@ DISK_INFO = define("kvmscope_vm_disk_info", "gauge",
 OPS = (("read", "rd"), ("write", "wr"), ("flush", "fl"))
 
 
-def _render_vms(data: Vms) -> Iterable:
+@renderer(Snapshot.vms)
+def render_vms(vms: tuple[Vm, ...]) -> Iterable:
+    """Every VM of the host (libvirt's, then stand-alone QEMU's) and its disks."""
     up, ok, req, byt, tim = VM_UP.family(), VM_STATS_OK.family(), DISK_REQUESTS.family(), DISK_BYTES.family(), DISK_TIME.family()
     failed, idle, info, hist = DISK_FAILED.family(), DISK_IDLE.family(), DISK_INFO.family(), DISK_LATENCY.family()
-    for vm in data.vms:
+    for vm in vms:
         up.add_metric([vm.name, vm.manager], 1 if vm.state == "running" else 0)
         ok.add_metric([vm.name, vm.manager], 0 if vm.error and not any(d.stats for d in vm.disks) else 1)
         for d in vm.disks:
@@ -153,16 +155,6 @@ def _render_vms(data: Vms) -> Iterable:
                 total = {"rd": s.rd_time_ns, "wr": s.wr_time_ns, "flush": s.fl_time_ns}.get(op, 0) / 1e9
                 hist.add_metric(lv + [{"rd": "read", "wr": "write", "flush": "flush"}.get(op, op)], buckets, total)
     return [up, ok, info, req, byt, tim, failed, idle, hist]
-
-
-@renderer("libvirt")
-def render_libvirt(data: Vms) -> Iterable:
-    return _render_vms(data)
-
-
-@renderer("qmp")
-def render_qmp(data: Vms) -> Iterable:
-    return _render_vms(data)
 
 
 CONN_LABELS = ("portal", "local", "vm", "disk")

@@ -7,6 +7,8 @@ typed accessors below, never by source name: ``snap.vms`` (libvirt and QMP
 together), ``snap.iscsi_sessions``, ``snap.storage_connections``,
 ``snap.host_tcp``, ``snap.block_devices``, ``snap.interfaces``, the eBPF
 data, and ``snap.paths``: the storage paths joined once per snapshot.
+Outputs register against an accessor by reference (``@renderer(Snapshot.host_tcp)``,
+see :mod:`agent.marks`); :func:`accessor_name` checks that it is one.
 Snapshots are immutable once built and safe to share across threads.
 """
 
@@ -22,6 +24,7 @@ from agent.records.ebpf import BlockIoData, TcpLifecycleData, TcpRetransData
 from agent.records.iscsi import IscsiSession, IscsiSessions
 from agent.records.net import NetIfaces
 from agent.records.paths import StoragePath, build_paths
+from agent.records.storage_log import StorageLogEvents
 from agent.records.tcp import HostTcpCounters, StorageConnection, StorageConnections
 from agent.records.vms import Vm, VmDisk, Vms
 
@@ -131,7 +134,7 @@ class Snapshot:
         return self.data.get("net_ifaces")
 
     @property
-    def storage_log(self) -> Any:
+    def storage_log(self) -> StorageLogEvents | None:
         return self.data.get("storage_log")
 
     # -- eBPF
@@ -154,3 +157,12 @@ class Snapshot:
     def paths(self) -> tuple[StoragePath, ...]:
         """The storage paths (VM disk -> session -> connection -> interface), joined once per snapshot."""
         return tuple(build_paths(self))
+
+
+def accessor_name(accessor) -> str:
+    """The attribute name of a :class:`Snapshot` accessor given by reference (``Snapshot.vms`` -> "vms");
+    TypeError for anything else, so a mark names an accessor that exists."""
+    name = getattr(accessor, "attrname", None) or getattr(getattr(accessor, "fget", None), "__name__", None)
+    if not isinstance(accessor, (property, cached_property)) or name is None or vars(Snapshot).get(name) is not accessor:
+        raise TypeError(f"{accessor!r} is not an accessor of Snapshot (e.g. Snapshot.vms)")
+    return name

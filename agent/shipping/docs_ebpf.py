@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from agent.records.addr import fmt_conn, fmt_endpoint
+from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import Doc, builder
 
 
@@ -27,7 +28,7 @@ def _conn(family, saddr, sport, daddr, dport, pid=None, comm=None) -> dict:
     }
 
 
-@builder("ebpf_tcp_lifecycle")
+@builder(Snapshot.tcp_lifecycle)
 def lifecycle_docs(data, prev, snap, prev_snap):
     for e in getattr(data, "events", ()):
         f = _conn(e.family, e.saddr, e.sport, e.daddr, e.dport, e.tgid, e.comm)
@@ -45,7 +46,7 @@ def lifecycle_docs(data, prev, snap, prev_snap):
                   timestamp=_wall(e.monotonic_ns), id_time=False)
 
 
-@builder("ebpf_tcp_retrans")
+@builder(Snapshot.tcp_retrans)
 def retrans_docs(data, prev, snap, prev_snap):
     for e in getattr(data, "events", ()):
         if not e.storage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import Doc, builder
 
 # /proc/net/{snmp,netstat} field -> kvmscope.host.tcp.<name>
@@ -25,7 +26,7 @@ FIELDS = {
 }
 
 
-@builder("host_tcp")
+@builder(Snapshot.host_tcp)
 def host_docs(data, prev, snap, prev_snap):
     f = {"event.category": ["host", "network"], "event.type": ["info"]}
     for (group, name), key in FIELDS.items():

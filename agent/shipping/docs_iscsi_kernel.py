@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from agent.records.addr import fmt_portal
+from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import Doc, builder
 from agent.shipping.fields import ISCSI_SESSION
 
 
-@builder("iscsi_kernel")
+@builder(Snapshot.iscsi)
 def session_docs(data, prev, snap, prev_snap):
     known = {k.rsplit(".", 1)[1] for k in ISCSI_SESSION.fields if k.startswith("kvmscope.iscsi.stats.")}
     for s in data.sessions:

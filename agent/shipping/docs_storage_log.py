@@ -7,6 +7,7 @@ read position was saved) is one event in Elasticsearch.
 
 from __future__ import annotations
 
+from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import Doc, builder
 
 _CATEGORY = {
@@ -23,7 +24,7 @@ _CATEGORY = {
 }
 
 
-@builder("storage_log")
+@builder(Snapshot.storage_log)
 def log_docs(data, prev, snap, prev_snap):
     for e in data.events:
         cat, typ, outcome = _CATEGORY.get(e.kind, (["host"], ["info"], None))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import Doc, builder
 
 
@@ -18,7 +19,7 @@ def conn_key(c) -> tuple:
     return (c.src, c.sport, c.dst, c.dport, c.inode)
 
 
-@builder("storage_tcp")
+@builder(Snapshot.storage_tcp)
 def connection_docs(data, prev, snap, prev_snap):
     before = {conn_key(c): c for c in prev.connections} if prev is not None else {}
     vms = snap.vm_by_pid

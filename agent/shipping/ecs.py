@@ -1,17 +1,18 @@
-"""Snapshots → ECS documents, through a registry of per-source builders.
+"""Snapshots → ECS documents, through the document builders.
 
-A builder turns one source's records into documents; it lives in
-``agent/shipping/docs_<source>.py`` and registers with
-``@builder("<source>")`` (auto-discovered, like the Prometheus renderers).
-It receives the source's records of this cycle and of the previous one (for
+A builder turns records into documents; it lives in
+``agent/shipping/docs_<subject>.py`` and is marked against the snapshot
+accessor it reads, ``@builder(Snapshot.storage_tcp)`` (collected by
+:func:`load_builders`, like the Prometheus renderers: :mod:`agent.marks`).
+It receives those records of this cycle and of the previous one (for
 rates and state changes) and yields :class:`Doc` values: dataset, subject
 (what the document is about: ``vm/disk``, a session id, a 4-tuple) and the
 fields specific to it. This module adds the common ECS fields
 (``@timestamp``, ``host.*``, ``agent.*``, ``data_stream.*``, ``event.*``
 defaults) and the deterministic ``_id``.
 
-``@snapshot_builder`` functions see the whole snapshot (joins across
-sources, e.g. VM disks with their storage paths).
+``@snapshot_builder`` functions see the whole snapshot and the previous one
+(joins across sources, e.g. VM disks with their storage paths).
 
 Document ids: ``blake2b(dataset | host | time | subject)``, so a replay of
 the same cycle (after a crash between shipping and acknowledging) produces
@@ -23,14 +24,13 @@ the cycle's time, so re-reading a line never makes a second event.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
-import pkgutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from agent import __version__
+from agent import __version__, marks
+from agent.marks import Outputs as Builders
 from agent.records.snapshot import Snapshot
 from agent.shipping.fields import DATASETS, ECS_VERSION
 
@@ -46,37 +46,13 @@ class Doc:
     id_time: bool = True  # include the time in the id (False for log lines: subject is unique)
 
 
-Builder = Callable[[Any, Any, Snapshot, "Snapshot | None"], Iterable[Doc]]
-BUILDERS: dict[str, Builder] = {}
-SNAPSHOT_BUILDERS: list[Callable[[Snapshot, "Snapshot | None"], Iterable[Doc]]] = []
-_loaded = False
+builder = marks.reads  # @builder(Snapshot.x): fn(records, prev records, snap, prev snap) -> Docs
+snapshot_builder = marks.over_snapshot  # fn(snap, prev snap) -> Docs
 
 
-def builder(source: str):
-    """Register ``fn(records, prev_records, snap, prev_snap)`` for a source's records."""
-
-    def deco(fn):
-        BUILDERS[source] = fn
-        return fn
-
-    return deco
-
-
-def snapshot_builder(fn):
-    SNAPSHOT_BUILDERS.append(fn)
-    return fn
-
-
-def load_builders() -> None:
-    global _loaded
-    if _loaded:
-        return
-    import agent.shipping as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name.startswith("docs_"):
-            importlib.import_module(f"{pkg.__name__}.{mod.name}")
-    _loaded = True
+def load_builders() -> Builders:
+    """The marked builders of every docs_* module (module name order, then definition order)."""
+    return marks.load("agent.shipping", "docs_")
 
 
 def iso(ts: float) -> str:
@@ -130,20 +106,22 @@ def finish(d: Doc, host: str, namespace: str, snap_ts: float) -> tuple[str, str,
     return _id, ds.stream(namespace), nest(flat)
 
 
-def documents(snap: Snapshot, prev: Snapshot | None, namespace: str) -> list[tuple[str, str, dict]]:
-    """Every document of one cycle. A broken builder is logged and skipped, never fatal."""
-    load_builders()
+def documents(snap: Snapshot, prev: Snapshot | None, namespace: str,
+              builders: Builders | None = None) -> list[tuple[str, str, dict]]:
+    """Every document of one cycle (by ``builders``, default :func:`load_builders`).
+    A broken builder is logged and skipped, never fatal."""
+    builders = builders if builders is not None else load_builders()
     out: list[tuple[str, str, dict]] = []
-    for source, data in snap.data.items():
-        fn = BUILDERS.get(source)
-        if fn is None:
+    for name, fn in builders.records:
+        data = getattr(snap, name)
+        if data is None:
             continue
-        pdata = prev.data.get(source) if prev is not None else None
+        pdata = getattr(prev, name) if prev is not None else None
         try:
             out.extend(finish(d, snap.host, namespace, snap.timestamp) for d in fn(data, pdata, snap, prev))
         except Exception:
-            log.exception("building documents for %s failed", source)
-    for fn in SNAPSHOT_BUILDERS:
+            log.exception("building documents of snapshot.%s failed", name)
+    for fn in builders.snapshot:
         try:
             out.extend(finish(d, snap.host, namespace, snap.timestamp) for d in fn(snap, prev))
         except Exception:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from agent.config import redact_url
 from agent.records.snapshot import Snapshot
-from agent.shipping.ecs import documents, finding_doc
+from agent.shipping.ecs import documents, finding_doc, load_builders
 from agent.shipping.spool import Batch, Record, Spool
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ class Shipping:
         self.cfg = cfg
         es = cfg.elasticsearch
         self.namespace = es.namespace
+        self.builders = load_builders()
         self.spool: Spool | None = None
         self.shipper: ElasticShipper | None = None
         self.file: FileOutput | None = None
@@ -411,7 +412,7 @@ class Shipping:
 
     def consume(self, snap: Snapshot) -> None:
         """``agent.on_snapshot`` callback: build the cycle's documents and append them locally."""
-        docs = documents(snap, self._prev, self.namespace)
+        docs = documents(snap, self._prev, self.namespace, self.builders)
         self._prev = snap
         self.submit(docs)
 

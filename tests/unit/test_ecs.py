@@ -134,12 +134,14 @@ def test_finding_document_is_mapped():
     assert doc["event"]["kind"] == "alert"
 
 
-def test_a_broken_builder_does_not_stop_the_others(monkeypatch):
-    from agent.shipping import ecs
+def test_a_broken_builder_does_not_stop_the_others():
+    from agent.shipping.ecs import load_builders
 
-    ecs.load_builders()
-    monkeypatch.setitem(ecs.BUILDERS, "iscsi_kernel", lambda *a: 1 / 0)
-    streams = {s for _i, s, _d in documents(snap(1, 1.0), None, "default")}
+    builders = load_builders()
+    assert builders.of(Snapshot.iscsi) is not None
+    broken = builders.with_records(Snapshot.iscsi, lambda *a: 1 / 0)
+    assert "metrics-kvmscope.iscsi_session-default" in {s for _i, s, _d in documents(snap(1, 1.0), None, "default")}
+    streams = {s for _i, s, _d in documents(snap(1, 1.0), None, "default", broken)}
     assert "metrics-kvmscope.host-default" in streams and "metrics-kvmscope.iscsi_session-default" not in streams
 
 

@@ -150,8 +150,8 @@ def test_a_snapshot_is_rendered_once_but_its_age_and_live_families_are_not():
     calls = []
     shipped = {"shipped": 1}
     renderers = load_renderers()
-    real = renderers.by_source["libvirt"]
-    renderers = renderers.with_source("libvirt", lambda data: calls.append(1) or real(data)).with_snapshot(
+    real = renderers.of(Snapshot.vms)
+    renderers = renderers.with_records(Snapshot.vms, lambda data: calls.append(1) or real(data)).with_snapshot(
         shipping_renderer(lambda: dict(shipped)))
     vms = Vms((Vm("a", None, "running", 1, ()),))
     snaps = [Snapshot(1, 100.0, "h", 0.0, data={"libvirt": vms}), Snapshot(2, 110.0, "h", 0.0, data={"libvirt": vms})]

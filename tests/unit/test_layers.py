@@ -1,44 +1,55 @@
 """The import direction of agent/: sources -> records in a snapshot -> outputs, and no arrow back.
 
-Floors, bottom up (docs/architecture.md):
-  records   agent/records/          imports nothing of the agent but itself
-  sources   agent/sources/, agent/ebpf/, agent/source_api.py
-            import records and the plumbing (config, errors, hostpaths, fsutil), never an output
-  core      the other top-level modules (loop, engine, codec, api, config, ...): below the outputs
-  outputs   exporters, shipping, diagnose, doctor, fleet, cli: each reads records and the
-            snapshot, none imports another's internals (ALLOWED below lists the exceptions)
-Nothing outside agent/cli/ imports agent.cli (agent/__main__.py starts it).
+Every module of agent/ stands on one floor (FLOORS, bottom up; docs/architecture.md) and imports
+only modules of its own floor or the floors below it. The outputs share one floor but are islands:
+one output imports another's module only through an edge listed in ALLOWED. So:
+  * records import nothing of the agent but records, and only the standard library besides;
+  * agent.ebpf never imports agent.sources (both take the source contract from agent.source_api);
+  * no source imports an output or the loop that runs it;
+  * nothing outside agent/cli/ imports agent.cli (agent/__main__.py, the entry point, starts it).
+A new module lands on a floor by its place in the tree; a top-level module must be listed below.
 A small AST walk (every import, including the ones inside functions); no extra dependency.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
 
-OUTPUTS = ("exporters", "shipping", "diagnose", "doctor", "fleet", "cli")
-SOURCES = ("sources", "ebpf", "source_api")
-ASSEMBLY = ("agent.loop", "agent.engine", "agent.codec", "agent.api")  # above the sources: they run or serve them
+# bottom up: (floor, the modules and packages on it)
+FLOORS = (
+    ("records", ("agent.records",)),
+    ("base", ("agent", "agent.errors", "agent.config", "agent.hostpaths", "agent.fsutil", "agent.text",
+              "agent.durations", "agent.health", "agent.sdnotify", "agent.marks")),
+    ("source_api", ("agent.source_api",)),
+    ("ebpf", ("agent.ebpf",)),
+    ("sources", ("agent.sources",)),
+    ("assembly", ("agent.loop", "agent.engine", "agent.codec", "agent.api")),  # run the sources, serve snapshots
+    ("outputs", ("agent.exporters", "agent.shipping", "agent.diagnose", "agent.doctor", "agent.fleet", "agent.cli")),
+    ("entry", ("agent.__main__",)),
+)
+NAMES = [name for name, _mods in FLOORS]
 
-# output -> another output's module: the only cross edges. Each says why.
+# The only edges between two outputs (importer's output, imported module). The CLI is the front of
+# every output: its commands run them.
 ALLOWED = {
-    # the CLI is the front of every output: its commands run them
-    ("cli", "agent.diagnose.window"),  # diagnose, top, retrans build a window
-    ("cli", "agent.diagnose.rules"),  # diagnose runs the rules
-    ("cli", "agent.diagnose.report"),  # diagnose renders the report
-    ("cli", "agent.diagnose.live"),  # run starts the live diagnosis
-    ("cli", "agent.doctor"),  # doctor runs the checks
-    ("cli", "agent.doctor.live"),  # doctor's live socket probes
-    ("cli", "agent.doctor.report"),  # doctor renders the report
-    ("cli", "agent.fleet.analysis"),  # fleet judges
-    ("cli", "agent.fleet.prometheus"),  # fleet queries Prometheus
-    ("cli", "agent.shipping.shipper"),  # run starts shipping
-    ("cli", "agent.exporters.registry"),  # run loads the renderers
-    ("cli", "agent.exporters.server"),  # run serves /metrics
-    ("cli", "agent.exporters.render_diagnosis"),  # run hands the live findings to /metrics
-    ("cli", "agent.exporters.render_shipping"),  # run hands shipping health to /metrics
+    ("agent.cli", "agent.diagnose.window"),  # diagnose, top, retrans build a window
+    ("agent.cli", "agent.diagnose.rules"),  # diagnose runs the rules
+    ("agent.cli", "agent.diagnose.report"),  # diagnose renders the report
+    ("agent.cli", "agent.diagnose.live"),  # run starts the live diagnosis
+    ("agent.cli", "agent.doctor"),  # doctor runs the checks
+    ("agent.cli", "agent.doctor.live"),  # doctor's live socket probes
+    ("agent.cli", "agent.doctor.report"),  # doctor renders the report
+    ("agent.cli", "agent.fleet.analysis"),  # fleet judges
+    ("agent.cli", "agent.fleet.prometheus"),  # fleet queries Prometheus
+    ("agent.cli", "agent.shipping.shipper"),  # run starts shipping
+    ("agent.cli", "agent.exporters.registry"),  # run loads the renderers
+    ("agent.cli", "agent.exporters.server"),  # run serves /metrics
+    ("agent.cli", "agent.exporters.render_diagnosis"),  # run hands the live findings to /metrics
+    ("agent.cli", "agent.exporters.render_shipping"),  # run hands shipping health to /metrics
 }
 
 
@@ -49,8 +60,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports(path: Path) -> list[str]:
-    """Every agent module ``path`` imports (``from agent.x import y`` counts as agent.x and agent.x.y)."""
+def all_imports(path: Path) -> list[str]:
+    """Every module name ``path`` imports (``from agent.x import y`` counts as agent.x and agent.x.y)."""
     me = module_name(path) if path.is_relative_to(AGENT) else path.stem
     pkg = me if path.name == "__init__.py" else me.rpartition(".")[0]
     out = []
@@ -64,24 +75,26 @@ def imports(path: Path) -> list[str]:
                 base = ".".join(anchor + ([base] if base else []))
             out.append(base)
             out += [f"{base}.{a.name}" for a in node.names]
-    return [m for m in out if m == "agent" or m.startswith("agent.")]
+    return out
 
 
-def layer(mod: str) -> str:
-    """records | sources | an output's name | core."""
-    parts = mod.split(".")
-    top = parts[1] if len(parts) > 1 else ""
-    if top == "records":
-        return "records"
-    if top in SOURCES:
-        return "sources"
-    if top in OUTPUTS:
-        return top
-    return "core"
+def imports(path: Path) -> list[str]:
+    """The agent modules ``path`` imports."""
+    return [m for m in all_imports(path) if m == "agent" or m.startswith("agent.")]
 
 
 def _under(mod: str, pkg: str) -> bool:
     return mod == pkg or mod.startswith(pkg + ".")
+
+
+def place(mod: str) -> tuple[int, str] | None:
+    """(floor index, the package or module that puts it there), the most specific listing first."""
+    best = None
+    for i, (_name, mods) in enumerate(FLOORS):
+        for m in mods:
+            if (_under(mod, m) if m != "agent" else mod == "agent") and (best is None or len(m) > len(best[1])):
+                best = (i, m)
+    return best
 
 
 def _real(mod: str, known: set[str]) -> str | None:
@@ -92,23 +105,23 @@ def _real(mod: str, known: set[str]) -> str | None:
 
 
 def violations(graph: dict[str, list[str]]) -> list[str]:
-    """``importer -> imported: rule`` for every edge that points the wrong way."""
+    """``importer -> imported: rule`` for every edge that points the wrong way (and every module on no floor)."""
     known = set(graph)
-    out = []
+    out = [f"{m}: on no floor (add it to FLOORS)" for m in sorted(known) if place(m) is None]
     for src, targets in sorted(graph.items()):
-        ls = layer(src)
+        ps = place(src)
+        if ps is None:
+            continue
         for t in sorted({m for m in (_real(t, known) for t in targets) if m and m != src}):
-            lt = layer(t)
-            if _under(t, "agent.cli") and ls != "cli" and src != "agent.__main__":
+            pt = place(t)
+            if pt is None:
+                continue
+            if _under(t, "agent.cli") and not _under(src, "agent.cli") and src != "agent.__main__":
                 out.append(f"{src} -> {t}: only agent/cli imports the CLI")
-            elif ls == "records" and lt != "records":
-                out.append(f"{src} -> {t}: records import nothing above them")
-            elif ls == "sources" and (lt in OUTPUTS or t in ASSEMBLY):
-                out.append(f"{src} -> {t}: sources import records, never an output")
-            elif ls == "core" and lt in OUTPUTS and src != "agent.__main__":
-                out.append(f"{src} -> {t}: the core does not import an output")
-            elif ls in OUTPUTS and lt in OUTPUTS and ls != lt and (ls, t) not in ALLOWED and t != "agent":
-                out.append(f"{src} -> {t}: outputs do not import each other's internals (ALLOWED lists the exceptions)")
+            elif pt[0] > ps[0]:
+                out.append(f"{src} -> {t}: {NAMES[ps[0]]} imports nothing of {NAMES[pt[0]]}, a floor above it")
+            elif NAMES[ps[0]] == "outputs" and pt[0] == ps[0] and ps[1] != pt[1] and (ps[1], t) not in ALLOWED:
+                out.append(f"{src} -> {t}: outputs do not import each other's modules (ALLOWED lists the exceptions)")
     return out
 
 
@@ -122,18 +135,33 @@ def test_imports_point_down():
     assert violations(graph) == []
 
 
+def test_records_import_only_the_standard_library():
+    bad = []
+    for p in sorted((AGENT / "records").rglob("*.py")):
+        for m in all_imports(p):
+            top = m.split(".")[0]
+            if m and not _under(m, "agent.records") and top not in sys.stdlib_module_names and top != "__future__":
+                bad.append(f"{module_name(p)} imports {m}")
+    assert bad == []
+
+
 def test_every_allowed_edge_still_exists():
     """An exception nobody needs any more is removed from the list, so the list stays short."""
     graph = agent_graph()
-    used = {(layer(s), _real(t, set(graph))) for s, ts in graph.items() for t in ts}
+    used = {(place(s)[1], _real(t, set(graph))) for s, ts in graph.items() if place(s) for t in ts}
     assert sorted(ALLOWED - used) == []
 
 
 def test_the_walk_sees_each_kind_of_wrong_arrow(tmp_path):
     graph = {
         "agent.records.vms": ["agent.sources.libvirt_vms"],
-        "agent.sources.libvirt_vms": ["agent.records.vms", "agent.exporters.catalog"],
+        "agent.sources.libvirt_vms": ["agent.records.vms", "agent.exporters.catalog", "agent.ebpf.loader"],
         "agent.sources.iscsi_kernel": ["agent.loop"],
+        "agent.ebpf.loader": ["agent.sources", "agent.source_api"],
+        "agent.sources": ["agent.source_api"],
+        "agent.source_api": ["agent.config"],
+        "agent.config": ["agent.health"],
+        "agent.health": [],
         "agent.exporters.catalog": [],
         "agent.exporters.render_x": ["agent.shipping.fields", "agent.exporters.catalog", "agent.records.vms"],
         "agent.shipping.fields": [],
@@ -142,14 +170,17 @@ def test_the_walk_sees_each_kind_of_wrong_arrow(tmp_path):
         "agent.cli.run": ["agent.exporters.server", "agent.shipping.fields"],
         "agent.exporters.server": [],
         "agent.loop": ["agent.records.vms"],
+        "agent.newthing": [],
     }
     assert violations(graph) == [
-        "agent.cli.run -> agent.shipping.fields: outputs do not import each other's internals (ALLOWED lists the exceptions)",
+        "agent.newthing: on no floor (add it to FLOORS)",
+        "agent.cli.run -> agent.shipping.fields: outputs do not import each other's modules (ALLOWED lists the exceptions)",
         "agent.diagnose.report -> agent.cli.common: only agent/cli imports the CLI",
-        "agent.exporters.render_x -> agent.shipping.fields: outputs do not import each other's internals (ALLOWED lists the exceptions)",
-        "agent.records.vms -> agent.sources.libvirt_vms: records import nothing above them",
-        "agent.sources.iscsi_kernel -> agent.loop: sources import records, never an output",
-        "agent.sources.libvirt_vms -> agent.exporters.catalog: sources import records, never an output",
+        "agent.ebpf.loader -> agent.sources: ebpf imports nothing of sources, a floor above it",
+        "agent.exporters.render_x -> agent.shipping.fields: outputs do not import each other's modules (ALLOWED lists the exceptions)",
+        "agent.records.vms -> agent.sources.libvirt_vms: records imports nothing of sources, a floor above it",
+        "agent.sources.iscsi_kernel -> agent.loop: sources imports nothing of assembly, a floor above it",
+        "agent.sources.libvirt_vms -> agent.exporters.catalog: sources imports nothing of outputs, a floor above it",
     ]
     p = tmp_path / "m.py"
     p.write_text("def f():\n    from agent.cli.common import clean\n")

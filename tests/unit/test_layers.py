@@ -185,3 +185,16 @@ def test_the_walk_sees_each_kind_of_wrong_arrow(tmp_path):
     p = tmp_path / "m.py"
     p.write_text("def f():\n    from agent.cli.common import clean\n")
     assert "agent.cli.common" in imports(p)
+
+
+def test_architecture_doc_names_every_module_and_no_other():
+    """docs/architecture.md's module table is the map a newcomer reads: every module of agent/ is in it
+    (by path or file name), every agent/ path it names exists, and its floor table lists FLOORS."""
+    import re
+
+    doc = (AGENT.parent / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(AGENT.parent)) for p in sorted(AGENT.rglob("*.py")) if p.name != "__init__.py"
+               and str(p.relative_to(AGENT.parent)) not in doc and not re.search(rf"[`/]{re.escape(p.name)}`", doc)]
+    assert missing == []
+    assert [m for m in re.findall(r"agent/[\w/]+\.py", doc) if not (AGENT.parent / m).exists()] == []
+    assert [name for name in NAMES if f"| {name} |" not in doc] == []

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.fsutil import write_atomic
+from agent.fsutil import set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,6 @@ def _seg_number(name: str) -> int | None:
         return None
     core = name[len(SEG_PREFIX) : -len(SEG_SUFFIX)]
     return int(core) if core.isdigit() else None
-
-
-def _set_aside(path: Path) -> None:
-    """Keep a state file we cannot use for a human to look at, out of the way of the next save."""
-    bad = path.with_name(f"{path.name}.bad-{int(time.time())}")
-    try:
-        os.replace(path, bad)
-        log.warning("kept the unusable %s as %s", path.name, bad.name)
-    except OSError as e:
-        log.warning("cannot rename the unusable %s: %s", path, e.strerror or e)
 
 
 @dataclass
@@ -141,7 +131,7 @@ class Spool:
             return {}
         except (OSError, ValueError) as e:
             log.warning("spool state %s unreadable (%s): starting from the oldest segment", self._state_path, e)
-            _set_aside(self._state_path)
+            set_aside(self._state_path, "spool")
             return {}
         if not isinstance(st, dict) or not all(
             isinstance(st.get(k, 0), int) and not isinstance(st.get(k, 0), bool) and st.get(k, 0) >= 0
@@ -149,7 +139,7 @@ class Spool:
         ):
             log.warning("spool state %s has the wrong shape (%.80r): starting from the oldest segment",
                         self._state_path, st)
-            _set_aside(self._state_path)
+            set_aside(self._state_path, "spool")
             return {}
         return st
 

@@ -13,10 +13,9 @@ import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
-from agent.fsutil import write_atomic
+from agent.fsutil import set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +34,6 @@ def _first_line(path: str) -> bytes | None:
     except OSError:
         return None
     return line if line.endswith(b"\n") else None
-
-
-def _set_aside(path: Path) -> None:
-    """Keep an unusable positions file for a human, out of the way of the next save."""
-    bad = path.with_name(f"{path.name}.bad-{int(time.time())}")
-    try:
-        os.replace(path, bad)
-        log.warning("storage_log: kept the unusable %s as %s", path.name, bad.name)
-    except OSError as e:
-        log.warning("storage_log: cannot rename the unusable %s: %s", path, e.strerror or e)
 
 
 def _is_count(v) -> bool:
@@ -89,14 +78,14 @@ class FileTailer:
             data = FileNotFoundError
         except (OSError, ValueError) as e:
             log.warning("storage_log: positions %s unreadable (%s); starting at the end of each file", state_path, e)
-            _set_aside(state_path)
+            set_aside(state_path, "storage_log")
             data = FileNotFoundError
         if data is not FileNotFoundError:
             files, kmsg = _valid_positions(data)
             if files is None:
                 log.warning("storage_log: positions %s have the wrong shape (%.80r); starting at the end of each file",
                             state_path, data)
-                _set_aside(state_path)
+                set_aside(state_path, "storage_log")
             else:
                 self.pos, self.kmsg, self.fresh = files, kmsg, False
         self._dirty = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,18 @@ def wait_for(fn, timeout: float, what: str, step: float = 0.5):
             last = e
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last})")
+
+
+def scrape(port: int, timeout: float = 5.0) -> dict[str, float]:
+    """An agent's /metrics on 127.0.0.1 as {series: value} (series = name{labels} exactly as written)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
 
 
 def pytest_addoption(parser):

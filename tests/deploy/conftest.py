@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,17 +44,6 @@ def need_root():
         pytest.skip("deployment tests install into /var/cache and start the agent with capabilities: need root")
 
 
-
-
-def scrape(port: int) -> dict[str, float]:
-    """/metrics as {series: value} (series = name{labels} exactly as written)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            out[series] = float(value)
-    return out
 
 
 def build_bundle(src: Path, out: Path) -> Path:

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_for
-from tests.deploy.conftest import scrape
+from tests.conftest import ROOT, free_port, scrape, wait_for
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
 ANSIBLE_DIR = ROOT / "deploy" / "ansible"

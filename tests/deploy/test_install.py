@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
-from tests.deploy.conftest import build_bundle, scrape, wheel
+from tests.conftest import ROOT, scrape, wait_for
+from tests.deploy.conftest import build_bundle, wheel
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
 PROBES = ("tcp_retrans", "block_io", "tcp_lifecycle")

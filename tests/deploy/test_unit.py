@@ -30,8 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
-from tests.deploy.conftest import scrape
+from tests.conftest import ROOT, scrape, wait_for
 
 pytestmark = [pytest.mark.ebpf, pytest.mark.slow]
 SANDBOX = Path(__file__).with_name("sandbox_exec.py")

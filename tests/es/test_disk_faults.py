@@ -18,11 +18,11 @@ import errno
 import os
 import subprocess
 import time
-import urllib.request
 
 import pytest
 import yaml
 
+from tests.conftest import scrape
 from tests.es.conftest import wait_for
 from tests.es.test_agent_outage import Agent, QemuLogWriter
 
@@ -65,17 +65,6 @@ def fill(path, filler) -> int:
     finally:
         os.close(fd)
     return added
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, v = line.rpartition(" ")
-            out[name] = float(v)
-    return out
 
 
 def test_spool_disk_full_then_read_only_then_back(es_node, proxy, namespace, tmp_path):

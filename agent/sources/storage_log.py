@@ -59,6 +59,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -236,35 +237,47 @@ class StorageLogSource:
 
         Only entries whose trusted ``_TRANSPORT`` is ``kernel`` count; a cursor from
         another boot is not "after" anything of this one, so this boot is read whole.
+        At most ``max_lines`` entries and ``_JOURNAL_TIMEOUT`` seconds per cycle: the
+        cursor moves to the last entry read, the rest comes next cycle (never stuck).
         """
         cursor = t.kmsg.get("cursor") if isinstance(t.kmsg.get("cursor"), str) else None
         cmd = ["journalctl", "-k", "-o", "json", "--no-pager", "-q"]
-        if skip_existing or cursor is None and self.cfg.start_at_end and t.fresh:
+        if skip_existing:
             cmd += ["-n", "1"]  # only the newest entry's cursor: what is already there is not replayed
-            skip_existing = True
         elif cursor is not None:
             cmd += [f"--after-cursor={cursor}"]
         try:
-            r = subprocess.run(cmd, capture_output=True, timeout=_JOURNAL_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        except OSError as e:
             if not self._kmsg_warned:
                 self._kmsg_warned = True
-                log.warning("storage_log: journalctl failed (%s): kernel iSCSI messages are not collected", e)
+                log.warning("storage_log: cannot run journalctl (%s): kernel iSCSI messages are not collected", e)
             return []
+        timer = threading.Timer(_JOURNAL_TIMEOUT, proc.kill)
+        timer.start()
         out = []
         last = None
-        for line in r.stdout.decode("utf-8", "replace").splitlines():
-            e = parse_journal_entry(line)
-            if e is None:
-                continue
-            last = e["cursor"]
-            if skip_existing or e["transport"] != "kernel":
-                continue
-            c = classify(e["message"])
-            if c:
-                out.append(StorageLogEvent(time=e["time"] or time.time(), message=e["message"].strip(),
-                                           origin="kernel", path="journal", offset=e["seqnum"],
-                                           file_id=f"journal:{e['seqnum_id']}", **c))
+        n = 0
+        try:
+            for raw in proc.stdout:
+                e = parse_journal_entry(raw.decode("utf-8", "replace"))
+                if e is None:
+                    continue
+                last = e["cursor"]
+                n += 1
+                if not skip_existing and e["transport"] == "kernel":
+                    c = classify(e["message"])
+                    if c:
+                        out.append(StorageLogEvent(time=e["time"] or time.time(), message=e["message"].strip(),
+                                                   origin="kernel", path="journal", offset=e["seqnum"],
+                                                   file_id=f"journal:{e['seqnum_id']}", **c))
+                if n >= self.cfg.max_lines:
+                    break
+        finally:
+            timer.cancel()
+            proc.kill()
+            proc.stdout.close()
+            proc.wait()
         if last is not None and last != cursor:
             t.kmsg = {"cursor": last}
             t._dirty = True

@@ -512,3 +512,63 @@ def test_only_the_agent_moves_the_positions_no_module_state(tmp_path):
     cfg = Config()
     assert [s.persist_positions for s in build_agent(cfg, ["storage_log"]).sources] == [False]
     assert [s.persist_positions for s in build_agent(cfg, ["storage_log"], owns_state=True).sources] == [True]
+
+
+def test_the_journal_is_read_in_bounded_steps_and_always_moves_on(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "journalctl").write_text(FAKE_JOURNALCTL)
+    (bindir / "journalctl").chmod(0o755)
+    data = tmp_path / "journal.json"
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("JOURNAL_DATA", str(data))
+    monkeypatch.setenv("JOURNAL_ARGS", str(tmp_path / "args"))
+    entries = [dict(JOURNAL[0], __CURSOR=f"s=7e1f0c;i={i:x};b=4f9d", MESSAGE=f"connection{i}:0: ping timeout")
+               for i in range(1, 8)]
+    data.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    s, _ = _kernel_file_source(tmp_path, "journal")
+    s.cfg.max_lines = 3
+    steps = [[e.sid for e in s.collect().events] for _ in range(4)]
+    assert steps == [[1, 2, 3], [4, 5, 6], [7], []]  # max_lines entries per cycle, none twice, none lost
+
+
+def test_what_is_dropped_is_on_metrics(tmp_path):
+    import urllib.request
+
+    from agent.exporters.server import MetricsServer
+    from agent.loop import Agent
+
+    s = _source(tmp_path, start_at_end=False)
+    s.cfg.max_events = 2
+    (tmp_path / "qemu").mkdir()
+    (tmp_path / "qemu" / "a.log").write_text("".join(NOP.format(i) for i in range(5)) + "z" * (1 << 21) + "\n")
+    agent = Agent([s], interval=1.0, timeout=4.0, hostname="h")
+    server = MetricsServer("127.0.0.1", 0, lambda: agent.latest).start()
+    try:
+        agent.collect_once()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.address[1]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    finally:
+        server.stop()
+    assert 'kvmscope_collector_dropped_samples_total{collector="storage_log",reason="event_cap"} 3.0' in text
+    assert 'kvmscope_collector_dropped_samples_total{collector="storage_log",reason="line_too_long"} 1.0' in text
+
+
+def test_a_hanging_journalctl_costs_a_bounded_time_and_keeps_what_it_said(tmp_path, monkeypatch):
+    import time
+
+    from agent.sources import storage_log
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "journalctl").write_text(f"#!/bin/sh\ncat '{tmp_path}/journal.json'\nexec sleep 60\n")
+    (bindir / "journalctl").chmod(0o755)
+    (tmp_path / "journal.json").write_text(json.dumps(JOURNAL[0]) + "\n")
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setattr(storage_log, "_JOURNAL_TIMEOUT", 0.5)
+    s, _ = _kernel_file_source(tmp_path, "journal")
+    t0 = time.monotonic()
+    got = s.collect().events
+    assert time.monotonic() - t0 < 5
+    assert [e.cid for e in got] == ["2:0"]
+    assert s._tailer.kmsg == {"cursor": JOURNAL[0]["__CURSOR"]}

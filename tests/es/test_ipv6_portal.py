@@ -1,10 +1,10 @@
 """An IPv6 portal end to end: one bracketed string in /metrics, `paths`, `diagnose` and Elasticsearch.
 
 Real pieces only. The test makes a network namespace joined to the host by a
-veth with unique-local IPv6 addresses (host end ``fd00:6b76:6d73:<n>::1``,
-namespace end ``::2``, ``nodad``; <n> from the test's pid), runs tgtd inside it
-listening on ``[fd00:6b76:6d73:<n>::2]:3260`` (its own control socket,
-``-C 6000+``; the lab uses 42) with one LUN on a file, and boots a stand-alone QEMU (TCG) whose
+veth with unique-local IPv6 addresses (host end ``fd00:6b76:6d73:6::1``,
+namespace end ``::2``, ``nodad``), runs tgtd inside it listening on
+``[fd00:6b76:6d73:6::2]:3260`` (its own control socket, ``-C 61``; the lab
+uses 42) with one LUN on a file, and boots a stand-alone QEMU (TCG) whose
 guest does O_DIRECT reads and writes on ``-drive
 file=iscsi://[fd00:6b76:6d73:6::2]:3260/IQN/1`` (QEMU's libiscsi: the qemu
 process owns the TCP connection), with a QMP socket the agent's qmp source
@@ -16,8 +16,8 @@ the session's real node) watches it; packet loss (ip6tables ``statistic``
 DROP at both receiving ends: INPUT inside the namespace for the target's
 side, the host's INPUT on the veth for the initiator's side) gives
 ``diagnose`` a finding about the portal. Then the very same
-``[fd00:6b76:6d73:<n>::2]:3260`` must be the portal in the /metrics labels,
-``paths --json`` and its table, ``vms --json`` and its table, ``diagnose --json`` and its text, and the
+``[fd00:6b76:6d73:6::2]:3260`` must be the portal in the /metrics labels,
+``paths --json`` and its table, ``diagnose --json`` and its text, and the
 documents' ``kvmscope.portal``; and no endpoint of the namespace's addresses
 may appear unbracketed anywhere (a bare address is right only in an IP
 field such as ECS ``destination.ip``).
@@ -47,12 +47,11 @@ from tests.conftest import ROOT, free_port, wait_for
 pytestmark = pytest.mark.slow
 
 KVMSCOPE_CMD = [sys.executable, "-m", "agent"]
-# one /64 and one tgtd control socket per test process, so two runs side by side never meet
-PREFIX = f"fd00:6b76:6d73:{os.getpid() % 0xffff + 1:x}"  # 6b76:6d73 = "kvms"
+PREFIX = "fd00:6b76:6d73:6"  # 6b76:6d73 = "kvms"
 HOST_ADDR, TARGET_ADDR = f"{PREFIX}::1", f"{PREFIX}::2"
 PORTAL = f"[{TARGET_ADDR}]:3260"
 IQN = "iqn.2026-11.io.kvmscope.test:ipv6-vda"
-TGT_CONTROL = 6000 + os.getpid() % 1000  # tgtd -C: /var/run/tgtd/socket.<N> (the lab's tgtd is 42)
+TGT_CONTROL = 61  # tgtd -C: /var/run/tgtd/socket.61 (the lab's tgtd is 42)
 VM_NAME, VM_UUID = "ipv6-vm", "6b766d73-0006-4a4a-9c9c-000000000006"
 LOSS = "0.08"  # random drop probability at each receiving end
 # an endpoint (address followed by :port) of the namespace's addresses written without brackets
@@ -266,11 +265,10 @@ def agent(tmp_path, es_node, namespace, vm):
             p.wait(5)
 
 
-def cli(cfg: Path, *args: str, ok=(0,), attached=True) -> str:
-    """A kvmscope command's stdout; attached: it read the running agent's snapshots (vms collects by itself)."""
+def cli(cfg: Path, *args: str, ok=(0,)) -> str:
     r = subprocess.run([*KVMSCOPE_CMD, "--config", str(cfg), *args], capture_output=True, text=True, timeout=90)
     assert r.returncode in ok, f"kvmscope {' '.join(args)}: rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-    assert ("attached to the running agent" in r.stderr) == attached, r.stderr
+    assert "attached to the running agent" in r.stderr, r.stderr  # the agent's view, not a second collection
     return r.stdout
 
 
@@ -309,12 +307,6 @@ def test_one_bracketed_ipv6_portal_in_metrics_paths_diagnose_and_elasticsearch(a
     table = cli(cfg, "paths")
     row = next(line for line in table.splitlines() if line.startswith(VM_NAME))
     assert PORTAL in row.split() and f"->{PORTAL}" in row
-
-    vms_json = cli(cfg, "vms", "--json", attached=False)
-    (disk,) = [d for d in json.loads(vms_json) if d["vm"] == VM_NAME]
-    assert (disk["backend"], disk["portal"]) == ("libiscsi", PORTAL), disk
-    vms_table = cli(cfg, "vms", attached=False)
-    assert PORTAL in next(line for line in vms_table.splitlines() if line.startswith(VM_NAME)).split()
 
     # loss on the path: diagnose names the portal
     loss()
@@ -375,7 +367,6 @@ def test_one_bracketed_ipv6_portal_in_metrics_paths_diagnose_and_elasticsearch(a
 
     # nowhere an unbracketed endpoint; a bare address only in IP fields
     outputs = {"metrics": text, "paths --json": cli(cfg, "paths", "--json"), "paths": table,
-               "vms --json": vms_json, "vms": vms_table,
                "diagnose --json": json.dumps(out), "diagnose": diag_text,
                "elasticsearch": json.dumps([h["_source"] for h in everything])}
     for name, body in outputs.items():

@@ -172,7 +172,10 @@ def test_status_json_shape(lab):
     assert st["tgtd"]["running"] is True
     assert [p["address"] for p in st["portals"]] == ["198.18.1.2", "198.18.2.2"]
     assert st["faults"] == {"loss_pct": {"1": 0.0, "2": 0.0},
-                            "throttle_iops": None, "offline_portals": []}
+                            "loss_direction": {"1": "both", "2": "both"},
+                            "throttle_iops": None, "throttle_iops_by_lun": {},
+                            "offline_portals": [], "shape_rate_kbit": {"1": None, "2": None},
+                            "flaps": {"down": [], "periods": []}}
     for vm in st["vms"]:
         assert vm["running"] and vm["load_progressing"], vm
         for d in vm["disks"]:

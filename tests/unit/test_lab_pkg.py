@@ -40,7 +40,7 @@ def test_subcommands_in_help_order(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bogus"])
     assert ("(choose from 'up', 'down', 'loss', 'throttle-target', 'target-offline', "
-            "'target-online', 'status')") in capsys.readouterr().err
+            "'target-online', 'shape', 'flap', 'status')") in capsys.readouterr().err
 
 
 def test_parse_defaults_and_options():
@@ -127,11 +127,16 @@ def test_front_is_the_package(tmp_path):
 
 # -- fault registry and iptables rules -----------------------------------------
 
+EMPTY_FAULTS = {"loss_pct": {"1": 0.0, "2": 0.0}, "loss_direction": {"1": "both", "2": "both"},
+                "throttle_iops": None, "throttle_iops_by_lun": {}, "offline_portals": [],
+                "shape_rate_kbit": {"1": None, "2": None}, "flaps": {"down": [], "periods": []}}
+
+
 def test_fault_registry():
-    assert [s.key for s in faults.FAULTS] == ["loss_pct", "throttle_iops", "offline_portals"]
-    assert faults.mechanisms() == [faults.IPTABLES, faults.BLKIO]
-    assert faults.empty_faults() == {"loss_pct": {"1": 0.0, "2": 0.0}, "throttle_iops": None,
-                                     "offline_portals": []}
+    assert [s.key for s in faults.FAULTS] == ["loss_pct", "throttle_iops", "offline_portals",
+                                              "shape_rate_kbit", "flaps"]
+    assert faults.mechanisms() == [faults.IPTABLES, faults.BLKIO, faults.TC]
+    assert faults.empty_faults() == EMPTY_FAULTS
     for m in faults.mechanisms():
         assert m.stage in (faults.NETWORK, faults.TARGET)
         assert callable(m.apply) and callable(m.clear)
@@ -279,8 +284,9 @@ def test_state_roundtrip(lab_dir):
     assert state.load_state() is None
     with pytest.raises(LabError, match=f"the lab is not up \\(no state in {lab_dir}\\)"):
         state.require_state()
-    st = state.empty_state()
-    assert st["faults"] == faults.empty_faults() and st["lab_dir"] == str(lab_dir)
+    assert state.empty_state()["faults"] == {}
+    st = state.empty_state(faults.empty_faults())
+    assert st["faults"] == EMPTY_FAULTS and st["lab_dir"] == str(lab_dir)
     assert (st["version"], st["vms"], st["tgtd_pid"]) == (1, [], None)
     st["faults"]["loss_pct"]["1"] = 5.0
     state.save_state(st)
@@ -395,7 +401,8 @@ def test_status_document_shape(lab_dir):
     p1, p2 = res["portals"]
     assert p1 == {"index": 1, "address": "198.18.1.2", "port": 3260, "host_addr": "198.18.1.1",
                   "host_if": "kvmslab-h1", "ns_if": "kvmslab-n1", "link_up": True,
-                  "loss_pct": 5.0, "offline": False}
+                  "loss_pct": 5.0, "loss_direction": "both", "offline": False,
+                  "shape_rate_kbit": None, "flap_down": False}
     assert (p2["link_up"], p2["offline"], p2["loss_pct"]) == (False, True, 0.0)
     vm = res["vms"][0]
     assert set(vm) == {"name", "index", "portal", "running", "load_progressing", "console", "disks"}
@@ -463,3 +470,321 @@ def test_imports_go_down_the_layers():
                     if name == "__doc__":
                         continue
                     assert LAYERS.index(name) > LAYERS.index(mod), f"{mod} imports {name}"
+
+
+# -- new fault shapes: shape, one-direction loss, flap, one-LUN throttle ------------
+
+def test_parse_new_subcommands():
+    p = cli.build_parser()
+    a = p.parse_args(["shape", "2mbit", "--portal", "1"])
+    assert (a.cmd, a.rate, a.portal) == ("shape", "2mbit", 1)
+    assert p.parse_args(["shape", "off"]).portal is None
+    a = p.parse_args(["loss", "5", "--portal", "2", "--direction", "to-host"])
+    assert (a.pct, a.portal, a.direction) == ("5", 2, "to-host")
+    assert p.parse_args(["loss", "5"]).direction == "both"
+    a = p.parse_args(["flap", "--portal", "2", "--down", "3.5"])
+    assert (a.portal, a.down, a.up, a.count) == (2, 3.5, 5.0, 1)
+    a = p.parse_args(["flap", "--portal", "1", "--down", "3", "--up", "7", "--count", "4"])
+    assert (a.up, a.count) == (7.0, 4)
+    a = p.parse_args(["throttle-target", "30", "--vm", "kvmslab-vm0"])
+    assert (a.iops, a.vm, a.lun) == ("30", "kvmslab-vm0", None)
+    assert p.parse_args(["throttle-target", "30", "--lun", "2"]).lun == "2"
+    assert p.parse_args(["throttle-target", "30"]).vm is None
+
+
+@pytest.mark.parametrize("argv", [
+    ["shape"], ["shape", "1mbit", "--portal", "3"], ["flap", "--down", "3"],
+    ["flap", "--portal", "1"], ["flap", "--portal", "1", "--down", "x"],
+    ["loss", "5", "--direction", "sideways"],
+    ["throttle-target", "5", "--vm", "a", "--lun", "b"]])
+def test_new_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert "usage: lab" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["shape", "flap", "loss", "throttle-target"])
+def test_new_subcommands_help_has_examples(cmd, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([cmd, "-h"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"lab {cmd} " in out
+
+
+@pytest.mark.parametrize("text,kbit", [("2mbit", 2000), ("500kbit", 500), ("1.5mbit", 1500),
+                                       ("1gbit", 1000000), (" 64KBIT ", 64), ("off", None),
+                                       ("0", None)])
+def test_parse_rate(text, kbit):
+    assert faults.parse_rate(text) == kbit
+
+
+@pytest.mark.parametrize("text,msg", [("2", "RATE must be a number with a unit"),
+                                      ("2mbps", "RATE must be a number with a unit"),
+                                      ("fast", "RATE must be a number with a unit"),
+                                      ("10kbit", "RATE must be between 64kbit and 10gbit"),
+                                      ("11gbit", "RATE must be between 64kbit and 10gbit")])
+def test_parse_rate_rejects(text, msg):
+    with pytest.raises(LabError, match=msg):
+        faults.parse_rate(text)
+
+
+def test_fmt_rate():
+    assert [faults.fmt_rate(k) for k in (2000, 500, 1500, 1000000)] == [
+        "2mbit", "500kbit", "1500kbit", "1gbit"]
+
+
+def test_tbf_params_queue_deep_bucket_small():
+    # 1 Mbit/s = 125000 B/s: a one-frame bucket, a queue of 2 s of traffic
+    assert faults.tbf_params(1000) == (1600, 250000)
+    assert faults.tbf_params(64) == (1600, 64 * 1024)            # floor of the queue
+    assert faults.tbf_params(1000000) == (250000, 16 * 1024 * 1024)  # 1 Gbit/s: capped queue
+
+
+def test_shape_cmds_both_ends_of_one_portal():
+    f = faults_with(shape_rate_kbit={"1": 2000, "2": None})
+    burst, limit = faults.tbf_params(2000)
+    tail = ["root", "tbf", "rate", "2000kbit", "burst", str(burst), "limit", str(limit)]
+    assert faults.shape_cmds(f) == [
+        (None, ["tc", "qdisc", "replace", "dev", "kvmslab-h1"] + tail),
+        ("kvmslab-stor", ["tc", "-n", "kvmslab-stor", "qdisc", "replace", "dev", "kvmslab-n1"]
+         + tail)]
+    assert faults.shape_cmds(faults.empty_faults()) == []
+    assert faults.unshape_cmd("kvmslab-stor", "kvmslab-n2") == [
+        "tc", "-n", "kvmslab-stor", "qdisc", "del", "dev", "kvmslab-n2", "root"]
+
+
+def test_has_tbf():
+    assert faults.has_tbf("qdisc tbf 8001: root refcnt 2 rate 2Mbit burst 1600b lat 1.0s \n")
+    assert not faults.has_tbf("qdisc noqueue 0: root refcnt 2 \n")
+    assert not faults.has_tbf("qdisc tbf 10: parent 1:1 rate 1Mbit\n")
+    assert not faults.has_tbf("")
+
+
+def comments(rules):
+    return [(ns, r[r.index("--comment") + 1]) for ns, r in rules]
+
+
+def test_loss_one_direction_only():
+    to_host = faults.drop_rules(faults_with(loss_pct={"1": 5.0, "2": 0.0},
+                                            loss_direction={"1": "to-host", "2": "both"}))
+    assert comments(to_host) == [(None, "kvmslab portal 1 loss 5% to-host")]
+    assert to_host[0][1][4:11] == ["-i", "kvmslab-h1", "-s", "198.18.1.2", "-p", "tcp", "--sport"]
+    to_target = faults.drop_rules(faults_with(loss_pct={"1": 0.0, "2": 2.0},
+                                              loss_direction={"1": "both", "2": "to-target"}))
+    assert comments(to_target) == [("kvmslab-stor", "kvmslab portal 2 loss 2% to-target")]
+    assert "-i" in to_target[0][1] and "kvmslab-n2" in to_target[0][1]
+    # a state written before directions existed means both
+    old = {"loss_pct": {"1": 1.0, "2": 0.0}, "throttle_iops": None, "offline_portals": []}
+    assert len(faults.drop_rules(faults.fill_defaults(old))) == 2
+
+
+def test_offline_and_flap_beat_one_direction_loss():
+    f = faults_with(loss_pct={"1": 5.0, "2": 5.0}, loss_direction={"1": "to-host", "2": "both"},
+                    offline_portals=[1], flaps={"down": [1, 2], "periods": []})
+    assert comments(faults.drop_rules(f)) == [
+        (None, "kvmslab portal 1 offline"), ("kvmslab-stor", "kvmslab portal 1 offline"),
+        (None, "kvmslab portal 2 flap down"), ("kvmslab-stor", "kvmslab portal 2 flap down")]
+    assert not any("statistic" in r for _, r in faults.drop_rules(f))
+
+
+LUNS = [vms.vm_record(i, {"loop": f"/dev/loop{i}", "loop_majmin": f"7:{i}"}) for i in range(3)]
+
+
+def test_throttle_plan_one_lun_beats_all():
+    assert faults.throttle_plan(faults.empty_faults(), LUNS) == {"7:0": 0, "7:1": 0, "7:2": 0}
+    f = faults_with(throttle_iops_by_lun={LUNS[0]["iqn"]: 30})
+    assert faults.throttle_plan(f, LUNS) == {"7:0": 30, "7:1": 0, "7:2": 0}
+    f = faults_with(throttle_iops=50, throttle_iops_by_lun={LUNS[2]["iqn"]: 10})
+    assert faults.throttle_plan(f, LUNS) == {"7:0": 50, "7:1": 50, "7:2": 10}
+
+
+def test_resolve_luns():
+    st = {"vms": LUNS}
+    assert faults.resolve_luns(st) == LUNS
+    assert faults.resolve_luns(st, vm="kvmslab-vm1") == [LUNS[1]]
+    assert faults.resolve_luns(st, vm="2") == [LUNS[2]]
+    assert faults.resolve_luns(st, lun=LUNS[0]["iqn"]) == [LUNS[0]]
+    assert faults.resolve_luns(st, lun="3") == [LUNS[2]]             # tid
+    assert faults.resolve_luns(st, lun="/dev/loop1") == [LUNS[1]]
+    with pytest.raises(LabError, match=r"--vm kvmslab-vm9: no such LUN in the lab \(LUNs: "
+                                       r"kvmslab-vm0 \(iqn"):
+        faults.resolve_luns(st, vm="kvmslab-vm9")
+
+
+# -- state transitions through the real subcommands (kernel mechanisms recorded) ----
+
+@pytest.fixture
+def up_lab(lab_dir, monkeypatch):
+    """A recorded 3-VM lab; each mechanism's apply() records the fault state it
+    was given instead of touching the kernel."""
+    applied = []
+    for m in (faults.IptablesDrops, faults.BlkioThrottle, faults.TcShaper):
+        monkeypatch.setattr(m, "apply", lambda self, st, m=m: applied.append(
+            (m.__name__, json.loads(json.dumps(st["faults"])))))
+    monkeypatch.setattr(faults, "check_root_and_binaries", lambda binaries=None: None)
+    st = state.empty_state(faults.empty_faults())
+    st["vms"], st["vm_count"] = LUNS, 3
+    state.save_state(st)
+    return applied
+
+
+def lab_main(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_loss_direction_transitions(up_lab):
+    assert lab_main("loss", 5, "--portal", 2, "--direction", "to-host") == 0
+    f = state.load_state()["faults"]
+    assert (f["loss_pct"], f["loss_direction"]) == ({"1": 0.0, "2": 5.0},
+                                                    {"1": "both", "2": "to-host"})
+    assert up_lab[-1][0] == "IptablesDrops" and up_lab[-1][1] == f
+    assert lab_main("loss", 3) == 0                  # default: both directions, both portals
+    f = state.load_state()["faults"]
+    assert f["loss_direction"] == {"1": "both", "2": "both"} and f["loss_pct"]["1"] == 3.0
+    assert lab_main("loss", 2, "--direction", "to-target") == 0
+    assert lab_main("loss", 0, "--portal", 1) == 0   # clearing resets the direction
+    f = state.load_state()["faults"]
+    assert f["loss_direction"] == {"1": "both", "2": "to-target"}
+
+
+def test_loss_on_a_state_from_before_directions(up_lab):
+    st = state.load_state()
+    for k in ("loss_direction", "shape_rate_kbit", "flaps", "throttle_iops_by_lun"):
+        del st["faults"][k]
+    state.save_state(st)
+    assert lab_main("loss", 1, "--portal", 1, "--direction", "to-host") == 0
+    assert state.load_state()["faults"] == dict(
+        EMPTY_FAULTS, loss_pct={"1": 1.0, "2": 0.0}, loss_direction={"1": "to-host", "2": "both"})
+
+
+def test_shape_transitions(up_lab, capsys):
+    assert lab_main("shape", "2mbit", "--portal", 1) == 0
+    assert state.load_state()["faults"]["shape_rate_kbit"] == {"1": 2000, "2": None}
+    assert up_lab[-1][0] == "TcShaper"
+    assert "portal 1 (198.18.1.2) 2mbit each way, portal 2 (198.18.2.2) off" in capsys.readouterr().err
+    assert lab_main("shape", "off") == 0
+    assert state.load_state()["faults"]["shape_rate_kbit"] == {"1": None, "2": None}
+    assert lab_main("shape", "2") == 1
+    assert "lab shape: error: RATE must be a number with a unit" in capsys.readouterr().err
+
+
+def test_throttle_one_lun_transitions(up_lab, capsys):
+    assert lab_main("throttle-target", 30, "--vm", "kvmslab-vm0") == 0
+    f = state.load_state()["faults"]
+    assert (f["throttle_iops"], f["throttle_iops_by_lun"]) == (None, {LUNS[0]["iqn"]: 30})
+    assert up_lab[-1][0] == "BlkioThrottle"
+    assert "kvmslab-vm0 LUN (/dev/loop0): throttled to 30 read IOPS" in capsys.readouterr().err
+    assert lab_main("throttle-target", 10, "--lun", "/dev/loop2") == 0
+    assert state.load_state()["faults"]["throttle_iops_by_lun"] == {LUNS[0]["iqn"]: 30,
+                                                                   LUNS[2]["iqn"]: 10}
+    assert lab_main("throttle-target", "off", "--vm", "0") == 0
+    assert state.load_state()["faults"]["throttle_iops_by_lun"] == {LUNS[2]["iqn"]: 10}
+    assert lab_main("throttle-target", 50) == 0      # one setting for all again
+    f = state.load_state()["faults"]
+    assert (f["throttle_iops"], f["throttle_iops_by_lun"]) == (50, {})
+    assert lab_main("throttle-target", 5, "--vm", "nope") == 1
+    assert "lab throttle-target: error: --vm nope: no such LUN" in capsys.readouterr().err
+
+
+class FakeClock:
+    def __init__(self, t=1_764_386_000.0):
+        self.t, self.sleeps = t, []
+
+    def now(self):
+        return self.t
+
+    def sleep(self, s):
+        self.sleeps.append(round(s, 3))
+        self.t += s
+
+
+def test_flap_records_each_down_period(up_lab, monkeypatch, capsys):
+    clock = FakeClock()
+    monkeypatch.setattr(faults, "now", clock.now)
+    monkeypatch.setattr(faults, "sleep", clock.sleep)
+    assert lab_main("flap", "--portal", 2, "--down", 3, "--up", 7, "--count", 2) == 0
+    assert clock.sleeps == [3.0, 7.0, 3.0]
+    # the drop rules follow: down, up, down, up
+    assert [a[1]["flaps"]["down"] for a in up_lab] == [[2], [], [2], []]
+    assert {a[0] for a in up_lab} == {"IptablesDrops"}
+    fl = state.load_state()["faults"]["flaps"]
+    assert fl["down"] == []
+    t0 = 1_764_386_000.0
+    assert [(p["portal"], p["n"], p["count"], p["start"], p["end"], p["seconds"])
+            for p in fl["periods"]] == [(2, 1, 2, t0, t0 + 3, 3.0), (2, 2, 2, t0 + 10, t0 + 13, 3.0)]
+    assert fl["periods"][0]["start_iso"] == "2025-11-29T03:13:20.000Z"
+    assert fl["periods"][0]["end_iso"] == "2025-11-29T03:13:23.000Z"
+    err = capsys.readouterr().err
+    assert "flap 1/2: portal 2 (198.18.2.2) DOWN at 2025-11-29T03:13:20.000Z for 3s" in err
+    assert "flap 2/2: portal 2 (198.18.2.2) UP at 2025-11-29T03:13:33.000Z (down 3.00s)" in err
+
+
+def test_flap_interrupted_brings_the_portal_back(up_lab, monkeypatch, capsys):
+    clock = FakeClock()
+
+    def interrupted(s):
+        clock.t += 1.25
+        assert state.load_state()["faults"]["flaps"]["periods"][0]["end"] is None  # open period
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(faults, "now", clock.now)
+    monkeypatch.setattr(faults, "sleep", interrupted)
+    assert lab_main("flap", "--portal", 1, "--down", 10) == 130
+    fl = state.load_state()["faults"]["flaps"]
+    assert fl["down"] == [] and [a[1]["flaps"]["down"] for a in up_lab] == [[1], []]
+    assert [(p["n"], p["seconds"]) for p in fl["periods"]] == [(1, 1.25)]
+    assert "lab flap: interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--down", "0"], "--down must be > 0 and <= 3600 seconds, got 0"),
+    (["--down", "5", "--up", "-1"], "--up must be between 0 and 3600 seconds, got -1"),
+    (["--down", "5", "--count", "0"], "--count must be between 1 and 1000, got 0")])
+def test_flap_argument_errors(up_lab, argv, msg, capsys):
+    assert lab_main("flap", "--portal", 1, *argv) == 1
+    assert f"lab flap: error: {msg}" in capsys.readouterr().err
+    assert up_lab == []
+
+
+def test_flap_needs_a_lab(lab_dir, monkeypatch, capsys):
+    monkeypatch.setattr(faults, "check_root_and_binaries", lambda binaries=None: None)
+    assert lab_main("flap", "--portal", 1, "--down", 1) == 1
+    assert "the lab is not up" in capsys.readouterr().err
+
+
+def test_target_online_ends_a_killed_flap(up_lab):
+    st = state.load_state()
+    st["faults"]["flaps"]["down"] = [1]
+    state.save_state(st)
+    assert lab_main("target-online", "--portal", 1) == 0
+    assert state.load_state()["faults"]["flaps"]["down"] == []
+
+
+def test_status_shows_new_faults(lab_dir):
+    f = faults_with(loss_pct={"1": 5.0, "2": 0.0}, loss_direction={"1": "to-host", "2": "both"},
+                    shape_rate_kbit={"1": None, "2": 1500}, throttle_iops_by_lun={LUNS[0]["iqn"]: 30},
+                    flaps={"down": [2], "periods": [
+                        {"id": "x", "portal": 2, "n": 1, "count": 2, "start": 1.0,
+                         "start_iso": "1970-01-01T00:00:01.000Z", "end": 4.5,
+                         "end_iso": "1970-01-01T00:00:04.500Z", "seconds": 3.5},
+                        {"id": "y", "portal": 2, "n": 2, "count": 2, "start": 9.0,
+                         "start_iso": "1970-01-01T00:00:09.000Z", "end": None,
+                         "end_iso": None, "seconds": None}]})
+    res = status.base_doc(1.0, f, True, {1: True, 2: True})
+    p1, p2 = res["portals"]
+    assert (p1["loss_direction"], p1["shape_rate_kbit"], p1["flap_down"]) == ("to-host", None, False)
+    assert (p2["loss_direction"], p2["shape_rate_kbit"], p2["flap_down"]) == ("both", 1500, True)
+    res["vms"] = [vms.vm_status(vm, {"disks": {}}, {"disks": {}, "state": None}, 0.0, False,
+                                (None, None)) for vm in LUNS[:2]]
+    status.annotate_throttles(res)
+    assert [vm["disks"][0]["target_throttle_iops"] for vm in res["vms"]] == [30, None]
+    assert "target_throttle_iops" not in res["vms"][0]["disks"][1]     # vdb: not a LUN
+    text = status.render_text(res).splitlines()
+    assert text[2].endswith("link up  loss 5%  online to-host")
+    assert text[3].endswith("link up  loss 0%  online  shaped 1500kbit  FLAP DOWN")
+    assert text[4:8] == [
+        "target throttle: off",
+        f"  LUN {LUNS[0]['iqn']}: 30 IOPS",
+        "flap portal 2 1/2: down 1970-01-01T00:00:01.000Z -> 1970-01-01T00:00:04.500Z (3.50s)",
+        "flap portal 2 2/2: down 1970-01-01T00:00:09.000Z -> (still down)"]

@@ -8,7 +8,9 @@ Builds, on one Linux machine (root needed):
   * N libvirt VMs (TCG) booting a Debian kernel + busybox initramfs that keeps
     a mixed O_DIRECT read/write load on vda (iSCSI LUN via QEMU's libiscsi)
     and vdb (raw file on the host block layer),
-and injects faults: packet loss per path, slow target storage, dead portal.
+and injects faults: packet loss per path (one direction or both), a
+rate-limited link with queueing, slow target storage (every LUN or one), a
+dead portal, short outages of a portal (flaps).
 
 One module per part: common (names, addresses, process helpers), state
 (state.json), network (namespace, veths), target (tgtd, LUNs, loop devices),

@@ -26,8 +26,13 @@ examples:
   lab loss 0                   # clear loss on both portals
   lab throttle-target 20       # target's backing loop devices: 20 r + 20 w IOPS
   lab throttle-target off
+  lab loss 5 --portal 2 --direction to-host   # only target -> host packets dropped
+  lab throttle-target 30 --vm kvmslab-vm0     # one LUN only
   lab target-offline --portal 2   # drop all traffic of portal 2
   lab target-online               # all portals answer again
+  lab shape 2mbit --portal 1      # portal 1's link: 2 Mbit/s, deep queue (RTT grows)
+  lab shape off
+  lab flap --portal 1 --down 10 --up 5 --count 3   # three 10 s outages (foreground)
   lab down                     # remove everything the lab made
 
 environment:
@@ -47,7 +52,7 @@ def cmd_up(args):
     os.makedirs(common.LAB_DIR, exist_ok=True)
     os.chmod(common.LAB_DIR, 0o755)
     if st is None:
-        st = empty_state()
+        st = empty_state(faults.empty_faults())
         save_state(st)
     t0 = time.monotonic()
 

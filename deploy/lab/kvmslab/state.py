@@ -2,7 +2,8 @@
 
 Written atomically (tmp + rename) after every step that creates something, so
 a failed `lab up` leaves a state that `lab down` can undo. Faults live here
-too ("faults", one key per fault shape): the fault mechanisms always rebuild
+too ("faults", the keys of every fault shape; keys of shapes newer than the
+file are filled in by faults.fill_defaults()): the fault mechanisms always rebuild
 the kernel's rules from this record, never edit them incrementally.
 """
 
@@ -17,13 +18,9 @@ STATE_FILE = "state.json"
 STATE_VERSION = 1
 
 
-def empty_faults():
-    return {"loss_pct": {"1": 0.0, "2": 0.0},
-            "throttle_iops": None,
-            "offline_portals": []}
-
-
-def empty_state():
+def empty_state(fault_defaults=None):
+    """A new lab's state; fault_defaults is faults.empty_faults() (this module
+    sits below faults, so the caller passes the shapes' defaults in)."""
     return {
         "version": STATE_VERSION,
         "created": time.time(),
@@ -34,7 +31,7 @@ def empty_state():
         "started_libvirtd": False,
         "started_virtlogd": False,
         "kernel": None,
-        "faults": empty_faults(),
+        "faults": dict(fault_defaults or {}),
     }
 
 

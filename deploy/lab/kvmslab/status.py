@@ -18,6 +18,7 @@ STATUS_SCHEMA = 1
 def base_doc(interval, fault_state, ns_exists, links_up):
     """The part of the document that does not need the lab to be up. Pure:
     links_up is {portal index: bool}."""
+    fault_state = faults.fill_defaults(dict(fault_state))
     return {
         "schema": STATUS_SCHEMA,
         "up": False,
@@ -32,7 +33,10 @@ def base_doc(interval, fault_state, ns_exists, links_up):
             "host_addr": p["host_addr"], "host_if": p["host_if"], "ns_if": p["ns_if"],
             "link_up": links_up[idx],
             "loss_pct": float(fault_state["loss_pct"].get(str(idx), 0) or 0),
+            "loss_direction": fault_state["loss_direction"].get(str(idx), faults.BOTH),
             "offline": idx in fault_state["offline_portals"],
+            "shape_rate_kbit": fault_state["shape_rate_kbit"].get(str(idx)),
+            "flap_down": idx in fault_state["flaps"]["down"],
         } for idx, p in PORTALS.items()],
         "vms": [],
         "faults": fault_state,
@@ -42,6 +46,8 @@ def base_doc(interval, fault_state, ns_exists, links_up):
 
 def collect_status(interval):
     st = load_state()
+    if st is not None:
+        faults.fill_defaults(st.setdefault("faults", {}))
     res = base_doc(interval, st["faults"] if st else faults.empty_faults(),
                    netns_exists(), {idx: link_exists(p["host_if"]) for idx, p in PORTALS.items()})
     if st is None:
@@ -58,6 +64,20 @@ def collect_status(interval):
         res[kind.state_key] = records
         all_ok = all_ok and kind_ok
     res["up"] = bool(all_ok)
+    annotate_throttles(res)
+    return res
+
+
+def annotate_throttles(res):
+    """Each iSCSI disk gets `target_throttle_iops`: the blkio limit of its
+    LUN's backing device from the fault state (null = none). Pure."""
+    per_lun = res["faults"].get("throttle_iops_by_lun") or {}
+    every = res["faults"].get("throttle_iops")
+    for kind in hosts.host_kinds():
+        for rec in res.get(kind.state_key, []):
+            for d in rec.get("disks", []):
+                if d.get("backend") == "iscsi":
+                    d["target_throttle_iops"] = per_lun.get(d.get("iqn"), every) or None
     return res
 
 
@@ -68,11 +88,24 @@ def render_text(res):
              f"{'present' if res['namespace']['exists'] else 'absent'}   "
              f"tgtd: {'running pid %s' % res['tgtd']['pid'] if res['tgtd']['running'] else 'not running'}"]
     for p in res["portals"]:
+        way = p.get("loss_direction", faults.BOTH)
+        extra = "".join([
+            f" {way}" if p["loss_pct"] and way != faults.BOTH else "",
+            f"  shaped {faults.fmt_rate(p['shape_rate_kbit'])}" if p.get("shape_rate_kbit") else "",
+            "  FLAP DOWN" if p.get("flap_down") else ""])
         lines.append(f"portal {p['index']}: {p['address']}:{p['port']} via {p['host_if']} "
                      f"(host {p['host_addr']}) link {'up' if p['link_up'] else 'absent'}  "
-                     f"loss {p['loss_pct']:g}%  {'OFFLINE' if p['offline'] else 'online'}")
+                     f"loss {p['loss_pct']:g}%  {'OFFLINE' if p['offline'] else 'online'}"
+                     + extra)
     thr = res["faults"]["throttle_iops"]
     lines.append(f"target throttle: {str(thr) + ' IOPS/device' if thr else 'off'}")
+    for iqn, iops in sorted((res["faults"].get("throttle_iops_by_lun") or {}).items()):
+        lines.append(f"  LUN {iqn}: {iops} IOPS")
+    for fl in res["faults"].get("flaps", {}).get("periods", [])[-5:]:
+        end = fl["end_iso"] or "(still down)"
+        took = f" ({fl['seconds']:.2f}s)" if fl["seconds"] is not None else ""
+        lines.append(f"flap portal {fl['portal']} {fl['n']}/{fl['count']}: down "
+                     f"{fl['start_iso']} -> {end}{took}")
     for vm in res["vms"]:
         lines.append(f"{vm['name']}: {'running' if vm['running'] else 'NOT running'}, load "
                      f"{'progressing' if vm['load_progressing'] else 'NOT progressing'} "

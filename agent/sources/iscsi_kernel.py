@@ -41,6 +41,7 @@ from typing import Callable
 
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
+from agent.records.addr import canonical_host
 from agent.records.iscsi import IscsiConnection, IscsiSession, IscsiSessions, ScsiDisk
 from agent.sources import SourceContext, register
 
@@ -177,19 +178,23 @@ def read_session(paths: HostPaths, sid: int) -> IscsiSession:
         initiator=_read(paths, base / "initiatorname"),
         host=host,
         netdev=None if netdev in (None, "", "default", "<NULL>") else netdev,
-        host_ipaddress=None if ipaddr in (None, "", "<NULL>") else ipaddr,
+        host_ipaddress=None if ipaddr in (None, "", "<NULL>") else canonical_host(ipaddr),
         connections=tuple(conns),
         disks=tuple(sorted(disks, key=lambda d: d.lun)),
     )
 
 
 def _read_connection(paths: HostPaths, cid: str) -> IscsiConnection:
+    # The kernel writes ``address`` with %pI6, all eight groups in full
+    # (drivers/scsi/libiscsi.c iscsi_conn_get_addr_param); iscsid writes
+    # ``persistent_address`` as the portal was given. Both enter in the
+    # inet_ntop form (canonical_host), the one inet_diag gives the socket.
     c = paths.sys("class", "iscsi_connection", f"connection{cid}")
     return IscsiConnection(
         cid=cid,
-        address=_read(paths, c / "address") or None,
+        address=canonical_host(_read(paths, c / "address")) or None,
         port=_int_or_none(_read(paths, c / "port")),
-        persistent_address=_read(paths, c / "persistent_address") or None,
+        persistent_address=canonical_host(_read(paths, c / "persistent_address")) or None,
         persistent_port=_int_or_none(_read(paths, c / "persistent_port")),
         local_port=_int_or_none(_read(paths, c / "local_port")),
         state=_read(paths, c / "state") or None,

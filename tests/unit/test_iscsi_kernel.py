@@ -249,3 +249,17 @@ def test_one_slow_session_others_keep_counters_and_rotate(tmp_path, fake_iscsiad
     assert all(s.stats is not None for s in data.sessions), [s.stats_error for s in data.sessions]
     assert (tmp_path / "calls").read_text().split() == ["3", "4", "1", "2"]
     assert data.iscsiadm is None
+
+
+def test_ipv6_session_in_the_kernels_full_form_is_canonical(tmp_path):
+    # libiscsi.c writes connection addresses with %pI6: all eight groups, zero-padded
+    full_target, full_host = "fd00:6b76:6d73:0006:0000:0000:0000:0002", "fd00:6b76:6d73:0006:0000:0000:0000:0001"
+    v6 = Sess(sid=3, host=9, target=T1, portal=full_target, ipaddress=full_host, local_port=41003, disk="sdd",
+              devno="8:48", lun=1)
+    build(tmp_path / "sys", [v6])
+    (s,) = source(tmp_path, runner_for({3: stats_text(v6)})).collect().sessions
+    import socket
+
+    inet_diag_dst = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, full_target))
+    assert s.connections[0].address == s.connections[0].persistent_address == inet_diag_dst == "fd00:6b76:6d73:6::2"
+    assert s.portal == "[fd00:6b76:6d73:6::2]:3260" and s.host_ipaddress == "fd00:6b76:6d73:6::1"

@@ -24,6 +24,7 @@ from agent.hostpaths import HostPaths
 from agent.records.vms import Vm, VmDisk
 from agent.sources import SourceContext
 from agent.sources.qmp_vms import QmpError, QmpSource, parse_blockstats
+from tests.fixtures.fake_qmp import answer_lines
 from tests.fuzz.mutate import JSON, mutated_bytes, mutated_json
 from tests.fuzz.typecheck import check
 
@@ -75,20 +76,7 @@ class FakeQmp:
                 return
             with conn:
                 greeting, answers = self.script
-                try:
-                    conn.sendall(greeting)
-                    buf = b""
-                    while True:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        buf += chunk
-                        while b"\n" in buf:
-                            req, _, buf = buf.partition(b"\n")
-                            cmd = json.loads(req)["execute"]
-                            conn.sendall(answers.get(cmd, line({"return": ANSWERS.get(cmd, {})})))
-                except OSError:
-                    pass
+                answer_lines(conn, greeting, lambda cmd: answers.get(cmd, line({"return": ANSWERS.get(cmd, {})})))
 
 
 _tmp = tempfile.TemporaryDirectory(prefix="kvmscope-fuzz-qmp-")

@@ -21,6 +21,7 @@ from agent.loop import Agent
 from agent.shipping.ecs import documents
 from agent.sources import SourceContext
 from agent.sources.qmp_vms import QmpSource, parse_blockstats
+from tests.fixtures.fake_qmp import answer_lines
 
 GOOD_STATS = {"rd_operations": 10, "rd_bytes": 40960, "rd_total_time_ns": 5_000_000, "wr_operations": 4,
               "wr_bytes": 16384, "wr_total_time_ns": 2_000_000, "flush_operations": 1, "flush_total_time_ns": 300,
@@ -50,26 +51,16 @@ class FakeQmp:
 
     def _serve(self, c):
         with c:
-            c.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
-            buf = b""
-            while True:
-                try:
-                    chunk = c.recv(65536)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                buf += chunk
-                while b"\n" in buf:
-                    line, _, buf = buf.partition(b"\n")
-                    cmd = json.loads(line)["execute"]
-                    if cmd == "qmp_capabilities":
-                        reply = '{"return": {}}'
-                    elif cmd in self.answers:
-                        reply = '{"return": ' + self.answers[cmd] + "}"  # raw JSON text: 10**400 is a literal
-                    else:
-                        reply = json.dumps({"error": {"class": "CommandNotFound", "desc": cmd}})
-                    c.sendall(reply.encode() + b"\n")
+            answer_lines(c, b'{"QMP": {"version": {}, "capabilities": []}}\n', self._reply)
+
+    def _reply(self, cmd: str) -> bytes:
+        if cmd == "qmp_capabilities":
+            reply = '{"return": {}}'
+        elif cmd in self.answers:
+            reply = '{"return": ' + self.answers[cmd] + "}"  # raw JSON text: 10**400 is a literal
+        else:
+            reply = json.dumps({"error": {"class": "CommandNotFound", "desc": cmd}})
+        return reply.encode() + b"\n"
 
     def close(self):
         self.stop.set()

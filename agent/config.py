@@ -107,8 +107,22 @@ class MetricsConfig(_Section):
     max_disks: int = Field(4000, ge=1, description="VM disks exported at most; the rest is counted as dropped")
     max_connections: int = Field(2000, ge=1, description="storage connections / remotes exported at most")
     max_label_length: int = Field(256, ge=16, le=4096, description="longer label values are cut (with a hash suffix)")
+    max_requests: int = Field(
+        8, ge=1, le=1000, description="connections served at once (per listener); more are answered 503")
+    request_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds one connection may take in all (slow clients are cut off)")
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class ApiConfig(_Section):
+    socket: str | None = Field(
+        "/run/kvmscope/api.sock",
+        description="unix socket serving the local API to the CLI (root only: directory 0700, socket 0600); "
+                    "null: none")
+    max_snapshots: int = Field(120, ge=1, le=100_000, description="snapshots one API request returns at most")
+    max_response_bytes: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024, description="JSON bytes one API response holds at most (newest kept)")
 
 
 class StorageConfig(_Section):
@@ -256,6 +270,7 @@ class Config(_Section):
     diagnose: DiagnoseConfig = Field(default_factory=DiagnoseConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     ebpf: EbpfConfig = Field(default_factory=EbpfConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
 
 
 # --------------------------------------------------------------------------

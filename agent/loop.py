@@ -6,7 +6,10 @@ recorded as failed with its reason; one that overruns is recorded as failed
 ("timed out") and the cycle completes on time anyway. Python cannot kill a
 thread, so a hung source keeps its worker: the next cycle does not start it
 again until it returns (reported as "still running since ..."), which keeps
-a hung QMP socket or libvirt call from piling up threads.
+a hung QMP socket or libvirt call from piling up threads. Each run is a daemon
+thread of its own (not a pool worker: ``concurrent.futures`` joins its workers
+at interpreter exit, so one source stuck for good in a read of a FIFO or a
+hung NFS file would hold the stopping agent until systemd's SIGKILL).
 
 The loop keeps the latest snapshot and a bounded ring of recent ones
 (``agent.history``) for diagnosis and the local API.
@@ -19,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Callable, Iterable
 
 from agent.errors import NoData
@@ -63,7 +66,6 @@ class Agent:
         self.hostname = hostname or socket.gethostname()
         self._clock = clock
         self._mono = monotonic
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.sources)), thread_name_prefix="source")
         self._inflight: dict[str, tuple[Future, float]] = {}
         self._lock = threading.Lock()
         self._history: deque[Snapshot] = deque(maxlen=history)
@@ -93,6 +95,20 @@ class Agent:
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             return Status.FAILED, None, reason, self._mono() - start
 
+    def _start(self, src: Source) -> Future:
+        """Run the source in a daemon thread of its own; its result arrives in the returned future."""
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+
+        def work():
+            try:
+                fut.set_result(self._run_source(src))
+            except BaseException as e:  # _run_source catches Exception; this is SystemExit & co.
+                fut.set_exception(e)
+
+        threading.Thread(target=work, name=f"source-{src.name}", daemon=True).start()
+        return fut
+
     def collect_once(self) -> Snapshot:
         t0_wall, t0 = self._clock(), self._mono()
         started: dict[str, Future] = {}
@@ -109,7 +125,7 @@ class Agent:
                     _dropped(src),
                 )
                 continue
-            fut = self._pool.submit(self._run_source, src)
+            fut = self._start(src)
             self._inflight[src.name] = (fut, t0)
             started[src.name] = fut
         wait(started.values(), timeout=self.timeout)
@@ -159,10 +175,22 @@ class Agent:
                 delay = 0
             stop.wait(delay)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, grace: float = 1.0) -> None:
+        """Close every source. One still running (hung) is closed from a daemon thread given
+        ``grace`` seconds: its close() may unblock it, or hang as well; either way the process can exit."""
         for src in self.sources:
-            try:
-                src.close()
-            except Exception:
-                log.debug("closing %s failed", src.name, exc_info=True)
+            prev = self._inflight.get(src.name)
+            if prev and not prev[0].done():
+                log.warning("source %s still running at exit (since %.1fs)", src.name, self._mono() - prev[1])
+                t = threading.Thread(target=self._close_one, args=(src,), name=f"close-{src.name}", daemon=True)
+                t.start()
+                t.join(grace)
+                continue
+            self._close_one(src)
+
+    @staticmethod
+    def _close_one(src: Source) -> None:
+        try:
+            src.close()
+        except Exception:
+            log.debug("closing %s failed", src.name, exc_info=True)

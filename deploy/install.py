@@ -162,12 +162,13 @@ def render_unit(lay: Layout) -> str:
     text = unit_template().read_text()
     text = text.replace("/etc/kvmscope/config.yaml", str(lay.config))
     text = text.replace(DEFAULTS["prefix"], str(lay.prefix))
-    # StateDirectory= and friends only name directories under /var/lib, /var/log, /etc.
-    dirs = {"ConfigurationDirectory": "config_dir", "StateDirectory": "state_dir", "LogsDirectory": "log_dir"}
+    # StateDirectory= and friends only name directories under /var/lib, /var/log, /etc, /run.
+    dirs = {"ConfigurationDirectory": "config_dir", "StateDirectory": "state_dir", "LogsDirectory": "log_dir",
+            "RuntimeDirectory": "run_dir"}
     rw = []
     for opt, key in dirs.items():
         if not lay.is_default(key):
-            text = re.sub(rf"^{opt}=.*\n", "", text, flags=re.M)
+            text = re.sub(rf"^{opt}(Mode)?=.*\n", "", text, flags=re.M)
             if key != "config_dir":
                 rw.append(str(getattr(lay, key)))
     if rw:

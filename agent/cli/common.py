@@ -18,6 +18,18 @@ def load_config(ctx: typer.Context, override: str | None = None) -> tuple[Config
     return config_mod.load(path)
 
 
+def check_config(ctx: typer.Context | None, path: str | None = None) -> tuple[Config, str]:
+    """Load the configuration and check what loading alone does not: the collector names, and that
+    /metrics is not served beyond loopback unprotected. Raises ConfigError (exit 2)."""
+    from agent.exporters.server import check_exposure
+    from agent.sources import selected
+
+    cfg, origin = load_config(ctx, path) if ctx is not None else config_mod.load(path)
+    selected(cfg)
+    check_exposure(cfg.metrics)
+    return cfg, origin
+
+
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
@@ -54,13 +66,24 @@ def health_notes(snaps, names: list[str]) -> None:
 
 
 def attached_snapshots(ctx, cfg, **params):
-    """Snapshots from a running agent on metrics.listen, or None (standalone, or none answers)."""
-    if (ctx.obj or {}).get("standalone") or not cfg.metrics.enabled:
+    """Snapshots from the running agent on its unix socket ``api.socket``, or None: ``--standalone``,
+    no socket configured, or no trusted agent there (the reason goes to stderr). Never a TCP port:
+    while the agent is down any local user could bind it and feed made-up snapshots."""
+    if (ctx.obj or {}).get("standalone"):
         return None
-    from agent.api import agent_url, fetch_snapshots
+    if not cfg.api.socket:
+        msg("note: api.socket is null: not attaching to a running agent; collecting in-process")
+        return None
+    from agent.api import NotAttached, fetch_snapshots
 
-    base = agent_url(cfg.metrics.listen)
-    snaps = fetch_snapshots(base, timeout=1.0, **params)
-    if snaps is not None:
-        msg(f"attached to the running agent at {base}")
+    try:
+        snaps, headers = fetch_snapshots(cfg.api.socket, timeout=5.0, **params)
+    except NotAttached as e:
+        msg(f"{e}: collecting in-process (--standalone to skip looking)")
+        return None
+    msg(f"attached to the running agent on {cfg.api.socket}")
+    left_out = headers.get("X-Kvmscope-Left-Out")
+    if left_out:
+        msg(f"note: the agent left out the {left_out} oldest snapshot(s) of what was asked "
+            "(api.max_snapshots, api.max_response_bytes)")
     return snaps

@@ -7,7 +7,7 @@ import yaml
 
 from agent import config as config_mod
 from agent.cli import app, examples
-from agent.cli.common import load_config, msg, print_json
+from agent.cli.common import check_config, load_config, msg, print_json
 from agent.sources import selected
 
 config_app = typer.Typer(
@@ -21,7 +21,7 @@ app.add_typer(config_app, name="config")
 @config_app.command("check", epilog=examples("kvmscope config check ./config.yaml && echo ok"))
 def check(path: str = typer.Argument(..., metavar="PATH", help="YAML file to validate")):
     """Validate a configuration file (with environment overrides applied). Exit 0 if valid, 2 if not."""
-    cfg, origin = config_mod.load(path)
+    cfg, origin = check_config(None, path)
     names = [s.name for s in selected(cfg)]
     msg(f"{path}: valid ({origin}); collectors: {', '.join(names) or 'none'}")
 

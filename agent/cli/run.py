@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from agent import __version__, sdnotify
 from agent.cli import app, examples
-from agent.cli.common import load_config, msg
+from agent.cli.common import check_config, load_config, msg
 from agent.config import _check_listen
-from agent.errors import ConfigError
+from agent.errors import ConfigError, KvmscopeError
 from agent.engine import build_agent
 from agent.loop import Agent
 from agent.records.addr import fmt_endpoint
@@ -105,6 +105,9 @@ def run(
     """Run the agent in the foreground: collect every interval and serve /metrics. Stop with Ctrl-C or SIGTERM."""
     cfg, origin = load_config(ctx)
     _apply_options(cfg, listen, interval)
+    from agent.exporters.server import check_exposure
+
+    check_exposure(cfg.metrics)  # before anything starts: never serve the host's inventory unprotected
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = build_agent(cfg, owns_state=not once)  # the agent owns the log read positions; --once does not move them
     msg(f"kvmscope {__version__}: configuration from {origin}")
@@ -121,7 +124,7 @@ def run(
             shipping.stop()
         agent.close()
         raise
-    stop = _stop_on_signals()
+    stop = _stop_on_signals(lambda: _recheck_config(ctx), cfg.elasticsearch.stop_timeout + STOP_GRACE)
     watchdog = _start_systemd(cfg, agent)
     if not quiet:
         agent.on_snapshot.append(_console_lines(shipping))
@@ -137,6 +140,7 @@ def run(
             server.stop()
         agent.close()
     msg("stopped")
+    _exit_without_stragglers()
 
 
 def _apply_options(cfg, listen: str | None, interval: float | None) -> None:
@@ -205,9 +209,9 @@ def _start_live_diagnosis(cfg, agent: Agent, shipping, quiet: bool):
 
 
 def _start_server(cfg, agent: Agent, shipping, live):
-    """The HTTP server (/metrics, the API) with the shipper's and the live diagnosis' renderers added;
-    None when ``metrics.enabled`` is off."""
-    if not cfg.metrics.enabled:
+    """The HTTP server (/metrics, the API; when ``metrics.enabled``) and the API's unix socket (when
+    ``api.socket``), with the shipper's and the live diagnosis' renderers added; None when neither."""
+    if not (cfg.metrics.enabled or cfg.api.socket):
         return None
     from agent.exporters.registry import load_renderers
     from agent.exporters.server import MetricsServer
@@ -222,24 +226,94 @@ def _start_server(cfg, agent: Agent, shipping, live):
 
         renderers = renderers.with_snapshot(shipping_renderer(shipping.health))
     server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history,
-                                       renderers=renderers).start()
+                                       renderers=renderers, api=cfg.api).start()
     agent.on_snapshot.append(server.prerender)  # the scrape after a cycle then costs ~1 ms
-    h, p = server.address[:2]
-    msg(f"serving {server.scheme}://{fmt_endpoint(h, p)}/metrics")
+    if server.address is not None:
+        h, p = server.address[:2]
+        msg(f"serving {server.scheme}://{fmt_endpoint(h, p)}/metrics")
+    if server.api_socket is not None:
+        msg(f"serving the local API on {server.api_socket.path} (root only; what `kvmscope top|diagnose|paths` attach to)")
+    elif server.api_socket_error:
+        msg(f"warning: {server.api_socket_error}; carrying on without it (CLI commands collect in-process)")
     return server
 
 
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT."""
+# seconds the shutdown may take beyond elasticsearch.stop_timeout before the process exits anyway
+# (below the unit's TimeoutStopSec=30s, so systemd never has to SIGKILL)
+STOP_GRACE = 10.0
+# seconds left, once everything is stopped, to threads that are not ours to stop (a QMP query or a bcc
+# compile in flight in a library's pool) before the process exits without them
+STRAGGLER_GRACE = 2.0
+
+
+def _stop_on_signals(on_hup, deadline: float) -> threading.Event:
+    """An event set by SIGTERM or SIGINT, which also arm a final deadline: ``deadline`` seconds
+    later the process exits whatever still runs (exit 1). SIGHUP calls ``on_hup`` (in a thread of
+    its own) and does not stop the agent."""
     stop = threading.Event()
 
     def _stop(signum, _frame):
         msg(f"{signal.Signals(signum).name}: stopping")
+        if not stop.is_set():
+            threading.Thread(target=_final_deadline, args=(deadline,), name="stop-deadline", daemon=True).start()
         stop.set()
+
+    def _hup(_signum, _frame):
+        threading.Thread(target=on_hup, name="sighup", daemon=True).start()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _hup)
     return stop
+
+
+def _final_deadline(seconds: float) -> None:
+    time.sleep(seconds)
+    msg(f"shutdown did not finish within {seconds:g}s ({_straggler_names() or 'no thread named'}): exiting now")
+    _hard_exit(1)
+
+
+def _straggler_names() -> str:
+    return ", ".join(t.name for t in threading.enumerate()
+                     if t.is_alive() and not t.daemon and t is not threading.main_thread())
+
+
+def _exit_without_stragglers() -> None:
+    """Everything of ours is stopped; threads of libraries' pools that are still busy (and that the
+    interpreter would join at exit, for as long as they take) get STRAGGLER_GRACE seconds."""
+    end = time.monotonic() + STRAGGLER_GRACE
+    for t in threading.enumerate():
+        if t.is_alive() and not t.daemon and t is not threading.main_thread():
+            t.join(max(0.0, end - time.monotonic()))
+    left = _straggler_names()
+    if left:
+        msg(f"exiting without waiting for: {left}")
+        _hard_exit(0)
+
+
+def _hard_exit(code: int) -> None:
+    import os
+    import sys
+
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _recheck_config(ctx) -> None:
+    """SIGHUP: check the configuration file again and say so. The running agent keeps the configuration
+    it started with (a changed one is applied by a restart, after ExecStartPre= checked it)."""
+    try:
+        _cfg, origin = check_config(ctx)
+    except KvmscopeError as e:
+        msg(f"SIGHUP: {e}; keeping the running configuration")
+        return
+    msg(f"SIGHUP: {origin} is valid; kvmscope applies a changed configuration when restarted "
+        "(systemctl restart kvmscope); keeping the running configuration until then")
 
 
 def _start_systemd(cfg, agent: Agent):

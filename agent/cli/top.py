@@ -156,21 +156,22 @@ class _RemoteAgent:
     """The running agent's latest snapshot, with the same face as an in-process Agent."""
 
     def __init__(self, ctx, cfg):
-        from agent.api import agent_url
-
-        self.base = agent_url(cfg.metrics.listen)
+        self.socket = cfg.api.socket
         self.seq = None
 
     def collect_once(self):
         """The agent's next snapshot (waits for one newer than the last returned)."""
-        from agent.api import fetch_snapshots
+        from agent.api import NotAttached, fetch_snapshots
         from agent.errors import KvmscopeError
 
         deadline = time.monotonic() + 120
         while True:
-            snaps = fetch_snapshots(self.base, timeout=2.0, last=1)
+            try:
+                snaps, _ = fetch_snapshots(self.socket, timeout=5.0, last=1)
+            except NotAttached as e:
+                raise KvmscopeError(f"the running agent stopped answering: {e}") from None
             if not snaps:
-                raise KvmscopeError(f"the running agent at {self.base} stopped answering")
+                raise KvmscopeError(f"the running agent on {self.socket} has no snapshot")
             if snaps[-1].seq != self.seq or time.monotonic() > deadline:
                 self.seq = snaps[-1].seq
                 return snaps[-1]

@@ -54,6 +54,9 @@ CLIENT_AUTH = {
 # against it (RequireAnyClientCert behaves as RequireAndVerifyClientCert, RequestClientCert as
 # VerifyClientCertIfGiven): stricter, never looser.
 UNVERIFIED_CLIENT_AUTH = ("RequireAnyClientCert", "RequestClientCert")
+# client certificates required and verified against client_ca_file: authentication enough to serve
+# beyond loopback (agent.exporters.server.check_exposure)
+VERIFIED_CLIENT_AUTH = ("RequireAndVerifyClientCert", "RequireAnyClientCert")
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
     "TLS11": ssl.TLSVersion.TLSv1_1,

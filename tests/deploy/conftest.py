@@ -79,6 +79,7 @@ class Install:
 
     def config_text(self, extra: str = "") -> str:
         return (f"metrics:\n  listen: 127.0.0.1:{self.port}\n"
+                f"api:\n  socket: {self.paths['run_dir'] / 'api.sock'}\n"
                 f"elasticsearch:\n  spool_dir: {self.paths['state_dir'] / 'spool'}\n"
                 f"storage_log:\n  state_dir: {self.paths['state_dir'] / 'storage_log'}\n"
                 f"file_output:\n  enabled: true\n  path: {self.paths['log_dir'] / 'kvmscope.ndjson'}\n" + extra)

@@ -61,7 +61,8 @@ def test_role_applies_idempotently_and_registers_with_prometheus(bundle, install
         **{f"kvmscope_{k}": str(v) for k, v in inst.paths.items()},
         "kvmscope_bin_link": "none",
         "kvmscope_cache_dir": str(inst.base / "cache"),
-        "kvmscope_metrics_listen": f"127.0.0.1:{inst.port}",
+        # the role's default listen address (loopback) is what runs; only the port is the test's
+        "kvmscope_metrics_port": inst.port,
         "kvmscope_thresholds": {"slow_ms": 7},
         "kvmscope_prometheus_host": "localhost",
         "kvmscope_file_sd_dir": str(sd_dir),
@@ -148,6 +149,14 @@ def test_role_applies_idempotently_and_registers_with_prometheus(bundle, install
         else:
             assert "interval" in p.stdout, p.stdout[-3000:]
     assert yaml.safe_load((inst.paths["config_dir"] / "config.yaml").read_text())["agent"]["interval"] == 5
+    assert inst.pid() == new_pid
+
+    # a loopback target is never registered with a Prometheus on another host (it would scrape itself)
+    vf.write_text(json.dumps({**variables, "kvmscope_prometheus_host": "prometheus.example"}))
+    p = subprocess.run([str(ansible_bin("ansible-playbook")), "-i", str(inventory), "-e", f"@{vf}",
+                        str(ANSIBLE_DIR / "site.yml")], cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode != 0 and "cannot scrape it" in p.stdout, p.stdout[-3000:]
     assert inst.pid() == new_pid
 
     # removal, data included

@@ -54,6 +54,7 @@ def spec_from_unit(unit: dict, **override) -> dict:
     rw = svc.get("ReadWritePaths", "").split()
     rw += [f"/var/lib/{d}" for d in svc.get("StateDirectory", "").split()]
     rw += [f"/var/log/{d}" for d in svc.get("LogsDirectory", "").split()]
+    rw += [f"/run/{d}" for d in svc.get("RuntimeDirectory", "").split()]
     spec = {
         "read_only_all": svc.get("ProtectSystem") == "strict",
         "read_write": [p for p in rw if os.path.isdir(p)],
@@ -109,6 +110,7 @@ def test_security_exposure_is_low_and_documented(installed):
 def test_agent_runs_with_probes_under_the_units_sandbox(installed, installer, tmp_path):
     unit = unit_of(installed, installer)
     argv = installer.exec_line(unit["Service"]["ExecStart"][-1])
+    installed.paths["run_dir"].mkdir(exist_ok=True)  # what RuntimeDirectory=/kvmscope-install make
     spec = spec_from_unit(unit)
     notify = installed.base / "notify.sock"  # not in /tmp: PrivateTmp= hides the test's /tmp from the agent
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -152,6 +154,12 @@ def test_agent_runs_with_probes_under_the_units_sandbox(installed, installer, tm
         assert m["kvmscope_shipping_file_documents_total"] > 0  # writes to its ReadWritePaths work
         out = installed.paths["log_dir"] / "kvmscope.ndjson"
         assert out.stat().st_size > 0
+        # the local API on its root-only socket in the run directory, attachable from outside the sandbox
+        from agent.api import fetch_snapshots
+
+        api_sock = installed.paths["run_dir"] / "api.sock"
+        assert oct(api_sock.lstat().st_mode & 0o777) == "0o600"
+        assert fetch_snapshots(str(api_sock), last=1)[0][0].host_tcp is not None
         print(f"\nunder the unit's sandbox: {ready.strip()!r}; probes attached; "
               f"{int(m['kvmscope_shipping_file_documents_total'])} documents written to {out}")
     finally:

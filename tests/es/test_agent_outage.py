@@ -54,6 +54,7 @@ class Agent:
         self.cfg.write_text(yaml.safe_dump({
             "agent": {"interval": 0.5, "collectors": {"disable": sorted(set(load_registry()) - keep)}},
             "metrics": {"listen": f"127.0.0.1:{self.port}"},
+            "api": {"socket": str(tmp_path / "api.sock")},  # not /run/kvmscope's
             "elasticsearch": {"enabled": True, "hosts": [es_url], "namespace": namespace,
                               "spool_dir": str(tmp_path / "spool"), "retry_initial": 0.2, "retry_max": 1.0,
                               "request_timeout": 5, "stop_timeout": 3},

@@ -17,12 +17,15 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KVMSCOPE_"
 
 
 def start_agent(port: int, *extra: str) -> subprocess.Popen:
+    import tempfile
+
+    sock = os.path.join(tempfile.mkdtemp(prefix="kvmscope-test-run-"), "api.sock")  # not /run/kvmscope's
     return subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{port}", "--interval", "0.5", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=CLEAN_ENV,
+        env=dict(CLEAN_ENV, KVMSCOPE_API__SOCKET=sock),
     )
 
 

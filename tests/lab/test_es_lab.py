@@ -41,6 +41,7 @@ def test_lab_documents_and_reconnect_lines(lab, es_node, tmp_path):  # noqa: F81
     cfg = {
         "agent": {"interval": 1, "collectors": {"disable": ["ebpf_block_io", "ebpf_tcp_lifecycle"]}},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "api": {"socket": str(tmp_path / "api.sock")},  # not /run/kvmscope's
         "elasticsearch": {"enabled": True, "hosts": [es_node.url], "namespace": ns,
                           "spool_dir": str(tmp_path / "spool")},
         "storage_log": {"qemu_logs": ["/var/log/libvirt/qemu/kvmslab-*.log"], "kernel_logs": [],

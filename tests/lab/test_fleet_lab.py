@@ -13,7 +13,10 @@ in both agents: tracepoints fire for every namespace and would mix the hosts.
 
 Prometheus (Debian, 127.0.0.1, 2 s scrape) uses the example file_sd
 relabeling of deploy/prometheus/prometheus.yml, so the hosts are named
-127.0.0.1 (A) and 198.18.20.2 (B). Three phases, each judged by the real CLI
+127.0.0.1 (A) and 198.18.20.2 (B). Host B listens beyond loopback, which the
+agent allows only with TLS and authentication: both agents serve HTTPS with
+basic auth (a CA, a server certificate and a bcrypt hash made here), and
+Prometheus scrapes them as the example job does (https, CA, basic_auth). Three phases, each judged by the real CLI
 (`kvmscope fleet --window 20s --json`) once the window holds only that phase:
 
 1. clean: every path clean, exit 0;
@@ -82,6 +85,35 @@ def prom_query(base, expr):
         body = json.loads(r.read())
     assert body["status"] == "success", body
     return body["data"]["result"]
+
+
+def make_web_config(tmp) -> dict:
+    """A CA, a server certificate for both agents' addresses, a bcrypt password: the agents' web
+    config and the Prometheus job's https + basic_auth settings."""
+    import bcrypt
+
+    d = tmp / "pki"
+    d.mkdir()
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    (d / "san.ext").write_text(f"subjectAltName=IP:127.0.0.1,IP:{B_ADDR}\n")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+            "-subj", "/CN=kvmscope fleet test CA", "-keyout", "ca.key", "-out", "ca.crt")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=agent",
+            "-keyout", "server.key", "-out", "server.csr")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "1", "-extfile", "san.ext", "-out", "server.crt")
+    password = os.urandom(12).hex()
+    (d / "password").write_text(password)
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(10)).decode()
+    (d / "web.yml").write_text(yaml.safe_dump({
+        "tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"},
+        "basic_auth_users": {"prometheus": hashed}}))
+    return {"web_config": str(d / "web.yml"),
+            "scrape": {"scheme": "https", "tls_config": {"ca_file": str(d / "ca.crt")},
+                       "basic_auth": {"username": "prometheus", "password_file": str(d / "password")}}}
 
 
 def build_host_b(tmp):
@@ -199,9 +231,12 @@ def fleet(lab, tmp_path_factory):
                                           "-i", f"iqn.2025-01.io.kvmscope.lab:host-b-{i + 1}",
                                           f"iscsi://{portal}:3260/{IQN}/1"])
         port_a, port_b, port_p = free_port(), free_port(), free_port()
+        web = make_web_config(tmp)
         for name, extra in (("a", []), ("b", ["libvirt", "qmp", "storage_log"])):
             (tmp / f"agent-{name}.yaml").write_text(yaml.safe_dump(
-                {"agent": {"collectors": {"disable": EBPF_OFF + extra}}}))
+                {"agent": {"collectors": {"disable": EBPF_OFF + extra}},
+                 "metrics": {"web_config": web["web_config"]},
+                 "api": {"socket": str(tmp / f"agent-{name}" / "api.sock")}}))
         spawn("agent-a", [sys.executable, "-m", "agent", "-c", tmp / "agent-a.yaml", "--standalone", "run",
                           "--listen", f"127.0.0.1:{port_a}", "--interval", "1", "-q"])
         spawn("agent-b", ["ip", "netns", "exec", NS, sys.executable, "-m", "agent", "-c", tmp / "agent-b.yaml",
@@ -215,6 +250,7 @@ def fleet(lab, tmp_path_factory):
                        "scrape_timeout": "1s"},
             "scrape_configs": [{
                 "job_name": example["job_name"],
+                **web["scrape"],
                 "file_sd_configs": [{"files": [str(tmp / "targets" / "*.json")], "refresh_interval": "5s"}],
                 "relabel_configs": example["relabel_configs"],
             }],

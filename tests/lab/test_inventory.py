@@ -140,7 +140,8 @@ def test_odd_vm_name_survives_tables_json_and_metrics(odd_vm):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{port}", "--interval", "1", "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(ENV, KVMSCOPE_API__SOCKET=f"/tmp/kvmscope-inventory-{os.getpid()}/api.sock"))
     try:
         body = ""
         for _ in range(60):

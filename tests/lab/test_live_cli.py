@@ -91,3 +91,34 @@ def test_diagnose_healthy_exit_zero(lab):
     r = kvmscope("diagnose", "--window", "6s")
     assert r.returncode == 0, r.stdout
     assert "no problems found" in r.stdout
+
+
+def test_diagnose_attached_to_a_running_agent_over_its_socket(lab, tmp_path):
+    """The attach path on the live lab: a real agent serving its root-only socket, `diagnose` (no
+    --standalone) reads its history through it and finds the injected loss."""
+    from agent.api import fetch_snapshots
+    from tests.conftest import free_port, wait_for
+
+    sock = tmp_path / "run" / "api.sock"
+    env = dict(ENV, KVMSCOPE_API__SOCKET=str(sock), KVMSCOPE_METRICS__LISTEN=f"127.0.0.1:{free_port()}")
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--interval", "1", "-q"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: fetch_snapshots(str(sock), last=1)[0][0].data.get("ebpf_tcp_retrans") is not None,
+                 90, "the agent's probes, through its socket")
+        lab.run("loss", 5, "--portal", 1)
+        try:
+            time.sleep(9)
+            r = subprocess.run([sys.executable, "-m", "agent", "diagnose", "--window", "8s", "--json"],
+                               capture_output=True, text=True, env=env, timeout=120)
+        finally:
+            lab.run("loss", 0)
+    finally:
+        agent.terminate()
+        err = agent.communicate(timeout=30)[1]
+    assert f"attached to the running agent on {sock}" in r.stderr, r.stderr
+    assert "sampling" not in r.stderr
+    rep = json.loads(r.stdout)
+    assert r.returncode == 3 and rep["window"]["snapshots"] >= 6
+    assert [f["rule"] for f in rep["findings"] if f["severity"] != "info"] == ["packet_loss"], rep["findings"]
+    assert agent.returncode == 0 and not sock.exists(), err

@@ -82,7 +82,8 @@ def stack(lab, tmp_path_factory):
     agent_log = open(tmp / "agent.log", "w")
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{agent_port}", "--interval", "1"],
-        stdout=agent_log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        stdout=agent_log, stderr=subprocess.STDOUT, env=dict(ENV, KVMSCOPE_API__SOCKET=str(tmp / "api.sock")),
+        cwd=ROOT)
     # the fleet example's relabeling and file_sd, pointed at the local agent
     example = yaml.safe_load(EXAMPLE.read_text())["scrape_configs"][0]
     (tmp / "targets").mkdir()

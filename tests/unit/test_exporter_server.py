@@ -385,3 +385,125 @@ def test_snapshots_api_behind_tls_with_client_certificates(pki, server):
             _get(port, path="/api/v1/snapshots?last=1", scheme="https", ctx=_client_ctx(pki, cert))
     with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
         _get(port, path="/api/v1/snapshots?last=1")  # plain HTTP
+
+
+# -- exposure beyond loopback (issue 16 #1) --------------------------------------
+def _cli(*args):
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMSCOPE_")}
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("listen", ["10.20.30.40:9847", ":9847", "0.0.0.0:9847", "[::]:9847", "[2001:db8::1]:9847"])
+def test_non_loopback_listen_without_web_config_is_refused(tmp_path, listen):
+    from agent.exporters.server import check_exposure
+
+    with pytest.raises(ConfigError, match="beyond loopback") as e:
+        check_exposure(MetricsConfig(listen=listen))
+    assert "TLS" in str(e.value) and "authentication" in str(e.value)
+    with pytest.raises(ConfigError):  # the agent itself refuses to start: nothing is bound
+        MetricsServer.from_config(MetricsConfig(listen=listen), latest)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"metrics:\n  listen: '{listen}'\n")
+    r = _cli("config", "check", str(cfg))
+    assert r.returncode == 2 and "beyond loopback" in r.stderr, r.stderr
+    r = _cli("-c", str(cfg), "run", "--once")
+    assert r.returncode == 2 and "beyond loopback" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9847", "127.0.0.9:9847", "[::1]:9847", "localhost:9847"])
+def test_loopback_listen_needs_no_web_config(listen):
+    from agent.exporters.server import check_exposure
+
+    assert check_exposure(MetricsConfig(listen=listen)) is None
+
+
+def test_non_loopback_needs_tls_and_authentication(pki):
+    from agent.exporters.server import check_exposure
+
+    tls = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+    users = f"basic_auth_users:\n  prom: '{_hash('pw')}'\n"
+    certs = tls + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n"
+    optional = tls + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: ca.crt\n"
+    cases = {"tls-only": (tls, "without authentication"), "auth-only": (users, "without TLS"),
+             "optional-certs": (optional, "without authentication"),
+             "tls+auth": (tls + users, None), "verified-certs": (certs, None)}
+    for name, (text, refused) in cases.items():
+        (pki / f"{name}.yml").write_text(text)
+        m = MetricsConfig(listen="10.20.30.40:9847", web_config=str(pki / f"{name}.yml"))
+        if refused:
+            with pytest.raises(ConfigError, match=refused):
+                check_exposure(m)
+        else:
+            assert check_exposure(m) is not None, name
+
+
+# -- what one request may cost (issue 16 #1) ----------------------------------------
+def _big_history(n):
+    from agent.records.snapshot import SourceHealth, Status
+
+    return [Snapshot(i + 1, 1000.0 + i, "h", 0.0, data={},
+                     health={"x": SourceHealth("x", Status.OK, 0.01, "y" * 2000)}) for i in range(n)]
+
+
+def test_snapshots_per_request_are_capped_newest_kept(server):
+    import json
+
+    from agent.api import ApiLimits
+
+    hist = _big_history(50)
+    port = server(history=lambda: hist, api_limits=ApiLimits(max_snapshots=5)).address[1]
+    code, body, headers = _get(port, path="/api/v1/snapshots?last=50")
+    assert code == 200 and [s["seq"] for s in json.loads(body)] == [46, 47, 48, 49, 50]
+    assert headers["X-Kvmscope-Left-Out"] == "45"
+    code, body, headers = _get(port, path="/api/v1/snapshots")  # no query: the latest only
+    assert [s["seq"] for s in json.loads(body)] == [50] and "X-Kvmscope-Left-Out" not in headers
+    code, body, _ = _get(port, path="/api/v1/snapshots?last=2")
+    assert [s["seq"] for s in json.loads(body)] == [49, 50]
+
+
+def test_response_size_is_capped(server):
+    import json
+
+    from agent.api import ApiLimits
+
+    hist = _big_history(50)  # ~2.2 KB each
+    port = server(history=lambda: hist, api_limits=ApiLimits(max_snapshots=50, max_response_bytes=10_000)).address[1]
+    code, body, headers = _get(port, path="/api/v1/snapshots?last=50")
+    seqs = [s["seq"] for s in json.loads(body)]
+    assert code == 200 and len(body) <= 10_000 and 2 <= len(seqs) < 10 and seqs[-1] == 50
+    assert int(headers["X-Kvmscope-Left-Out"]) == 50 - len(seqs)
+
+
+def test_concurrent_connections_are_capped_with_503_and_slow_clients_cut_off(server):
+    import socket
+    import time
+
+    s = server(max_requests=2, request_timeout=1.5)
+    port = s.address[1]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]  # say nothing
+    time.sleep(0.3)
+    code, body, headers = _get(port)
+    assert code == 503 and "too many" in body and headers["Retry-After"] == "1"
+    # a client trickling a byte at a time is cut off at the deadline, not kept while it trickles
+    t0 = time.monotonic()
+    idle[0].sendall(b"G")
+    for ch in b"ET /metrics HTTP/1.0\r\n":
+        try:
+            idle[0].sendall(bytes([ch]))
+        except OSError:
+            break
+        time.sleep(0.1)
+    for sk in idle:
+        sk.settimeout(5)
+        try:
+            assert sk.recv(100) == b""  # closed by the server
+        except ConnectionResetError:
+            pass
+    assert time.monotonic() - t0 < 4
+    time.sleep(0.3)
+    assert _get(port)[0] == 200  # the slots are free again
+    for sk in idle:
+        sk.close()

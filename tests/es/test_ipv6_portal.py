@@ -237,6 +237,7 @@ def agent(tmp_path, es_node, namespace, vm):
     cfg.write_text(yaml.safe_dump({
         "agent": {"interval": 1.0, "collectors": {"disable": sorted(set(load_registry()) - keep)}},
         "metrics": {"listen": f"[::1]:{port}"},
+        "api": {"socket": str(tmp_path / "api.sock")},  # the CLI below attaches here, not to /run/kvmscope's
         "qmp": {"sockets": [vm["qmp_glob"]]},
         "diagnose": {"window_seconds": 10},  # the agent's live diagnosis: findings in /metrics and shipped
         "elasticsearch": {"enabled": True, "hosts": [es_node.url], "namespace": namespace,

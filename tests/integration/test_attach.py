@@ -205,3 +205,24 @@ def test_odd_json_from_the_agent_is_a_clear_message(tmp_path, body):
     assert "Traceback" not in r.stderr
     assert f"the agent on {sock} answered something that is not kvmscope's snapshot JSON" in r.stderr
     assert "collecting in-process" in r.stderr
+
+
+def test_attaches_when_metrics_need_a_password(tmp_path):
+    """With metrics.web_config (basic auth) the CLI used to fail to attach, silently, and load a second
+    copy of the probes; the socket does not depend on it."""
+    import bcrypt
+
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  prom: '{bcrypt.hashpw(b'pw', bcrypt.gensalt(4)).decode()}'\n")
+    sock = tmp_path / "run" / "api.sock"
+    env = dict(_env(sock, free_port()), KVMSCOPE_METRICS__WEB_CONFIG=str(web))
+    p = subprocess.Popen([sys.executable, "-m", "agent", "run", "--interval", "0.5", "-q"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(fetch_snapshots(str(sock), last=2)[0]) >= 2, 30, "two snapshots on the socket")
+        r = cli(env, "paths", "--json")
+    finally:
+        p.terminate()
+        p.wait(15)
+    assert r.returncode == 0, r.stderr
+    assert f"attached to the running agent on {sock}" in r.stderr

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -16,10 +17,11 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("KVMSCOPE_"
 
 
 
-def start_agent(port: int, *extra: str) -> subprocess.Popen:
-    import tempfile
+SOCK_DIR = tempfile.TemporaryDirectory(prefix="kvmscope-test-run-")  # removed when the run ends
 
-    sock = os.path.join(tempfile.mkdtemp(prefix="kvmscope-test-run-"), "api.sock")  # not /run/kvmscope's
+
+def start_agent(port: int, *extra: str) -> subprocess.Popen:
+    sock = os.path.join(SOCK_DIR.name, f"api-{port}.sock")  # not /run/kvmscope's
     return subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{port}", "--interval", "0.5", *extra],
         stdout=subprocess.PIPE,

@@ -29,10 +29,18 @@ def test_down_leaves_nothing_behind(lab):
     started_virtlogd = st["libvirt"]["virtlogd_started_by_lab"]
     libvirtd_pid = read_pid("libvirtd.pid") if started_libvirtd else None
     virtlogd_pid = read_pid("virtlogd.pid") if started_virtlogd else None
+    # faults in force when the lab goes down: `down` must remove them too
+    lab.run("shape", "1mbit", "--portal", 1)
+    lab.run("throttle-target", 20, "--vm", st["vms"][0]["name"])
+    assert re.search(r"^qdisc tbf .* root", sh("tc", "qdisc", "show", "dev", "kvmslab-h1"), re.M)
+    assert re.search(r"^qdisc tbf .* root", sh("tc", "-n", "kvmslab-stor", "qdisc", "show",
+                                               "dev", "kvmslab-n1"), re.M)
     lab.close()
 
-    lab.run("down")
+    down = lab.run("down")
     lab.down_done = True
+    assert "removing tc tbf on kvmslab-h1" in down.stderr, down.stderr
+    assert "removing tc tbf on kvmslab-n1 in kvmslab-stor" in down.stderr, down.stderr
 
     def alive(pid):
         try:
@@ -49,6 +57,10 @@ def test_down_leaves_nothing_behind(lab):
     # iptables
     rules = sh("iptables", "-S")
     assert "KVMSLAB" not in rules, rules
+    # tc: no qdisc on a lab link is left (the links are gone, and with them
+    # their tbf; `down` removes the tbf first)
+    qdiscs = sh("tc", "qdisc", "show")
+    assert "kvmslab" not in qdiscs, qdiscs
     # tgtd
     assert tgtd_pid and not alive(tgtd_pid), f"tgtd {tgtd_pid} still alive"
     for pid in filter(str.isdigit, os.listdir("/proc")):

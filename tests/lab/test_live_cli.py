@@ -103,9 +103,17 @@ def test_diagnose_attached_to_a_running_agent_over_its_socket(lab, tmp_path):
     env = dict(ENV, KVMSCOPE_API__SOCKET=str(sock), KVMSCOPE_METRICS__LISTEN=f"127.0.0.1:{free_port()}")
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--interval", "1", "-q"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def probes_up():
+        h = fetch_snapshots(str(sock), last=1)[0][0].health.get("ebpf_tcp_retrans")
+        assert h is not None and h.status.value == "ok", f"ebpf_tcp_retrans: {h}"  # the reason, if it times out
+        return True
+
     try:
-        wait_for(lambda: fetch_snapshots(str(sock), last=1)[0][0].data.get("ebpf_tcp_retrans") is not None,
-                 90, "the agent's probes, through its socket")
+        try:
+            wait_for(probes_up, 240, "the agent's retransmit probe, through its socket")
+        except AssertionError as e:
+            agent.terminate()
+            raise AssertionError(f"{e}\nagent: {agent.communicate(timeout=30)[1][-2000:]}") from None
         lab.run("loss", 5, "--portal", 1)
         try:
             time.sleep(9)

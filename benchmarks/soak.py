@@ -218,6 +218,7 @@ class AgentProc:
         self.cfg.write_text(json.dumps({  # JSON is YAML
             "agent": {"interval": interval},
             "metrics": {"listen": f"127.0.0.1:{self.port}"},
+            "api": {"socket": str(work / "api.sock")},  # not /run/kvmscope's (a kill -9 leaves it stale)
             "elasticsearch": {"enabled": True, "hosts": [es_url], "namespace": namespace,
                               "spool_dir": str(self.spool), "retry_max": 5, "request_timeout": 10},
             "file_output": {"enabled": True, "path": str(self.file_out), "max_bytes": 256 * 1024 * 1024, "keep": 20},

@@ -82,8 +82,10 @@ def record_types() -> dict[str, type]:
 
     out = {}
     for name, info in load_registry().items():
+        # an eBPF source returns what its probe reads (ProbeSource.collect is generic)
+        fn = getattr(getattr(info.factory, "probe_class", None), "read", None) or info.factory.collect
         try:
-            out[name] = typing.get_type_hints(info.factory.collect)["return"]
+            out[name] = typing.get_type_hints(fn)["return"]
         except Exception:
             continue
     return out

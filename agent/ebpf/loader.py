@@ -39,6 +39,7 @@ from agent.ebpf.requirements import (
     ensure_tracefs,
 )
 from agent.hostpaths import HostPaths
+from agent.records.ebpf import ProbeStats
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +62,6 @@ UNAVAILABLE = "unavailable"
 FAILED = "failed"
 LOADING = "loading"
 CLOSED = "closed"
-
-
-@dataclass
-class ProbeStats:
-    """What a probe reports about itself (cumulative since it was loaded)."""
-
-    events: int = 0  # tracepoint hits the probe handled (its own in-kernel counters)
-    lost: int = 0  # events it could not account for (see each probe's docstring)
-    run_time_ns: int = 0  # kernel time in the probe's programs (BPF stats)
-    run_cnt: int = 0  # program runs counted while BPF stats were on
-    per_program: dict[str, dict[str, int]] = field(default_factory=dict)
-    timed: bool = True  # False when BPF stats could not be switched on (no CAP_SYS_ADMIN): run_* unknown
-
-    @property
-    def ns_per_event(self) -> float | None:
-        return self.run_time_ns / self.run_cnt if self.run_cnt else None
-
-    def as_dict(self) -> dict:
-        return {
-            "events": self.events,
-            "lost": self.lost,
-            "run_time_ns": self.run_time_ns,
-            "run_cnt": self.run_cnt,
-            "ns_per_event": None if self.ns_per_event is None else round(self.ns_per_event, 1),
-            "programs": self.per_program,
-        }
 
 
 @dataclass

@@ -1,12 +1,39 @@
 """What the eBPF probes report each cycle (sources: ebpf_block_io, ebpf_tcp_retrans, ebpf_tcp_lifecycle).
 
-``probe`` holds the loader's ProbeStats (run time and count of the BPF
-programs); it is typed ``object`` so this layer does not import the loader.
+``probe`` holds the probe's ProbeStats (its events, losses, and the run time
+and count of its BPF programs), so that it survives the local API and
+recordings as a record, not a plain mapping.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass
+class ProbeStats:
+    """What a probe reports about itself (cumulative since it was loaded)."""
+
+    events: int = 0  # tracepoint hits the probe handled (its own in-kernel counters)
+    lost: int = 0  # events it could not account for (see each probe's docstring)
+    run_time_ns: int = 0  # kernel time in the probe's programs (BPF stats)
+    run_cnt: int = 0  # program runs counted while BPF stats were on
+    per_program: dict[str, dict[str, int]] = field(default_factory=dict)
+    timed: bool = True  # False when BPF stats could not be switched on (no CAP_SYS_ADMIN): run_* unknown
+
+    @property
+    def ns_per_event(self) -> float | None:
+        return self.run_time_ns / self.run_cnt if self.run_cnt else None
+
+    def as_dict(self) -> dict:
+        return {
+            "events": self.events,
+            "lost": self.lost,
+            "run_time_ns": self.run_time_ns,
+            "run_cnt": self.run_cnt,
+            "ns_per_event": None if self.ns_per_event is None else round(self.ns_per_event, 1),
+            "programs": self.per_program,
+        }
 
 
 # log2 latency slots of the block probe (-DSLOT_MAX of probes/block_io.h)
@@ -43,7 +70,7 @@ class BlockIoData:
     processes: tuple[BlockProcess, ...]
     totals: dict[str, int]
     slot_max: int = SLOT_MAX
-    probe: object = None
+    probe: ProbeStats | None = None
     tracepoints: tuple[str, ...] = field(default_factory=tuple)
 
     def histogram(self, device: str, op: str, kind: str = "total") -> BlockHistogram | None:
@@ -95,7 +122,7 @@ class TcpRetransData:
     totals: dict[str, int]  # kind -> cumulative count, all connections
     events: tuple[TcpRetransEvent, ...]  # new since the previous read
     stream_dropped: int
-    probe: object = None  # ProbeStats
+    probe: ProbeStats | None = None
     tracepoints: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -144,5 +171,5 @@ class TcpLifecycleData:
     live: tuple[LiveConn, ...]
     events: tuple[ConnEvent, ...]
     totals: dict[str, int]
-    probe: object = None
+    probe: ProbeStats | None = None
     tracepoints: tuple[str, ...] = field(default_factory=tuple)

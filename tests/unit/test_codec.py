@@ -107,3 +107,28 @@ def test_recording_whose_snapshots_do_not_fit(tmp_path):
     for text in ('{"kvmscope_recording": 1}', '{"kvmscope_recording": 1, "snapshots": [[]]}'):
         with pytest.raises(KvmscopeError, match="not a kvmscope recording|does not fit"):
             load_recording(io.StringIO(text))
+
+
+def test_ebpf_records_survive_the_api_round_trip():
+    """The local API and recordings carry the probes' data as records (the decoder used to drop it:
+    ProbeSource.collect has no return type), with their ProbeStats a record too."""
+    import json
+
+    from agent import codec
+    from agent.records.ebpf import BlockHistogram, BlockIoData, ProbeStats, TcpConnection, TcpRetransData
+    from agent.records.snapshot import Snapshot, SourceHealth, Status
+
+    stats = ProbeStats(events=12, lost=1, run_time_ns=5000, run_cnt=10, per_program={"tcp:x": {"run_cnt": 10}})
+    conn = TcpConnection("ipv4", "10.0.0.1", 40000, "10.0.0.2", 3260, True, 5, 0, 1, 0, "ESTABLISHED",
+                         ("ESTABLISHED",), 123)
+    retrans = TcpRetransData(connections=(conn,), storage={("10.0.0.2", 3260): {"retransmits": 5}},
+                             other={"retransmits": 1}, totals={"retransmits": 6}, events=(), stream_dropped=0,
+                             probe=stats)
+    block = BlockIoData(histograms=(BlockHistogram("sda", 8, 0, "read", "total", {3: 2, 4: 1}, 3, 90, 12288),),
+                        processes=(), totals={"issued": 3}, probe=stats)
+    snap = Snapshot(1, 1700000000.0, "h", 0.1, {"ebpf_tcp_retrans": retrans, "ebpf_block_io": block},
+                    {"ebpf_tcp_retrans": SourceHealth("ebpf_tcp_retrans", Status.OK, 0.01)})
+    back = codec.snapshot_from_json(json.loads(json.dumps(codec.snapshot_to_json(snap))))
+    assert back.data["ebpf_tcp_retrans"] == retrans
+    assert back.data["ebpf_block_io"] == block
+    assert back.data["ebpf_block_io"].probe.ns_per_event == 500.0

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit fuzz bench-probes soak dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz disk-faults bench-probes soak dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -22,6 +22,11 @@ unit: setup-test
 # the short 'ci' profile. FUZZ_ARGS e.g. FUZZ_ARGS='-k netlink'
 fuzz: setup-test
 	HYPOTHESIS_PROFILE=long $(VENV)/bin/python -m pytest -m fuzz tests/fuzz --durations=0 $(FUZZ_ARGS)
+
+# The disk-fault proof on its own (also part of make test): a real agent with its spool
+# on a 4 MiB tmpfs filled (ENOSPC), remounted read-only, then freed; see docs/reliability.md.
+disk-faults: setup-test
+	KVMSCOPE_REQUIRE_REAL=1 $(VENV)/bin/python -m pytest -p no:cacheprovider -v tests/es/test_disk_faults.py $(PYTEST_ARGS)
 
 # Benchmarks (not tests): results go to docs/performance.md. Root needed.
 bench-probes: setup-test

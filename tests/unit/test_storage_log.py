@@ -5,6 +5,7 @@ libvirtd.qemu) and a virtlogd-style rename rotate them, across agent restarts.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -477,15 +478,23 @@ esac
 '''
 
 
-def test_kernel_events_from_the_journal_only_with_the_trusted_transport(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_journal(tmp_path, monkeypatch):
+    """A stand-in `journalctl` first on PATH that serves the returned file (one JSON entry a line) and
+    logs its arguments to tmp_path/args."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "journalctl").write_text(FAKE_JOURNALCTL)
     (bindir / "journalctl").chmod(0o755)
     data = tmp_path / "journal.json"
-    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     monkeypatch.setenv("JOURNAL_DATA", str(data))
     monkeypatch.setenv("JOURNAL_ARGS", str(tmp_path / "args"))
+    return data
+
+
+def test_kernel_events_from_the_journal_only_with_the_trusted_transport(tmp_path, fake_journal):
+    data = fake_journal
     data.write_text(json.dumps(JOURNAL[0]) + "\n")
     s, _ = _kernel_file_source(tmp_path, "journal")
     s.cfg.start_at_end = True
@@ -514,15 +523,8 @@ def test_only_the_agent_moves_the_positions_no_module_state(tmp_path):
     assert [s.persist_positions for s in build_agent(cfg, ["storage_log"], owns_state=True).sources] == [True]
 
 
-def test_the_journal_is_read_in_bounded_steps_and_always_moves_on(tmp_path, monkeypatch):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "journalctl").write_text(FAKE_JOURNALCTL)
-    (bindir / "journalctl").chmod(0o755)
-    data = tmp_path / "journal.json"
-    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
-    monkeypatch.setenv("JOURNAL_DATA", str(data))
-    monkeypatch.setenv("JOURNAL_ARGS", str(tmp_path / "args"))
+def test_the_journal_is_read_in_bounded_steps_and_always_moves_on(tmp_path, fake_journal):
+    data = fake_journal
     entries = [dict(JOURNAL[0], __CURSOR=f"s=7e1f0c;i={i:x};b=4f9d", MESSAGE=f"connection{i}:0: ping timeout")
                for i in range(1, 8)]
     data.write_text("".join(json.dumps(e) + "\n" for e in entries))

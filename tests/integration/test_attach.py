@@ -175,7 +175,8 @@ def test_socket_served_by_another_user_is_not_believed(tmp_path):
     d = Path(tempfile.mkdtemp(prefix="kvmscope-impostor-"))  # under /tmp: reachable for nobody
     os.chown(d, 65534, 65534)
     sock = d / "api.sock"
-    imp = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(sock)], stdout=subprocess.PIPE, text=True,
+    # stdlib only: the system interpreter, which nobody can run wherever the checkout (and its venv) lives
+    imp = subprocess.Popen(["/usr/bin/python3", "-c", IMPOSTOR, str(sock)], stdout=subprocess.PIPE, text=True,
                            user=65534, group=65534, env=CLEAN_ENV, cwd="/")
     try:
         assert imp.stdout.readline().strip() == "ready"

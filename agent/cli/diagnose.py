@@ -16,7 +16,7 @@ from agent.diagnose.rules import describe_rules
 from agent.engine import build_agent
 from agent.errors import KvmscopeError
 
-DIAG_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces", "host_tcp"]
+DIAG_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces", "host_tcp", "multipath"]
 
 
 def _parse_duration(text: str) -> float:

@@ -11,7 +11,7 @@ from agent.engine import collect_now
 from agent.records.addr import fmt_endpoint
 from agent.records.rates import mean_latency_ms
 
-PATH_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces"]
+PATH_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces", "multipath"]
 
 
 @app.command(epilog=examples("kvmscope sessions", "kvmscope sessions --json | jq '.[] | select(.state != \"LOGGED_IN\")'"))

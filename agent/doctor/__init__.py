@@ -39,7 +39,7 @@ EXIT_COULD_NOT_RUN = 1
 EXIT_PROBLEMS = 3  # same convention as `kvmscope diagnose`
 
 # the sources a doctor run collects (in-process, once)
-SOURCES = ["iscsi_kernel", "block_devices", "net_ifaces", "libvirt", "qmp", "storage_tcp"]
+SOURCES = ["iscsi_kernel", "block_devices", "net_ifaces", "libvirt", "qmp", "storage_tcp", "multipath"]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ keeps it so).
 * ``iscsi``: IscsiSession(s), IscsiConnection, ScsiDisk
 * ``tcp``: TcpInfo, StorageConnection(s), HostTcpCounters
 * ``block``: BlockDevice(s); ``net``: NetIface(s)
+* ``multipath``: Multipath, MultipathMap, MultipathGroup, MultipathPath (dm-multipath)
 * ``storage_log``: StorageLogEvent(s), the storage-path log lines
 * ``ebpf``: the probes' data (block I/O histograms, TCP retransmits, TCP lifecycle)
 * ``paths``: StoragePath and the pure join ``build_paths``

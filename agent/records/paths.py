@@ -14,6 +14,10 @@ A pure join over one snapshot's records (no I/O):
   session gives one path per leg. The session's connection is joined to its
   TCP socket by local port + portal (the kernel's socket has no owner
   process).
+* Multipath: when the device is a dm-multipath map, each leg carries the
+  map's view of it (``path_state`` active/failed as the kernel uses it,
+  ``checker_state`` as multipathd's checker last saw it) and the map's count
+  of usable paths, so a VM disk shows which of its paths carry its I/O.
 * Interface: the host interface holding the connection's source address.
 
 Every link that cannot be made says why in ``unknown``.
@@ -46,6 +50,9 @@ class StoragePath:
     host_device: str | None = None  # sdX or dm-N under a host-backed disk
     scsi_device: str | None = None  # sdX leg of a multipath device
     multipath: str | None = None  # dm name
+    path_state: str | None = None  # this leg in its multipath map: active | failed (kernel dm state)
+    checker_state: str | None = None  # multipathd's path checker: ready | faulty | ghost ...
+    map_active_paths: int | None = None  # usable paths of the map right now
     connection: str | None = None  # SRC:SPORT->DST:DPORT
     tcp_state: str | None = None
     rtt_seconds: float | None = None
@@ -89,7 +96,7 @@ def build_paths(snap: Snapshot, if_addrs: dict[str, str] | None = None) -> list[
             if disk.backend == "libiscsi":
                 out.extend(_libiscsi_paths(base, vm, disk, by_pid.get(vm.pid, ()), have_tcp, if_addrs))
             elif disk.backend == "host":
-                out.extend(_host_paths(base, disk, blockdevs, sessions, conns, if_addrs))
+                out.extend(_host_paths(base, disk, blockdevs, sessions, conns, if_addrs, snap.multipath))
             else:
                 out.append(StoragePath(backend=disk.backend, unknown=(f"backend {disk.kind!r} not followed further",), **base))
     return out
@@ -150,7 +157,16 @@ def _is_ip(h: str) -> bool:
         return False
 
 
-def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs) -> list[StoragePath]:
+def _mp_fields(mpdata, mp: str | None, leg: str) -> dict:
+    """The leg's state in its multipath map (from the multipath source), when both are known."""
+    m = mpdata.by_name(mp) if mpdata is not None and mp else None
+    p = m.path(leg) if m is not None else None
+    if p is None:
+        return {}
+    return dict(path_state=p.dm_state, checker_state=p.checker_state, map_active_paths=m.active_paths)
+
+
+def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs, mpdata=None) -> list[StoragePath]:
     common = dict(base, backend="host")
     if disk.host_devno is None:
         return [StoragePath(unknown=(f"cannot stat {disk.source!r}: host device unknown",), **common)]
@@ -173,6 +189,7 @@ def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs) -> lis
                     host_device=name,
                     scsi_device=leg if leg != name else None,
                     multipath=mp,
+                    **_mp_fields(mpdata, mp, leg),
                     unknown=() if not sessions else (f"{leg} is not an iSCSI disk",),
                 )
             )
@@ -189,6 +206,7 @@ def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs) -> lis
             portal=s.portal,
             session=s.sid,
             session_state=s.state,
+            **_mp_fields(mpdata, mp, leg),
         )
         c0 = s.connections[0] if s.connections else None
         conn = None

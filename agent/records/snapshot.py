@@ -5,7 +5,7 @@ health and the records the sources returned (keyed by source name in
 ``data``, the form recordings store). Outputs read the records through the
 typed accessors below, never by source name: ``snap.vms`` (libvirt and QMP
 together), ``snap.iscsi_sessions``, ``snap.storage_connections``,
-``snap.host_tcp``, ``snap.block_devices``, ``snap.interfaces``, the eBPF
+``snap.host_tcp``, ``snap.block_devices``, ``snap.multipath``, ``snap.interfaces``, the eBPF
 data, and ``snap.paths``: the storage paths joined once per snapshot.
 Outputs register against an accessor by reference (``@renderer(Snapshot.host_tcp)``,
 see :mod:`agent.marks`); :func:`accessor_name` checks that it is one.
@@ -22,6 +22,7 @@ from typing import Any
 from agent.records.block import BlockDevices
 from agent.records.ebpf import BlockIoData, TcpLifecycleData, TcpRetransData
 from agent.records.iscsi import IscsiSession, IscsiSessions
+from agent.records.multipath import Multipath, MultipathMap
 from agent.records.net import NetIfaces
 from agent.records.paths import StoragePath, build_paths
 from agent.records.storage_log import StorageLogEvents
@@ -132,6 +133,15 @@ class Snapshot:
     @property
     def interfaces(self) -> NetIfaces | None:
         return self.data.get("net_ifaces")
+
+    @property
+    def multipath(self) -> Multipath | None:
+        return self.data.get("multipath")
+
+    @property
+    def multipath_maps(self) -> tuple[MultipathMap, ...]:
+        d = self.multipath
+        return d.maps if d is not None else ()
 
     @property
     def storage_log(self) -> StorageLogEvents | None:

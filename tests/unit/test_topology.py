@@ -134,3 +134,28 @@ def test_paths_table_golden(tmp_path, golden):
     print_paths_table(paths, out=buf)
     assert "web 'q' ü\\nnewline" in buf.getvalue()  # a newline in a name cannot break the table
     golden("paths-mixed.txt", buf.getvalue())
+
+
+def test_multipath_legs_carry_their_map_state(tmp_path):
+    """VM disk -> dm -> sdX -> session -> portal, with each leg's state in its multipath map."""
+    from agent.records.multipath import Multipath, MultipathMap, MultipathPath
+
+    sessions = kernel_sessions(tmp_path)
+    blk = BlockDevices((
+        BlockDevice("dm-0", "254:0", "mpatha", ("sdb", "sdc"), (), {}),
+        BlockDevice("sdb", "8:16", None, (), ("dm-0",), {}),
+        BlockDevice("sdc", "8:32", None, (), ("dm-0",), {}),
+    ))
+    mp = Multipath((MultipathMap("mpatha", dm="dm-0", queue_if_no_path=True, paths=(
+        MultipathPath("8:16", "sdb", 1, "active", 0, "ready"),
+        MultipathPath("8:32", "sdc", 1, "failed", 1, "faulty"))),))
+    vms = Vms((Vm("db01", "u1", "running", 4242, (VmDisk("vda", "block", source="/dev/mapper/mpatha", host_devno="254:0"),)),))
+    paths = build_paths(snap(libvirt=vms, iscsi_kernel=sessions, block_devices=blk, storage_tcp=StorageConnections(()),
+                             multipath=mp), if_addrs={})
+    assert [(p.scsi_device, p.portal, p.path_state, p.checker_state, p.map_active_paths) for p in paths] == [
+        ("sdb", "198.18.1.2:3260", "active", "ready", 1),
+        ("sdc", "198.18.2.2:3260", "failed", "faulty", 1),
+    ]
+    # without the multipath source the join still stands, the map's view is unknown
+    bare = build_paths(snap(libvirt=vms, iscsi_kernel=sessions, block_devices=blk, storage_tcp=StorageConnections(())))
+    assert [(p.scsi_device, p.path_state) for p in bare] == [("sdb", None), ("sdc", None)]

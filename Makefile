@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit fuzz disk-faults bench-probes soak dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz disk-faults bench-probes bench-cycle soak dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -31,6 +31,11 @@ disk-faults: setup-test
 # Benchmarks (not tests): results go to docs/performance.md. Root needed.
 bench-probes: setup-test
 	$(VENV)/bin/python -m benchmarks.probes $(ARGS)
+
+# One collection cycle at 200 VMs x 4 disks, 400 storage connections (libvirt's test driver, real
+# QEMU processes and sockets in a network namespace of its own); results in docs/performance.md. Root needed.
+bench-cycle: setup-test
+	$(VENV)/bin/python -m benchmarks.cycle $(ARGS)
 
 # Soak (not a test): the agent on the lab under churn for 30 minutes (ARGS='--minutes 5' for less);
 # results in docs/reliability.md. A 3-minute variant is tests/lab/test_soak.py. Root needed.

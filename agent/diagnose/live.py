@@ -27,14 +27,16 @@ from agent.records.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 
-def finding_key(f: Finding) -> tuple:
-    return (f.rule, f.subject.get("kind"), str(f.subject.get("id")), f.title.split(":")[0])
+def finding_key(f: Finding) -> str:
+    """The finding's stable cause key (agent.diagnose.rules.Finding.cause_key)."""
+    return f.cause_key
 
 
 def ship_dict(f: Finding) -> dict:
     """A finding in the shape the ES shipper takes (agent.shipping.ecs.finding_doc)."""
     d = {
         "rule": f.rule,
+        "cause_key": f.cause_key,
         "severity": f.severity,
         "summary": f.title,
         "evidence": json.dumps(f.evidence, sort_keys=True, default=str),
@@ -63,7 +65,7 @@ class LiveDiagnosis:
         self.on_new = on_new
         self._lock = threading.Lock()
         self._current: list[Finding] = []
-        self._seen: dict[tuple, str] = {}
+        self._seen: dict[str, str] = {}
 
     @property
     def current(self) -> list[Finding]:

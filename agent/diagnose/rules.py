@@ -11,6 +11,17 @@ defaults) is :mod:`agent.health`, shared with fleet and the alert rules.
 
 Severities: ``critical`` (I/O is failing or stalled), ``warning`` (I/O is
 slow or the path is degraded), ``info`` (context, e.g. blind spots).
+
+One finding per root cause: every finding has a stable :attr:`Finding.cause_key`
+(rule, scope kind, scope id: the same cause gives the same key from one cycle
+to the next, so findings can be followed as incidents) and lists the effects
+it explains (:attr:`Finding.explains`: ``("disk", "vm/disk")``,
+``("conn", four-tuple)``). Rules carry a precedence (:func:`rule`,
+lower runs first and wins); after all rules ran, a finding whose effects are
+all explained by a finding of a rule with a lower precedence is dropped and
+named in that finding's ``explains_also``. A rule of another module registers
+the same way (``rule(precedence=10)(fn)``) and so claims, for example, the
+retransmits of an outage it explains.
 """
 
 from __future__ import annotations
@@ -38,9 +49,27 @@ class Finding:
     cause: str
     next_checks: list[str] = field(default_factory=list)
     scope: str | None = None  # one VM | all VMs on a portal | all VMs on the host
+    # the effects this finding accounts for: ("disk", "vm/disk"), ("conn", four-tuple)
+    explains: frozenset = frozenset()
+    # tells two findings of one rule on one subject apart (e.g. a session's state and its error counters)
+    aspect: str | None = None
+
+    @property
+    def scope_kind(self) -> str:
+        return str(self.subject.get("kind"))
+
+    @property
+    def scope_id(self) -> str:
+        return str(self.subject.get("id"))
+
+    @property
+    def cause_key(self) -> str:
+        """rule:scope kind:scope id[:aspect]: stable while the cause lasts (no numbers, no title)."""
+        return ":".join([self.rule, self.scope_kind, self.scope_id] + ([self.aspect] if self.aspect else []))
 
     def as_dict(self) -> dict:
         return {
+            "cause_key": self.cause_key,
             "rule": self.rule,
             "severity": self.severity,
             "subject": self.subject,
@@ -53,11 +82,23 @@ class Finding:
 
 
 RULES = []
+DEFAULT_PRECEDENCE = 100
 
 
-def rule(fn):
-    RULES.append(fn)
-    return fn
+def precedence_of(fn) -> int:
+    return getattr(fn, "precedence", DEFAULT_PRECEDENCE)
+
+
+def rule(fn=None, *, precedence: int = DEFAULT_PRECEDENCE):
+    """Register a rule (``@rule`` or ``@rule(precedence=N)``); lower precedence wins a shared effect."""
+
+    def add(f):
+        f.precedence = precedence
+        RULES.append(f)
+        RULES.sort(key=precedence_of)  # stable: same precedence keeps the order of registration
+        return f
+
+    return add(fn) if fn is not None else add
 
 
 def _r(x, n=2):
@@ -89,6 +130,11 @@ def _ratio_of(cs: list[ConnWindow]) -> float | None:
         sum(c.retrans for c in cs), sum(c.segs_out for c in cs))
 
 
+def _effects(disks=(), conns=()) -> frozenset:
+    """What a finding explains: its disks and its connections (Finding.explains)."""
+    return frozenset([("disk", f"{d.vm}/{d.disk}") for d in disks] + [("conn", c.four_tuple) for c in conns])
+
+
 def _disks_on(w: Window, portal: str) -> list[DiskWindow]:
     return [d for d in w.disks if d.portal == portal]
 
@@ -97,7 +143,7 @@ def _portals(w: Window) -> list[str]:
     return sorted({c.portal for c in w.conns} | {d.portal for d in w.disks if d.portal})
 
 
-@rule
+@rule(precedence=50)
 def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     """Packet loss on an iSCSI path.
 
@@ -159,6 +205,7 @@ def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                 severity=severity,
                 subject={"kind": kind, "id": ident},
                 scope=scope,
+                explains=_effects(affected, cs),
                 title=f"packet loss on the path to {where}: {ev['retransmits_per_second']} retransmits/s"
                 + (f", {len(slow)} slow disk(s)" if slow else ""),
                 evidence=ev,
@@ -178,7 +225,7 @@ def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     return findings
 
 
-@rule
+@rule(precedence=80)
 def slow_target(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     """Slow target or backing storage.
 
@@ -229,6 +276,7 @@ def slow_target(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
             severity="critical" if health.critical(worst, cfg.critical_ms) else "warning",
             subject={"kind": kind, "id": ident},
             scope=scope,
+            explains=_effects(slow),
             title=f"slow iSCSI target or backing storage ({len(slow)} disk(s), worst {worst:.1f} ms per request), network clean",
             evidence=ev,
             cause="requests wait on the target: its backing storage or controller is slow; the TCP path shows no significant loss",
@@ -241,7 +289,7 @@ def slow_target(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     ]
 
 
-@rule
+@rule(precedence=20)
 def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     """Session or connection down, recovering or flapping.
 
@@ -279,7 +327,8 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
             out.append(Finding(
                 rule="path_down", severity="warning", subject={"kind": "session", "id": str(sid)}, scope=None,
                 title=f"iSCSI session {sid} error counters rising: {', '.join(f'{k} +{v}' for k, v in errs.items())}",
-                evidence=errs, cause="digest errors mean corruption on the wire; timeouts mean commands or NOPs "
+                evidence=errs, aspect="errors",
+                cause="digest errors mean corruption on the wire; timeouts mean commands or NOPs "
                 "were not answered in time",
                 next_checks=["iscsiadm -m session -r SID -s", "network path errors", "target logs"]))
     libiscsi = {(p.vm, p.disk): p for p in w.paths if p.backend == "libiscsi"}
@@ -292,7 +341,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
             c = dead[0]
             out.append(Finding(
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
-                scope="one VM",
+                scope="one VM", explains=_effects([d], conns),
                 title=f"{d.vm} {d.disk}: portal {d.portal} stopped answering; I/O stopped",
                 evidence={"ops_in_window": d.ops, "intervals_ops": list(d.intervals_ops), "connection": c.four_tuple,
                           "rto_backoff": c.max_backoff, "retransmits": c.retrans, "portal": d.portal},
@@ -305,7 +354,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         elif p is not None and not established and (d.stalled or d.ops == 0 or p.connection is None):
             out.append(Finding(
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
-                scope="one VM",
+                scope="one VM", explains=_effects([d], conns),
                 title=f"{d.vm} {d.disk}: no established iSCSI connection to {d.portal}; I/O "
                 + ("stopped" if d.stalled or d.ops == 0 else "at risk"),
                 evidence={"ops_in_window": d.ops, "intervals_ops": list(d.intervals_ops),
@@ -317,7 +366,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         elif d.stalled:
             out.append(Finding(
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
-                scope="one VM",
+                scope="one VM", explains=_effects([d], conns),
                 title=f"{d.vm} {d.disk}: I/O stopped during the window",
                 evidence={"intervals_ops": list(d.intervals_ops), "portal": d.portal, "backend": d.backend},
                 cause="requests stopped completing: the path or the target stopped answering, or the guest "
@@ -326,6 +375,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     for (vm, portal), n in sorted(w.reconnects.items()):
         out.append(Finding(
             rule="path_down", severity="warning", subject={"kind": "vm", "id": vm}, scope="one VM",
+            aspect=f"reconnects to {portal}",
             title=f"{vm}: {n} reconnect(s) to {portal} within {w.seconds:.0f}s",
             evidence={"reconnects": n, "portal": portal},
             cause="the iSCSI connection was re-established (libiscsi reconnect after a NOP timeout, or the "
@@ -360,7 +410,7 @@ def interface_errors(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     return out
 
 
-@rule
+@rule(precedence=60)
 def saturating_vm(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     """A VM saturating its own disk.
 
@@ -387,7 +437,7 @@ def saturating_vm(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
             ):
                 out.append(Finding(
                     rule="saturating_vm", severity="warning", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
-                    scope="one VM",
+                    scope="one VM", explains=_effects([d]),
                     title=f"{d.vm} {d.disk} saturates its disk: {d.ops_per_second:.0f} ops/s at {d.mean_ms:.1f} ms "
                     f"while the others on {portal} do {med:.0f} ops/s",
                     evidence={"ops_per_second": _r(d.ops_per_second, 1), "mean_ms": _r(d.mean_ms, 3),
@@ -433,15 +483,37 @@ def rule_failed(name: str, error: BaseException) -> Finding:
         next_checks=["the agent's log (the traceback)", "report it with `kvmscope diagnose --json` output"])
 
 
+def consolidate(ranked: list[tuple[int, Finding]]) -> list[Finding]:
+    """One finding per cause: drop a finding whose effects are all explained by one of lower precedence.
+
+    ``ranked``: (precedence of its rule, finding). The winner keeps the dropped
+    one's cause key in ``evidence["explains_also"]``. Findings that explain no
+    effect (blind spots, interface counters) are always kept.
+    """
+    kept: list[Finding] = []
+    claimed: dict[tuple, Finding] = {}
+    for _prec, f in sorted(ranked, key=lambda pf: pf[0]):
+        owners = {id(claimed[e]): claimed[e] for e in f.explains if e in claimed and claimed[e].rule != f.rule}
+        if f.explains and all(e in claimed and claimed[e].rule != f.rule for e in f.explains):
+            for o in owners.values():
+                o.evidence.setdefault("explains_also", []).append(f.cause_key)
+            continue
+        kept.append(f)
+        for e in f.explains:
+            claimed.setdefault(e, f)
+    return kept
+
+
 def run_rules(w: Window, cfg: DiagnoseConfig, rules=None) -> list[Finding]:
     """Every rule over the window; one that raises is reported as a blind spot, the others still run."""
-    findings = []
+    ranked: list[tuple[int, Finding]] = []
     for r in RULES if rules is None else rules:
         try:
-            findings.extend(r(w, cfg))
+            ranked.extend((precedence_of(r), f) for f in r(w, cfg))
         except Exception as e:  # a rule bug must not hide the other rules' findings
             log.exception("diagnosis rule %s failed", r.__name__)
-            findings.append(rule_failed(r.__name__, e))
+            ranked.append((DEFAULT_PRECEDENCE, rule_failed(r.__name__, e)))
+    findings = consolidate(ranked)
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, str(f.subject.get("id"))))
     return findings
 

@@ -133,7 +133,8 @@ def finding_doc(finding: dict, host: str, namespace: str, ts: float) -> tuple[st
     """A diagnosis finding as a ``logs-kvmscope.findings`` event.
 
     ``finding`` keys: rule, severity (info|warning|critical), summary,
-    evidence (text), and optionally vm, disk, portal, session, connection.
+    evidence (text), and optionally cause_key (the finding's stable cause:
+    rule:scope kind:scope id), vm, disk, portal, session, connection.
     """
     sev = {"info": 1, "warning": 3, "critical": 5}.get(str(finding.get("severity")), 2)
     d = Doc(
@@ -147,6 +148,7 @@ def finding_doc(finding: dict, host: str, namespace: str, ts: float) -> tuple[st
             "event.severity": sev,
             "message": finding.get("summary"),
             "kvmscope.finding.rule": finding.get("rule"),
+            "kvmscope.finding.cause_key": finding.get("cause_key"),
             "kvmscope.finding.severity": finding.get("severity"),
             "kvmscope.finding.summary": finding.get("summary"),
             "kvmscope.finding.evidence": finding.get("evidence"),

@@ -206,6 +206,7 @@ FINDINGS = _ds(
     _VM, _PATH,
     {
         "kvmscope.finding.rule": "keyword",
+        "kvmscope.finding.cause_key": "keyword",
         "kvmscope.finding.severity": "keyword",
         "kvmscope.finding.summary": "text",
         "kvmscope.finding.evidence": "text",

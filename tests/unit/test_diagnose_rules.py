@@ -68,3 +68,51 @@ def test_window_records_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         w.conns[0].retrans = 0
     json.dumps(report_json(w, []))  # tuples still serialise
+
+
+def test_cause_key_is_rule_scope_kind_and_id_and_stable_across_windows():
+    with open(REC / "loss-portal1.json") as f:
+        snaps = load_recording(f)
+    keys = []
+    for part in (snaps[:4], snaps[3:]):
+        keys.append({f.cause_key for f in run_rules(build_window(part), DiagnoseConfig()) if f.severity != "info"})
+    assert keys[0] == keys[1] == {"packet_loss:portal:198.18.1.2:3260"}
+    f = rules_mod.Finding("path_down", "warning", {"kind": "session", "id": 3}, "t", {}, "c", aspect="errors")
+    assert f.cause_key == "path_down:session:3:errors" and f.as_dict()["cause_key"] == f.cause_key
+
+
+def _f(rule, *effects, kind="portal", ident="p1"):
+    return rules_mod.Finding(rule, "warning", {"kind": kind, "id": ident}, rule, {}, "c", explains=frozenset(effects))
+
+
+def test_a_rule_of_lower_precedence_claims_the_effects_it_explains():
+    """An outage rule registered by another module with a low precedence takes the retransmits of its
+    connections: the packet_loss finding on the same connections goes, and is named by the winner."""
+    conn, disk = ("conn", "a:1->b:3260"), ("disk", "vm0/vda")
+    outage = _f("outage", conn, disk)
+    loss = _f("packet_loss", conn)
+    other = _f("packet_loss", ("conn", "c:1->d:3260"), ident="p2")
+    kept = rules_mod.consolidate([(50, loss), (10, outage), (50, other)])
+    assert kept == [outage, other]
+    assert outage.evidence["explains_also"] == ["packet_loss:portal:p1"]
+    # an effect not explained by the winner keeps the finding
+    partly = _f("packet_loss", conn, ("conn", "e:1->b:3260"))
+    assert partly in rules_mod.consolidate([(10, _f("outage", conn)), (50, partly)])
+    # findings explaining nothing (blind spots, interface counters) are always kept
+    spot = _f("blind_spots")
+    assert spot in rules_mod.consolidate([(10, outage), (100, spot)])
+
+
+def test_rule_registration_with_precedence_orders_the_rules(monkeypatch):
+    monkeypatch.setattr(rules_mod, "RULES", list(RULES))
+
+    def outage(w, cfg):
+        return [_f("outage", *[("conn", c.four_tuple) for c in w.conns if c.portal == "198.18.1.2:3260"],
+                   *[("disk", f"{d.vm}/{d.disk}") for d in w.disks if d.portal == "198.18.1.2:3260"])]
+
+    rules_mod.rule(precedence=10)(outage)
+    assert rules_mod.RULES[0] is outage and rules_mod.precedence_of(outage) == 10
+    findings = run_rules(window("loss-portal1"), DiagnoseConfig())
+    assert "packet_loss" not in {f.rule for f in findings}
+    (o,) = [f for f in findings if f.rule == "outage"]
+    assert o.evidence["explains_also"] == ["packet_loss:portal:198.18.1.2:3260"]

@@ -26,10 +26,15 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # --- 1. Debian packages ------------------------------------------------------
 # bcc (real one, not PyPI's), kernel headers for bcc, the lab (tgt, libiscsi,
 # qemu, libvirt, busybox, a guest kernel), netfilter, prometheus, fio.
+# open-iscsi, multipath-tools and udev are for the lab's kernel-initiator host
+# (a guest that runs this machine's userland over 9p): the policy-rc.d below
+# keeps their daemons from starting here, and node.startup=manual keeps this
+# machine from logging in to anything.
 packages=(
   python3-venv python3-bpfcc bpfcc-tools libbpfcc
   linux-headers-amd64
   tgt libiscsi-bin qemu-system-x86 qemu-block-extra qemu-utils
+  open-iscsi multipath-tools udev
   libvirt-daemon-system libvirt-clients python3-libvirt
   busybox-static linux-image-amd64 cpio kmod xz-utils zstd
   iptables iproute2 procps psmisc

@@ -40,7 +40,7 @@ def test_subcommands_in_help_order(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bogus"])
     assert ("(choose from 'up', 'down', 'loss', 'throttle-target', 'target-offline', "
-            "'target-online', 'shape', 'flap', 'status')") in capsys.readouterr().err
+            "'target-online', 'shape', 'flap', 'kernel-host', 'status')") in capsys.readouterr().err
 
 
 def test_parse_defaults_and_options():
@@ -319,7 +319,7 @@ def test_vm_records_and_domain(lab_dir):
     assert vdb.find("source").get("file") == vm["vdb_file"]
     assert vdb.find("driver").get("io") == "native"
     assert dom.find("devices/serial/source").get("path") == vm["console"]
-    assert [k.luns({"vms": [vm]}) for k in hosts.host_kinds()] == [[vm]]
+    assert [k.luns({"vms": [vm]}) for k in hosts.host_kinds()] == [[vm], []]
     assert hosts.recorded_luns({"vms": [vm]}) == [vm] and hosts.recorded_luns(None) == []
 
 
@@ -451,8 +451,8 @@ def test_status_when_down(lab_dir):
 
 # -- module seams ----------------------------------------------------------------
 
-LAYERS = ["cli", "status", "faults", "hosts", "vms", "hostkind", "libvirtd", "guest",
-          "target", "network", "state", "common"]
+LAYERS = ["cli", "status", "faults", "hosts", "vms", "kernelhost", "hostkind", "libvirtd", "guest",
+          "target", "network", "state", "common", "guestagent"]
 
 
 def test_imports_go_down_the_layers():

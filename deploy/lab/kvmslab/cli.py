@@ -66,7 +66,7 @@ def cmd_up(args):
         kind.start(st, args)
     st["up_seconds"] = round(time.monotonic() - t0, 1)
     save_state(st)
-    log(f"lab is up: {', '.join(k.summary(st) for k in kinds)}, ready in "
+    log(f"lab is up: {', '.join(s for s in (k.summary(st) for k in kinds) if s)}, ready in "
         f"{st['up_seconds']}s (lab dir {common.LAB_DIR})")
     return 0
 
@@ -129,6 +129,8 @@ def build_parser():
 
     for shape in faults.FAULTS:
         shape.add_parsers(sub)
+    for kind in hosts.host_kinds():
+        kind.add_parsers(sub)
 
     p = sub.add_parser("status", help="VMs, disks, backends, load, faults in force")
     p.add_argument("--json", action="store_true", help="machine-readable output")

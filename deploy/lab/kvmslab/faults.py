@@ -11,8 +11,9 @@ Shapes (key in st["faults"] -> subcommands -> mechanism):
                             timed, each down period recorded with its start and end
 
 Mechanisms:
-  IptablesDrops  chain KVMSLAB, jumped to first thing from INPUT on the host
-                 and inside the storage namespace. Each direction is dropped at
+  IptablesDrops  chain KVMSLAB, jumped to first thing from INPUT (and FORWARD,
+                 for the routed kernel-initiator host) on the host and from
+                 INPUT inside the storage namespace. Each direction is dropped at
                  the *receiving* end of its veth link, so both TCP stacks see
                  real in-flight loss and retransmit:
                    to-host   (target -> host, sport 3260): host INPUT
@@ -143,6 +144,10 @@ def drop_rules(faults):
     return out
 
 
+# hooks that jump to KVMSLAB: {in the namespace?: hooks}
+JUMP_HOOKS = {False: ("INPUT", "FORWARD"), True: ("INPUT",)}
+
+
 class IptablesDrops:
     stage = NETWORK
 
@@ -151,11 +156,16 @@ class IptablesDrops:
         return ok(ipt(ns) + ["-S", CHAIN])
 
     def ensure_chain(self, ns=None):
-        """Chain KVMSLAB, jumped to from INPUT first thing (host or namespace)."""
+        """Chain KVMSLAB, jumped to first thing from INPUT (host or namespace)
+        and, on the host, from FORWARD too: the kernel-initiator host's
+        segments are routed by the host (kernelhost.py), so a to-host drop
+        (`-i kvmslab-hN -s PORTAL --sport 3260`) must also catch what is
+        forwarded from the veth to its tap."""
         if not self.chain_exists(ns):
             run(ipt(ns) + ["-N", CHAIN])
-        if not ok(ipt(ns) + ["-C", "INPUT", "-j", CHAIN]):
-            run(ipt(ns) + ["-I", "INPUT", "1", "-j", CHAIN])
+        for hook in JUMP_HOOKS[bool(ns)]:
+            if not ok(ipt(ns) + ["-C", hook, "-j", CHAIN]):
+                run(ipt(ns) + ["-I", hook, "1", "-j", CHAIN])
 
     def apply(self, st):
         self.ensure_chain()
@@ -172,7 +182,7 @@ class IptablesDrops:
     def remove_chain(self, errors, ns=None):
         if ns and not netns_exists():
             return
-        for hook in ("INPUT", "OUTPUT"):
+        for hook in ("INPUT", "FORWARD", "OUTPUT"):
             while ok(ipt(ns) + ["-C", hook, "-j", CHAIN]):
                 p = run(ipt(ns) + ["-D", hook, "-j", CHAIN], check=False)
                 if p.returncode != 0:

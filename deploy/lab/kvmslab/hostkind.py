@@ -9,6 +9,9 @@ class HostKind:
     def add_up_arguments(self, parser):
         """Options of `lab up` for this kind."""
 
+    def add_parsers(self, sub):
+        """Subcommands of its own (e.g. `lab kernel-host ...`)."""
+
     def validate(self, args):
         """Check this kind's `lab up` options (before the state is read)."""
 

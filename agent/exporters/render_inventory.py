@@ -185,6 +185,36 @@ CONN_BYTES = define("kvmscope_storage_connection_bytes_total", "counter",
 CONN_LAST_RECV = define("kvmscope_storage_connection_last_receive_age_seconds", "gauge",
                         "Seconds since data was last received from the portal; inet_diag tcp_info.tcpi_last_data_recv.",
                         CONN_LABELS, "inet_diag")
+CONN_MIN_RTT = define("kvmscope_storage_connection_min_rtt_seconds", "gauge",
+                      "Minimum RTT of a storage connection over the kernel's window (net.ipv4.tcp_min_rtt_wlen, "
+                      "300 s): the path's unloaded round trip; inet_diag tcp_info.tcpi_min_rtt.", CONN_LABELS, "inet_diag")
+CONN_RCV_RTT = define("kvmscope_storage_connection_receive_rtt_seconds", "gauge",
+                      "Receive-side RTT estimate of a storage connection (time a window of the portal's data takes "
+                      "to arrive; 0 before any); inet_diag tcp_info.tcpi_rcv_rtt.", CONN_LABELS, "inet_diag")
+CONN_SEGS = define("kvmscope_storage_connection_segments_total", "counter",
+                   "Segments on a storage connection by direction (sent, received) and kind (all, data); "
+                   "inet_diag tcp_info.tcpi_segs_out/in, tcpi_data_segs_out/in.",
+                   CONN_LABELS + ("direction", "kind"), "inet_diag")
+CONN_OOO = define("kvmscope_storage_connection_out_of_order_segments_total", "counter",
+                  "Segments received from the portal out of order (a hole: loss or reordering toward the host, "
+                  "which the host's own retransmit counters do not show); inet_diag tcp_info.tcpi_rcv_ooopack "
+                  "(Linux >= 5.4).", CONN_LABELS, "inet_diag")
+CONN_DSACK = define("kvmscope_storage_connection_dsacks_total", "counter",
+                    "Duplicate SACKs received: segments the portal got twice (spurious retransmits); inet_diag "
+                    "tcp_info.tcpi_dsack_dups (Linux >= 4.19).", CONN_LABELS, "inet_diag")
+CONN_REORD = define("kvmscope_storage_connection_reordering_events_total", "counter",
+                    "Reordering events seen by the sender; inet_diag tcp_info.tcpi_reord_seen (Linux >= 4.19).",
+                    CONN_LABELS, "inet_diag")
+CONN_DELIVERED = define("kvmscope_storage_connection_delivered_segments_total", "counter",
+                        "Segments delivered to the portal (acknowledged, incl. SACKed); inet_diag "
+                        "tcp_info.tcpi_delivered (Linux >= 4.18).", CONN_LABELS, "inet_diag")
+CONN_BUSY = define("kvmscope_storage_connection_send_busy_seconds_total", "counter",
+                   "Time the connection had data in flight; inet_diag tcp_info.tcpi_busy_time (Linux >= 4.10).",
+                   CONN_LABELS, "inet_diag")
+CONN_LIMITED = define("kvmscope_storage_connection_send_limited_seconds_total", "counter",
+                      "Time sending was limited by the portal's receive window (limit=receive_window) or the host's "
+                      "send buffer (limit=send_buffer); inet_diag tcp_info.tcpi_rwnd_limited/tcpi_sndbuf_limited "
+                      "(Linux >= 4.10).", CONN_LABELS + ("limit",), "inet_diag")
 CONN_COUNT = define("kvmscope_storage_connections", "gauge",
                     "TCP connections to storage ports by portal and TCP state; inet_diag.", ("portal", "state"), "inet_diag")
 PATH_INFO = define("kvmscope_storage_path_info", "gauge",
@@ -206,6 +236,10 @@ def render_storage_connections(snap: Snapshot) -> Iterable:
             CONN_LOST.family(), CONN_BACKOFF.family(), CONN_RETRANS.family(), CONN_BYTES.family(),
             CONN_LAST_RECV.family(), CONN_COUNT.family(), PATH_INFO.family()]
     rtt, rttvar, rto, cwnd, unacked, lost, backoff, retrans, byts, lastrecv, count, pinfo = fams
+    recv = [CONN_MIN_RTT.family(), CONN_RCV_RTT.family(), CONN_SEGS.family(), CONN_OOO.family(), CONN_DSACK.family(),
+            CONN_REORD.family(), CONN_DELIVERED.family(), CONN_BUSY.family(), CONN_LIMITED.family()]
+    minrtt, rcvrtt, segs, ooo, dsack, reord, delivered, busy, limited = recv
+    fams += recv
     counts: dict[tuple[str, str], int] = {}
     for c in conns.connections if conns else ():
         counts[(c.portal, c.state)] = counts.get((c.portal, c.state), 0) + 1
@@ -217,9 +251,19 @@ def render_storage_connections(snap: Snapshot) -> Iterable:
         lv = [c.portal, local, vm, disk]
         for fam, v, div in ((rtt, i.rtt_us, 1e6), (rttvar, i.rttvar_us, 1e6), (rto, i.rto_us, 1e6),
                             (cwnd, i.snd_cwnd, 1), (unacked, i.unacked, 1), (lost, i.lost, 1), (backoff, i.backoff, 1),
-                            (retrans, i.total_retrans, 1), (lastrecv, i.last_data_recv_ms, 1e3)):
+                            (retrans, i.total_retrans, 1), (lastrecv, i.last_data_recv_ms, 1e3),
+                            (minrtt, i.min_rtt_us, 1e6), (rcvrtt, i.rcv_rtt_us, 1e6), (ooo, i.rcv_ooopack, 1),
+                            (dsack, i.dsack_dups, 1), (reord, i.reord_seen, 1), (delivered, i.delivered, 1),
+                            (busy, i.busy_time_us, 1e6)):
             if v is not None:
                 fam.add_metric(lv, v / div)
+        for direction, kind, v in (("sent", "all", i.segs_out), ("received", "all", i.segs_in),
+                                   ("sent", "data", i.data_segs_out), ("received", "data", i.data_segs_in)):
+            if v is not None:
+                segs.add_metric(lv + [direction, kind], v)
+        for limit, v in (("receive_window", i.rwnd_limited_us), ("send_buffer", i.sndbuf_limited_us)):
+            if v is not None:
+                limited.add_metric(lv + [limit], v / 1e6)
         for direction, v in (("sent", i.bytes_sent), ("received", i.bytes_received), ("retransmitted", i.bytes_retrans)):
             if v is not None:
                 byts.add_metric(lv + [direction], v)

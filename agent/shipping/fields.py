@@ -90,7 +90,9 @@ _TCP_INFO = {
         "retransmits probes backoff rto_us ato_us snd_mss rcv_mss unacked sacked lost retrans pmtu rtt_us "
         "rttvar_us snd_ssthresh snd_cwnd total_retrans bytes_acked bytes_received segs_out segs_in notsent_bytes "
         "min_rtt_us delivery_rate bytes_sent bytes_retrans dsack_dups reord_seen snd_wnd total_rto "
-        "total_rto_recoveries total_rto_time_ms last_data_sent_ms last_data_recv_ms last_ack_recv_ms"
+        "total_rto_recoveries total_rto_time_ms last_data_sent_ms last_data_recv_ms last_ack_recv_ms "
+        "reordering rcv_rtt_us rcv_space data_segs_in data_segs_out busy_time_us rwnd_limited_us sndbuf_limited_us "
+        "delivered delivered_ce rcv_ooopack rcv_wnd"
     ).split()
 }
 

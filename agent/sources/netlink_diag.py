@@ -7,8 +7,20 @@ tcp.h). ``struct tcp_info`` only grows at its end, so fields are decoded by
 offset as far as the returned length reaches; a field the running kernel
 does not have is None.
 
-Linux >= 4.6 for bytes_acked/received and >= 4.19 for bytes_sent/retrans;
-older kernels leave those None. Needs no privileges for the caller's own
+The receive side (what the host sees of the target's sending) is here too:
+``rcv_rtt_us`` (the receiver's RTT estimate, from the time a window of data
+takes to arrive), ``rcv_ooopack`` (segments that arrived out of order: a
+hole, i.e. loss or reordering toward the host), ``dsack_dups`` (duplicate
+segments the peer reported: spurious retransmits), ``reord_seen``,
+``bytes_received``, ``segs_in``/``data_segs_in``; and the sender's limits
+(``busy_time_us``, ``rwnd_limited_us``, ``sndbuf_limited_us``, ``delivered``).
+
+Kernel versions, by offset (a field past the returned length is None, so an
+older kernel degrades field by field): rcv_rtt/rcv_space/reordering 2.6;
+bytes_acked/received 4.1; segs_out/in 4.2; min_rtt, data_segs_in/out 4.6;
+delivery_rate 4.9; busy/rwnd/sndbuf-limited 4.10; delivered(_ce) 4.18;
+bytes_sent/retrans, dsack_dups, reord_seen 4.19; rcv_ooopack, snd_wnd 5.4;
+rcv_wnd 6.2; total_rto* 6.7. Needs no privileges for the caller's own
 network namespace (tcp_info of other users' sockets is returned too).
 """
 
@@ -58,6 +70,9 @@ _TCP_INFO_FIELDS = [
     ("rttvar_us", "I", 72),
     ("snd_ssthresh", "I", 76),
     ("snd_cwnd", "I", 80),
+    ("reordering", "I", 88),
+    ("rcv_rtt_us", "I", 92),
+    ("rcv_space", "I", 96),
     ("total_retrans", "I", 100),
     ("bytes_acked", "Q", 120),
     ("bytes_received", "Q", 128),
@@ -65,12 +80,21 @@ _TCP_INFO_FIELDS = [
     ("segs_in", "I", 140),
     ("notsent_bytes", "I", 144),
     ("min_rtt_us", "I", 148),
+    ("data_segs_in", "I", 152),
+    ("data_segs_out", "I", 156),
     ("delivery_rate", "Q", 160),
+    ("busy_time_us", "Q", 168),
+    ("rwnd_limited_us", "Q", 176),
+    ("sndbuf_limited_us", "Q", 184),
+    ("delivered", "I", 192),
+    ("delivered_ce", "I", 196),
     ("bytes_sent", "Q", 200),
     ("bytes_retrans", "Q", 208),
     ("dsack_dups", "I", 216),
     ("reord_seen", "I", 220),
+    ("rcv_ooopack", "I", 224),
     ("snd_wnd", "I", 228),
+    ("rcv_wnd", "I", 232),
     ("total_rto", "H", 240),
     ("total_rto_recoveries", "H", 242),
     ("total_rto_time_ms", "I", 244),

@@ -94,3 +94,30 @@ def test_parser_rejects_error_messages():
     done = struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 4
     assert parse_messages(done) == ([], True)
     assert len(build_request(socket.AF_INET)) == 72
+
+
+def test_receive_side_matches_ss(pair):
+    """The receive side of tcp_info (what the portal sent us) on a real socket, against ss(8)."""
+    port, cli, acc = pair
+    src = source_for(port)
+    cli.sendall(b"q" * 100)  # a request, then the "portal" answers with data
+    acc.recv(100)
+    acc.sendall(b"r" * 300_000)
+    got = 0
+    while got < 300_000:
+        got += len(cli.recv(65536))
+    i = src.collect().connections[0].info
+    assert i.bytes_received == 300_000
+    assert i.data_segs_in >= 1 and i.segs_in >= i.data_segs_in
+    assert i.delivered >= 1 and i.busy_time_us is not None
+    assert i.rcv_ooopack == 0 and i.dsack_dups == 0  # loopback loses and reorders nothing
+    lport = cli.getsockname()[1]
+    out = subprocess.run(
+        ["ss", "-tni", "state", "established", f"( sport = :{lport} )"], capture_output=True, text=True, check=True
+    ).stdout
+    for field, value in (("bytes_received", i.bytes_received), ("segs_in", i.segs_in),
+                         ("data_segs_in", i.data_segs_in), ("delivered", i.delivered)):
+        m = re.search(rf"\b{field}:(\d+)", out)
+        assert m and int(m.group(1)) == value, (field, value, out)
+    m = re.search(r"\brcv_rtt:([\d.]+)", out)  # ss prints ms with 3 decimals
+    assert i.rcv_rtt_us and m and abs(float(m.group(1)) * 1000 - i.rcv_rtt_us) <= 1, (i.rcv_rtt_us, out)

@@ -222,10 +222,17 @@ class StorageLogConfig(_Section):
         "(event_cap) and not read again")
 
 
+# the distributions' shared library directories (Debian multiarch first)
+LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/usr/lib", "/lib")
+
+
 class EbpfConfig(_Section):
     kernel_build: str | None = Field(
         None, description="kernel headers for bcc (default: /lib/modules/$(uname -r)/build)")
     probes_dir: str | None = Field(None, description="directory of the probes' C files (default: the installed probes/)")
+    library_dirs: list[str] = Field(
+        list(LIBRARY_DIRS), description="where the uprobe probes look for their shared library (libiscsi.so.7: QEMU's "
+        "iSCSI initiator), the first that has it")
     events_per_second: int = Field(
         1000, ge=1, le=1_000_000, description="cap of each probe's event stream (retransmits, connection events)")
 

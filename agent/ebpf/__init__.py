@@ -1,4 +1,4 @@
-"""eBPF probes (bcc, tracepoints only) and their loader.
+"""eBPF probes (bcc: tracepoints, and uprobes on libiscsi) and their loader.
 
 ``probes/<name>.bpf.c`` holds the kernel C; each has a Python side here
 that builds its ``-D`` switches, reads its maps and decodes them:
@@ -6,6 +6,7 @@ that builds its ``-D`` switches, reads its maps and decodes them:
   tcp_retrans    tcp:tcp_retransmit_skb (+ synack, send/receive reset)
   block_io       block:block_rq_insert/issue/complete
   tcp_lifecycle  sock:inet_sock_set_state (+ tcp resets)
+  libiscsi       uprobes on libiscsi.so.7 (QEMU's iSCSI initiator)
 
 :mod:`agent.ebpf.loader` (the Probe base and the compile thread) checks the
 requirements (:mod:`agent.ebpf.requirements`), compiles each probe once on a
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 def probe_classes() -> dict:
     from agent.ebpf.block_io import BlockIoProbe
+    from agent.ebpf.libiscsi import LibiscsiProbe
     from agent.ebpf.tcp_lifecycle import TcpLifecycleProbe
     from agent.ebpf.tcp_retrans import TcpRetransProbe
 
-    return {c.name: c for c in (TcpRetransProbe, BlockIoProbe, TcpLifecycleProbe)}
+    return {c.name: c for c in (TcpRetransProbe, BlockIoProbe, TcpLifecycleProbe, LibiscsiProbe)}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.config import LIBRARY_DIRS
 from agent.ebpf import decode
 from agent.ebpf.bpfstats import STATS
 from agent.ebpf.requirements import (
@@ -113,6 +114,31 @@ class LoadOptions:
     storage_ports: tuple[int, ...] = (3260,)
     events_per_second: int = 1000
     mount_tracefs: bool = True
+    # where a uprobe probe looks for its shared library (the first that has it)
+    library_dirs: tuple[Path, ...] = tuple(Path(d) for d in LIBRARY_DIRS)
+
+
+@dataclass(frozen=True)
+class Uprobe:
+    """One uprobe of a probe: an exported function of its shared library and
+    the program (a function of the probe's C) that runs on entry."""
+
+    symbol: str
+    fn_name: str
+    required: bool = True
+
+    def label(self, library: str) -> str:
+        return f"uprobe:{library}:{self.symbol}"
+
+
+def find_library(name: str, dirs) -> Path | None:
+    """The real path of shared library ``name`` in the first of ``dirs`` that
+    has it (uprobes attach to the file's inode: the path processes map)."""
+    for d in dirs:
+        p = Path(d) / name
+        if p.is_file():
+            return p.resolve()
+    return None
 
 
 class Probe:
@@ -124,12 +150,17 @@ class Probe:
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     description = ""
+    # user-space probes: the shared library (file name) and the uprobes on it
+    library = ""
+    uprobes: tuple[Uprobe, ...] = ()
 
     def __init__(self, opts: LoadOptions | None = None):
         self.opts = opts or LoadOptions()
         self.bpf: Any = None
         self.report = ProbeReport(self.name, LOADING)
         self._stats_held = False
+        self.library_path: Path | None = None
+        self.uprobes_attached: list[Uprobe] = []
 
     # subclasses ----------------------------------------------------------
     def extra_cflags(self, present: set[str]) -> list[str]:
@@ -176,6 +207,13 @@ class Probe:
                     "needs a kernel with this tracepoint (CONFIG_TRACEPOINTS and the subsystem's events); "
                     "list them with: ls " + f"{o.paths.tracefs}/events/{tp.partition(':')[0]}",
                 ))
+        if self.library:
+            lib = find_library(self.library, o.library_dirs)
+            self.library_path = lib
+            checks.append(Check(f"library {self.library}", lib is not None,
+                                str(lib) if lib else f"{self.library} not found in {', '.join(map(str, o.library_dirs))}",
+                                "" if lib else f"install the package that ships {self.library} (Debian: libiscsi7, pulled "
+                                               "in by qemu-block-extra), or set ebpf.library_dirs; a host without QEMU iSCSI disks needs none"))
         return checks, present
 
     def load(self) -> ProbeReport:
@@ -206,6 +244,7 @@ class Probe:
             with _BCC_LOCK:
                 bcc = import_bcc()
                 self.bpf = bcc.BPF(text=text.encode(), cflags=self.cflags(present))
+                self.attach_uprobes(rep)
         except ImportError as e:
             rep.state, rep.reason = UNAVAILABLE, f"bcc not importable: {e}"
             rep.fix = "apt-get install python3-bpfcc and use a venv made with --system-site-packages (deploy/setup.sh)"
@@ -225,6 +264,22 @@ class Probe:
         rep.load_seconds = time.monotonic() - t0
         return rep
 
+    def attach_uprobes(self, rep: ProbeReport) -> None:
+        """Attach :attr:`uprobes` to :attr:`library_path` for every process
+        (pid -1: also processes started later; the kernel puts the breakpoint
+        in the file's pages). A required one that fails raises; an optional
+        one is listed in ``skipped``."""
+        self.uprobes_attached = []
+        for u in self.uprobes:
+            try:
+                self.bpf.attach_uprobe(name=str(self.library_path), sym=u.symbol, fn_name=u.fn_name, pid=-1)
+            except Exception:
+                if u.required:
+                    raise
+                rep.skipped.append(u.label(self.library))
+            else:
+                self.uprobes_attached.append(u)
+
     def load_async(self) -> Future:
         return _COMPILER.submit(self.load)
 
@@ -232,7 +287,8 @@ class Probe:
         pass
 
     def attached_tracepoints(self) -> list[str]:
-        out = []
+        """Tracepoints (``cat:name``) and uprobes (``uprobe:lib:symbol``) attached."""
+        out = [u.label(self.library) for u in self.uprobes_attached]
         for fn in (self.bpf.funcs if self.bpf is not None else {}):
             name = fn.decode() if isinstance(fn, bytes) else fn
             if name.startswith("tracepoint__"):
@@ -247,6 +303,11 @@ class Probe:
             if name.startswith("tracepoint__"):
                 cat, _, ev = name[len("tracepoint__"):].partition("__")
                 out[f"{cat}:{ev}"] = f.fd
+        by_fn = {u.fn_name: u for u in self.uprobes_attached}
+        for fn, f in (self.bpf.funcs.items() if self.bpf is not None else ()):
+            name = fn.decode() if isinstance(fn, bytes) else fn
+            if name in by_fn:
+                out[by_fn[name].label(self.library)] = f.fd
         return out
 
     def stats(self) -> ProbeStats:

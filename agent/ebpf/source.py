@@ -25,6 +25,7 @@ def load_options(ctx: SourceContext) -> LoadOptions:
         storage_ports=tuple(cfg.storage.ports),
         events_per_second=cfg.ebpf.events_per_second,
         kernel_build=Path(cfg.ebpf.kernel_build) if cfg.ebpf.kernel_build else None,
+        library_dirs=tuple(Path(d) for d in cfg.ebpf.library_dirs),
     )
     if cfg.ebpf.probes_dir:
         opts.probes_dir = Path(cfg.ebpf.probes_dir)

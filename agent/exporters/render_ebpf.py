@@ -11,7 +11,7 @@ from typing import Iterable
 from agent.ebpf import decode
 from agent.exporters import catalog as C
 from agent.exporters.registry import renderer
-from agent.records.ebpf import BlockIoData, TcpLifecycleData, TcpRetransData
+from agent.records.ebpf import BlockIoData, LibiscsiData, TcpLifecycleData, TcpRetransData
 from agent.records.snapshot import Snapshot
 
 OTHER = "other"
@@ -75,3 +75,9 @@ def render_tcp_retrans(data: TcpRetransData) -> Iterable:
         fam.add_metric([OTHER, OTHER], data.other.get(kind, 0))
         yield fam
     yield from probe_families("tcp_retrans", data.probe)
+
+
+@renderer(Snapshot.libiscsi)
+def render_libiscsi(data: LibiscsiData) -> Iterable:
+    """The libiscsi probe's own health (its histograms reach /metrics per VM disk: render_inventory)."""
+    yield from probe_families("libiscsi", data.probe)

@@ -14,6 +14,7 @@ from typing import Iterable
 from agent.exporters.catalog import define
 from agent.exporters.registry import renderer, snapshot_renderer
 from agent.records.addr import fmt_endpoint
+from agent.records.disk_latency import VmDiskLatencies
 from agent.records.iscsi import IscsiSessions
 from agent.records.snapshot import Snapshot
 from agent.records.vms import Vm
@@ -110,9 +111,24 @@ DISK_IDLE = define("kvmscope_vm_disk_idle_seconds", "gauge",
                    "Seconds since the disk's last I/O; growing while the guest waits means a stalled disk; QMP idle_time_ns.",
                    VM_LABELS, "QMP")
 DISK_LATENCY = define("kvmscope_vm_disk_latency_seconds", "histogram",
-                      "Guest request latency by op, from QEMU's block latency histograms (opt-in, stand-alone QEMU); "
-                      "QMP query-blockstats *_latency_histogram.",
-                      VM_LABELS + ("op",), "QMP")
+                      "Latency of a VM disk's requests by op, from the histogram that measures that disk (label source): "
+                      "libiscsi = iSCSI command time inside QEMU (eBPF uprobes on libiscsi.so.7, submission to task free), "
+                      "block = the VM's QEMU process's requests on the host block device under the disk (eBPF "
+                      "block:block_rq_*), qmp = guest request time from QEMU's block latency histograms (opt-in, "
+                      "stand-alone QEMU; QMP query-blockstats). log2 buckets for the eBPF sources, QEMU's own for qmp.",
+                      VM_LABELS + ("op", "source"), "eBPF uprobes (libiscsi), eBPF block tracepoints, QMP")
+DISK_ISCSI_INFLIGHT = define("kvmscope_vm_disk_iscsi_commands_in_flight", "gauge",
+                             "iSCSI commands of a libiscsi VM disk submitted and not yet completed, now; eBPF uprobes on "
+                             "libiscsi.so.7 (iscsi_scsi_command_async, scsi_free_scsi_task).",
+                             VM_LABELS, "eBPF uprobes (libiscsi)")
+DISK_ISCSI_ABORTS = define("kvmscope_vm_disk_iscsi_aborts_total", "counter",
+                           "iSCSI task aborts QEMU sent for a libiscsi VM disk (QEMU giving up on a command) since the "
+                           "probe saw its context; eBPF uprobe on libiscsi.so.7 iscsi_task_mgmt_abort_task_async.",
+                           VM_LABELS, "eBPF uprobes (libiscsi)")
+DISK_ISCSI_RECONNECTS = define("kvmscope_vm_disk_iscsi_reconnects_total", "counter",
+                               "iSCSI reconnects (new logins after a lost connection) of a libiscsi VM disk since the probe "
+                               "saw its context; eBPF uprobe on libiscsi.so.7 iscsi_reconnect.",
+                               VM_LABELS, "eBPF uprobes (libiscsi)")
 DISK_INFO = define("kvmscope_vm_disk_info", "gauge",
                    "Always 1: a VM disk's backend (libiscsi, host, network:<proto>), iSCSI target, LUN and portal.",
                    VM_LABELS + ("backend", "target", "lun", "portal"), "libvirt domain XML, QMP query-block")
@@ -124,7 +140,7 @@ OPS = (("read", "rd"), ("write", "wr"), ("flush", "fl"))
 def render_vms(vms: tuple[Vm, ...]) -> Iterable:
     """Every VM of the host (libvirt's, then stand-alone QEMU's) and its disks."""
     up, ok, req, byt, tim = VM_UP.family(), VM_STATS_OK.family(), DISK_REQUESTS.family(), DISK_BYTES.family(), DISK_TIME.family()
-    failed, idle, info, hist = DISK_FAILED.family(), DISK_IDLE.family(), DISK_INFO.family(), DISK_LATENCY.family()
+    failed, idle, info = DISK_FAILED.family(), DISK_IDLE.family(), DISK_INFO.family()
     for vm in vms:
         up.add_metric([vm.name, vm.manager], 1 if vm.state == "running" else 0)
         ok.add_metric([vm.name, vm.manager], 0 if vm.error and not any(d.stats for d in vm.disks) else 1)
@@ -144,17 +160,23 @@ def render_vms(vms: tuple[Vm, ...]) -> Iterable:
                 failed.add_metric(lv, s.failed_reqs)
             if s.idle_time_ns is not None:
                 idle.add_metric(lv, s.idle_time_ns / 1e9)
-            for op, h in (s.histograms or {}).items():
-                buckets, acc = [], 0
-                for bound, n in zip(h["boundaries_ns"], h["bins"]):
-                    acc += n
-                    buckets.append((repr(bound / 1e9), acc))
-                acc += h["bins"][-1] if len(h["bins"]) > len(h["boundaries_ns"]) else 0
-                buckets.append(("+Inf", acc))
-                # QEMU keeps no sum; the op's total time is the exact sum
-                total = {"rd": s.rd_time_ns, "wr": s.wr_time_ns, "flush": s.fl_time_ns}.get(op, 0) / 1e9
-                hist.add_metric(lv + [{"rd": "read", "wr": "write", "flush": "flush"}.get(op, op)], buckets, total)
-    return [up, ok, info, req, byt, tim, failed, idle, hist]
+    return [up, ok, info, req, byt, tim, failed, idle]
+
+
+@renderer(Snapshot.vm_disk_latency)
+def render_vm_disk_latency(data: VmDiskLatencies) -> Iterable:
+    """Every VM disk's latency histograms (agent/records/disk_latency.py), and libiscsi disks' command state."""
+    hist = DISK_LATENCY.family()
+    for h in data.histograms:
+        buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in h.cumulative()]
+        # QEMU's histograms keep no sum: the op's total time (same requests) stands in for it
+        hist.add_metric([h.vm, h.disk, h.op, h.source], buckets, (h.sum_ns or 0) / 1e9)
+    inflight, aborts, reconnects = DISK_ISCSI_INFLIGHT.family(), DISK_ISCSI_ABORTS.family(), DISK_ISCSI_RECONNECTS.family()
+    for d in data.iscsi:
+        inflight.add_metric([d.vm, d.disk], d.inflight)
+        aborts.add_metric([d.vm, d.disk], d.aborts)
+        reconnects.add_metric([d.vm, d.disk], d.reconnects)
+    return [hist, inflight, aborts, reconnects]
 
 
 CONN_LABELS = ("portal", "local", "vm", "disk")

@@ -173,3 +173,46 @@ class TcpLifecycleData:
     totals: dict[str, int]
     probe: ProbeStats | None = None
     tracepoints: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class LibiscsiLatency:
+    """One QEMU process's commands to one LUN through one iSCSI context, one op (cumulative)."""
+
+    tgid: int
+    ctx: int  # struct iscsi_context * in that process: tells two sessions of one process apart
+    lun: int
+    op: str  # read | write | flush | discard | other (from the CDB opcode)
+    slots: dict[int, int]  # log2 slot -> count
+    count: int
+    sum_ns: int
+
+
+@dataclass(frozen=True)
+class LibiscsiContext:
+    """One iSCSI context of one process: where it logged in (when the probe saw the login) and its events."""
+
+    tgid: int
+    ctx: int
+    target: str  # "" when iscsi_set_targetname was not seen (QEMU started before the probe)
+    portal: str  # "" when iscsi_full_connect_* was not seen
+    lun: int | None
+    aborts: int
+    reconnects: int
+
+
+@dataclass(frozen=True)
+class LibiscsiData:
+    latencies: tuple[LibiscsiLatency, ...]
+    contexts: tuple[LibiscsiContext, ...]
+    inflight: dict[tuple[int, int, int], int]  # (tgid, ctx, lun) -> commands submitted, not yet freed
+    totals: dict[str, int]
+    slot_max: int = SLOT_MAX
+    probe: ProbeStats | None = None
+    tracepoints: tuple[str, ...] = field(default_factory=tuple)  # the uprobes attached
+
+    def context(self, tgid: int, ctx: int) -> LibiscsiContext | None:
+        for c in self.contexts:
+            if (c.tgid, c.ctx) == (tgid, ctx):
+                return c
+        return None

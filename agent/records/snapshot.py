@@ -6,7 +6,8 @@ health and the records the sources returned (keyed by source name in
 typed accessors below, never by source name: ``snap.vms`` (libvirt and QMP
 together), ``snap.iscsi_sessions``, ``snap.storage_connections``,
 ``snap.host_tcp``, ``snap.block_devices``, ``snap.multipath``, ``snap.interfaces``, the eBPF
-data, and ``snap.paths``: the storage paths joined once per snapshot.
+data, ``snap.paths``: the storage paths joined once per snapshot, and
+``snap.vm_disk_latency``: every VM disk's latency histograms.
 Outputs register against an accessor by reference (``@renderer(Snapshot.host_tcp)``,
 see :mod:`agent.marks`); :func:`accessor_name` checks that it is one.
 Snapshots are immutable once built and safe to share across threads.
@@ -20,7 +21,8 @@ from functools import cached_property
 from typing import Any
 
 from agent.records.block import BlockDevices
-from agent.records.ebpf import BlockIoData, TcpLifecycleData, TcpRetransData
+from agent.records.disk_latency import VmDiskLatencies, build_disk_latency
+from agent.records.ebpf import BlockIoData, LibiscsiData, TcpLifecycleData, TcpRetransData
 from agent.records.iscsi import IscsiSession, IscsiSessions
 from agent.records.multipath import Multipath, MultipathMap
 from agent.records.net import NetIfaces
@@ -161,12 +163,22 @@ class Snapshot:
     def tcp_lifecycle(self) -> TcpLifecycleData | None:
         return self.data.get("ebpf_tcp_lifecycle")
 
+    @property
+    def libiscsi(self) -> LibiscsiData | None:
+        return self.data.get("ebpf_libiscsi")
+
     # -- the join
 
     @cached_property
     def paths(self) -> tuple[StoragePath, ...]:
         """The storage paths (VM disk -> session -> connection -> interface), joined once per snapshot."""
         return tuple(build_paths(self))
+
+    @cached_property
+    def vm_disk_latency(self) -> VmDiskLatencies:
+        """Every VM disk's latency histograms (libiscsi uprobes, block tracepoints per QEMU process, QMP),
+        with the disks that have none and the probe histograms no disk claims, each with the reason."""
+        return build_disk_latency(self)
 
 
 def accessor_name(accessor) -> str:

@@ -24,7 +24,7 @@ def test_accessor_names():
 def test_the_flow_from_records_to_outputs():
     """What each output reads, in the order it runs (module name, then definition order)."""
     assert [n for n, _f in load_renderers().records] == [
-        "block_io", "tcp_lifecycle", "tcp_retrans", "host_tcp", "iscsi", "vms"]
+        "block_io", "tcp_lifecycle", "tcp_retrans", "libiscsi", "host_tcp", "iscsi", "vms", "vm_disk_latency"]
     assert [f.__name__ for f in load_renderers().snapshot] == ["render_storage_connections", "render_multipath"]
     assert [n for n, _f in load_builders().records] == [
         "tcp_lifecycle", "tcp_retrans", "host_tcp", "iscsi", "storage_log", "storage_tcp"]

@@ -22,7 +22,7 @@ import tomllib
 
 import pytest
 
-from agent.ebpf import block_io, decode, tcp_lifecycle, tcp_retrans
+from agent.ebpf import block_io, decode, libiscsi, tcp_lifecycle, tcp_retrans
 from tests.conftest import ROOT
 
 PROBES = ROOT / "probes"
@@ -46,10 +46,11 @@ HEADERS = {
     "tcp_retrans.h": (tcp_retrans, []),
     "tcp_lifecycle.h": (tcp_lifecycle, []),
     "block_io.h": (block_io, [f"-DSLOT_MAX={block_io.SLOT_MAX}"]),
+    "libiscsi.h": (libiscsi, [f"-DSLOT_MAX={libiscsi.SLOT_MAX}"]),
 }
-PROBE_MODULES = {"tcp_retrans": tcp_retrans, "tcp_lifecycle": tcp_lifecycle, "block_io": block_io}
+PROBE_MODULES = {"tcp_retrans": tcp_retrans, "tcp_lifecycle": tcp_lifecycle, "block_io": block_io, "libiscsi": libiscsi}
 # maps only the kernel side uses (never read from Python)
-KERNEL_ONLY_MAPS = {"block_io": {"inflight", "lat_zero"}, "tcp_retrans": {"events"}, "tcp_lifecycle": {"events"}}
+KERNEL_ONLY_MAPS = {"block_io": {"inflight", "lat_zero"}, "libiscsi": {"lat_zero", "ctx_zero"}, "tcp_retrans": {"events"}, "tcp_lifecycle": {"events"}}
 
 
 # -- reading the C (declarations only; the compiler decides every number) -----
@@ -210,6 +211,10 @@ def test_constants_match_the_c(compiled, tmp_path, header):
         assert consts["SLOT_MAX"] == block_io.SLOT_MAX and consts["NSLOTS"] == block_io.NSLOTS
         # the default the C falls back to without -DSLOT_MAX is the same number
         assert compile_and_run(tmp_path, header, [])["const SLOT_MAX"] == [block_io.SLOT_MAX]
+    if header == "libiscsi.h":
+        assert tuple(enum_names(enums["iscsi_op"], "IOP_")) == decode.BLOCK_OPS
+        assert consts["SLOT_MAX"] == libiscsi.SLOT_MAX and consts["NSLOTS"] == libiscsi.NSLOTS
+        assert (consts["TARGET_LEN"], consts["PORTAL_LEN"]) == (libiscsi.TARGET_LEN, libiscsi.PORTAL_LEN)
     if header == "common.h":
         assert (consts["KS_AF_INET"], consts["KS_AF_INET6"]) == (decode.AF_INET, decode.AF_INET6)
         states = {n.removeprefix("KS_TCP_"): v for n, v in consts.items() if n.startswith("KS_TCP_")}
@@ -245,7 +250,7 @@ def test_every_included_header_is_in_probes_and_ships():
     included = set()
     for src in PROBES.glob("*"):
         included |= set(re.findall(r'^#include "([^"]+)"', src.read_text(), flags=re.M))
-    assert {"common.h", "tcp_retrans.h", "tcp_lifecycle.h", "block_io.h"} <= included
+    assert {"common.h", "tcp_retrans.h", "tcp_lifecycle.h", "block_io.h", "libiscsi.h"} <= included
     for name in included:
         assert (PROBES / name).is_file(), name
         assert any(fnmatch.fnmatch(name, pat) for pat in shipped), f"{name} not in the wheel's package data"

@@ -1,0 +1,112 @@
+"""Per-VM-disk latency: the join of the probes' histograms to VM disks (agent/records/disk_latency.py)
+and its Prometheus rendering."""
+
+from agent.exporters.exposition import write_exposition
+from agent.exporters.render_inventory import render_vm_disk_latency
+from agent.records.disk_latency import BLOCK, LIBISCSI, QMP, log2_bounds_ns, slots_to_counts
+from agent.records.ebpf import SLOT_MAX, BlockIoData, LibiscsiContext, LibiscsiData, LibiscsiLatency
+from agent.records.snapshot import Snapshot
+from agent.records.vms import DiskStats, Vm, VmDisk, Vms
+
+IQN = "iqn.2026-11.lab:vm0"
+VDA = VmDisk("vda", "network", "iscsi", f"{IQN}/0", (("10.0.0.1", 3260),), IQN, 0)
+VDB = VmDisk("vdb", "file", None, "/var/tmp/vdb.img", host_devno="254:0")
+
+
+def snap(vms, **data):
+    return Snapshot(1, 0.0, "h", 0.0, {"libvirt": Vms(tuple(vms)), **data})
+
+
+def lib(latencies, contexts=(), inflight=None):
+    return LibiscsiData(tuple(latencies), tuple(contexts), inflight or {}, {})
+
+
+def test_log2_slots_become_buckets_with_the_overflow_last():
+    assert log2_bounds_ns(3) == (1, 2, 4, 8)
+    assert slots_to_counts({0: 1, 3: 2, 5: 7}, 3) == (1, 0, 0, 2, 7)  # slot 5 > slot_max: the overflow bucket
+
+
+def test_libiscsi_by_pid_and_lun_when_the_login_was_not_seen():
+    vm = Vm("vm0", None, "running", 100, (VDA, VDB))
+    s = snap([vm], ebpf_libiscsi=lib([LibiscsiLatency(100, 0xAA, 0, "read", {10: 3, 12: 1}, 4, 5000),
+                                      LibiscsiLatency(100, 0xAA, 0, "write", {20: 2}, 2, 2_000_000)],
+                                     inflight={(100, 0xAA, 0): 2}))
+    d = s.vm_disk_latency
+    assert [(h.vm, h.disk, h.op, h.source, h.count, h.sum_ns) for h in d.histograms] == [
+        ("vm0", "vda", "read", LIBISCSI, 4, 5000), ("vm0", "vda", "write", LIBISCSI, 2, 2_000_000)]
+    read = d.histograms[0]
+    assert read.cumulative()[10] == (1024 / 1e9, 3) and read.cumulative()[-1] == (float("inf"), 4)
+    assert [(x.disk, x.inflight, x.pid) for x in d.iscsi] == [("vda", 2, 100)]
+    assert d.unattributed == ()
+    assert [(vm, disk) for vm, disk, _why in d.missing] == [("vm0", "vdb")]  # no block probe data
+
+
+def test_two_contexts_of_one_disk_add_up_and_unknown_pids_are_reported():
+    vm = Vm("vm0", None, "running", 100, (VDA,))
+    s = snap([vm], ebpf_libiscsi=lib([LibiscsiLatency(100, 1, 0, "read", {10: 1}, 1, 600),
+                                      LibiscsiLatency(100, 2, 0, "read", {11: 1}, 1, 1500),
+                                      LibiscsiLatency(555, 3, 0, "read", {11: 1}, 1, 1500)],
+                                     [LibiscsiContext(100, 1, "", "", None, 1, 2), LibiscsiContext(100, 2, "", "", None, 0, 1)]))
+    d = s.vm_disk_latency
+    assert [(h.disk, h.count, h.sum_ns) for h in d.histograms] == [("vda", 2, 2100)]
+    assert [(x.aborts, x.reconnects) for x in d.iscsi] == [(1, 3)]
+    assert [(u.pid, u.reason) for u in d.unattributed] == [(555, "pid 555 is not a known VM's QEMU")]
+
+
+def test_same_lun_on_two_targets_is_ambiguous_unless_the_login_was_seen():
+    other = VmDisk("vdc", "network", "iscsi", "iqn.other/0", (("10.0.0.2", 3260),), "iqn.other", 0)
+    vm = Vm("vm0", None, "running", 100, (VDA, other))
+    lat = [LibiscsiLatency(100, 7, 0, "read", {10: 1}, 1, 600)]
+    d = snap([vm], ebpf_libiscsi=lib(lat)).vm_disk_latency
+    assert d.histograms == ()
+    assert "ambiguous: disks vda, vdc" in d.unattributed[0].reason
+    seen = [LibiscsiContext(100, 7, "iqn.other", "10.0.0.2:3260", 0, 0, 0)]
+    d = snap([vm], ebpf_libiscsi=lib(lat, seen)).vm_disk_latency
+    assert [(h.disk, h.count) for h in d.histograms] == [("vdc", 1)]
+    assert d.iscsi[0].target == "iqn.other" and d.iscsi[0].portal == "10.0.0.2:3260"
+
+
+class ProcHist:  # the block probe's per-process histogram, as the join reads it
+    def __init__(self, tgid, device, op, slots):
+        self.tgid, self.device, self.op, self.slots = tgid, device, op, slots
+        self.count, self.sum_ns = sum(slots.values()), 1000 * sum(slots.values())
+
+
+def test_block_disk_through_the_qemu_pid_and_the_device_under_the_file():
+    from agent.records.block import BlockDevice, BlockDevices
+
+    vm = Vm("vm0", None, "running", 100, (VDA, VDB))
+    devs = BlockDevices((BlockDevice("vdx", "254:0", None, (), (), {}),))
+    bio = BlockIoData((), (), {}, SLOT_MAX)
+    d = snap([vm], block_devices=devs, ebpf_block_io=bio).vm_disk_latency
+    assert "no per-process histograms" in dict(((v, k), w) for v, k, w in d.missing)[("vm0", "vdb")]
+    object.__setattr__(bio, "process_histograms", (ProcHist(100, "vdx", "write", {10: 2}), ProcHist(200, "vdx", "write", {9: 5}),
+                                                   ProcHist(100, "sda", "read", {9: 5})))
+    d = snap([vm], block_devices=devs, ebpf_block_io=bio).vm_disk_latency
+    assert [(h.disk, h.op, h.source, h.count, h.pid) for h in d.histograms] == [("vdb", "write", BLOCK, 2, 100)]
+
+
+def test_two_disks_of_one_vm_on_one_host_device_are_ambiguous():
+    from agent.records.block import BlockDevice, BlockDevices
+
+    vdc = VmDisk("vdc", "file", None, "/var/tmp/vdc.img", host_devno="254:0")
+    vm = Vm("vm0", None, "running", 100, (VDB, vdc))
+    bio = BlockIoData((), (), {}, SLOT_MAX)
+    object.__setattr__(bio, "process_histograms", (ProcHist(100, "vdx", "write", {10: 2}),))
+    d = snap([vm], block_devices=BlockDevices((BlockDevice("vdx", "254:0", None, (), (), {}),)), ebpf_block_io=bio).vm_disk_latency
+    assert d.histograms == ()
+    assert all(why.startswith("ambiguous: disks vdb, vdc") for _vm, _d, why in d.missing)
+
+
+def test_qmp_histograms_and_the_exposition_carry_the_source():
+    stats = DiskStats(rd_reqs=3, rd_time_ns=7_000_000, histograms={"rd": {"boundaries_ns": [1_000_000, 10_000_000],
+                                                                        "bins": [1, 2, 0]}})
+    vm = Vm("vm0", None, "running", 100, (VmDisk("vda", "file", source="/x", stats=stats),), manager="qmp")
+    s = Snapshot(1, 0.0, "h", 0.0, {"qmp": Vms((vm,)),
+                                    "ebpf_libiscsi": lib([LibiscsiLatency(100, 1, 0, "read", {1: 1}, 1, 1)])})
+    d = s.vm_disk_latency
+    assert [(h.source, h.counts, h.sum_ns) for h in d.histograms] == [(QMP, (1, 2, 0), 7_000_000)]
+    text = write_exposition(render_vm_disk_latency(d)).decode()
+    assert 'kvmscope_vm_disk_latency_seconds_bucket{disk="vda",le="0.001",op="read",source="qmp",vm="vm0"} 1.0' in text
+    assert 'kvmscope_vm_disk_latency_seconds_bucket{disk="vda",le="+Inf",op="read",source="qmp",vm="vm0"} 3.0' in text
+    assert 'kvmscope_vm_disk_latency_seconds_sum{disk="vda",op="read",source="qmp",vm="vm0"} 0.007' in text

@@ -6,6 +6,10 @@ the /metrics server behind the same TLS and auth as /metrics):
   GET /api/v1/snapshots?last=N      the last N snapshots (codec JSON, oldest first)
   GET /api/v1/snapshots?seconds=S   snapshots of the last S seconds
   GET /api/v1/snapshots             the latest snapshot only
+  GET /api/v1/incidents?seconds=S   the live diagnosis' incidents open at some time in the last S
+                                    seconds (all kept ones without ?seconds=), oldest first:
+                                    {"incidents": [...]} (agent/diagnose/incidents.py); 404 when
+                                    the agent runs no live diagnosis
 
 What one request may cost is bounded: at most ``api.max_snapshots`` snapshots
 and ``api.max_response_bytes`` of JSON (the newest are kept; the header
@@ -44,9 +48,11 @@ class ApiLimits:
 
 
 def handle(path: str, query: str, history: Callable[[], list[Snapshot]],
-           limits: ApiLimits = ApiLimits()) -> tuple[int, bytes, dict[str, str]]:
+           limits: ApiLimits = ApiLimits(), incidents: Callable | None = None) -> tuple[int, bytes, dict[str, str]]:
     """Route an API request. Returns (HTTP status, JSON body, extra headers)."""
     q = urllib.parse.parse_qs(query)
+    if path == "/api/v1/incidents" and incidents is not None:
+        return _incidents(q, incidents, limits)
     if path != "/api/v1/snapshots":
         return 404, _json({"error": f"no such endpoint {path}; try /api/v1/snapshots?last=2"}), {}
     snaps = history()
@@ -74,6 +80,22 @@ def handle(path: str, query: str, history: Callable[[], list[Snapshot]],
         size += len(b) + 2
     left_out = len(snaps) - len(parts)
     body = b"[" + b", ".join(reversed(parts)) + b"]"
+    return 200, body, ({"X-Kvmscope-Left-Out": str(left_out)} if left_out else {})
+
+
+def _incidents(q: dict, incidents: Callable, limits: ApiLimits) -> tuple[int, bytes, dict[str, str]]:
+    """The kept incidents (agent/diagnose/incidents.py) open at some time in the last ?seconds=S."""
+    try:
+        since = time.time() - float(q["seconds"][0]) if "seconds" in q else None
+    except ValueError:
+        return 400, _json({"error": "seconds must be a number"}), {}
+    items = incidents(since)
+    total = len(items)
+    body = _json({"incidents": items})
+    while len(body) > limits.max_response_bytes and items:  # the newest are kept
+        items = items[max(1, len(items) // 4):]
+        body = _json({"incidents": items})
+    left_out = total - len(items)
     return 200, body, ({"X-Kvmscope-Left-Out": str(left_out)} if left_out else {})
 
 
@@ -115,11 +137,20 @@ def trusted_uids() -> set[int]:
     return {0, os.geteuid()}
 
 
-def fetch_snapshots(socket_path: str, timeout: float = 2.0, **params) -> tuple[list[Snapshot], dict]:
-    """Snapshots from the agent serving ``socket_path``, and the response headers.
+def fetch_incidents(socket_path: str, timeout: float = 2.0, **params) -> list[dict]:
+    """The incidents of the agent serving ``socket_path`` (GET /api/v1/incidents); :class:`NotAttached`
+    when it cannot answer them (no agent, untrusted, or one that runs no live diagnosis)."""
+    raw = _get(socket_path, f"/api/v1/incidents?{urllib.parse.urlencode(params)}", timeout)[0]
+    try:
+        data = json.loads(raw)
+        return list(data["incidents"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise NotAttached(f"the agent on {socket_path} answered something that is not a list of incidents ({e})") \
+            from None
 
-    Raises :class:`NotAttached` (with the reason) when nothing answers there, the listener is not
-    root (or this user), or what it answers is not the API's JSON."""
+
+def _get(socket_path: str, target: str, timeout: float) -> tuple[bytes, dict]:
+    """GET ``target`` from the trusted agent on ``socket_path``: (body, headers) of a 200 answer."""
     conn = _UnixConnection(socket_path, timeout)
     try:
         try:
@@ -137,7 +168,7 @@ def fetch_snapshots(socket_path: str, timeout: float = 2.0, **params) -> tuple[l
             raise NotAttached(f"not attaching: {socket_path} is served by uid {uid}, not root (nor you): "
                               "its snapshots could be made up")
         try:
-            conn.request("GET", f"/api/v1/snapshots?{urllib.parse.urlencode(params)}")
+            conn.request("GET", target)
             r = conn.getresponse()
             raw = r.read()
         except (OSError, http.client.HTTPException) as e:
@@ -145,14 +176,23 @@ def fetch_snapshots(socket_path: str, timeout: float = 2.0, **params) -> tuple[l
         if r.status != 200:
             raise NotAttached(f"the agent on {socket_path} answered HTTP {r.status}: "
                               f"{raw[:200].decode('utf-8', 'replace').strip()}")
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, list):
-                raise SnapshotError(f"expected a list of snapshots, got {type(data).__name__}")
-            types_ = record_types()
-            return [snapshot_from_json(s, types_) for s in data], dict(r.headers)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:  # SnapshotError is a ValueError
-            raise NotAttached(f"the agent on {socket_path} answered something that is not kvmscope's "
-                              f"snapshot JSON ({e})") from None
+        return raw, dict(r.headers)
     finally:
         conn.close()
+
+
+def fetch_snapshots(socket_path: str, timeout: float = 2.0, **params) -> tuple[list[Snapshot], dict]:
+    """Snapshots from the agent serving ``socket_path``, and the response headers.
+
+    Raises :class:`NotAttached` (with the reason) when nothing answers there, the listener is not
+    root (or this user), or what it answers is not the API's JSON."""
+    raw, headers = _get(socket_path, f"/api/v1/snapshots?{urllib.parse.urlencode(params)}", timeout)
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, list):
+            raise SnapshotError(f"expected a list of snapshots, got {type(data).__name__}")
+        types_ = record_types()
+        return [snapshot_from_json(s, types_) for s in data], headers
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # SnapshotError is a ValueError
+        raise NotAttached(f"the agent on {socket_path} answered something that is not kvmscope's "
+                          f"snapshot JSON ({e})") from None

@@ -258,6 +258,9 @@ class DiagnoseConfig(_Section):
     )
     live: bool = Field(True, description="run the rules inside `kvmscope run` every cycle (metrics, shipped findings)")
     window_seconds: float = Field(60.0, ge=1, le=86400, description="history the agent's live diagnosis looks at")
+    incidents_kept: int = Field(500, ge=1, le=100_000,
+                                description="resolved incidents the agent keeps (beyond agent.history) for "
+                                            "/api/v1/incidents and `diagnose --window`")
 
 
 class LogConfig(_Section):

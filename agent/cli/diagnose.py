@@ -11,6 +11,7 @@ from agent.cli import app, examples
 from agent.cli.common import attached_snapshots, load_config, msg
 from agent.durations import parse_duration
 from agent.codec import dump_recording, read_recording
+from agent.diagnose.incidents import replay as replay_incidents
 from agent.diagnose.report import EXIT_OK, EXIT_PROBLEMS, diagnose as run_diagnose, dumps, report_json, report_text
 from agent.diagnose.rules import describe_rules
 from agent.engine import build_agent
@@ -52,9 +53,22 @@ def sample(cfg, seconds: float, every: float, quiet: bool = False):
     return snaps
 
 
+def _agent_incidents(cfg, seconds: float):
+    """The running agent's incidents of the last ``seconds`` (None when it serves none: then they are
+    replayed from the snapshots)."""
+    from agent.api import NotAttached, fetch_incidents
+
+    try:
+        return fetch_incidents(cfg.api.socket, timeout=5.0, seconds=seconds)
+    except NotAttached as e:
+        msg(f"note: no incidents from the agent ({e}); following them over the snapshots instead")
+        return None
+
+
 @app.command(
     epilog=examples(
         "kvmscope diagnose                      # sample this host for 10 s, then judge",
+        "kvmscope diagnose --window 2h          # attached: the agent's incidents of the last 2 hours too",
         "kvmscope diagnose --window 30s --json",
         "kvmscope diagnose --from incident.json # judge a recording (kvmscope record)",
         "kvmscope diagnose --rules              # what each rule looks at",
@@ -77,21 +91,27 @@ def diagnose(
             print(f"{r['rule']}: {r['title']}\n  {r['doc']}\n")
         return
     cfg, _ = load_config(ctx)
+    incidents = None
+    seconds = None
     if from_file:
         snaps = read_recording(from_file, minimum=2)
     else:
         seconds = _parse_duration(window)
         snaps = attached_snapshots(ctx, cfg, seconds=seconds)
+        if snaps is not None:
+            incidents = _agent_incidents(cfg, seconds)  # kept beyond its snapshot history
         if snaps is not None and len(snaps) < 2:
             msg("the running agent has fewer than 2 snapshots in that window; sampling here instead")
             snaps = None
         if snaps is None:
             snaps = sample(cfg, seconds, every, quiet=json_out and not sys.stderr.isatty())
     w, findings = run_diagnose(snaps, cfg.diagnose)
+    if incidents is None:
+        incidents = replay_incidents(snaps, cfg.diagnose)
     if json_out:
-        sys.stdout.write(dumps(report_json(w, findings)))
+        sys.stdout.write(dumps(report_json(w, findings, incidents)))
     else:
-        sys.stdout.write(report_text(w, findings))
+        sys.stdout.write(report_text(w, findings, incidents, seconds))
     raise typer.Exit(EXIT_PROBLEMS if any(f.severity in ("critical", "warning") for f in findings) else EXIT_OK)
 
 

@@ -203,7 +203,14 @@ def _start_live_diagnosis(cfg, agent: Agent, shipping, quiet: bool):
         if shipping is not None:
             shipping.submit_finding(ship_dict(f), snap.host, snap.timestamp)
 
-    live = LiveDiagnosis(agent.history, cfg.diagnose, on_new=_new_finding)
+    def _incident(event, inc, snap):
+        if not quiet:
+            msg(f"incident {event}: {inc['severity'].upper()} {inc['key']}: "
+                + (f"{inc['duration_seconds']:.1f} s, " if event == "resolved" else "") + inc["title"])
+        if shipping is not None:
+            shipping.submit_incident(inc, event)
+
+    live = LiveDiagnosis(agent.history, cfg.diagnose, on_new=_new_finding, on_incident=_incident)
     agent.on_snapshot.append(live.consume)
     return live
 
@@ -220,13 +227,17 @@ def _start_server(cfg, agent: Agent, shipping, live):
     if live is not None:
         from agent.exporters.render_diagnosis import diagnosis_renderer
 
+        from agent.exporters.render_diagnosis import incidents_renderer
+
         renderers = renderers.with_snapshot(diagnosis_renderer(lambda: live.current))
+        renderers = renderers.with_snapshot(incidents_renderer(live.incidents))
     if shipping is not None:
         from agent.exporters.render_shipping import shipping_renderer
 
         renderers = renderers.with_snapshot(shipping_renderer(shipping.health))
     server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history,
-                                       renderers=renderers, api=cfg.api).start()
+                                       renderers=renderers, api=cfg.api,
+                                       incidents=live.incidents.incidents if live is not None else None).start()
     agent.on_snapshot.append(server.prerender)  # the scrape after a cycle then costs ~1 ms
     if server.address is not None:
         h, p = server.address[:2]

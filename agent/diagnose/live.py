@@ -8,8 +8,15 @@ same verdicts as ``kvmscope diagnose`` (the same rules, so the same health
 model: :mod:`agent.health` defines lossy, slow and stalled once). A rule that
 raises is a ``blind_spots`` finding here too.
 
+The findings are also followed as incidents (:mod:`agent.diagnose.incidents`:
+start, end, duration, the stall of each disk), kept beyond the snapshot
+history (``diagnose.incidents_kept``), exported on /metrics (open ones),
+shipped when they open and when they are resolved (``logs-kvmscope.incidents``)
+and served on the local API (``/api/v1/incidents``) for ``kvmscope diagnose``.
+
 Cost: one window build and six rules over ``diagnose.window_seconds`` of
-snapshots per cycle (a few ms for tens of VMs).
+snapshots per cycle (a few ms for tens of VMs), plus one timeline of the same
+snapshots for the incidents.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import threading
 from typing import Callable
 
 from agent.config import DiagnoseConfig
+from agent.diagnose.incidents import IncidentTracker
 from agent.diagnose.rules import Finding, run_rules
 from agent.diagnose.window import build_window
 from agent.records.snapshot import Snapshot
@@ -59,10 +67,13 @@ def ship_dict(f: Finding) -> dict:
 
 class LiveDiagnosis:
     def __init__(self, history: Callable[[], list[Snapshot]], cfg: DiagnoseConfig,
-                 on_new: Callable[[Finding, Snapshot], None] | None = None):
+                 on_new: Callable[[Finding, Snapshot], None] | None = None,
+                 on_incident: Callable[[str, dict, Snapshot], None] | None = None):
         self.history = history
         self.cfg = cfg
         self.on_new = on_new
+        self.on_incident = on_incident
+        self.incidents = IncidentTracker(max_kept=cfg.incidents_kept)
         self._lock = threading.Lock()
         self._current: list[Finding] = []
         self._seen: dict[str, str] = {}
@@ -93,3 +104,14 @@ class LiveDiagnosis:
         with self._lock:
             self._current = findings
             self._seen = seen
+        try:
+            events = self.incidents.update(findings, snaps)
+        except Exception:  # a bug here must not stop the agent nor hide the findings
+            log.exception("following incidents failed")
+            return
+        for event, inc in events:
+            if self.on_incident is not None:
+                try:
+                    self.on_incident(event, inc, snap)
+                except Exception:
+                    log.exception("shipping an incident failed")

@@ -18,8 +18,9 @@ def diagnose(snaps, cfg: DiagnoseConfig, if_addrs=None) -> tuple[Window, list[Fi
     return w, run_rules(w, cfg)
 
 
-def report_json(w: Window, findings: list[Finding]) -> dict:
-    return {
+def report_json(w: Window, findings: list[Finding], incidents: list[dict] | None = None) -> dict:
+    """The stable JSON; ``incidents`` (agent.diagnose.incidents dicts) under "incidents" when given."""
+    out = {
         "host": w.host,
         "window": {"start": w.start, "end": w.end, "seconds": round(w.seconds, 3), "snapshots": w.snapshots},
         "summary": {s: sum(1 for f in findings if f.severity == s) for s in ("critical", "warning", "info")},
@@ -31,6 +32,9 @@ def report_json(w: Window, findings: list[Finding]) -> dict:
             for d in w.disks
         ],
     }
+    if incidents is not None:
+        out["incidents"] = incidents
+    return out
 
 
 def _fmt_ev(v) -> str:
@@ -41,7 +45,22 @@ def _fmt_ev(v) -> str:
     return str(v)
 
 
-def report_text(w: Window, findings: list[Finding]) -> str:
+def incidents_text(incidents: list[dict], window_seconds: float) -> list[str]:
+    """The incidents section: one line each (state, duration, span, title, stalled VMs), then its disks."""
+    if not incidents:
+        return []
+    lines = ["", f"incidents in the last {window_seconds:.0f}s: {len(incidents)}"]
+    for inc in incidents:
+        lines.append(f"{inc['severity'].upper():<8} {clean(inc.get('summary') or inc['title'])}")
+        for disk, st in sorted((inc.get("disks") or {}).items()):
+            if st.get("stalled_s") or st.get("worst_ms") is not None:
+                worst = "" if st.get("worst_ms") is None else f", worst interval {st['worst_ms']:.1f} ms per request"
+                lines.append(f"  {clean(disk)}: no I/O for {st.get('stalled_s') or 0:.1f} s{worst}")
+    return lines
+
+
+def report_text(w: Window, findings: list[Finding], incidents: list[dict] | None = None,
+                incidents_seconds: float | None = None) -> str:
     lines = []
     n = {s: sum(1 for f in findings if f.severity == s) for s in ("critical", "warning", "info")}
     problems = n["critical"] + n["warning"]
@@ -61,6 +80,7 @@ def report_text(w: Window, findings: list[Finding]) -> str:
         lines.append(f"  cause:    {clean(f.cause)}")
         for c in f.next_checks:
             lines.append(f"  check:    {clean(c)}")
+    lines.extend(incidents_text(incidents or [], incidents_seconds or w.seconds))
     return "\n".join(lines) + "\n"
 
 

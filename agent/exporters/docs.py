@@ -40,6 +40,7 @@ EXAMPLE_LABELS = {
     "connection": "0", "state": "LOGGED_IN", "type": "scsicmd", "direction": "tx",
     "local": "10.0.0.10:51234", "interface": "eth1", "device": "sdb",
     "remote_address": "10.0.0.5", "remote_port": "3260", "event": "connect", "probe": "tcp_retrans",
+    "cause": "path_down:portal:10.0.0.5:3260", "rule": "path_down", "severity": "critical",
 }
 
 
@@ -48,7 +49,7 @@ def example(d: catalog.MetricDef) -> str:
     value = {"counter": "1234", "gauge": "1", "histogram": "5"}.get(d.type, "1")
     unit = unit_of(d.name)
     if d.type == "gauge" and unit == "seconds":
-        value = "0.0042"
+        value = "1795927980.515" if d.name.endswith("_timestamp_seconds") else "0.0042"
     labels = [(k, EXAMPLE_LABELS.get(k, "...")) for k in d.labels]
     name = d.name
     if d.type == "histogram":

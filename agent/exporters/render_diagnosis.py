@@ -36,3 +36,42 @@ def render_findings(findings: list) -> list:
     for sev in ("critical", "warning", "info"):
         count.add_metric([sev], sum(1 for f in findings if f.severity == sev))
     return [fam, count]
+
+
+INCIDENTS_OPEN = define(
+    "kvmscope_incidents_open", "gauge",
+    "Incidents of the agent's diagnosis open now (a finding's cause followed in time; docs/diagnose.md).",
+    (), "agent diagnosis incidents (docs/diagnose.md)")
+INCIDENT_START = define(
+    "kvmscope_incident_start_timestamp_seconds", "gauge",
+    "Start of each open incident (unix time; for a path outage the estimated moment the path stopped "
+    "answering). time() - this = how long it has been open.",
+    ("cause", "rule", "severity"), "agent diagnosis incidents (docs/diagnose.md)")
+INCIDENTS_OPENED = define(
+    "kvmscope_incidents_opened_total", "counter",
+    "Incidents opened since the agent started.", (), "agent diagnosis incidents (docs/diagnose.md)")
+INCIDENTS_RESOLVED = define(
+    "kvmscope_incidents_resolved_total", "counter",
+    "Incidents resolved since the agent started (their documents carry start, end and duration).", (),
+    "agent diagnosis incidents (docs/diagnose.md)")
+
+
+def incidents_renderer(tracker) -> Callable:
+    """A snapshot renderer (run at every scrape) of the open incidents of ``tracker``
+    (agent.diagnose.incidents.IncidentTracker)."""
+
+    def render_incidents(_snap):
+        return render_incident_families(tracker.open_incidents(), tracker.opened_total, tracker.resolved_total)
+
+    return render_incidents
+
+
+def render_incident_families(open_incidents: list, opened: int, resolved: int) -> list:
+    n, start = INCIDENTS_OPEN.family(), INCIDENT_START.family()
+    n.add_metric([], len(open_incidents))
+    for inc in open_incidents:
+        start.add_metric([inc.key, inc.rule, inc.severity], inc.start)
+    o, r = INCIDENTS_OPENED.family(), INCIDENTS_RESOLVED.family()
+    o.add_metric([], opened)
+    r.add_metric([], resolved)
+    return [n, start, o, r]

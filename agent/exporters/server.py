@@ -115,6 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
     collector: SnapshotCollector
     latest: Callable[[], Snapshot | None]
     history: Callable[[], list] | None = None
+    incidents: Callable | None = None  # since -> incident dicts (agent.diagnose.incidents)
     web: "WebConfig | None" = None
     api_limits: "ApiLimits | None" = None
     timeout = 10  # per read or write; the whole connection is bounded by the server's deadline
@@ -164,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
             from agent.api import ApiLimits, handle
 
             code, body, headers = handle(path, self.path.partition("?")[2], self.history,
-                                         self.api_limits or ApiLimits())
+                                         self.api_limits or ApiLimits(), incidents=self.incidents)
             self._send(code, body, "application/json", headers)
         elif path == "/":
             page = (
@@ -391,11 +392,13 @@ class MetricsServer:
         api_limits: "ApiLimits | None" = None,
         api_socket: str | None = None,
         listen: bool = True,
+        incidents: Callable | None = None,
     ):
         attrs = {
             "collector": SnapshotCollector(latest, limits=limits, renderers=renderers),
             "latest": staticmethod(latest),
             "history": staticmethod(history) if history else None,
+            "incidents": staticmethod(incidents) if incidents else None,
             "api_limits": api_limits,
             "timeout": min(request_timeout, _Handler.timeout),
         }
@@ -440,6 +443,7 @@ class MetricsServer:
         history: Callable[[], list] | None = None,
         renderers: "Renderers | None" = None,
         api: "ApiConfig | None" = None,
+        incidents: Callable | None = None,
     ) -> "MetricsServer":
         """The HTTP server of ``metrics.*`` (when ``metrics.enabled``) and the API socket of ``api.*``."""
         from agent.api import ApiLimits
@@ -450,7 +454,7 @@ class MetricsServer:
         api_limits = ApiLimits(api.max_snapshots, api.max_response_bytes) if api else None
         return cls(host, port, latest, web=web, limits=Limits.from_config(m), history=history, renderers=renderers,
                    max_requests=m.max_requests, request_timeout=m.request_timeout, api_limits=api_limits,
-                   api_socket=api.socket if api else None, listen=m.enabled)
+                   api_socket=api.socket if api else None, listen=m.enabled, incidents=incidents)
 
     def prerender(self, _snap=None) -> None:
         """Render the latest snapshot now (call when a cycle ends), so even the

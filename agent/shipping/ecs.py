@@ -160,3 +160,54 @@ def finding_doc(finding: dict, host: str, namespace: str, ts: float) -> tuple[st
         },
     )
     return finish(d, host, namespace, ts)
+
+
+def incident_doc(incident: dict, event: str, namespace: str) -> tuple[str, str, dict]:
+    """An incident (agent.diagnose.incidents.Incident.as_dict) as a ``logs-kvmscope.incidents`` event:
+    ``event`` "opened" (at its start) or "resolved" (at its end, with the duration and each disk's stall).
+    Both documents carry the incident id; the resolved one is the complete record."""
+    import json
+
+    sev = {"info": 1, "warning": 3, "critical": 5}.get(str(incident.get("severity")), 2)
+    resolved = event == "resolved" and incident.get("end") is not None
+    disks = incident.get("disks") or {}
+    stalls = [d.get("stalled_s") or 0.0 for d in disks.values()]
+    worst = [d["worst_ms"] for d in disks.values() if d.get("worst_ms") is not None]
+    outage = incident.get("outage") or {}
+    d = Doc(
+        "incidents",
+        f"{incident['id']}|{event}",
+        {
+            "event.kind": "event",
+            "event.category": ["host"],
+            "event.type": ["end"] if resolved else ["start"],
+            "event.action": f"incident-{event}",
+            "event.severity": sev,
+            "event.start": iso(incident["start"]),
+            "event.end": iso(incident["end"]) if resolved else None,
+            "event.duration": int(round(incident["duration_seconds"] * 1e9)) if resolved else None,
+            "message": incident.get("summary") or incident.get("title"),
+            "kvmscope.vm.name": incident.get("vms") or None,
+            "kvmscope.portal": incident.get("portal"),
+            "kvmscope.incident.id": incident["id"],
+            "kvmscope.incident.key": incident["key"],
+            "kvmscope.incident.rule": incident.get("rule"),
+            "kvmscope.incident.severity": incident.get("severity"),
+            "kvmscope.incident.state": "resolved" if resolved else "open",
+            "kvmscope.incident.title": incident.get("title"),
+            "kvmscope.incident.scope": incident.get("scope"),
+            "kvmscope.incident.duration_seconds": incident.get("duration_seconds") if resolved else None,
+            "kvmscope.incident.cycles": incident.get("cycles"),
+            "kvmscope.incident.stalled_vms": incident.get("stalled_vms") or None,
+            "kvmscope.incident.max_stall_seconds": max(stalls) if stalls else None,
+            "kvmscope.incident.worst_latency_ms": max(worst) if worst else None,
+            "kvmscope.incident.disks": json.dumps(disks, sort_keys=True) if disks else None,
+            "kvmscope.incident.outage.start": iso(outage["start"]) if outage.get("start") else None,
+            "kvmscope.incident.outage.end": iso(outage["end"]) if outage.get("end") else None,
+            "kvmscope.incident.outage.max_backoff": outage.get("max_backoff"),
+            "kvmscope.incident.outage.retransmits": outage.get("retransmits"),
+        },
+        timestamp=incident["end"] if resolved else incident["start"],
+        id_time=False,
+    )
+    return finish(d, incident.get("host") or "", namespace, d.timestamp)

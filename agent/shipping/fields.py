@@ -215,6 +215,33 @@ FINDINGS = _ds(
         "kvmscope.connection": "keyword",
     },
 )
+INCIDENTS = _ds(
+    "incidents", "logs", "diagnosis incidents: a finding's cause with its start, end (resolved), duration and the "
+    "stall of each disk; one document when it opens, one when it is resolved (same incident id)",
+    {
+        "event.start": "date",
+        "event.end": "date",
+        "kvmscope.vm.name": "keyword",
+        "kvmscope.portal": "keyword",
+        "kvmscope.incident.id": "keyword",
+        "kvmscope.incident.key": "keyword",
+        "kvmscope.incident.rule": "keyword",
+        "kvmscope.incident.severity": "keyword",
+        "kvmscope.incident.state": "keyword",
+        "kvmscope.incident.title": "text",
+        "kvmscope.incident.scope": "keyword",
+        "kvmscope.incident.duration_seconds": "double",
+        "kvmscope.incident.cycles": "long",
+        "kvmscope.incident.stalled_vms": "keyword",
+        "kvmscope.incident.max_stall_seconds": "double",
+        "kvmscope.incident.worst_latency_ms": "double",
+        "kvmscope.incident.disks": "keyword_noindex",
+        "kvmscope.incident.outage.start": "date",
+        "kvmscope.incident.outage.end": "date",
+        "kvmscope.incident.outage.max_backoff": "long",
+        "kvmscope.incident.outage.retransmits": "long",
+    },
+)
 STORAGE_LOG = _ds(
     "storage_log", "logs", "storage-path log lines: QEMU per-VM logs (libiscsi), kernel and iscsid messages",
     _VM,

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from agent.config import redact_url
 from agent.records.snapshot import Snapshot
-from agent.shipping.ecs import documents, finding_doc, load_builders
+from agent.shipping.ecs import documents, finding_doc, incident_doc, load_builders
 from agent.shipping.spool import Batch, Record, Spool
 
 log = logging.getLogger(__name__)
@@ -418,6 +418,10 @@ class Shipping:
 
     def submit_finding(self, finding: dict, host: str, ts: float | None = None) -> None:
         self.submit([finding_doc(finding, host, self.namespace, ts or time.time())])
+
+    def submit_incident(self, incident: dict, event: str) -> None:
+        """An incident opened or resolved (agent.diagnose.incidents): one ``logs-kvmscope.incidents`` document."""
+        self.submit([incident_doc(incident, event, self.namespace)])
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop shipping and close the local files. Never raises: the caller still has to stop its server."""

@@ -40,6 +40,7 @@ ALLOWED = {
     ("agent.cli", "agent.diagnose.rules"),  # diagnose runs the rules
     ("agent.cli", "agent.diagnose.report"),  # diagnose renders the report
     ("agent.cli", "agent.diagnose.live"),  # run starts the live diagnosis
+    ("agent.cli", "agent.diagnose.incidents"),  # diagnose follows incidents over a recording or samples
     ("agent.cli", "agent.doctor"),  # doctor runs the checks
     ("agent.cli", "agent.doctor.live"),  # doctor's live socket probes
     ("agent.cli", "agent.doctor.report"),  # doctor renders the report

@@ -1,0 +1,250 @@
+"""Per-interval series over a window of snapshots, and the outages found in them.
+
+The window (:mod:`agent.diagnose.window`) sums counters between its first
+and last snapshot; a short outage that has ended disappears in such sums (a
+few retransmits, a lower mean rate). This module keeps the shape in time:
+
+* per VM disk, requests completed and their mean latency in each interval
+  (QEMU ``query-blockstats`` / libvirt block stats, cumulative counters);
+* per portal, the bytes its storage connections got acknowledged or
+  received in each interval (``tcpi_bytes_acked`` + ``tcpi_bytes_received``,
+  Linux >= 4.1/4.2), the RTO backoff (``tcpi_backoff``) and the age of the
+  freshest ACK (``tcpi_last_ack_recv``) at each snapshot, and the
+  retransmits (``tcpi_total_retrans``) in each interval.
+
+:func:`find_outages` reads it: a portal is **down** over a run of intervals
+in which its connections made no progress (nothing acknowledged, nothing
+received) while I/O was outstanding (its disks, busy before, completed
+nothing, or data sat unacknowledged) and TCP was retransmitting into the
+silence (RTO backoff or retransmits). The run ends, and the portal has
+**recovered**, at the first interval with progress again.
+
+Times inside an interval are estimated, never guessed at the interval's
+edge (docs/diagnose.md, "The outage rule"): the stop from the freshest
+ACK's age at the first silent snapshot, else from the rate before it; the
+resumption from how much of the first interval after the silence the usual
+rate fills (``t_end - done / rate``), clamped to that interval. A stalled
+disk's request waited about as long as the stall, plus its usual latency.
+
+Pure: snapshots in, frozen records out; cost linear in snapshots x disks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import median
+
+from agent.records.addr import fmt_endpoint
+from agent.records.rates import mean_latency_ms
+from agent.records.snapshot import Snapshot
+
+
+@dataclass(frozen=True)
+class Timeline:
+    times: tuple[float, ...]  # snapshot timestamps; interval i spans times[i]..times[i+1]
+    disk_ops: dict[str, tuple[int | None, ...]]  # "vm/disk" -> requests completed per interval
+    disk_ms: dict[str, tuple[float | None, ...]]  # "vm/disk" -> mean latency per interval (ms)
+    disk_portal: dict[str, str | None]  # "vm/disk" -> portal (None: not on iSCSI)
+    portal_progress: dict[str, tuple[int | None, ...]]  # portal -> bytes acked + received per interval
+    portal_retrans: dict[str, tuple[int, ...]]  # portal -> retransmits per interval
+    portal_backoff: dict[str, tuple[int, ...]]  # portal -> highest tcpi_backoff at each snapshot
+    portal_ack_age_ms: dict[str, tuple[int | None, ...]]  # portal -> freshest ACK's age at each snapshot
+    portal_unacked: dict[str, tuple[int, ...]]  # portal -> segments in flight at each snapshot
+
+
+def _ops(st) -> int:
+    return st.rd_reqs + st.wr_reqs + st.fl_reqs
+
+
+def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
+    """The per-interval series of ``snaps`` (oldest first); ``paths`` map disks to portals."""
+    times = tuple(s.timestamp for s in snaps)
+    n = len(snaps)
+    portal_of = {f"{p.vm}/{p.disk}": p.portal for p in paths if p.portal}
+    disk_ops: dict[str, list] = {}
+    disk_ms: dict[str, list] = {}
+    disk_portal: dict[str, str | None] = {}
+    for i, s in enumerate(snaps):
+        for (vm, dname), (_v, d) in s.vm_disks.items():
+            key = f"{vm}/{dname}"
+            if key not in disk_portal:
+                disk_portal[key] = portal_of.get(key) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None)
+                disk_ops[key] = [None] * max(n - 1, 0)
+                disk_ms[key] = [None] * max(n - 1, 0)
+            if i == 0 or d.stats is None:
+                continue
+            prev = snaps[i - 1].vm_disks.get((vm, dname))
+            if prev is None or prev[1].stats is None:
+                continue
+            a, b = prev[1].stats, d.stats
+            done = _ops(b) - _ops(a)
+            if done < 0:  # counters reset (the VM restarted)
+                continue
+            disk_ops[key][i - 1] = done
+            disk_ms[key][i - 1] = mean_latency_ms(a, b)
+    portals = sorted({c.portal for s in snaps for c in s.storage_connections})
+    progress = {p: [None] * max(n - 1, 0) for p in portals}
+    retrans = {p: [0] * max(n - 1, 0) for p in portals}
+    backoff = {p: [0] * n for p in portals}
+    ack_age: dict[str, list] = {p: [None] * n for p in portals}
+    unacked = {p: [0] * n for p in portals}
+    prev_conns: dict[str, object] = {}
+    for i, s in enumerate(snaps):
+        conns = {c.four_tuple: c for c in s.storage_connections}
+        for ft, c in conns.items():
+            info = c.info
+            if info is None:
+                continue
+            p = c.portal
+            backoff[p][i] = max(backoff[p][i], info.backoff or 0)
+            unacked[p][i] += info.unacked or 0
+            if c.state == "ESTABLISHED" and info.last_ack_recv_ms is not None:
+                age = ack_age[p][i]
+                ack_age[p][i] = info.last_ack_recv_ms if age is None else min(age, info.last_ack_recv_ms)
+            if i == 0:
+                continue
+            before = prev_conns.get(ft)
+            bi = getattr(before, "info", None)
+            if info.bytes_acked is None or info.bytes_received is None:
+                continue
+            # a connection born inside the interval counts from 0 (a reconnect is progress)
+            a = 0 if bi is None else (bi.bytes_acked or 0) + (bi.bytes_received or 0)
+            got = max(info.bytes_acked + info.bytes_received - a, 0)
+            progress[p][i - 1] = (progress[p][i - 1] or 0) + got
+            r0 = 0 if bi is None else (bi.total_retrans or 0)
+            retrans[p][i - 1] += max((info.total_retrans or 0) - r0, 0)
+        prev_conns = conns
+    return Timeline(
+        times=times,
+        disk_ops={k: tuple(v) for k, v in disk_ops.items()},
+        disk_ms={k: tuple(v) for k, v in disk_ms.items()},
+        disk_portal=disk_portal,
+        portal_progress={k: tuple(v) for k, v in progress.items()},
+        portal_retrans={k: tuple(v) for k, v in retrans.items()},
+        portal_backoff={k: tuple(v) for k, v in backoff.items()},
+        portal_ack_age_ms={k: tuple(v) for k, v in ack_age.items()},
+        portal_unacked={k: tuple(v) for k, v in unacked.items()},
+    )
+
+
+# -- gaps: runs of intervals without progress, and when inside them things stopped and resumed ----------
+
+
+def zero_runs(series) -> list[tuple[int, int]]:
+    """(first, last) interval indexes of each run of 0 in ``series`` (None breaks a run)."""
+    runs, start = [], None
+    for i, v in enumerate(series):
+        if v == 0:
+            start = i if start is None else start
+        else:
+            if start is not None:
+                runs.append((start, i - 1))
+            start = None
+    if start is not None:
+        runs.append((start, len(series) - 1))
+    return runs
+
+
+def usual_rate(times, series, first: int, last: int) -> float | None:
+    """Median per-second rate of the intervals with progress outside the run [first, last] and not next
+    to it (the neighbours are the partial intervals being estimated)."""
+    rates = [v / (times[i + 1] - times[i]) for i, v in enumerate(series)
+             if v and (i < first - 1 or i > last + 1) and times[i + 1] > times[i]]
+    return median(rates) if rates else None
+
+
+def gap_bounds(times, series, first: int, last: int, rate: float | None = None) -> tuple[float, float | None]:
+    """Estimated (stopped, resumed) of the run of silent intervals [first, last] of ``series``.
+
+    Stopped: in the interval before the run, the work done at the usual rate took ``done / rate``
+    seconds from its start; resumed: in the interval after it, ``done / rate`` seconds before its end;
+    each clamped to its interval, the interval's middle when no rate is known. Resumed is None when the
+    run reaches the end of the series (still silent); a run from the first interval starts at times[0]."""
+    rate = usual_rate(times, series, first, last) if rate is None else rate
+
+    def inside(t0, t1, done, from_start):
+        if not rate or done is None:
+            return (t0 + t1) / 2
+        d = min(max(done / rate, 0.0), t1 - t0)
+        return t0 + d if from_start else t1 - d
+
+    stopped = times[0] if first == 0 else inside(times[first - 1], times[first], series[first - 1], True)
+    resumed = None if last >= len(series) - 1 else inside(times[last + 1], times[last + 2], series[last + 1], False)
+    return stopped, resumed
+
+
+@dataclass(frozen=True)
+class DiskStall:
+    disk: str  # "vm/disk"
+    stalled_s: float  # how long it completed no request
+    worst_ms: float | None  # worst mean latency of an interval around the stall (ms)
+
+    @property
+    def vm(self) -> str:
+        return self.disk.rsplit("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Outage:
+    portal: str
+    start: float  # estimated: the last acknowledgement before the silence
+    end: float | None  # estimated: progress again (None: still down at the window's end)
+    since_window_start: bool  # already silent at the window's first snapshot (start is a bound)
+    max_backoff: int
+    retransmits: int
+    stalls: tuple[DiskStall, ...]
+
+    @property
+    def recovered(self) -> bool:
+        return self.end is not None
+
+    def seconds(self, now: float) -> float:
+        return (self.end if self.end is not None else now) - self.start
+
+
+def _disk_stall(tl: Timeline, key: str, first: int, last: int, start: float, end: float | None) -> DiskStall | None:
+    """The disk's own silent run overlapping intervals [first, last] of an outage from ``start`` to
+    ``end``: its requests cannot complete while the path is silent, so it stopped no earlier than the
+    outage (the ACK estimate beats the rate one, which a busy vCPU skews) and resumed no earlier than
+    the path, at the first of its own intervals with completions again."""
+    ops = tl.disk_ops[key]
+    for a, b in zero_runs(ops):
+        if b < first or a > last:
+            continue
+        if not any(v for v in ops[:a] if v):  # not busy before the run: idle, not stalled
+            continue
+        stopped, resumed = gap_bounds(tl.times, ops, a, b)
+        stopped = max(stopped, start)
+        if resumed is not None:
+            resumed = max(tl.times[b + 1], end if end is not None else resumed)
+        lo, hi = max(a - 1, 0), min(b + 1, len(ops) - 1)
+        worst = [m for m in tl.disk_ms[key][lo:hi + 1] if m is not None]
+        return DiskStall(key, round((resumed if resumed is not None else tl.times[-1]) - stopped, 3),
+                         round(max(worst), 3) if worst else None)
+    return None
+
+
+def find_outages(tl: Timeline) -> list[Outage]:
+    """Every run of silent intervals per portal that TCP retransmitted into (module docstring)."""
+    out = []
+    for portal, prog in sorted(tl.portal_progress.items()):
+        disks = [k for k, p in tl.disk_portal.items() if p == portal]
+        silent = []
+        for i, v in enumerate(prog):
+            busy_before = [k for k in disks if any(x for x in tl.disk_ops[k][:i] if x)]
+            nothing_done = all(not tl.disk_ops[k][i] for k in busy_before)
+            waiting = bool(busy_before) or tl.portal_unacked[portal][i + 1] > 0
+            silent.append(0 if (v == 0 and nothing_done and waiting) else (v if v is not None else None))
+        for first, last in zero_runs(silent):
+            backoff = max(tl.portal_backoff[portal][first:last + 2])
+            retrans = sum(tl.portal_retrans[portal][first:last + 2])  # the run and the interval that ended it
+            if backoff < 1 and retrans == 0:
+                continue  # quiet, not unanswered: nothing was being retransmitted
+            stopped, resumed = gap_bounds(tl.times, prog, first, last)
+            age = tl.portal_ack_age_ms[portal][first] if first > 0 else None
+            if age is not None and first > 0:  # the freshest ACK's age at the last snapshot before the silence
+                stopped = min(max(tl.times[first] - age / 1000, tl.times[first - 1]), tl.times[first])
+            stalls = tuple(s for s in (_disk_stall(tl, k, first, last, stopped, resumed) for k in sorted(disks))
+                           if s is not None)
+            out.append(Outage(portal, stopped, resumed, first == 0, backoff, retrans, stalls))
+    return out

@@ -1,0 +1,204 @@
+"""Incidents and outages on real recordings of the lab (tests/fixtures/recordings, make_recordings.py
+flaps): a portal down 4 s (the lab's own record of the down period next to it, flap-portal2.lab.json)
+is one outage and one incident with start, end and the stalled VMs; nothing on the faults that are not
+outages; bounded memory; the incident on /metrics, in the API and as an ES document."""
+
+import json
+from pathlib import Path
+
+from prometheus_client.exposition import generate_latest
+
+from agent.api import handle
+from agent.codec import load_recording
+from agent.config import DiagnoseConfig
+from agent.diagnose.incidents import IncidentTracker, incident_key, replay
+from agent.diagnose.live import LiveDiagnosis
+from agent.diagnose.rules import Finding
+from agent.diagnose.timeline import build_timeline, find_outages, gap_bounds, zero_runs
+from agent.exporters.collector import make_registry
+from agent.exporters.registry import load_renderers
+from agent.exporters.render_diagnosis import incidents_renderer
+from agent.shipping.ecs import incident_doc
+from agent.shipping.fields import DATASETS, all_fields, flatten
+from tests.unit.test_ecs import _check_types
+
+REC = Path(__file__).resolve().parents[1] / "fixtures" / "recordings"
+PORTAL2 = "198.18.2.2:3260"
+
+
+def snaps_of(name):
+    with open(REC / f"{name}.json") as f:
+        return load_recording(f)
+
+
+def lab_flap(name):
+    (period,) = json.loads((REC / f"{name}.lab.json").read_text())["flaps"]
+    return period
+
+
+def live_over(snaps, cfg=None, events=None):
+    history = []
+    live = LiveDiagnosis(lambda: history, cfg or DiagnoseConfig(),
+                         on_incident=(lambda e, inc, s: events.append((e, inc))) if events is not None else None)
+    for s in snaps:
+        history.append(s)
+        live.consume(s)
+    return live
+
+
+# -- the timeline and its outages ---------------------------------------------------------------------
+
+
+def test_gap_estimates_inside_the_intervals():
+    times = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+    series = (100, 50, 0, 0, 25)  # 100/s, stops half-way through interval 1, resumes 3/4 into interval 4
+    assert zero_runs(series) == [(2, 3)]
+    assert gap_bounds(times, series, 2, 3) == (1.5, 4.75)
+    assert gap_bounds(times, (100, 50, 0, 0, 0), 2, 4) == (1.5, None)  # still silent at the end
+    assert gap_bounds(times, (0, 0, 10, 100, 100), 0, 1)[0] == 0.0  # silent since the first snapshot
+
+
+def test_a_flap_of_portal_2_is_one_outage_with_the_labs_start():
+    snaps = snaps_of("flap-portal2")
+    lab = lab_flap("flap-portal2")
+    (o,) = find_outages(build_timeline(snaps, snaps[-1].paths))
+    assert o.portal == PORTAL2 and o.recovered and not o.since_window_start
+    assert abs(o.start - lab["start"]) < 0.3, (o.start, lab["start"])  # from the freshest ACK's age
+    # the host sees the path back at the first retransmission that gets through after the lab's end:
+    # up to one RTO later (backoff 4: 3.2 s), never before it
+    assert lab["end"] - 0.3 <= o.end <= lab["end"] + 4.0, (o.end, lab["end"])
+    assert o.max_backoff >= 2 and o.retransmits > 0
+    assert {s.vm for s in o.stalls} == {"kvmslab-vm1", "kvmslab-vm3"}  # both VMs on portal 2, no other
+    for s in o.stalls:
+        assert abs(s.stalled_s - (o.end - o.start)) < 1.2, s
+
+
+def test_no_outage_where_there_is_none_and_an_ongoing_one_offline():
+    for name in ("healthy", "loss-portal1", "loss-both", "throttled"):
+        snaps = snaps_of(name)
+        assert find_outages(build_timeline(snaps, snaps[-1].paths)) == [], name
+    snaps = snaps_of("offline-portal2")
+    (o,) = find_outages(build_timeline(snaps, snaps[-1].paths))
+    assert o.portal == PORTAL2 and not o.recovered and o.since_window_start
+
+
+# -- incidents ----------------------------------------------------------------------------------------
+
+
+def test_a_flap_is_one_path_incident_with_start_end_and_stalled_vms():
+    events = []
+    snaps = snaps_of("flap-portal2")
+    lab = lab_flap("flap-portal2")
+    live = live_over(snaps, events=events)
+    paths = [i for i in live.incidents.incidents() if i["key"] == f"path_down:portal:{PORTAL2}"]
+    assert len(paths) == 1, live.incidents.incidents()
+    (inc,) = paths
+    assert inc["state"] == "resolved" and inc["severity"] == "critical" and inc["portal"] == PORTAL2
+    assert abs(inc["start"] - lab["start"]) < 0.3
+    assert lab["end"] - 0.3 <= inc["end"] <= lab["end"] + 4.0
+    assert abs(inc["duration_seconds"] - (inc["end"] - inc["start"])) < 0.01
+    assert inc["stalled_vms"] == ["kvmslab-vm1", "kvmslab-vm3"]
+    assert all(d["stalled_s"] > 0.8 * inc["duration_seconds"] for d in inc["disks"].values())
+    assert "kvmslab-vm0" not in inc["vms"] and "kvmslab-vm2" not in inc["vms"]
+    assert inc["summary"].startswith("resolved ") and "VMs kvmslab-vm1, kvmslab-vm3 stalled" in inc["summary"]
+    mine = [(e, i["state"]) for e, i in events if i["id"] == inc["id"]]
+    assert mine == [("opened", "open"), ("resolved", "resolved")]  # each once, in that order
+    assert live.incidents.open_incidents() == []
+
+
+def test_replay_over_a_recording_gives_the_same_incident():
+    snaps = snaps_of("flap-portal2")
+    live = live_over(snaps)
+    a = [i for i in live.incidents.incidents() if i["key"].startswith("path_down:")]
+    b = [i for i in replay(snaps, DiagnoseConfig()) if i["key"].startswith("path_down:")]
+    assert [(i["start"], i["end"], i["stalled_vms"]) for i in a] == [(i["start"], i["end"], i["stalled_vms"])
+                                                                      for i in b]
+
+
+def test_healthy_recording_has_no_incident():
+    assert live_over(snaps_of("healthy")).incidents.incidents() == []
+
+
+def _finding(rule="packet_loss", portal="198.18.1.2:3260", severity="warning"):
+    return Finding(rule=rule, severity=severity, subject={"kind": "portal", "id": portal}, title=f"{rule} on {portal}",
+                   evidence={}, cause="")
+
+
+def test_windowed_finding_opens_and_resolves_and_flicker_reopens():
+    snaps = snaps_of("healthy")
+    tr = IncidentTracker(reopen_seconds=5.0)
+    t = [s.timestamp for s in snaps]
+    assert tr.update([_finding()], snaps[:2])[0][0] == "opened"
+    tr.update([_finding()], snaps[:3])
+    ev = tr.update([], snaps[:4])
+    assert [e for e, _ in ev] == ["resolved"] and ev[0][1]["end"] == round(t[2], 3)
+    assert tr.update([_finding()], snaps[:5]) == []  # back within reopen_seconds: the same incident goes on
+    assert len(tr.incidents()) == 1 and tr.open_incidents()[0].start == t[1]
+    tr.update([], snaps[:6])
+    (inc,) = tr.incidents()
+    assert inc["state"] == "resolved" and inc["cycles"] == 3
+
+
+def test_path_findings_of_one_portal_are_one_incident_key():
+    by_disk = Finding(rule="path_down", severity="critical", subject={"kind": "disk", "id": "vm1/vda"}, title="x",
+                      evidence={"portal": PORTAL2}, cause="")
+    by_portal = _finding("path_outage", PORTAL2)
+    assert incident_key(by_disk) == incident_key(by_portal) == f"path_down:portal:{PORTAL2}"
+    assert incident_key(_finding()) == "packet_loss:portal:198.18.1.2:3260"
+
+
+def test_memory_is_bounded():
+    snaps = snaps_of("healthy")
+    tr = IncidentTracker(max_open=3, max_kept=4)
+    tr.update([_finding(portal=f"10.0.0.{i}:3260") for i in range(10)], snaps[:2])
+    assert len(tr.open_incidents()) == 3 and tr.dropped == 7
+    for k in range(3, 12):
+        tr.update([_finding(portal=f"10.0.1.{k}:3260")], snaps[:k % len(snaps) + 2])
+    assert len(tr.incidents()) <= 4 + 3
+
+
+# -- outputs -----------------------------------------------------------------------------------------
+
+
+def _mid_flap_live():
+    """The live diagnosis stopped while portal 2 is down (an open incident)."""
+    snaps = snaps_of("flap-portal2")
+    lab = lab_flap("flap-portal2")
+    upto = [s for s in snaps if s.timestamp <= lab["end"] + 0.5]
+    return live_over(upto), upto
+
+
+def test_open_incident_on_metrics():
+    live, snaps = _mid_flap_live()
+    (inc,) = live.incidents.open_incidents()
+    renderers = load_renderers().with_snapshot(incidents_renderer(live.incidents))
+    text = generate_latest(make_registry(lambda: snaps[-1], renderers=renderers)).decode()
+    assert "kvmscope_incidents_open 1.0" in text
+    head = (f'kvmscope_incident_start_timestamp_seconds{{cause="path_down:portal:{PORTAL2}",rule="path_down",'
+            f'severity="critical"}} ')
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(head)]
+    assert float(line[len(head):]) == inc.start
+    assert "kvmscope_incidents_opened_total 1.0" in text
+
+
+def test_api_serves_incidents_of_a_window():
+    live = live_over(snaps_of("flap-portal2"))
+    code, body, _ = handle("/api/v1/incidents", "", lambda: [], incidents=live.incidents.incidents)
+    assert code == 200 and json.loads(body)["incidents"] == live.incidents.incidents()
+    code, body, _ = handle("/api/v1/incidents", "seconds=60", lambda: [], incidents=live.incidents.incidents)
+    assert code == 200 and json.loads(body) == {"incidents": []}  # the recording is from the past
+    assert handle("/api/v1/incidents", "seconds=x", lambda: [], incidents=live.incidents.incidents)[0] == 400
+    assert handle("/api/v1/incidents", "", lambda: [])[0] == 404  # no live diagnosis, no incidents
+
+
+def test_incident_documents_are_mapped():
+    live = live_over(snaps_of("flap-portal2"))
+    inc = next(i for i in live.incidents.incidents() if i["key"].startswith("path_down:"))
+    _id, stream, doc = incident_doc(inc, "resolved", "default")
+    assert stream == "logs-kvmscope.incidents-default"
+    _check_types(flatten(doc), all_fields(DATASETS["incidents"]))
+    assert doc["event"]["duration"] == int(round(inc["duration_seconds"] * 1e9))
+    assert doc["kvmscope"]["incident"]["stalled_vms"] == ["kvmslab-vm1", "kvmslab-vm3"]
+    opened = incident_doc(dict(inc, state="open"), "opened", "default")
+    assert opened[0] != _id and "end" not in opened[2]["event"]
+    assert opened[2]["kvmscope"]["incident"]["id"] == doc["kvmscope"]["incident"]["id"]

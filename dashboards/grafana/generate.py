@@ -27,6 +27,7 @@ OUT = Path(__file__).resolve().parent
 DS = {"type": "prometheus", "uid": "${datasource}"}
 H = 'host=~"$host"'
 RI = "$__rate_interval"
+MP = "dm-multipath (multipath source)"
 
 
 @dataclass
@@ -162,6 +163,10 @@ def host_overview() -> dict:
               [Target(f"sum by (host) (kvmscope_iscsi_session_up{{{H}}})", "{{host}} up"),
                Target(f"count by (host) (kvmscope_iscsi_session_up{{{H}}})", "{{host}} total")],
               w=4, h=4, needs="kernel iSCSI initiator (open-iscsi)"),
+        Panel("Multipath paths per map", "stat",
+              [Target(f"sum by (host) (kvmscope_multipath_map_active_paths{{{H}}})", "{{host}} usable"),
+               Target(f"sum by (host) (kvmscope_multipath_map_paths{{{H}}})", "{{host}} total")],
+              w=4, h=4, needs=MP),
         Panel("Series left out by caps", "stat",
               [Target(f"sum by (kind) (kvmscope_exporter_capped_objects{{{H}}})", "{{kind}}")], w=4, h=4,
               description="VMs/disks/connections above metrics.max_* that the exporter did not export."),
@@ -254,6 +259,22 @@ def vm_drilldown() -> dict:
               [Target(f"sum by (host, instance, remote_address, remote_port) (rate(kvmscope_tcp_retransmits_total"
                       f"{{{H}}}[{RI}]))\n{portal_join}", "{{vm}} {{disk}} -> {{remote_address}}")],
               unit="pps", w=12, fault="loss"),
+        Panel("Multipath: usable paths per map", "timeseries",
+              [Target(f"kvmscope_multipath_map_active_paths{{{H}}}", "{{map}} usable"),
+               Target(f"kvmscope_multipath_map_paths{{{H}}}", "{{map}} total")], w=12, needs=MP,
+              description="Paths the kernel may send the map's I/O to (dmsetup status A) against all its paths."),
+        Panel("Multipath path state", "state-timeline",
+              [Target(f"kvmscope_multipath_path_up{{{H}}}", "{{map}} {{path}} {{portal}}")], w=12, needs=MP,
+              description="1 = the kernel uses the path, 0 = failed (I/O runs on the map's other paths)."),
+        Panel("Multipath failovers (path failures)", "timeseries",
+              [Target(f"sum by (host, map, path, portal) (increase(kvmscope_multipath_path_failures_total{{{H}}}"
+                      f"[5m]))", "{{map}} {{path}} {{portal}}")], w=12, needs=MP,
+              description="Times the kernel failed a path in 5 minutes (dmsetup status fail count)."),
+        Panel("Multipath maps queueing with no path", "timeseries",
+              [Target(f"kvmscope_multipath_map_queueing{{{H}}}", "{{map}} queueing"),
+               Target(f"kvmscope_multipath_map_queueing_remaining_seconds{{{H}}}", "{{map}} seconds left")],
+              w=12, needs=MP,
+              description="1 = every path failed and the map holds I/O: its VMs hang (no_path_retry counts down)."),
         Panel("Connection RTT", "timeseries",
               [Target(f"kvmscope_storage_connection_rtt_seconds{{{sel}}}", "{{disk}} rtt"),
                Target(f"kvmscope_storage_connection_rtt_variance_seconds{{{sel}}}", "{{disk}} rttvar")],

@@ -48,6 +48,7 @@ PORTAL1, PORTAL2 = "198.18.1.2", "198.18.2.2"
 # machine truly lacks (tests/conftest.py MACHINE_LACKS), never an eBPF probe
 SOURCES = {
     "kvmscope_iscsi_session": "iscsi_kernel",
+    "kvmscope_multipath": "multipath",
 }
 EBPF_COLLECTORS = ("ebpf_block_io", "ebpf_tcp_lifecycle", "ebpf_tcp_retrans")
 

@@ -21,6 +21,16 @@ _CATEGORY = {
     "recovery_timeout": (["network"], ["connection", "error"], "failure"),
     "bind_failed": (["network"], ["connection", "error"], "failure"),
     "recovered": (["network"], ["connection", "change"], "success"),
+    "scsi_timeout": (["host"], ["error"], "failure"),
+    "mpath_fail_path": (["host"], ["change", "error"], "failure"),
+    "mpath_checker_failed": (["host"], ["change", "error"], "failure"),
+    "mpath_queue_timeout": (["host"], ["error"], "failure"),
+    "mpath_queueing": (["host"], ["change", "error"], "failure"),
+    "mpath_queueing_disabled": (["host"], ["change"], None),
+    "mpath_remaining_paths": (["host"], ["info"], None),
+    "mpath_reinstate_path": (["host"], ["change"], "success"),
+    "mpath_reinstated": (["host"], ["change"], "success"),
+    "mpath_recovered": (["host"], ["change"], "success"),
 }
 
 
@@ -51,6 +61,10 @@ def log_docs(data, prev, snap, prev_snap):
                 "kvmscope.iscsi.error_name": e.error_name,
                 "kvmscope.scsi.sense_key": e.sense_key,
                 "kvmscope.scsi.ascq": e.ascq,
+                "kvmscope.multipath.map": e.map,
+                "kvmscope.multipath.path": e.device,
+                "kvmscope.multipath.active_paths": e.active_paths,
+                "kvmscope.multipath.no_path_retry": e.retries,
             },
             timestamp=e.time,
             id_time=False,

@@ -201,6 +201,13 @@ EVENTS = _ds(
         "kvmscope.tcp.retrans_delta": "long",
         "kvmscope.tcp.state": "keyword",
         "kvmscope.connection": "keyword",
+        "kvmscope.multipath.map": "keyword",
+        "kvmscope.multipath.path": "keyword",
+        "kvmscope.multipath.path_state": "keyword",
+        "kvmscope.multipath.checker_state": "keyword",
+        "kvmscope.multipath.active_paths": "long",
+        "kvmscope.multipath.paths": "long",
+        "kvmscope.multipath.queueing": "boolean",
     },
 )
 FINDINGS = _ds(
@@ -259,6 +266,10 @@ STORAGE_LOG = _ds(
         "kvmscope.iscsi.error_name": "keyword",
         "kvmscope.scsi.sense_key": "keyword",
         "kvmscope.scsi.ascq": "keyword",
+        "kvmscope.multipath.map": "keyword",
+        "kvmscope.multipath.path": "keyword",
+        "kvmscope.multipath.active_paths": "long",
+        "kvmscope.multipath.no_path_retry": "long",
     },
 )
 

@@ -18,6 +18,11 @@ Sources (all optional; a host without them is "no data"):
   is there the ``kernel:`` lines of the syslog files (``kernel_logs``),
   which anyone can forge with ``logger -t kernel`` (a warning says so; a
   line carrying ``<PRI>`` must have facility kern).
+* dm-multipath: the kernel's ``device-mapper: multipath: 253:0: Failing path
+  8:16.`` / ``Reinstating path`` (from the kernel source above) and
+  multipathd's ``checker failed path 8:16 in map mpatha``, ``mpatha:
+  remaining active paths: 1``, ``Entering recovery mode`` (queueing with no
+  path), ``sdb: reinstated`` from the syslog files (forgeable, like iscsid's).
 * iscsid (``Kernel reported iSCSI connection 2:0 error (1020 -
   ISCSI_ERR_TCP_CONN_CLOSE: ...)``, ``connection2:0 is operational after
   recovery (1 attempts)``, ``can't bind conn 3:0 to session 3``) from the
@@ -162,7 +167,7 @@ class StorageLogSource:
                                               file_id=fid, vm=Path(base).name.removesuffix(".log"), **c))
                 continue
             ts, msg, prog, facility = parse_syslog(text, default_time=now, now=now)
-            if prog not in ("kernel", "iscsid"):
+            if prog not in ("kernel", "iscsid", "multipathd"):
                 continue  # a line of some other program (or none) that merely says "I/O error"
             c = classify(msg)
             if c is None:

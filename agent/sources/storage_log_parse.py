@@ -120,10 +120,46 @@ def classify(msg: str) -> dict | None:
     m = re.search(r"can't bind conn (\d+):(\d+) to session (\d+)", msg)
     if m:
         return {"kind": "bind_failed", "cid": f"{m.group(1)}:{m.group(2)}", "sid": int(m.group(3))}
+    c = _classify_multipath(msg)
+    if c is not None:
+        return c
+    m = re.search(r"\[(sd[a-z]+)\] tag#\d+ (?:timing out command|abort)", msg) or re.search(
+        r"\[(sd[a-z]+)\].*\bFAILED Result: hostbyte=(DID_TIME_OUT|DID_ABORT)", msg)
+    if m:
+        return {"kind": "scsi_timeout", "device": m.group(1)}
     if re.search(r"I/O error", msg) or re.search(r"\bEIO\b|Input/output error", msg):
         return {"kind": "io_error"}
     if re.search(r"\biSCSI\b", msg):
         return {"kind": "iscsi_other"}
+    return None
+
+
+# dm-multipath: the kernel (drivers/md/dm-mpath.c, "device-mapper: multipath: <map MAJ:MIN>: ..."; the
+# reinstating message since v4.6, commit ec31f3f78a04) and multipathd (multipath-tools libmultipath / multipathd)
+_MPATH = (
+    (re.compile(r"device-mapper: multipath: (\d+:\d+): Failing path (\d+:\d+)"), "mpath_fail_path", ("map", "device")),
+    (re.compile(r"device-mapper: multipath: (\d+:\d+): Reinstating path (\d+:\d+)"), "mpath_reinstate_path",
+     ("map", "device")),
+    (re.compile(r"device-mapper: multipath: queue_if_no_path timeout on (\S+?),? failing queued IO"),
+     "mpath_queue_timeout", ("map",)),
+    (re.compile(r"checker failed path (\S+) in map (\S+)"), "mpath_checker_failed", ("device", "map")),
+    (re.compile(r"^(\S+): remaining active paths: (\d+)"), "mpath_remaining_paths", ("map", "active_paths")),
+    (re.compile(r"^(\S+): Entering recovery mode: max_retries=(\d+)"), "mpath_queueing", ("map", "retries")),
+    (re.compile(r"^(\S+): (?:Disable queueing|queueing disabled)"), "mpath_queueing_disabled", ("map",)),
+    (re.compile(r"^(\S+): Recovered to normal mode"), "mpath_recovered", ("map",)),
+    (re.compile(r"^(\S+): reinstated$"), "mpath_reinstated", ("device",)),
+)
+
+
+def _classify_multipath(msg: str) -> dict | None:
+    text = msg.strip()
+    for rx, kind, names in _MPATH:
+        m = rx.search(text)
+        if m:
+            out: dict = {"kind": kind}
+            for name, v in zip(names, m.groups()):
+                out[name] = int(v) if name in ("active_paths", "retries") else v
+            return out
     return None
 
 
@@ -141,7 +177,7 @@ def parse_line(line: str, *, default_time: float, year: int | None = None, now: 
         rest = line[m.end():]
         sm = _HOST_PROG.match(rest)
         prog = None
-        if sm and sm.group(2) in ("kernel", "iscsid"):
+        if sm and sm.group(2) in ("kernel", "iscsid", "multipathd"):
             prog, rest = sm.group(2), rest[sm.end():]
         return ts, _KTIME.sub("", rest), prog
     m = _SYSLOG.match(line)

@@ -28,7 +28,7 @@ def test_the_flow_from_records_to_outputs():
     assert [f.__name__ for f in load_renderers().snapshot] == ["render_storage_connections", "render_multipath"]
     assert [n for n, _f in load_builders().records] == [
         "tcp_lifecycle", "tcp_retrans", "host_tcp", "iscsi", "storage_log", "storage_tcp"]
-    assert [f.__name__ for f in load_builders().snapshot] == ["change_events", "vm_disk_docs"]
+    assert [f.__name__ for f in load_builders().snapshot] == ["change_events", "multipath_events", "vm_disk_docs"]
 
 
 def test_with_records_replaces_in_place_or_adds():

@@ -262,3 +262,63 @@ def test_metrics_of_a_map_queueing_with_no_path():
     assert f["kvmscope_multipath_map_queueing_remaining_seconds"] == [({"map": "mpatha"}, 20)]
     assert f["kvmscope_multipath_map_active_paths"] == [({"map": "mpatha"}, 0)]
     assert _families(Snapshot(1, 0.0, "h", 0.0)) == {}
+
+
+def _mp_snapshot(seq, status, daemon_states=None):
+    """A host with VM db01 on mpatha (sdb via portal 1, sdc via portal 2)."""
+    from agent.records.block import BlockDevice, BlockDevices
+    from agent.records.iscsi import IscsiConnection, IscsiSession, IscsiSessions, ScsiDisk
+    from agent.records.multipath import Multipath
+    from agent.records.snapshot import Snapshot
+    from agent.records.vms import Vm, VmDisk, Vms
+
+    def sess(sid, portal, disk, devno):
+        c = IscsiConnection(f"{sid}:0", portal, 3260, portal, 3260, 41000 + sid, "up", 5, 5)
+        return IscsiSession(sid, "iqn.t", 1, "LOGGED_IN", 5, "default", None, f"host{sid}", None, None, (c,),
+                            (ScsiDisk(f"{sid}:0:0:1", 1, disk, devno, "running", ("dm-0",), ("mpatha",)),))
+
+    daemon = parse_multipathd_json(daemon_json(states=daemon_states)) if daemon_states else None
+    maps = build_maps(parse_dm_table(TABLE), parse_dm_status(status), daemon, {"mpatha": ("dm-0", "253:0")},
+                      {"8:16": "sdb", "8:32": "sdc"}.get)
+    blk = BlockDevices((BlockDevice("dm-0", "253:0", "mpatha", ("sdb", "sdc"), (), {}),
+                        BlockDevice("sdb", "8:16", None, (), ("dm-0",), {}),
+                        BlockDevice("sdc", "8:32", None, (), ("dm-0",), {})))
+    vms = Vms((Vm("db01", "u1", "running", 4242,
+                  (VmDisk("vda", "block", source="/dev/mapper/mpatha", host_devno="253:0"),)),))
+    return Snapshot(seq, 1000.0 + seq, "kvm1", 0.1, data={
+        "multipath": Multipath(tuple(maps)), "block_devices": blk, "libvirt": vms,
+        "iscsi_kernel": IscsiSessions((sess(1, "198.18.1.2", "sdb", "8:16"), sess(2, "198.18.2.2", "sdc", "8:32")))})
+
+
+def _events(a, b):
+    from agent.shipping.ecs import documents
+    from agent.shipping.fields import DATASETS, all_fields, flatten
+    from tests.unit.test_ecs import _check_types
+
+    out = []
+    for _id, stream, doc in documents(b, a, "default"):
+        if doc.get("event", {}).get("action", "").startswith("multipath-"):
+            _check_types(flatten(doc), all_fields(DATASETS["events"]))
+            out.append(flatten(doc))
+    return out
+
+
+def test_es_events_failover_reinstate_and_no_path():
+    ok, one, none = (_mp_snapshot(1, STATUS_OK), _mp_snapshot(2, STATUS_ONE_FAILED),
+                     _mp_snapshot(3, STATUS_ALL_FAILED))
+    assert _events(None, ok) == []  # first cycle: a baseline only
+    [e] = _events(ok, one)
+    assert e["event.action"] == "multipath-path-failed" and e["kvmscope.multipath.path"] == "sdb"
+    assert e["kvmscope.portal"] == "198.18.1.2:3260" and e["kvmscope.vm.name"] == ["db01"]
+    assert e["kvmscope.multipath.active_paths"] == 1 and e["kvmscope.multipath.paths"] == 2
+    assert e["message"] == "multipath mpatha (db01): path sdb to 198.18.1.2:3260 failed; 1 of 2 paths usable"
+    ev = _events(one, none)
+    assert [x["event.action"] for x in ev] == ["multipath-path-failed", "multipath-map-no-path"]
+    assert ev[0]["kvmscope.multipath.path"] == "sdc" and ev[1]["kvmscope.multipath.queueing"] is True
+    assert "db01 hang until a path returns" in ev[1]["message"]
+    back = _events(none, one)
+    assert [x["event.action"] for x in back] == ["multipath-path-reinstated", "multipath-map-restored"]
+    # a path that failed and came back between two cycles: its kernel fail count grew
+    flap = "mpatha: 0 2097152 multipath 2 0 0 0 1 1 A 0 2 2 8:16 A 2 0 1 8:32 A 0 0 1\n"
+    [f] = _events(ok, _mp_snapshot(4, flap))
+    assert f["event.action"] == "multipath-path-flapped" and f["kvmscope.multipath.path"] == "sdb"

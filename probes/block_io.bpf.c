@@ -19,7 +19,7 @@
  * access next to nothing; see docs/performance.md):
  *   inflight  array of sets   a 4-way set-associative table of in-flight
  *                             requests (dev, op, sector -> insert/issue
- *                             time, tgid, comm): the set is a hash of the
+ *                             time, tgid): the set is a hash of the
  *                             key, a request takes a free way, else evicts
  *                             the way seen first (as an LRU would: a
  *                             request that never completes is pushed out,
@@ -37,7 +37,8 @@
  *                             buckets and _count always agree). Allocated
  *                             on first use (BPF_F_NO_PREALLOC): memory only
  *                             for the (dev, op) pairs seen
- *   procs     lru_percpu_hash (tgid, comm, dev, op) -> count, sum_ns, bytes
+ *   procs     lru_percpu_hash (tgid, dev, op) -> total-latency slots, sum_ns,
+ *                             bytes (the process's name is user space's)
  *   totals    percpu_array    see TOT_* (block_io.h)
  *
  * kind: 0 = total (first seen -> complete), 1 = queue (insert -> issue,
@@ -87,7 +88,6 @@ struct rq_val {
     u64 issue_ns;
     u32 tgid;
     u32 bytes;
-    char comm[16];
 };
 
 struct rq_set {
@@ -96,7 +96,8 @@ struct rq_set {
 
 BPF_ARRAY(inflight, struct rq_set, INFLIGHT_SETS);
 BPF_F_TABLE("percpu_hash", struct lat_key, struct lat_val, lat, MAX_HIST_DEVS * OP_N, BPF_F_NO_PREALLOC);
-BPF_TABLE("lru_percpu_hash", struct proc_key, struct sum_val, procs, MAX_PROCS);
+BPF_TABLE("lru_percpu_hash", struct proc_key, struct proc_val, procs, MAX_PROCS);
+BPF_ARRAY(proc_zero, struct proc_val, 1); /* never written: the initial value of a procs entry */
 BPF_PERCPU_ARRAY(totals, u64, TOT_N);
 BPF_ARRAY(lat_zero, struct lat_val, 1); /* never written: the initial value of a lat entry (too big for the stack) */
 
@@ -165,7 +166,6 @@ static __always_inline void fill(struct rq_val *w, struct rq_key *k, u64 insert_
     w->op = k->op;
     w->tgid = bpf_get_current_pid_tgid() >> 32;
     w->bytes = bytes;
-    bpf_get_current_comm(&w->comm, sizeof(w->comm));
     w->issue_ns = issue_ns;
     w->insert_ns = insert_ns; /* busy from here on */
 }
@@ -279,15 +279,17 @@ TRACEPOINT_PROBE(block, block_rq_complete)
     }
 
     struct proc_key pk = {.tgid = v->tgid, .dev = k.dev, .op = k.op};
-    __builtin_memcpy(pk.comm, v->comm, 16);
-    struct sum_val *p = procs.lookup(&pk);
+    struct proc_val *p = procs.lookup(&pk);
     if (!p) {
-        struct sum_val z = {};
-        procs.insert(&pk, &z);
-        p = procs.lookup(&pk);
+        int zi = 0;
+        struct proc_val *z = proc_zero.lookup(&zi);
+        if (z) {
+            procs.insert(&pk, z);
+            p = procs.lookup(&pk);
+        }
     }
     if (p) {
-        p->count++;
+        p->slots[slot_of(total)]++;
         p->sum_ns += total;
         p->bytes += bytes;
     }

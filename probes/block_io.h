@@ -38,17 +38,18 @@ struct lat_val {
     u64 bytes;
 };
 
-struct sum_val {
-    u64 count;
+/* One process's requests on one (dev, op): the total-latency slots (their
+ * sum is the count), the latency sum and the bytes. */
+struct proc_val {
+    u64 slots[NSLOTS];
     u64 sum_ns;
     u64 bytes;
 };
 
 struct proc_key {
-    u32 tgid;
+    u32 tgid; /* the submitter's process (every thread of it) */
     u32 dev;
     u32 op;
-    char comm[16];
 };
 
 #endif

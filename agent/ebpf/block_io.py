@@ -50,17 +50,36 @@ class LatVal(ctypes.Structure):
     ]
 
 
-class SumVal(ctypes.Structure):
-    _fields_ = [("count", ctypes.c_uint64), ("sum_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+class ProcVal(ctypes.Structure):
+    _fields_ = [("slots", ctypes.c_uint64 * NSLOTS), ("sum_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
 class ProcKey(ctypes.Structure):
-    _fields_ = [("tgid", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("op", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
+    _fields_ = [("tgid", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("op", ctypes.c_uint32)]
 
 
-STRUCTS = {"lat_key": LatKey, "lat_val": LatVal, "sum_val": SumVal, "proc_key": ProcKey}
+STRUCTS = {"lat_key": LatKey, "lat_val": LatVal, "proc_val": ProcVal, "proc_key": ProcKey}
 # maps read through these types (not bcc's own reading of the C)
-TABLES = {"lat": (LatKey, LatVal), "procs": (ProcKey, SumVal), "totals": (ctypes.c_int, ctypes.c_uint64)}
+TABLES = {"lat": (LatKey, LatVal), "procs": (ProcKey, ProcVal), "totals": (ctypes.c_int, ctypes.c_uint64)}
+
+# per-process running totals kept by the agent: at most MAX_PROCESSES (tgid, dev, op) (the least
+# recently active is dropped), and one without new I/O for PROCESS_EXPIRE_CYCLES reads is forgotten
+MAX_PROCESSES = 1024
+PROCESS_EXPIRE_CYCLES = 720  # an hour at 5 s
+
+
+class _ProcTotals:
+    """Running totals of one (tgid, dev, op), and the record last built from them (shared by the
+    snapshots while nothing changes)."""
+
+    __slots__ = ("comm", "slots", "sum_ns", "bytes", "record")
+
+    def __init__(self, comm: str):
+        self.comm = comm
+        self.slots = [0] * NSLOTS
+        self.sum_ns = 0
+        self.bytes = 0
+        self.record: BlockProcess | None = None
 
 
 class DeviceNames:
@@ -103,14 +122,56 @@ class BlockIoProbe(Probe):
     optional = ("block:block_rq_insert",)
     description = "block I/O latency per device/op and per issuing process"
 
-    def __init__(self, opts=None):
+    def __init__(self, opts=None, max_processes: int = MAX_PROCESSES, process_expire_cycles: int = PROCESS_EXPIRE_CYCLES):
         super().__init__(opts)
         self.devices = DeviceNames(self.opts.paths)
+        # per (tgid, dev, op): bounded running totals; the kernel's LRU map may drop and restart an entry
+        self._procs: AgingTable[tuple[int, int, int], _ProcTotals] = AgingTable(max_processes, process_expire_cycles)
+        self._procs_prev: dict[tuple[int, int, int], tuple[int, ...]] = {}  # last kernel values (slots, sum, bytes)
 
     @property
     def dropped(self) -> dict[str, int]:
-        """Device names forgotten from the cache (evicted over its cap, or expired)."""
-        return self.devices.counts()
+        """Device names and per-process totals forgotten (evicted over their caps, or expired)."""
+        d, p = self.devices.counts(), self._procs.counts()
+        return {k: d[k] + p[k] for k in d}
+
+    def _comm(self, tgid: int) -> str:
+        try:
+            return self.opts.paths.read_text(self.opts.paths.proc(str(tgid), "comm")).strip()
+        except OSError:
+            return ""  # ended before the agent saw it
+
+    def accumulate_processes(self, rows) -> tuple[BlockProcess, ...]:
+        """One read of the kernel's per-process map, ``rows`` of ((tgid, dev, op), values) with values =
+        (slot 0..NSLOTS-1 counts, sum_ns, bytes) summed over the CPUs, into the running totals; returns
+        the records of every (tgid, dev, op) kept."""
+        seen = {}
+        for key, vals in rows:
+            prev = self._procs_prev.get(key)
+            if prev is None or any(v < p for v, p in zip(vals, prev)):
+                deltas = vals  # new, or the kernel's LRU map dropped and restarted it
+            else:
+                deltas = [v - p for v, p in zip(vals, prev)]
+            seen[key] = vals
+            if any(deltas):  # activity marks an entry seen: idle ones are the first to go
+                cum = self._procs.setdefault(key, lambda: _ProcTotals(self._comm(key[0])))
+                for i in range(NSLOTS):
+                    cum.slots[i] += deltas[i]
+                cum.sum_ns += deltas[NSLOTS]
+                cum.bytes += deltas[NSLOTS + 1]
+                cum.record = None
+        self._procs_prev = seen
+        self._procs.end_cycle()
+        out = []
+        for (tgid, dev, op), cum in self._procs.items():
+            if cum.record is None:
+                major, minor = decode.dev_major_minor(dev)
+                sl = {s: c for s, c in enumerate(cum.slots) if c}
+                cum.record = BlockProcess(tgid, cum.comm, self.devices.name(dev), decode.block_op_name(op),
+                                          sum(sl.values()), cum.sum_ns, cum.bytes, major, minor, sl)
+            out.append(cum.record)
+        out.sort(key=lambda p: (p.tgid, p.major, p.minor, p.op))
+        return tuple(out)
 
     def extra_cflags(self, present):
         return [f"-DSLOT_MAX={SLOT_MAX}"]
@@ -149,14 +210,19 @@ class BlockIoProbe(Probe):
                 hists.append(BlockHistogram(self.devices.name(dev), major, minor, decode.block_op_name(op), name, sl,
                                             sum(sl.values()), sums[kind], nbytes if kind == 0 else 0))
         hists.sort(key=lambda h: (h.major, h.minor, h.op, KINDS.index(h.kind)))
-        procs = []
+        rows = []
         for k, percpu in b[b"procs"].items():
-            procs.append(BlockProcess(int(k.tgid), bytes(k.comm).split(b"\0", 1)[0].decode(errors="replace"),
-                                      self.devices.name(int(k.dev)), decode.block_op_name(int(k.op)),
-                                      sum(int(v.count) for v in percpu), sum(int(v.sum_ns) for v in percpu),
-                                      sum(int(v.bytes) for v in percpu)))
+            vals = [0] * (NSLOTS + 2)
+            for v in percpu:
+                sl = v.slots
+                for s in range(NSLOTS):
+                    vals[s] += sl[s]
+                vals[NSLOTS] += v.sum_ns
+                vals[NSLOTS + 1] += v.bytes
+            rows.append(((int(k.tgid), int(k.dev), int(k.op)), tuple(vals)))
+        procs = self.accumulate_processes(rows)
         t = self.percpu_totals("totals", TOT_N)
         totals = {"inserted": t[TOT_INSERTED], "issued": t[TOT_ISSUED], "completed": t[TOT_COMPLETED],
                   "unmatched": t[TOT_UNMATCHED], "overwritten": t[TOT_OVERWRITTEN]}
         self.devices.end_cycle()
-        return BlockIoData(tuple(hists), tuple(procs), totals, SLOT_MAX, self.stats(), tuple(self.report.tracepoints))
+        return BlockIoData(tuple(hists), procs, totals, SLOT_MAX, self.stats(), tuple(self.report.tracepoints))

@@ -55,13 +55,27 @@ class BlockHistogram:
 
 @dataclass(frozen=True)
 class BlockProcess:
+    """Block I/O of one process on one device and op: every thread of it (QEMU's I/O threads
+    included) under its tgid, the process that submitted each request. Cumulative since the agent
+    first saw (tgid, device, op): counters that only grow while the entry lives (the agent keeps at
+    most a bounded number, see agent/ebpf/block_io.py; one that is dropped and comes back restarts
+    at 0, a counter reset). ``slots`` is the log2 histogram of the requests' total latency (the
+    kernel's own accounting start -> completion, the ``total`` kind of BlockHistogram, same slots:
+    slot s = [2^(s-1), 2^s) ns), ``count`` its sum. Join key to a VM disk: (tgid = QEMU's pid,
+    major:minor or device name of the disk the VM's image lives on). A dm device and its legs are
+    separate devices: the request on the dm device is the submitter's, the clone on each leg is
+    attributed to the context that issued it (often the same process, or a kworker)."""
+
     tgid: int
-    comm: str
+    comm: str  # the process's name (/proc/<tgid>/comm when first seen; "" if it had already ended)
     device: str
     op: str
     count: int
     sum_ns: int
     bytes: int
+    major: int = 0
+    minor: int = 0
+    slots: dict[int, int] = field(default_factory=dict)  # log2 slot -> count (total latency)
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,10 @@ class BlockIoData:
             if (h.device, h.op, h.kind) == (device, op, kind):
                 return h
         return None
+
+    def processes_of(self, tgid: int) -> tuple[BlockProcess, ...]:
+        """Every (device, op) of one process, e.g. a QEMU pid."""
+        return tuple(p for p in self.processes if p.tgid == tgid)
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,13 @@ def test_histogram_matches_diskstats_and_fio(loopdev):
     try:
         before = probe.read()
         s0 = stat_fields(dev)
-        fio = subprocess.run(
+        fio = subprocess.Popen(
             ["fio", "--name=ks", f"--filename={loopdev}", "--direct=1", "--rw=randrw", "--rwmixread=70", "--bs=4k",
              "--ioengine=libaio", "--iodepth=4", "--thread", "--time_based", "--runtime=2", "--size=200M",
              "--output-format=json", "--norandommap"],
-            capture_output=True, text=True, timeout=60)
-        assert fio.returncode == 0, fio.stderr
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fio.stdout_text, err = fio.communicate(timeout=60)
+        assert fio.returncode == 0, err
         time.sleep(0.2)
         s1 = stat_fields(dev)
         after = probe.read()
@@ -61,8 +62,7 @@ def test_histogram_matches_diskstats_and_fio(loopdev):
         skipped = probe.stats().per_program["block:block_rq_complete"]["recursion_misses"]
     finally:
         probe.close()
-    res = json.loads(fio.stdout[fio.stdout.index("{"):])
-    fio_pid_tgid = None  # --thread: every job is a thread of the fio process
+    res = json.loads(fio.stdout_text[fio.stdout_text.index("{"):])
 
     d_ios = (s1[0] - s0[0]) + (s1[4] - s0[4])
     d_ticks_ms = (s1[3] - s0[3]) + (s1[7] - s0[7])
@@ -94,13 +94,29 @@ def test_histogram_matches_diskstats_and_fio(loopdev):
             break
     assert abs(med_slot - decode.slot_of_ns(fio_median_ns)) <= 1, (med_slot, fio_median_ns)
 
-    # attribution: >= 95% of this device's I/O to the fio process
+    # attribution: >= 95% of this device's I/O to the fio process (--thread: every job is a
+    # thread of it, one tgid), with a latency histogram per op that agrees with the device's
     def by_proc(data):
-        return {(p.tgid, p.comm, p.op): p.count for p in data.processes if p.device == dev}
+        return {(p.tgid, p.op): p for p in data.processes if p.device == dev}
 
     b_p, a_p = by_proc(before), by_proc(after)
-    fio_count = sum(v - b_p.get(k, 0) for k, v in a_p.items() if k[1] == "fio" and k[2] in ("read", "write"))
+    mine = {op: a_p[(fio.pid, op)] for op in ("read", "write") if (fio.pid, op) in a_p}
+    assert set(mine) == {"read", "write"}, sorted(a_p)
+    assert not any(k[0] == fio.pid for k in b_p)
+    fio_count = sum(p.count for p in mine.values())
     assert fio_count >= 0.95 * count, (fio_count, count, a_p)
+    p = mine["read"]
+    assert p.count == sum(p.slots.values())
+    assert (p.major, p.minor) == (os.major(rdev), os.minor(rdev))
+    assert p.bytes == 4096 * p.count
+    # the process's histogram is the device's, less what others did: same median slot
+    acc, p_med = 0, None
+    for s in sorted(p.slots):
+        acc += p.slots[s]
+        if acc >= p.count / 2:
+            p_med = s
+            break
+    assert abs(p_med - med_slot) <= 1, (p_med, med_slot)
 
     # Prometheus rendering: a real histogram with every bound present
     fam = next(f for f in render_block_io(after) if f.name == "kvmscope_block_io_latency_seconds")

@@ -77,3 +77,49 @@ def test_device_names_cache_bounded(tmp_path):
     names.end_cycle()
     names.end_cycle()
     assert len(names._cache) == 0 and names.counts()["expired"] == 5
+
+
+def proc_rows(entries):
+    """((tgid, dev, op), (slot counts..., sum_ns, bytes)) rows as a read of the kernel's procs map."""
+    from agent.ebpf.block_io import NSLOTS
+    rows = []
+    for key, slots, sum_ns, nbytes in entries:
+        vals = [0] * NSLOTS
+        for s, c in slots.items():
+            vals[s] = c
+        rows.append((key, tuple(vals) + (sum_ns, nbytes)))
+    return rows
+
+
+def test_block_process_totals_survive_kernel_restarts_and_are_bounded(tmp_path):
+    from agent.ebpf.block_io import BlockIoProbe
+    from agent.ebpf.loader import LoadOptions
+    procfs, sysfs = tmp_path / "proc", tmp_path / "sys"
+    (procfs / "4242").mkdir(parents=True)
+    (procfs / "4242" / "comm").write_text("qemu-system-x86\n")
+    d = sysfs / "dev" / "block" / "253:0"
+    d.mkdir(parents=True)
+    (d / "uevent").write_text("MAJOR=253\nMINOR=0\nDEVNAME=dm-0\n")
+    probe = BlockIoProbe(LoadOptions(paths=HostPaths(procfs=procfs, sysfs=sysfs)), max_processes=2,
+                         process_expire_cycles=3)
+    dm0 = (253 << 20) | 0
+    first = probe.accumulate_processes(proc_rows([((4242, dm0, 0), {10: 3, 11: 1}, 4000, 16384)]))
+    assert len(first) == 1
+    p = first[0]
+    assert (p.tgid, p.comm, p.device, p.major, p.minor, p.op) == (4242, "qemu-system-x86", "dm-0", 253, 0, "read")
+    assert (p.count, p.slots, p.sum_ns, p.bytes) == (4, {10: 3, 11: 1}, 4000, 16384)
+    # unchanged: the very same record (shared by the snapshots of the history)
+    assert probe.accumulate_processes(proc_rows([((4242, dm0, 0), {10: 3, 11: 1}, 4000, 16384)]))[0] is p
+    # the kernel's LRU map dropped the entry and started it again: the increase is added, never lost
+    again = probe.accumulate_processes(proc_rows([((4242, dm0, 0), {12: 2}, 9000, 8192)]))[0]
+    assert (again.count, again.slots, again.sum_ns, again.bytes) == (6, {10: 3, 11: 1, 12: 2}, 13000, 24576)
+    # bounded: a third (tgid, dev, op) pushes out the least recently active; an ended process has no name
+    rows = proc_rows([((4242, dm0, 0), {12: 2}, 9000, 8192), ((7, dm0, 1), {5: 1}, 20, 512),
+                      ((8, dm0, 1), {5: 1}, 20, 512)])
+    kept = probe.accumulate_processes(rows)
+    assert sorted(p.tgid for p in kept) == [7, 8] and all(p.comm == "" for p in kept)
+    assert probe.dropped["evicted"] == 1
+    # idle for expire_cycles reads: forgotten
+    for _ in range(3):
+        kept = probe.accumulate_processes(rows)
+    assert kept == () and probe.dropped["expired"] == 2

@@ -202,7 +202,8 @@ def _join_block(snap: "Snapshot", vms: dict[str, Vm], hists: dict, unattr: list,
     bio = snap.block_io
     if bio is None:
         return
-    per_proc = getattr(bio, "process_histograms", None)
+    # per (tgid, device, op) histograms (BlockProcess.slots); records of older agents have none
+    per_proc = tuple(p for p in bio.processes if p.slots) or None
     blockdevs = snap.block_devices
     for vm in vms.values():
         host_disks = [d for d in vm.disks if d.backend == "host"]
@@ -224,8 +225,8 @@ def _join_block(snap: "Snapshot", vms: dict[str, Vm], hists: dict, unattr: list,
                     missing_why[(vm.name, d.target)] = why
                 continue
             if per_proc is None:
-                missing_why[(vm.name, disks[0].target)] = ("the block_io probe of this agent keeps no per-process "
-                                                           "histograms")
+                missing_why[(vm.name, disks[0].target)] = ("no per-process histograms from the block_io probe (no "
+                                                           "block I/O seen yet, or an agent that keeps none)")
                 continue
             for h in per_proc:
                 if h.tgid == vm.pid and h.device == dev:

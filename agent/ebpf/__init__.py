@@ -9,8 +9,11 @@ that builds its ``-D`` switches, reads its maps and decodes them:
   libiscsi       uprobes on libiscsi.so.7 (QEMU's iSCSI initiator)
 
 :mod:`agent.ebpf.loader` (the Probe base and the compile thread) checks the
-requirements (:mod:`agent.ebpf.requirements`), compiles each probe once on a
-background thread, reports attached/unavailable/failed with reason and fix,
+requirements (:mod:`agent.ebpf.requirements`), compiles, loads and attaches
+each probe once in a short-lived child process (:mod:`agent.ebpf.compiler`,
+the only importer of bcc) that hands the fds over, reads the maps with plain
+bpf(2) calls (:mod:`agent.ebpf.bpfsys`: no bcc, no LLVM in the agent),
+reports attached/unavailable/failed with reason and fix,
 and measures the probes' own cost (:mod:`agent.ebpf.bpfstats` switches the
 kernel's BPF run-time statistics on). :mod:`agent.ebpf.source` is the glue to
 the agent loop; it takes ``SourceContext`` from :mod:`agent.source_api`, never

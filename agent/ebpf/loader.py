@@ -7,9 +7,17 @@ fix (a host without what the probe needs: normal, reported as "no data"),
 or ``failed`` (compile/attach error: a bug or an unusual kernel). One
 probe's outcome never affects another's.
 
-Compiling takes ~0.5 s of CPU per probe (LLVM): done once, on a single
-background thread shared by all probes (:meth:`Probe.load_async`), never
-per cycle.
+Compiling takes ~0.5 s of CPU per probe (LLVM), once at start, in a
+short-lived child process per probe (:mod:`agent.ebpf.compiler`, the only
+place bcc and LLVM are loaded): the child compiles, loads and attaches, and
+hands the program, map and attachment fds to the agent, which reads the
+maps with plain bpf(2) calls (:mod:`agent.ebpf.bpfsys`). The agent process
+never maps LLVM (~130 MB resident otherwise). Probes compile in parallel
+(one child each), each waited for on a background thread
+(:meth:`Probe.load_async`), never per cycle.
+
+Attachments: bcc's auto-attached ``TRACEPOINT_PROBE`` / ``RAW_TRACEPOINT_PROBE``
+functions, plus what :meth:`Probe.attachments` declares (uprobes, ...).
 
 Self-measurement: while a probe is attached it holds the kernel's BPF stats
 switch (:mod:`agent.ebpf.bpfstats`); the per-program
@@ -21,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +38,8 @@ from typing import Any
 from agent.config import LIBRARY_DIRS
 from agent.ebpf import decode
 from agent.ebpf.bpfstats import STATS
+from agent.ebpf.bpfsys import BpfObject
+from agent.ebpf.compiler import Attach, compile_in_child
 from agent.ebpf.requirements import (
     Check,
     available_tracepoints,
@@ -89,16 +98,28 @@ class ProbeReport:
         }
 
 
-# bcc is imported lazily (after tracefs is mounted: bcc picks its tracefs
-# directory at import time) and compiles under one lock, on one thread.
-_COMPILER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bcc-compile")
-_BCC_LOCK = threading.Lock()
+# Each probe compiles in a child process of its own (after tracefs is mounted: bcc picks its tracefs
+# directory at import time); these threads only wait for the children.
+_COMPILER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bpf-load")
 
 
 def import_bcc():
+    """bcc itself, for tools that want it in their own process (benchmarks, doctor) -- never the agent's loader."""
     import bcc  # noqa: F401  (python3-bpfcc, through --system-site-packages)
 
     return bcc
+
+
+def bcc_available() -> str | None:
+    """None when python3-bpfcc is importable by the compiler process, else why not (checked without importing it)."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("bcc") is None:
+            return "No module named 'bcc'"
+    except (ImportError, ValueError) as e:
+        return str(e)
+    return None
 
 
 # -- the probe base class ---------------------------------------------------------
@@ -156,7 +177,7 @@ class Probe:
 
     def __init__(self, opts: LoadOptions | None = None):
         self.opts = opts or LoadOptions()
-        self.bpf: Any = None
+        self.bpf: BpfObject | None = None  # programs, maps, attachments by fd (agent/ebpf/bpfsys.py)
         self.report = ProbeReport(self.name, LOADING)
         self._stats_held = False
         self.library_path: Path | None = None
@@ -165,6 +186,15 @@ class Probe:
     # subclasses ----------------------------------------------------------
     def extra_cflags(self, present: set[str]) -> list[str]:
         return []
+
+    def attachments(self, present: set[str]) -> list[Attach]:
+        """Attachments besides bcc's auto-attached ``tracepoint__cat__name`` / ``raw_tracepoint__name``
+        functions, made by the compiler process; ``Attach(optional=True)`` ones may fail (listed in
+        ``skipped``). By default: :attr:`uprobes` on :attr:`library_path` for every process (pid -1: also
+        processes started later; the kernel puts the breakpoint in the file's pages), labelled
+        ``uprobe:<library>:<symbol>``. Override to add others (a uprobe per pid, raw tracepoints, ...)."""
+        return [Attach("uprobe", u.fn_name, target=f"{self.library}:{u.symbol}", binary=str(self.library_path),
+                       symbol=u.symbol, pid=-1, optional=not u.required) for u in self.uprobes]
 
     def events_and_lost(self) -> tuple[int, int]:
         return 0, 0
@@ -240,19 +270,23 @@ class Probe:
             rep.state, rep.reason = FAILED, f"cannot read {src}: {e.strerror}"
             rep.fix = "reinstall kvmscope (probes/ ships with it) or set ebpf.probes_dir"
             return rep
+        missing = bcc_available()
         try:
-            with _BCC_LOCK:
-                bcc = import_bcc()
-                self.bpf = bcc.BPF(text=text.encode(), cflags=self.cflags(present))
-                self.attach_uprobes(rep)
+            if missing:
+                raise ImportError(missing)
+            self.bpf, skipped = compile_in_child(text, self.cflags(present), self.attachments(present))
         except ImportError as e:
             rep.state, rep.reason = UNAVAILABLE, f"bcc not importable: {e}"
             rep.fix = "apt-get install python3-bpfcc and use a venv made with --system-site-packages (deploy/setup.sh)"
         except Exception as e:
             rep.state, rep.reason = FAILED, f"compiling/attaching {src.name} failed: {str(e).strip() or type(e).__name__}"
-            rep.fix = "see the compiler output in the agent log; check kernel headers match tracefs formats"
+            rep.fix = "see the compiler's message above; check kernel headers match tracefs formats"
+            log.warning("probe %s: %s", self.name, rep.reason)
         else:
             rep.state = ATTACHED
+            rep.skipped += skipped
+            labels = set(self.attached_tracepoints())
+            self.uprobes_attached = [u for u in self.uprobes if u.label(self.library) in labels]
             rep.tracepoints = sorted(self.attached_tracepoints())
             STATS.acquire(self.opts.paths)
             self._stats_held = True
@@ -264,22 +298,6 @@ class Probe:
         rep.load_seconds = time.monotonic() - t0
         return rep
 
-    def attach_uprobes(self, rep: ProbeReport) -> None:
-        """Attach :attr:`uprobes` to :attr:`library_path` for every process
-        (pid -1: also processes started later; the kernel puts the breakpoint
-        in the file's pages). A required one that fails raises; an optional
-        one is listed in ``skipped``."""
-        self.uprobes_attached = []
-        for u in self.uprobes:
-            try:
-                self.bpf.attach_uprobe(name=str(self.library_path), sym=u.symbol, fn_name=u.fn_name, pid=-1)
-            except Exception:
-                if u.required:
-                    raise
-                rep.skipped.append(u.label(self.library))
-            else:
-                self.uprobes_attached.append(u)
-
     def load_async(self) -> Future:
         return _COMPILER.submit(self.load)
 
@@ -287,28 +305,11 @@ class Probe:
         pass
 
     def attached_tracepoints(self) -> list[str]:
-        """Tracepoints (``cat:name``) and uprobes (``uprobe:lib:symbol``) attached."""
-        out = [u.label(self.library) for u in self.uprobes_attached]
-        for fn in (self.bpf.funcs if self.bpf is not None else {}):
-            name = fn.decode() if isinstance(fn, bytes) else fn
-            if name.startswith("tracepoint__"):
-                cat, _, ev = name[len("tracepoint__"):].partition("__")
-                out.append(f"{cat}:{ev}")
-        return out
+        """What the probe is attached to: ``cat:name`` for a tracepoint, ``kind:target`` for the others."""
+        return [a.label for a in (self.bpf.attachments if self.bpf is not None else ())]
 
     def program_fds(self) -> dict[str, int]:
-        out = {}
-        for fn, f in (self.bpf.funcs.items() if self.bpf is not None else ()):
-            name = fn.decode() if isinstance(fn, bytes) else fn
-            if name.startswith("tracepoint__"):
-                cat, _, ev = name[len("tracepoint__"):].partition("__")
-                out[f"{cat}:{ev}"] = f.fd
-        by_fn = {u.fn_name: u for u in self.uprobes_attached}
-        for fn, f in (self.bpf.funcs.items() if self.bpf is not None else ()):
-            name = fn.decode() if isinstance(fn, bytes) else fn
-            if name in by_fn:
-                out[by_fn[name].label(self.library)] = f.fd
-        return out
+        return self.bpf.program_fds() if self.bpf is not None else {}
 
     def stats(self) -> ProbeStats:
         st = ProbeStats()
@@ -332,7 +333,7 @@ class Probe:
 
     def percpu_totals(self, table: str, n: int) -> list[int]:
         """Per-CPU array of n u64 counters, summed over the CPUs."""
-        t = self.bpf[table.encode()]
+        t = self.bpf[table]
         return [int(sum(t.getvalue(t.Key(i)))) for i in range(n)]
 
     def close(self) -> None:

@@ -1,16 +1,21 @@
 """The glue between a probe and the agent loop.
 
-A probe source compiles its probe once, on the shared background compile
-thread, started by the first ``collect()`` (so ``__init__`` does no I/O and
-no cycle ever waits for LLVM). Until it is attached, ``collect()`` raises
-NoData("loading ..."); a probe the host cannot run raises NoData with the
-reason and the fix; a probe that failed to compile raises (a failure of
-this source only). Once attached, ``collect()`` only reads maps.
+A probe source compiles its probe once, in a compiler child process
+waited for on a background thread, started by the first ``collect()`` (so
+``__init__`` does no I/O). That first ``collect()`` waits for the load for
+at most ``first_wait`` seconds (well inside the collector deadline), so the
+agent's first snapshot already has the probe's data (all probes compile in
+parallel, ~1-2 s); if it is not done by then, ``collect()`` raises
+NoData("loading ...") until it is, and no later cycle ever waits. A probe the
+host cannot run raises NoData with the reason and the fix; a probe that
+failed to compile raises with the compiler's message (a failure of this
+source only). Once attached, ``collect()`` only reads maps.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from agent.ebpf.loader import ATTACHED, UNAVAILABLE, LoadOptions, Probe
@@ -40,10 +45,19 @@ class ProbeSource:
         self.probe: Probe | None = None
         self._future: Future | None = None
 
+    @property
+    def first_wait(self) -> float:
+        """How long the first cycle waits for the compiler: 3 s, leaving a second of the collector deadline."""
+        return max(0.0, min(3.0, float(self.ctx.config.agent.collector_timeout) - 1.0))
+
     def collect(self):
         if self._future is None:
             self.probe = self.probe_class(load_options(self.ctx))
             self._future = self.probe.load_async()
+            try:
+                self._future.result(timeout=self.first_wait)
+            except FutureTimeout:
+                pass
         if not self._future.done():
             raise NoData(f"probe {self.probe_class.name} loading (compiling with bcc); data from the next cycle")
         rep = self._future.result()

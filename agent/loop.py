@@ -13,10 +13,22 @@ hung NFS file would hold the stopping agent until systemd's SIGKILL).
 
 The loop keeps the latest snapshot and a bounded ring of recent ones
 (``agent.history``) for diagnosis and the local API.
+
+Garbage collection (``freeze_gc``, set by ``kvmscope run``): the history is
+plain data, freed by reference counting when it leaves the ring, but
+Python's cyclic collector re-scans all of it whenever the objects that
+survived its young generations reach a quarter of the old ones, which each
+cycle's short-lived documents and metric families do every few cycles: at
+200 VMs a 450 ms pause every ~6 cycles (docs/performance.md). So after each
+cycle what is alive is frozen (``gc.freeze``: out of the collector's sight,
+still freed by reference counting), and every ``GC_FULL_EVERY`` cycles all
+of it is unfrozen and collected once, so cyclic garbage never lingers longer
+than that.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import threading
@@ -30,6 +42,8 @@ from agent.records.snapshot import Snapshot, SourceHealth, Status
 from agent.sources import Source
 
 log = logging.getLogger(__name__)
+
+GC_FULL_EVERY = 120  # cycles between full collections when freeze_gc is on (10 minutes at the default 5 s)
 
 
 def _dropped(src: Source) -> dict[str, int]:
@@ -59,6 +73,7 @@ class Agent:
         hostname: str | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        freeze_gc: bool = False,
     ):
         self.sources = list(sources)
         self.interval = interval
@@ -71,6 +86,8 @@ class Agent:
         self._history: deque[Snapshot] = deque(maxlen=history)
         self._seq = 0
         self.on_snapshot: list[Callable[[Snapshot], None]] = []
+        self.freeze_gc = freeze_gc
+        self._since_full_gc = 0
 
     # -- results ---------------------------------------------------------
     @property
@@ -168,6 +185,8 @@ class Agent:
         next_at = self._mono()
         while not stop.is_set():
             self.collect_once()
+            if self.freeze_gc:
+                self.gc_step()
             next_at += self.interval
             delay = next_at - self._mono()
             if delay < 0:  # a slow cycle: skip the missed slots, do not burst
@@ -175,9 +194,22 @@ class Agent:
                 delay = 0
             stop.wait(delay)
 
+    def gc_step(self) -> None:
+        """After a cycle (``freeze_gc``): freeze what is alive; every GC_FULL_EVERY cycles first unfreeze
+        everything and collect it once (see the module's docstring)."""
+        self._since_full_gc += 1
+        if self._since_full_gc >= GC_FULL_EVERY:
+            self._since_full_gc = 0
+            gc.unfreeze()
+            gc.collect()
+        gc.freeze()
+
     def close(self, grace: float = 1.0) -> None:
         """Close every source. One still running (hung) is closed from a daemon thread given
-        ``grace`` seconds: its close() may unblock it, or hang as well; either way the process can exit."""
+        ``grace`` seconds: its close() may unblock it, or hang as well; either way the process can exit.
+        With ``freeze_gc``, frozen objects go back to the garbage collector."""
+        if self.freeze_gc:
+            gc.unfreeze()
         for src in self.sources:
             prev = self._inflight.get(src.name)
             if prev and not prev[0].done():

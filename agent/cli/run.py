@@ -110,6 +110,7 @@ def run(
     check_exposure(cfg.metrics)  # before anything starts: never serve the host's inventory unprotected
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = build_agent(cfg, owns_state=not once)  # the agent owns the log read positions; --once does not move them
+    agent.freeze_gc = True  # the long-lived agent: see agent/loop.py, garbage collection
     msg(f"kvmscope {__version__}: configuration from {origin}")
     msg(f"collectors: {', '.join(s.name for s in agent.sources) or 'none'}; interval {cfg.agent.interval:g}s")
     if once:

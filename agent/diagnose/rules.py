@@ -111,6 +111,8 @@ def _slow(d: DiskWindow, cfg: DiagnoseConfig) -> bool:
 
 def _dead(c: ConnWindow, w: Window) -> bool:
     """A connection whose peer stopped answering: RTO backing off and its disk doing nothing."""
+    if not health.backing_off(c.max_backoff):
+        return False
     disks = [d for d in w.disks if d.vm == c.vm and d.disk == c.disk]
     return health.backing_off(c.max_backoff) and bool(disks) and all(d.ops == 0 or d.stalled for d in disks)
 
@@ -171,10 +173,12 @@ def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     ]
     for kind, ident, cs in groups:
         portals = sorted({c.portal for c in cs})
-        affected = [d for d in w.disks if d.portal in portals and (d.vm, d.disk) in {(c.vm, c.disk) for c in cs}]
+        owners = {(c.vm, c.disk) for c in cs}
+        affected = [d for d in w.disks if d.portal in portals and (d.vm, d.disk) in owners]
         if not affected:
             affected = [d for d in w.disks if d.portal in portals]
-        others = [d for d in w.disks if d not in affected and d.mean_ms is not None and d.ops >= cfg.min_ops]
+        affected_set = set(affected)  # DiskWindow is frozen: hashed and compared by value, as `in` a list does
+        others = [d for d in w.disks if d not in affected_set and d.mean_ms is not None and d.ops >= cfg.min_ops]
         slow = [d for d in affected if _slow(d, cfg)]
         stalled = [d for d in affected if d.stalled]
         all_on_portal = [c for c in w.conns if c.portal in portals]
@@ -332,9 +336,13 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                 "were not answered in time",
                 next_checks=["iscsiadm -m session -r SID -s", "network path errors", "target logs"]))
     libiscsi = {(p.vm, p.disk): p for p in w.paths if p.backend == "libiscsi"}
+    conns_of: dict[tuple, list[ConnWindow]] = {}  # (vm, disk) -> its connections present at the end, in order
+    for c in w.conns:
+        if c.present_at_end:
+            conns_of.setdefault((c.vm, c.disk), []).append(c)
     for d in w.disks:
         p = libiscsi.get((d.vm, d.disk))
-        conns = [c for c in w.conns if c.vm == d.vm and c.disk == d.disk and c.present_at_end]
+        conns = conns_of.get((d.vm, d.disk), [])
         established = [c for c in conns if c.state == "ESTABLISHED"]
         dead = [c for c in established if _dead(c, w)]
         if dead:
@@ -427,14 +435,13 @@ def saturating_vm(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         on = [d for d in w.disks if d.portal == portal and d.mean_ms is not None and d.ops >= cfg.min_ops]
         if len(on) < 2:
             continue
-        for d in on:
+        # the disk must be slow and every other one not: exactly one slow disk on the portal (checked first:
+        # the median of the others is a sort per disk, too much for every disk of a big host)
+        slow = [d for d in on if _slow(d, cfg)]
+        for d in slow if len(slow) == 1 else ():
             others = [o for o in on if o is not d]
             med = median([o.ops_per_second for o in others])
-            if (
-                _slow(d, cfg)
-                and d.ops_per_second > cfg.saturation_factor * max(med, 1e-9)
-                and all(not _slow(o, cfg) for o in others)
-            ):
+            if d.ops_per_second > cfg.saturation_factor * max(med, 1e-9):
                 out.append(Finding(
                     rule="saturating_vm", severity="warning", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
                     scope="one VM", explains=_effects([d]),

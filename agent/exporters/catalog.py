@@ -14,6 +14,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.samples import Sample
+
+# A sample of a plain add_metric (no timestamp, exemplar or created time), built as prometheus_client builds it
+# but without its per-call keyword handling: a big host's scrape adds ~13,000 of them (docs/performance.md).
+_new_tuple = tuple.__new__
+_TAIL = tuple(Sample._field_defaults.get(f) for f in Sample._fields[3:])  # timestamp, exemplar, ...: all None
+assert Sample._fields[:3] == ("name", "labels", "value") and _TAIL == (None,) * len(_TAIL)
+
+
+class _Gauge(GaugeMetricFamily):
+    def add_metric(self, labels, value, timestamp=None) -> None:
+        if timestamp is not None:
+            return super().add_metric(labels, value, timestamp)
+        self.samples.append(_new_tuple(Sample, (self.name, dict(zip(self._labelnames, labels)), value) + _TAIL))
+
+
+class _Counter(CounterMetricFamily):
+    def __init__(self, name: str, documentation: str, labels=None):
+        super().__init__(name, documentation, labels=labels)
+        self._sample_name = self.name + "_total"
+
+    def add_metric(self, labels, value, created=None, timestamp=None, exemplar=None) -> None:
+        if created is not None or timestamp is not None or exemplar is not None:
+            return super().add_metric(labels, value, created, timestamp, exemplar)
+        self.samples.append(_new_tuple(Sample, (self._sample_name, dict(zip(self._labelnames, labels)), value) + _TAIL))
 
 
 @dataclass(frozen=True)
@@ -26,9 +51,9 @@ class MetricDef:
 
     def family(self):
         if self.type == "counter":
-            return CounterMetricFamily(self.name.removesuffix("_total"), self.help, labels=self.labels)
+            return _Counter(self.name.removesuffix("_total"), self.help, labels=self.labels)
         if self.type == "gauge":
-            return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+            return _Gauge(self.name, self.help, labels=self.labels)
         if self.type == "histogram":
             return HistogramMetricFamily(self.name, self.help, labels=self.labels)
         raise ValueError(self.type)

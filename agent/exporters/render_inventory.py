@@ -134,6 +134,8 @@ DISK_INFO = define("kvmscope_vm_disk_info", "gauge",
                    VM_LABELS + ("backend", "target", "lun", "portal"), "libvirt domain XML, QMP query-block")
 
 OPS = (("read", "rd"), ("write", "wr"), ("flush", "fl"))
+# (op, DiskStats attribute of its requests, of its time, of its bytes or None: flushes move no bytes)
+_OP_ATTRS = tuple((op, f"{p}_reqs", f"{p}_time_ns", None if op == "flush" else f"{p}_bytes") for op, p in OPS)
 
 
 @renderer(Snapshot.vms)
@@ -151,11 +153,12 @@ def render_vms(vms: tuple[Vm, ...]) -> Iterable:
             s = d.stats
             if s is None:
                 continue
-            for op, p in OPS:
-                req.add_metric(lv + [op], getattr(s, f"{p}_reqs"))
-                tim.add_metric(lv + [op], getattr(s, f"{p}_time_ns") / 1e9)
-                if op != "flush":
-                    byt.add_metric(lv + [op], getattr(s, f"{p}_bytes"))
+            for op, reqs, time_ns, nbytes in _OP_ATTRS:
+                lvo = lv + [op]  # add_metric copies the labels into its own dict: one list serves all three
+                req.add_metric(lvo, getattr(s, reqs))
+                tim.add_metric(lvo, getattr(s, time_ns) / 1e9)
+                if nbytes is not None:
+                    byt.add_metric(lvo, getattr(s, nbytes))
             if s.failed_reqs is not None:
                 failed.add_metric(lv, s.failed_reqs)
             if s.idle_time_ns is not None:

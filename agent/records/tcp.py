@@ -4,6 +4,7 @@ TCP counters of /proc/net/snmp and /proc/net/netstat (source: host_tcp)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from agent.records.addr import fmt_conn, fmt_endpoint
 
@@ -74,11 +75,12 @@ class StorageConnection:
     comm: str | None
     info: TcpInfo | None
 
-    @property
+    # formatted once per record (the join, diagnosis, renderers and documents each ask for them)
+    @cached_property
     def portal(self) -> str:
         return fmt_endpoint(self.dst, self.dport)
 
-    @property
+    @cached_property
     def four_tuple(self) -> str:
         return fmt_conn(self.src, self.sport, self.dst, self.dport)
 

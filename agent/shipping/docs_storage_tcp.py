@@ -15,6 +15,18 @@ from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import Doc, builder
 
 
+_TCP_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}  # record class -> (attribute, document field)
+
+
+def _tcp_fields(cls) -> tuple[tuple[str, str], ...]:
+    """tcp_info's attributes that go into a document (all but state and ca_state), in their order."""
+    t = _TCP_FIELDS.get(cls)
+    if t is None:
+        t = _TCP_FIELDS[cls] = tuple((f.name, f"kvmscope.tcp.{f.name}") for f in dataclasses.fields(cls)
+                                     if f.name not in ("state", "ca_state"))
+    return t
+
+
 def conn_key(c) -> tuple:
     return (c.src, c.sport, c.dst, c.dport, c.inode)
 
@@ -41,10 +53,12 @@ def connection_docs(data, prev, snap, prev_snap):
             "kvmscope.connection": c.four_tuple,
             "kvmscope.portal": c.portal,
         }
-        if c.info is not None:
-            for k, v in dataclasses.asdict(c.info).items():
-                if k not in ("state", "ca_state") and v is not None:
-                    f[f"kvmscope.tcp.{k}"] = v
+        info = c.info
+        if info is not None:  # its fields are plain numbers: read them, no deep copy (dataclasses.asdict)
+            for attr, key in _TCP_FIELDS.get(type(info)) or _tcp_fields(type(info)):
+                v = getattr(info, attr)
+                if v is not None:
+                    f[key] = v
         p = before.get(conn_key(c))
         if p is not None and p.info and c.info and p.info.total_retrans is not None and c.info.total_retrans is not None:
             f["kvmscope.tcp.retrans_delta"] = max(0, c.info.total_retrans - p.info.total_retrans)

@@ -64,46 +64,100 @@ def doc_id(dataset: str, host: str, ts: float | None, subject: str) -> str:
     return hashlib.blake2b(f"{dataset}|{host}|{t}|{subject}".encode(), digest_size=16).hexdigest()
 
 
+_PATHS: dict[str, tuple[tuple[str, ...], str]] = {}  # dotted key -> (parent keys, last key), split once
+
+
+def _path(k: str) -> tuple[tuple[str, ...], str]:
+    t = _PATHS.get(k)
+    if t is None:
+        parts = k.split(".")
+        t = (tuple(parts[:-1]), parts[-1])
+        if len(_PATHS) < 65536:  # field names are a fixed set; the bound is for a builder gone wrong
+            _PATHS[k] = t
+    return t
+
+
 def nest(flat: dict[str, Any]) -> dict:
     """Dotted keys → nested objects; None values are left out."""
     out: dict = {}
+    _put(out, flat)
+    return out
+
+
+def _put(out: dict, flat: dict[str, Any]) -> None:
+    """Put ``flat``'s dotted keys into the nested ``out`` (None values left out)."""
     for k, v in flat.items():
         if v is None:
             continue
-        if k.startswith("@"):
+        if k[:1] == "@":
             out[k] = v
             continue
+        parents, last = _PATHS.get(k) or _path(k)
         node = out
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return out
+        for p in parents:
+            nxt = node.get(p)
+            node = nxt if nxt is not None else node.setdefault(p, {})
+        node[last] = v
+
+
+# the common fields every document starts with, in this order (finish() writes them without a flat dict)
+_COMMON = ("@timestamp", "ecs.version", "agent.name", "agent.type", "agent.version", "host.name", "host.hostname",
+           "data_stream.type", "data_stream.dataset", "data_stream.namespace", "event.module", "event.dataset",
+           "event.kind")
+_ISO: dict[float, str] = {}
+
+
+def _iso_cached(ts: float) -> str:
+    """iso(ts), remembered for the few timestamps of one cycle (every document of a cycle shares one)."""
+    v = _ISO.get(ts)
+    if v is None:
+        if len(_ISO) > 64:
+            _ISO.clear()
+        v = _ISO[ts] = iso(ts)
+    return v
 
 
 def finish(d: Doc, host: str, namespace: str, snap_ts: float) -> tuple[str, str, dict]:
     """(id, data stream, document) for a builder's Doc."""
     ds = DATASETS[d.dataset]
     ts = d.timestamp if d.timestamp is not None else snap_ts
-    flat = {
-        "@timestamp": iso(ts),
-        "ecs.version": ECS_VERSION,
-        "agent.name": "kvmscope",
-        "agent.type": "kvmscope",
-        "agent.version": __version__,
-        "host.name": host,
-        "host.hostname": host,
-        "data_stream.type": ds.type,
-        "data_stream.dataset": f"kvmscope.{ds.name}",
-        "data_stream.namespace": namespace,
-        "event.module": "kvmscope",
-        "event.dataset": f"kvmscope.{ds.name}",
-        "event.kind": "metric" if ds.type == "metrics" else "event",
-    }
-    flat.update(d.fields)
+    dataset = f"kvmscope.{ds.name}"
+    fields = d.fields
     _id = doc_id(d.dataset, host, ts if d.id_time else None, d.subject)
-    flat["event.id"] = _id  # the same id in the file output, for Filebeat's document_id
-    return _id, ds.stream(namespace), nest(flat)
+    if any(k in fields for k in _COMMON):
+        # a builder sets a common field itself: the general path (the flat dict's key order, None removes)
+        flat = {
+            "@timestamp": _iso_cached(ts),
+            "ecs.version": ECS_VERSION,
+            "agent.name": "kvmscope",
+            "agent.type": "kvmscope",
+            "agent.version": __version__,
+            "host.name": host,
+            "host.hostname": host,
+            "data_stream.type": ds.type,
+            "data_stream.dataset": dataset,
+            "data_stream.namespace": namespace,
+            "event.module": "kvmscope",
+            "event.dataset": dataset,
+            "event.kind": "metric" if ds.type == "metrics" else "event",
+        }
+        flat.update(fields)
+        flat["event.id"] = _id  # the same id in the file output, for Filebeat's document_id
+        return _id, ds.stream(namespace), nest(flat)
+    # the same document as nest() of the flat dict above, built directly (the common part is nested already)
+    out = {
+        "@timestamp": _iso_cached(ts),
+        "ecs": {"version": ECS_VERSION},
+        "agent": {"name": "kvmscope", "type": "kvmscope", "version": __version__},
+        "host": {"name": host, "hostname": host},
+        "data_stream": {"type": ds.type, "dataset": dataset, "namespace": namespace},
+        "event": {"module": "kvmscope", "dataset": dataset, "kind": "metric" if ds.type == "metrics" else "event"},
+    }
+    if host is None:
+        del out["host"]
+    _put(out, fields)
+    out["event"]["id"] = _id
+    return _id, ds.stream(namespace), out
 
 
 def documents(snap: Snapshot, prev: Snapshot | None, namespace: str,

@@ -101,13 +101,30 @@ _TCP_INFO_FIELDS = [
 ]
 
 
+_TCP_INFO_STRUCTS: dict[int, tuple[struct.Struct, tuple[str, ...]]] = {}
+
+
+def _tcp_info_struct(length: int) -> tuple[struct.Struct, tuple[str, ...]]:
+    """One struct for every field a tcp_info of ``length`` bytes holds (pad bytes between them)."""
+    t = _TCP_INFO_STRUCTS.get(length)
+    if t is None:
+        fmt, names, at = "=", [], 0
+        for name, code, off in _TCP_INFO_FIELDS:
+            size = struct.calcsize(code)
+            if off + size > length:
+                continue
+            fmt += f"{off - at}x{code}" if off > at else code
+            names.append(name)
+            at = off + size
+        t = (struct.Struct(fmt), tuple(names))
+        if len(_TCP_INFO_STRUCTS) < 64:
+            _TCP_INFO_STRUCTS[length] = t
+    return t
+
+
 def parse_tcp_info(buf: bytes) -> TcpInfo:
-    vals = {}
-    for name, code, off in _TCP_INFO_FIELDS:
-        size = struct.calcsize(code)
-        if off + size <= len(buf):
-            vals[name] = struct.unpack_from("=" + code, buf, off)[0]
-    return TcpInfo(**vals)
+    st, names = _tcp_info_struct(len(buf))
+    return TcpInfo(**dict(zip(names, st.unpack_from(buf))))
 
 
 @dataclass(frozen=True)
@@ -140,8 +157,10 @@ def build_request(family: int, states: int = ALL_BUT_LISTEN, seq: int = 1) -> by
     return hdr + req
 
 
-def parse_messages(data: bytes) -> tuple[list[DiagSocket], bool]:
-    """Parse a netlink datagram of inet_diag messages. Returns (sockets, done)."""
+def parse_messages(data: bytes, dports: frozenset[int] | None = None) -> tuple[list[DiagSocket], bool]:
+    """Parse a netlink datagram of inet_diag messages. Returns (sockets, done).
+
+    ``dports``: only sockets whose remote port is one of these (the others are not decoded)."""
     out = []
     off = 0
     while off + 16 <= len(data):
@@ -161,6 +180,8 @@ def parse_messages(data: bytes) -> tuple[list[DiagSocket], bool]:
             continue
         family, state, timer, _retrans = struct.unpack_from("=BBBB", body, 0)
         sport, dport = struct.unpack_from("!HH", body, 4)
+        if dports is not None and dport not in dports:
+            continue
         src, dst = body[8:24], body[24:40]
         expires, _rq, _wq, uid, inode = struct.unpack_from("=IIIII", body, 52)
         info = None
@@ -190,15 +211,16 @@ def parse_messages(data: bytes) -> tuple[list[DiagSocket], bool]:
     return out, False
 
 
-def dump_tcp(families=(socket.AF_INET, socket.AF_INET6), timeout: float = 2.0) -> list[DiagSocket]:
-    """Every non-listening TCP socket of this network namespace."""
+def dump_tcp(families=(socket.AF_INET, socket.AF_INET6), timeout: float = 2.0,
+             dports: frozenset[int] | None = None) -> list[DiagSocket]:
+    """Every non-listening TCP socket of this network namespace (only those to ``dports``, when given)."""
     result: list[DiagSocket] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
         s.settimeout(timeout)
         for seq, fam in enumerate(families, 1):
             s.send(build_request(fam, seq=seq))
             while True:
-                socks, done = parse_messages(s.recv(1 << 16))
+                socks, done = parse_messages(s.recv(1 << 16), dports)
                 result.extend(socks)
                 if done:
                     break

@@ -62,16 +62,19 @@ def parse_cmdline(pid: int, raw: bytes) -> QemuProcess:
 
 def qemu_processes(paths: HostPaths) -> list[QemuProcess]:
     out = []
+    procfs = str(paths.procfs)
     try:
-        pids = [p for p in os.listdir(paths.procfs) if p.isascii() and p.isdigit()]
+        pids = [p for p in os.listdir(procfs) if p.isascii() and p.isdigit()]
     except OSError:
         return out
-    for p in pids:
+    join = os.path.join
+    for p in pids:  # every process of the host, every cycle: plain bytes reads, no Path or text wrapper per file
         try:
-            comm = paths.read_text(paths.proc(p, "comm")).strip()
+            with open(join(procfs, p, "comm"), "rb") as f:
+                comm = f.read().decode("utf-8", "replace").strip()
             if not comm.startswith("qemu"):
                 continue
-            with open(paths.proc(p, "cmdline"), "rb") as f:
+            with open(join(procfs, p, "cmdline"), "rb") as f:
                 raw = f.read()
         except OSError:
             continue
@@ -161,6 +164,9 @@ class Owners:
         self.procs = qemu_processes(paths)
         self.uids = trusted_uids() if uids is None else uids
         self._why: dict[int, str | None] = {}
+        self._by_uuid: dict[str, list[QemuProcess]] = {}  # -uuid -> the processes claiming it, in pid order
+        for q in self.procs:
+            self._by_uuid.setdefault(q.uuid, []).append(q)
 
     def why_not(self, pid: int) -> str | None:
         if pid not in self._why:
@@ -179,7 +185,7 @@ class Owners:
     def by_uuid(self, uuid: str, name: str | None = None) -> tuple[int | None, str | None]:
         """The QEMU of libvirt domain ``name``/``uuid``: libvirt's pid file if it checks out, else the
         one trusted process whose ``-uuid`` is ``uuid``."""
-        claims = [q for q in self.procs if q.uuid == uuid]
+        claims = list(self._by_uuid.get(uuid, ()))
         pid = read_pidfile(self.paths, "libvirt", "qemu", f"{name}.pid") if name and "/" not in name else None
         if pid is not None and any(q.pid == pid for q in claims) and self.why_not(pid) is None:
             return pid, self._choose([q for q in claims if q.pid != pid and self.why_not(q.pid)], f"UUID {uuid}")[1]

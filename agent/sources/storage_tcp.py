@@ -8,14 +8,15 @@ built-in libiscsi initiator that is the VM's qemu process. Kernel
 (open-iscsi) connections belong to no process (iscsid hands the socket to
 the kernel); they are joined to their session by local port instead.
 
-Cost: one netlink dump per family per cycle; the /proc fd scan runs only for
-sockets not seen before (the inode → pid map is cached while the socket
-lives).
+Cost: one netlink dump per family per cycle (only the sockets to a storage
+port are decoded); the /proc fd scan runs only for sockets not seen before
+(the inode → pid map is cached while the socket lives).
 """
 
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
@@ -64,10 +65,11 @@ def select_storage(socks: list[DiagSocket], ports: set[int]) -> list[DiagSocket]
 
 @register("storage_tcp", description="TCP connections to storage ports: tcp_info (inet_diag) and owning process")
 class StorageTcpSource:
-    def __init__(self, ctx: SourceContext, dump=dump_tcp):
+    def __init__(self, ctx: SourceContext, dump=None):
         self.paths = ctx.paths
         self.ports = set(ctx.config.storage.ports)
-        self.dump = dump
+        # the kernel's dump holds every TCP socket of the host: decode only those to a storage port
+        self.dump = dump if dump is not None else partial(dump_tcp, dports=frozenset(self.ports))
         self._owners: dict[int, tuple[int, str] | None] = {}
 
     def collect(self) -> StorageConnections:

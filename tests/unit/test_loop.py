@@ -118,3 +118,31 @@ def test_dropped_counters_reach_health_and_metrics_even_when_the_source_hangs():
     assert 'collector="plain",reason' not in text
     release.set()
     a.close()
+
+
+def test_freeze_gc_freezes_after_each_cycle_and_collects_everything_periodically(monkeypatch):
+    """kvmscope run's agent (freeze_gc) leaves what is alive after a cycle out of the cyclic collector's
+    scans, and every GC_FULL_EVERY cycles unfreezes and collects everything once (no garbage kept longer)."""
+    import gc
+
+    import agent.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "GC_FULL_EVERY", 3)
+    monkeypatch.setattr(loop.gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(loop.gc, "unfreeze", lambda: calls.append("unfreeze"))
+    monkeypatch.setattr(loop.gc, "collect", lambda *a: calls.append("collect") or 0)
+    a = Agent([Src("n", lambda: 1)], interval=0.05, freeze_gc=True)
+    stop = threading.Event()
+    t = threading.Thread(target=a.run, args=(stop,))
+    t.start()
+    deadline = time.monotonic() + 5
+    while calls.count("freeze") < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    t.join(2)
+    assert calls[:6] == ["freeze", "freeze", "unfreeze", "collect", "freeze", "freeze"]
+    a.close()
+    assert calls[-1] == "unfreeze"
+    assert Agent([Src("n", lambda: 1)]).freeze_gc is False  # only kvmscope run asks for it
+    assert gc.isenabled()

@@ -51,6 +51,7 @@ SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 MAX_DISKS = 64
 # a rule's findings that stand for another rule's cause (the same incident)
 FAMILY = {"path_outage": "path_down"}
+PATH_KEY = "path_down:portal:"
 
 
 def finding_portal(f) -> str | None:
@@ -71,13 +72,22 @@ def cause_key_of(f) -> str:
 
 def incident_key(f) -> str:
     """The key an incident is followed by (module docstring): the cause key, the path family per portal."""
+    return incident_keys(f)[0]
+
+
+def incident_keys(f) -> list[str]:
+    """:func:`incident_key`, one per portal for a path finding about several (``evidence["portals"]``: the
+    outage of each path is followed on its own, as ``path_down`` reports them one by one while they last)."""
     family = FAMILY.get(f.rule, f.rule)
     if family == "path_down":
+        portals = f.evidence.get("portals") if isinstance(f.evidence, dict) else None
+        if isinstance(portals, list) and portals and all(isinstance(p, str) for p in portals):
+            return [f"path_down:portal:{p}" for p in portals]
         portal = finding_portal(f)
         if portal:
-            return f"path_down:portal:{portal}"
+            return [f"path_down:portal:{portal}"]
     key = cause_key_of(f)
-    return family + key[len(f.rule):] if key.startswith(f.rule) else key
+    return [family + key[len(f.rule):] if key.startswith(f.rule) else key]
 
 
 def finding_disks(f, tl: Timeline) -> set[str]:
@@ -218,7 +228,8 @@ class IncidentTracker:
         by_key: dict[str, list] = {}
         for f in findings:
             if SEVERITY_RANK.get(f.severity, 0) >= SEVERITY_RANK["warning"]:
-                by_key.setdefault(incident_key(f), []).append(f)
+                for key in incident_keys(f):
+                    by_key.setdefault(key, []).append(f)
         events: list[tuple[str, dict]] = []
         with self._lock:
             self._now = now
@@ -271,7 +282,8 @@ class IncidentTracker:
 
     def _new(self, key, fs, host, now, outages) -> Incident:
         worst = max(fs, key=lambda f: SEVERITY_RANK.get(f.severity, 0))
-        portal = next((p for p in (finding_portal(f) for f in fs) if p), None)
+        portal = key[len(PATH_KEY):] if key.startswith(PATH_KEY) else next(
+            (p for p in (finding_portal(f) for f in fs) if p), None)
         start = now
         o = outages.get(portal) if key.startswith("path_down:") else None
         if o is not None:
@@ -285,7 +297,10 @@ class IncidentTracker:
 
     def _touch(self, inc: Incident, fs, tl: Timeline, now: float, outages: dict) -> None:
         worst = max(fs, key=lambda f: SEVERITY_RANK.get(f.severity, 0))
-        if SEVERITY_RANK.get(worst.severity, 0) >= SEVERITY_RANK.get(inc.severity, 0):
+        ended = next((f for f in fs if isinstance(f.evidence, dict) and f.evidence.get("end")), None)
+        if ended is not None:  # a finding telling the whole story (an outage that ended) names the incident
+            inc.title, inc.scope = ended.title, ended.scope
+        if SEVERITY_RANK.get(worst.severity, 0) >= SEVERITY_RANK.get(inc.severity, 0) and ended is None:
             inc.severity, inc.title, inc.scope = worst.severity, worst.title, worst.scope
             if worst.subject.get("kind") == "portal" or inc.subject.get("kind") != "portal":
                 inc.subject = dict(worst.subject)

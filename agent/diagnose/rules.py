@@ -532,3 +532,10 @@ def describe_rules() -> list[dict]:
         title, _, body = doc.partition("\n")
         out.append({"rule": r.__name__, "title": title.strip(), "doc": " ".join(body.split())})
     return out
+
+
+# rules of other modules register themselves with their precedence when imported (at the end: they import
+# Finding and rule from here)
+import importlib  # noqa: E402
+
+importlib.import_module("agent.diagnose.outage")  # path_outage, precedence 10

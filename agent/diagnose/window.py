@@ -13,6 +13,7 @@ from statistics import median
 
 from agent import health
 from agent.records.addr import fmt_endpoint
+from agent.diagnose.timeline import Timeline, build_timeline
 from agent.records.paths import StoragePath, build_paths
 from agent.records.rates import mean_latency_ms
 from agent.records.snapshot import Snapshot, Status
@@ -71,6 +72,7 @@ class Window:
     host_retrans: int | None
     host_out_segs: int | None
     blind_spots: dict[str, str]  # source -> reason (failed somewhere in the window)
+    timeline: Timeline | None = None  # per-interval series and outages (agent/diagnose/timeline.py)
 
     @property
     def seconds(self) -> float:
@@ -239,6 +241,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
         host_retrans=host_retrans,
         host_out_segs=host_out,
         blind_spots=_blind_spots(snaps),
+        timeline=build_timeline(snaps, paths),
     )
 
 

@@ -24,7 +24,8 @@ def problems(findings):
     return [f for f in findings if f.severity in ("critical", "warning")]
 
 
-@pytest.mark.parametrize("name", ["healthy", "loss-portal1", "loss-both", "throttled", "offline-portal2"])
+@pytest.mark.parametrize("name", ["healthy", "loss-portal1", "loss-both", "throttled", "offline-portal2",
+                                  "flap-portal2"])
 def test_golden(name, golden):
     w, findings = run(name)
     golden(f"diagnose-{name}.txt", report_text(w, findings))

@@ -90,9 +90,8 @@ def test_a_flap_is_one_path_incident_with_start_end_and_stalled_vms():
     snaps = snaps_of("flap-portal2")
     lab = lab_flap("flap-portal2")
     live = live_over(snaps, events=events)
-    paths = [i for i in live.incidents.incidents() if i["key"] == f"path_down:portal:{PORTAL2}"]
-    assert len(paths) == 1, live.incidents.incidents()
-    (inc,) = paths
+    (inc,) = live.incidents.incidents()  # one: no packet loss nor slow target after it (path_outage claims them)
+    assert inc["key"] == f"path_down:portal:{PORTAL2}"
     assert inc["state"] == "resolved" and inc["severity"] == "critical" and inc["portal"] == PORTAL2
     assert abs(inc["start"] - lab["start"]) < 0.3
     assert lab["end"] - 0.3 <= inc["end"] <= lab["end"] + 4.0
@@ -101,6 +100,7 @@ def test_a_flap_is_one_path_incident_with_start_end_and_stalled_vms():
     assert all(d["stalled_s"] > 0.8 * inc["duration_seconds"] for d in inc["disks"].values())
     assert "kvmslab-vm0" not in inc["vms"] and "kvmslab-vm2" not in inc["vms"]
     assert inc["summary"].startswith("resolved ") and "VMs kvmslab-vm1, kvmslab-vm3 stalled" in inc["summary"]
+    assert inc["title"].startswith(f"path to portal {PORTAL2} down ~") and "recovered" in inc["title"]
     mine = [(e, i["state"]) for e, i in events if i["id"] == inc["id"]]
     assert mine == [("opened", "open"), ("resolved", "resolved")]  # each once, in that order
     assert live.incidents.open_incidents() == []
@@ -113,6 +113,34 @@ def test_replay_over_a_recording_gives_the_same_incident():
     b = [i for i in replay(snaps, DiagnoseConfig()) if i["key"].startswith("path_down:")]
     assert [(i["start"], i["end"], i["stalled_vms"]) for i in a] == [(i["start"], i["end"], i["stalled_vms"])
                                                                       for i in b]
+
+
+def test_the_outage_rule_reports_the_flap_alone():
+    """diagnose over the whole recording: one path_outage for portal 2 with the lab's times, instead of
+    nothing (the window's means hide it) or a slow target (the requests that waited)."""
+    from agent.diagnose.report import diagnose
+
+    snaps = snaps_of("flap-portal2")
+    lab = lab_flap("flap-portal2")
+    _w, findings = diagnose(snaps, DiagnoseConfig())
+    (f,) = [f for f in findings if f.severity != "info"]
+    assert (f.rule, f.subject, f.scope) == ("path_outage", {"kind": "portal", "id": PORTAL2},
+                                            f"all VMs on portal {PORTAL2}")
+    assert abs(f.evidence["start"] - lab["start"]) < 0.3 and lab["end"] - 0.3 <= f.evidence["end"] <= lab["end"] + 4
+    assert set(f.evidence["stalled_disks"]) == {"kvmslab-vm1/vda", "kvmslab-vm3/vda"}
+    assert f.title.startswith(f"path to portal {PORTAL2} down ~6.6 s from 04:53:00.515 to ")
+    assert f.title.endswith("UTC, recovered; VMs kvmslab-vm1, kvmslab-vm3 stalled 6.6 s")
+    # the same over the 10 s around it (what `diagnose --window 10s` sees): still the outage, not loss
+    around = [s for s in snaps if lab["start"] - 3 <= s.timestamp <= lab["end"] + 5]
+    _w, findings = diagnose(around, DiagnoseConfig())
+    assert [f.rule for f in findings if f.severity != "info"] == ["path_outage"]
+
+
+def test_an_outage_still_going_on_is_path_downs():
+    from agent.diagnose.report import diagnose
+
+    _w, findings = diagnose(snaps_of("offline-portal2"), DiagnoseConfig())
+    assert "path_outage" not in {f.rule for f in findings}
 
 
 def test_healthy_recording_has_no_incident():

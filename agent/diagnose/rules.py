@@ -312,6 +312,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         if s.get("last") != "LOGGED_IN":
             out.append(Finding(
                 rule="path_down", severity="critical", subject={"kind": "session", "id": str(sid)}, scope=None,
+                explains=frozenset({("session", str(sid))}),
                 title=f"iSCSI session {sid} to {s['portal']} is {s.get('last')}",
                 evidence={"state": s.get("last"), "target": s["target"], "portal": s["portal"],
                           "recovery_timeout_s": s.get("recovery_tmo"), "disks": s.get("disks")},
@@ -322,6 +323,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         elif bad_states:
             out.append(Finding(
                 rule="path_down", severity="warning", subject={"kind": "session", "id": str(sid)}, scope=None,
+                explains=frozenset({("session", str(sid))}),
                 title=f"iSCSI session {sid} to {s['portal']} recovered within the window",
                 evidence={"states_seen": s["states"], "portal": s["portal"]},
                 cause="the session dropped and logged in again (flapping path)",
@@ -539,3 +541,17 @@ def describe_rules() -> list[dict]:
 import importlib  # noqa: E402
 
 importlib.import_module("agent.diagnose.outage")  # path_outage, precedence 10
+
+
+def _load_rule_modules() -> None:
+    """Import the ``rules_*`` modules of this package (the kernel path's, ...): their rules register on import."""
+    import pkgutil
+
+    import agent.diagnose as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("rules_"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+_load_rule_modules()

@@ -57,6 +57,27 @@ class ConnWindow:
 
 
 @dataclass(frozen=True)
+class MapWindow:
+    """A dm-multipath map over the window (source: multipath), with the VMs and workloads on it."""
+
+    name: str
+    paths_total: int
+    active_first: int
+    active_last: int
+    active_min: int
+    failed: tuple[dict, ...]  # paths failed at the end: {path, devno, portal, session, session_state, checker_state}
+    remaining: tuple[dict, ...]  # paths usable at the end: {path, portal, session}
+    failed_within: tuple[str, ...]  # paths that failed at some point of the window (sdX)
+    queueing_seen: bool  # no usable path and I/O held, in some snapshot
+    queueing_last: bool
+    queue_if_no_path: bool
+    no_path_retry: str | None  # multipathd's "queueing" at the end: off | on | N chk | N sec
+    vms: tuple[str, ...]  # VMs with a disk on the map (the join)
+    disks: tuple[tuple[str, str], ...]  # (vm, disk) on the map
+    openers: tuple[tuple[int, str], ...]  # processes holding the map open while degraded
+
+
+@dataclass(frozen=True)
 class Window:
     host: str
     start: float
@@ -73,6 +94,8 @@ class Window:
     host_out_segs: int | None
     blind_spots: dict[str, str]  # source -> reason (failed somewhere in the window)
     timeline: Timeline | None = None  # per-interval series and outages (agent/diagnose/timeline.py)
+    multipath: tuple[MapWindow, ...] = ()
+    kernel_events: tuple = ()  # storage_log events of the window (StorageLogEvent), for the kernel-path rules
 
     @property
     def seconds(self) -> float:
@@ -217,6 +240,49 @@ def _blind_spots(snaps: list[Snapshot]) -> dict[str, str]:
     return blind
 
 
+def _multipath_windows(snaps: list[Snapshot], paths) -> list[MapWindow]:
+    last = snaps[-1]
+    portal = {}
+    for s in snaps:
+        for sess in s.iscsi_sessions:
+            for d in sess.disks:
+                if d.name:
+                    portal[d.name] = (sess.portal, sess.sid, sess.state)
+    out = []
+    for m in last.multipath_maps:
+        hist = [s.multipath.by_name(m.name) for s in snaps if s.multipath is not None]
+        hist = [h for h in hist if h is not None]
+        def leg(p, fields):
+            pt, sid, state = portal.get(p.name or "", (None, None, None))
+            d = {"path": p.name or p.devno, "devno": p.devno, "portal": pt, "session": sid}
+            if fields:
+                d.update(session_state=state, checker_state=p.checker_state, dev_state=p.dev_state)
+            return d
+        on_map = [(p.vm, p.disk) for p in paths if p.multipath == m.name]
+        out.append(MapWindow(
+            name=m.name,
+            paths_total=len(m.paths),
+            active_first=hist[0].active_paths if hist else m.active_paths,
+            active_last=m.active_paths,
+            active_min=min((h.active_paths for h in hist), default=m.active_paths),
+            failed=tuple(leg(p, True) for p in m.paths if not p.active),
+            remaining=tuple(leg(p, False) for p in m.paths if p.active),
+            failed_within=tuple(sorted({p.name or p.devno for h in hist for p in h.paths if not p.active}
+                                       | {p.name or p.devno for p in m.paths
+                                          if hist and (q := hist[0].path(p.devno)) is not None
+                                          and p.fail_count is not None and q.fail_count is not None
+                                          and p.fail_count > q.fail_count})),
+            queueing_seen=any(h.stalled for h in hist),
+            queueing_last=m.stalled,
+            queue_if_no_path=m.queue_if_no_path,
+            no_path_retry=m.no_path_retry,
+            vms=tuple(sorted({v for v, _d in on_map})),
+            disks=tuple(sorted(set(on_map))),
+            openers=next((h.openers for h in reversed(hist) if h.openers), ()),
+        ))
+    return out
+
+
 def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) -> Window:
     """The window over ``snaps`` (oldest first): each part from its own function above."""
     if not snaps:
@@ -242,6 +308,9 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
         host_out_segs=host_out,
         blind_spots=_blind_spots(snaps),
         timeline=build_timeline(snaps, paths),
+        multipath=tuple(_multipath_windows(snaps, paths)),
+        kernel_events=tuple(e for s in snaps if s.storage_log is not None for e in s.storage_log.events
+                            if e.origin in ("kernel", "iscsid", "multipathd")),
     )
 
 

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import time
+from dataclasses import replace
 from typing import Callable
 
 from agent.errors import NoData
@@ -318,6 +319,48 @@ def dev_name_reader(paths: HostPaths) -> Callable[[str], str | None]:
     return name
 
 
+def read_openers(paths: HostPaths, devnos: set[str], limit: int = 64) -> dict[str, list[tuple[int, str]]]:
+    """MAJ:MIN -> processes with that block device open, from ``/proc/<pid>/fd/*`` (stat of each link).
+
+    Costs one stat per open file of every process: called only for degraded
+    maps. Processes that vanish or deny access are skipped; at most ``limit``
+    per device.
+    """
+    want = {}
+    for d in devnos:
+        ma, mi = d.split(":")
+        want[os.makedev(int(ma), int(mi))] = d
+    out: dict[str, list[tuple[int, str]]] = {}
+    try:
+        pids = [int(n) for n in os.listdir(paths.proc()) if n.isdigit()]
+    except OSError:
+        return out
+    for pid in sorted(pids):
+        fd_dir = paths.proc(str(pid), "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        hit = set()
+        for fd in fds:
+            try:
+                st = os.stat(fd_dir / fd)
+            except OSError:
+                continue
+            if st.st_rdev in want and (st.st_mode & 0o170000) == 0o060000:  # a block device
+                hit.add(want[st.st_rdev])
+        if not hit:
+            continue
+        try:
+            comm = paths.read_text(paths.proc(str(pid), "comm")).strip()
+        except OSError:
+            comm = "?"
+        for d in hit:
+            if len(out.setdefault(d, [])) < limit:
+                out[d].append((pid, comm))
+    return out
+
+
 MIN_CALL = 0.05  # seconds: less budget than this left, no call is started
 
 
@@ -363,6 +406,10 @@ class MultipathSource:
         maps = build_maps(table, status, daemon, read_dm_devices(self.paths), dev_name_reader(self.paths))
         if not maps:
             raise NoData("no multipath maps" + (f" ({daemon_err})" if daemon_err else ""))
+        degraded = {m.devno for m in maps if m.devno and m.paths and m.active_paths < len(m.paths)}
+        if degraded:
+            who = read_openers(self.paths, degraded)
+            maps = [replace(m, openers=tuple(who.get(m.devno, ()))) if m.devno in degraded else m for m in maps]
         if daemon is not None and table is not None:
             missing = sorted(set(table) - set(daemon))
             if missing:

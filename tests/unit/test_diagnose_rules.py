@@ -110,8 +110,10 @@ def test_rule_registration_with_precedence_orders_the_rules(monkeypatch):
         return [_f("outage", *[("conn", c.four_tuple) for c in w.conns if c.portal == "198.18.1.2:3260"],
                    *[("disk", f"{d.vm}/{d.disk}") for d in w.disks if d.portal == "198.18.1.2:3260"])]
 
-    rules_mod.rule(precedence=5)(outage)  # below every registered rule (path_outage is 10)
-    assert rules_mod.RULES[0] is outage and rules_mod.precedence_of(outage) == 5
+    rules_mod.rule(precedence=5)(outage)  # below the generic rules (path_outage is 10); rules_kernel has a 5 too
+    assert rules_mod.precedence_of(outage) == 5
+    assert rules_mod.RULES.index(outage) < rules_mod.RULES.index(rules_mod.path_down)
+    assert all(rules_mod.precedence_of(r) <= 5 for r in rules_mod.RULES[:rules_mod.RULES.index(outage)])
     findings = run_rules(window("loss-portal1"), DiagnoseConfig())
     assert "packet_loss" not in {f.rule for f in findings}
     (o,) = [f for f in findings if f.rule == "outage"]

@@ -322,3 +322,23 @@ def test_es_events_failover_reinstate_and_no_path():
     flap = "mpatha: 0 2097152 multipath 2 0 0 0 1 1 A 0 2 2 8:16 A 2 0 1 8:32 A 0 0 1\n"
     [f] = _events(ok, _mp_snapshot(4, flap))
     assert f["event.action"] == "multipath-path-flapped" and f["kvmscope.multipath.path"] == "sdb"
+
+
+def test_openers_of_a_block_device(tmp_path):
+    """fd links stat'ed to the device node: a block device's MAJ:MIN matches, a char device with equal numbers not."""
+    import os
+
+    from agent.sources.multipath import read_openers
+
+    import stat
+
+    node = tmp_path / "dm-0"
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(253, 0))  # the agent runs as root, so do its tests
+    devno = "253:0"
+    for pid, comm, target in ((1234, "loadgen", str(node)), (99, "other", "/dev/null"), (7, "gone", "/nonexistent")):
+        fd = tmp_path / "proc" / str(pid) / "fd"
+        fd.mkdir(parents=True)
+        (fd / "3").symlink_to(target)
+        (tmp_path / "proc" / str(pid) / "comm").write_text(comm + "\n")
+    paths = HostPaths(procfs=tmp_path / "proc", sysfs=tmp_path / "sys")
+    assert read_openers(paths, {devno, "1:3"}) == {devno: [(1234, "loadgen")]}

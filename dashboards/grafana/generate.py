@@ -232,17 +232,30 @@ def vm_drilldown() -> dict:
         Panel("Mean latency per disk and op", "timeseries",
               [Target(mean_latency(sel, "vm, disk, op"), "{{vm}} {{disk}} {{op}}")], unit="s", w=12,
               description="rate(kvmscope_vm_disk_time_seconds_total) / rate(kvmscope_vm_disk_requests_total)."),
-        Panel("Latency percentiles", "timeseries",
-              [Target(f"histogram_quantile({q}, sum by (vm, disk, op, le) ({qemu}))",
-                      f"p{int(q * 100)} {{{{vm}}}} {{{{disk}}}} {{{{op}}}} (QEMU)") for q in (0.5, 0.9, 0.99)]
-              + [Target(f"histogram_quantile({q}, sum by (device, op, le) ({block}))",
-                        f"p{int(q * 100)} host {{{{device}}}} {{{{op}}}} (eBPF)") for q in (0.5, 0.99)],
+        Panel("Latency percentiles per disk (p50, p99)", "timeseries",
+              [Target(f"histogram_quantile({q}, sum by (vm, disk, op, source, le) ({qemu}))",
+                      f"p{int(q * 100)} {{{{vm}}}} {{{{disk}}}} {{{{op}}}} ({{{{source}}}})") for q in (0.5, 0.99)],
               unit="s", w=12,
-              description="QEMU block latency histograms (qmp.latency_histograms, stand-alone QEMU) and the "
-                          "eBPF block histogram of the host device under a file/block-backed disk."),
+              description="kvmscope_vm_disk_latency_seconds, one histogram per disk and op from the source that "
+                          "measures it: libiscsi (iSCSI command time inside QEMU, eBPF uprobes), block (the VM's QEMU "
+                          "process on the host device under a file/block disk, eBPF block tracepoints), qmp (QEMU's "
+                          "own histograms, stand-alone QEMU)."),
+        Panel("Host device latency under the disk (eBPF, all processes)", "timeseries",
+              [Target(f"histogram_quantile({q}, sum by (device, op, le) ({block}))",
+                      f"p{int(q * 100)} host {{{{device}}}} {{{{op}}}}") for q in (0.5, 0.99)],
+              unit="s", w=12,
+              description="The eBPF block histogram of the whole host device under a file/block-backed disk "
+                          "(every process's I/O on it, not only this VM's)."),
         Panel("Latency heatmap", "heatmap",
-              [Target(f"sum by (le) ({qemu})", "{{le}}", format="heatmap"),
-               Target(f"sum by (le) ({block})", "{{le}}", format="heatmap")], unit="s", w=12),
+              [Target(f"sum by (le) ({qemu})", "{{le}}", format="heatmap")], unit="s", w=12),
+        Panel("iSCSI commands in flight, aborts, reconnects (libiscsi)", "timeseries",
+              [Target(f"kvmscope_vm_disk_iscsi_commands_in_flight{{{sel}}}", "{{vm}} {{disk}} in flight"),
+               Target(f"increase(kvmscope_vm_disk_iscsi_aborts_total{{{sel}}}[5m])", "{{vm}} {{disk}} aborts /5m"),
+               Target(f"increase(kvmscope_vm_disk_iscsi_reconnects_total{{{sel}}}[5m])",
+                      "{{vm}} {{disk}} reconnects /5m")], w=12,
+              description="Per libiscsi disk (eBPF uprobes on QEMU's libiscsi.so.7): commands submitted and not "
+                          "completed; task aborts QEMU sent (it gave up on a command); new logins after a lost "
+                          "connection."),
         Panel("Operations per second", "timeseries",
               [Target(f"sum by (vm, disk, op) (rate(kvmscope_vm_disk_requests_total{{{sel}}}[{RI}]))",
                       "{{vm}} {{disk}} {{op}}")], unit="ops", w=12),

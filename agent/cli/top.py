@@ -11,45 +11,24 @@ from agent.cli import app, examples
 from agent.cli.common import attached_snapshots, clean, load_config, print_json
 from agent.diagnose.window import Window, build_window
 from agent.engine import build_agent
-from agent.records.snapshot import Status
+from agent.records.disk_latency import disk_percentiles
+from agent.records.snapshot import Snapshot, Status
 
-TOP_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces", "host_tcp"]
-
-
-def p99_ms(before: dict | None, after: dict | None) -> float | None:
-    """p99 over the interval from QEMU latency histograms (all ops): the upper bound of the
-    bucket holding the 99th percentile; None without histograms or without requests."""
-    if not after:
-        return None
-    bounds, total = None, None
-    for op, h in after.items():
-        b = (before or {}).get(op)
-        bins = list(h["bins"])
-        if b and len(b["bins"]) == len(bins) and b["boundaries_ns"] == h["boundaries_ns"]:
-            bins = [y - x for x, y in zip(b["bins"], bins)]
-        if bounds is None:
-            bounds, total = h["boundaries_ns"], bins
-        elif h["boundaries_ns"] == bounds:
-            total = [x + y for x, y in zip(total, bins)]
-    n = sum(total or [])
-    if not n:
-        return None
-    acc = 0
-    for i, c in enumerate(total):
-        acc += c
-        if acc >= 0.99 * n:
-            return bounds[i] / 1e6 if i < len(bounds) else float("inf")
-    return None
+TOP_SOURCES = ["libvirt", "qmp", "storage_tcp", "iscsi_kernel", "block_devices", "net_ifaces", "host_tcp",
+               "ebpf_libiscsi", "ebpf_block_io"]
+PROBE_WARMUP_SECONDS = 20.0  # in-process: how long the first sample waits for the probes to compile
 
 
-def _histograms(snap) -> dict:
-    return {(vm.name, disk.target): disk.stats.histograms
-            for vm in snap.vms for disk in vm.disks if disk.stats and disk.stats.histograms}
+def _percentiles(prev, snap) -> dict:
+    """(vm, disk) -> DiskPercentiles over the interval between the two snapshots (agent/records/disk_latency.py)."""
+    if snap is None:
+        return {}
+    return disk_percentiles(prev.vm_disk_latency if prev is not None else None, snap.vm_disk_latency)
 
 
 def top_rows(w: Window, prev=None, snap=None) -> list[dict]:
     """One row per VM disk: latency over the interval, load, and its path's health."""
-    h0, h1 = (_histograms(prev), _histograms(snap)) if prev is not None and snap is not None else ({}, {})
+    pct = _percentiles(prev, snap) if prev is not None else {}
     conns = {(c.vm, c.disk): c for c in w.conns if c.vm}
     paths = {(p.vm, p.disk): p for p in w.paths}
     rows = []
@@ -57,6 +36,7 @@ def top_rows(w: Window, prev=None, snap=None) -> list[dict]:
         c = conns.get((d.vm, d.disk))
         p = paths.get((d.vm, d.disk))
         where = d.portal or (p.host_device if p else None) or d.backend
+        q = pct.get((d.vm, d.disk))
         rows.append({
             "vm": d.vm,
             "disk": d.disk,
@@ -65,7 +45,9 @@ def top_rows(w: Window, prev=None, snap=None) -> list[dict]:
             "mean_ms": None if d.mean_ms is None else round(d.mean_ms, 3),
             "read_ms": None if d.read_ms is None else round(d.read_ms, 3),
             "write_ms": None if d.write_ms is None else round(d.write_ms, 3),
-            "p99_ms": p99_ms(h0.get((d.vm, d.disk)), h1.get((d.vm, d.disk))),
+            "p50_ms": None if q is None else q.p50_ms,
+            "p99_ms": None if q is None else q.p99_ms,
+            "latency_source": None if q is None else q.source,
             "ops_per_second": round(d.ops_per_second, 1),
             "retransmits_per_second": None if c is None else round(c.retrans_per_second, 2),
             "rtt_ms": None if c is None or c.rtt_ms is None else round(c.rtt_ms, 3),
@@ -93,6 +75,15 @@ def _f(v, fmt="{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _q(v: float | None) -> str:
+    """A bucket bound in ms, short: 0.52, 4.19, 134, >68719 (the overflow bucket)."""
+    if v is None:
+        return "-"
+    if v == float("inf"):
+        return "inf"
+    return f"{v:.3g}" if v < 1000 else f"{v:.0f}"
+
+
 def render(hdr: dict, rows: list[dict], width: int = 80, limit: int | None = None) -> list[str]:
     """The screen as lines, at most `width` columns."""
     lines = [
@@ -101,12 +92,13 @@ def render(hdr: dict, rows: list[dict], width: int = 80, limit: int | None = Non
         f"collectors: {hdr['collectors_ok']} ok"
         + (f", FAILED: {', '.join(hdr['collectors_failed'])}" if hdr["collectors_failed"] else ""),
         "",
-        f"{'VM':<16} {'DISK':<5} {'LAT_MS':>7} {'P99_MS':>7} {'OPS/S':>6} {'RETR/S':>6} {'RTT_MS':>6} {'STATE':<7} PATH",
+        f"{'VM':<16} {'DISK':<5} {'LAT_MS':>7} {'P50/P99_MS':>11} {'OPS/S':>6} {'RETR/S':>6} {'RTT_MS':>6} {'STATE':<7} PATH",
     ]
     for r in rows[:limit]:
         state = "STALLED" if r["stalled"] else (r["session_state"] or "-")
         state = {"ESTABLISHED": "estab", "LOGGED_IN": "logged"}.get(state, state)
-        line = (f"{clean(r['vm'])[:16]:<16} {r['disk'][:5]:<5} {_f(r['mean_ms']):>7} {_f(r['p99_ms']):>7} "
+        pq = "-" if r["p99_ms"] is None else f"{_q(r['p50_ms'])}/{_q(r['p99_ms'])}"
+        line = (f"{clean(r['vm'])[:16]:<16} {r['disk'][:5]:<5} {_f(r['mean_ms']):>7} {pq:>11} "
                 f"{_f(r['ops_per_second'], '{:.0f}'):>6} {_f(r['retransmits_per_second'], '{:.1f}'):>6} "
                 f"{_f(r['rtt_ms']):>6} {state[:7]:<7} {clean(r['path'])}")
         lines.append(line[:width])
@@ -128,7 +120,8 @@ def top(
     once: bool = typer.Option(False, "--once", help="print one screen (two samples `interval` apart) and exit"),
     json_out: bool = typer.Option(False, "--json", help="print JSON (implies --once)"),
 ):
-    """VM disks ranked by latency over the last interval, with ops/s and their path's retransmits, RTT and state."""
+    """VM disks ranked by latency over the last interval (mean; p50/p99 from the disk's histogram: libiscsi uprobes,
+    block tracepoints or QEMU's own), with ops/s and their path's retransmits, RTT and state."""
     cfg, _ = load_config(ctx)
     remote = attached_snapshots(ctx, cfg, last=1)
     if remote is not None:
@@ -136,7 +129,7 @@ def top(
     else:
         agent = build_agent(cfg, TOP_SOURCES)
     try:
-        prev = agent.collect_once()
+        prev = agent.collect_once() if remote is not None else _warm(agent)
         if once or json_out or not sys.stdout.isatty():
             time.sleep(interval)
             snap = agent.collect_once()
@@ -150,6 +143,21 @@ def top(
         _live(agent, prev, interval)
     finally:
         agent.close()
+
+
+def _loading(snap: Snapshot) -> bool:
+    return any(n.startswith("ebpf_") and h.status is Status.NODATA and "loading" in h.reason for n, h in snap.health.items())
+
+
+def _warm(agent):
+    """The first in-process sample, once the eBPF probes (per-disk histograms) have compiled, or without them
+    after PROBE_WARMUP_SECONDS."""
+    snap = agent.collect_once()
+    deadline = time.monotonic() + PROBE_WARMUP_SECONDS
+    while _loading(snap) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        snap = agent.collect_once()
+    return snap
 
 
 class _RemoteAgent:

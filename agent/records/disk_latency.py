@@ -295,3 +295,77 @@ def _no_histogram_reason(snap: "Snapshot", vm: Vm, d: VmDisk) -> str:
             return "no block probe data (ebpf_block_io source: see kvmscope probes check)"
         return "no block I/O of this VM's QEMU on the disk's host device seen yet"
     return f"no latency source for backend {d.backend}"
+
+
+# -- over an interval: the percentiles top, Elasticsearch and diagnose read ------------------------------------------
+
+# the histogram an interval's percentiles come from, when a disk has several: what the guest sees first
+PREFERENCE = (QMP, LIBISCSI, BLOCK)
+
+
+@dataclass(frozen=True)
+class DiskPercentiles:
+    """One VM disk's latency over an interval, from one histogram source (reads, writes, discards, others; no
+    flushes). A percentile is the upper bound of the bucket that holds it (inf: the overflow bucket)."""
+
+    vm: str
+    disk: str
+    source: str
+    requests: int
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None  # histogram sum / count (None when the source keeps no sum)
+
+
+def quantile_ns(bounds_ns: tuple[int, ...], counts, q: float) -> float | None:
+    """Upper bound (ns) of the bucket holding quantile q of per-bucket ``counts`` (last = overflow: inf)."""
+    n = sum(counts)
+    if n <= 0:
+        return None
+    acc = 0
+    for i, c in enumerate(counts):
+        acc += c
+        if acc >= q * n:
+            return float(bounds_ns[i]) if i < len(bounds_ns) else float("inf")
+    return float("inf")
+
+
+def _delta(before: DiskLatency | None, after: DiskLatency) -> tuple[tuple[int, ...], int | None]:
+    """Per-bucket counts and sum over the interval; the whole of ``after`` when ``before`` is not its past
+    (another process, other bounds, or a counter went down: a restart)."""
+    if (before is None or before.bounds_ns != after.bounds_ns or before.pid != after.pid
+            or any(b > a for a, b in zip(after.counts, before.counts))):
+        return after.counts, after.sum_ns
+    s = None if after.sum_ns is None or before.sum_ns is None else after.sum_ns - before.sum_ns
+    return tuple(a - b for a, b in zip(after.counts, before.counts)), s
+
+
+def disk_percentiles(before: VmDiskLatencies | None, after: VmDiskLatencies) -> dict[tuple[str, str], DiskPercentiles]:
+    """(vm, disk) -> its latency over the interval between two snapshots' histograms (``before`` None: since the
+    histograms started), from the preferred source that saw requests in it."""
+    prev = {(h.vm, h.disk, h.op, h.source): h for h in (before.histograms if before else ())}
+    acc: dict[tuple[str, str, str], list] = {}
+    for h in after.histograms:
+        if h.op == "flush":
+            continue
+        counts, s = _delta(prev.get((h.vm, h.disk, h.op, h.source)), h)
+        a = acc.setdefault((h.vm, h.disk, h.source), [h.bounds_ns, [0] * len(counts), 0])
+        if a[0] != h.bounds_ns:
+            continue  # one source keeps one set of bounds per disk
+        a[1] = [x + y for x, y in zip(a[1], counts)]
+        a[2] = None if s is None or a[2] is None else a[2] + s
+    out: dict[tuple[str, str], DiskPercentiles] = {}
+    for src in PREFERENCE:
+        for (vm, disk, source), (bounds, counts, s) in sorted(acc.items()):
+            n = sum(counts)
+            if source != src or (vm, disk) in out or n == 0:
+                continue
+
+            def ms(q):
+                v = quantile_ns(bounds, counts, q)
+                return None if v is None else v / 1e6
+
+            out[(vm, disk)] = DiskPercentiles(vm, disk, source, n, ms(0.5), ms(0.9), ms(0.99),
+                                              None if s is None else s / n / 1e6)
+    return out

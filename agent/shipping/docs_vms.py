@@ -3,12 +3,18 @@
 One ``metrics-kvmscope.vm_disk`` document per VM disk per cycle: identity
 (VM, disk, backend, IQN/LUN, portal, session), the cumulative QEMU counters,
 and per-interval IOPS and average latency computed against the previous
-cycle (latency = Δtotal_time_ns / Δrequests, QEMU's own accounting).
+cycle (latency = Δtotal_time_ns / Δrequests, QEMU's own accounting); the
+interval's p50/p90/p99 from the disk's latency histogram
+(``snap.vm_disk_latency``: QEMU's own, else libiscsi uprobes or the VM's
+QEMU process on the host block device; ``latency_source`` names it; a
+percentile is the upper bound of its bucket), and a libiscsi disk's
+commands in flight, aborts and reconnects.
 """
 
 from __future__ import annotations
 
 from agent.records.addr import fmt_endpoint
+from agent.records.disk_latency import disk_percentiles
 from agent.records.rates import mean_latency_ms
 from agent.shipping.ecs import Doc, snapshot_builder
 
@@ -37,6 +43,12 @@ def vm_disk_docs(snap, prev_snap):
             paths.setdefault((p.vm, p.disk), p)
     except Exception:  # the join is a bonus: documents go out without it
         paths = {}
+    try:
+        lat = snap.vm_disk_latency
+        pct = disk_percentiles(prev_snap.vm_disk_latency if prev_snap is not None else None, lat)
+        iscsi = {(x.vm, x.disk): x for x in lat.iscsi}
+    except Exception:  # a bonus too
+        pct, iscsi = {}, {}
     for (vmname, target), (vm, disk) in sorted(cur.items()):
         p = paths.get((vmname, target))
         f = {
@@ -81,4 +93,18 @@ def vm_disk_docs(snap, prev_snap):
                 lat = _lat_ms(s, ps, "all")
                 if lat is not None:
                     f["kvmscope.disk.latency_ms"] = lat
+        q = pct.get((vmname, target)) if prev_snap is not None else None
+        if q is not None:
+            f["kvmscope.disk.latency_source"] = q.source
+            f["kvmscope.disk.latency_requests"] = q.requests
+            for k in ("p50_ms", "p90_ms", "p99_ms"):
+                v = getattr(q, k)
+                f[f"kvmscope.disk.latency_{k}"] = None if v is None or v == float("inf") else round(v, 4)
+            if q.mean_ms is not None:
+                f["kvmscope.disk.latency_hist_mean_ms"] = round(q.mean_ms, 4)
+        x = iscsi.get((vmname, target))
+        if x is not None:
+            f["kvmscope.disk.iscsi.in_flight"] = x.inflight
+            f["kvmscope.disk.iscsi.aborts"] = x.aborts
+            f["kvmscope.disk.iscsi.reconnects"] = x.reconnects
         yield Doc("vm_disk", f"{vm.name}/{disk.target}", f)

@@ -12,6 +12,7 @@ from agent.records.storage_log import StorageLogEvent, StorageLogEvents
 from agent.records.tcp import HostTcpCounters
 from agent.records.tcp import TcpInfo
 from agent.records.tcp import StorageConnection, StorageConnections
+from agent.records.ebpf import LibiscsiData, LibiscsiLatency
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.shipping import templates
 from agent.shipping.ecs import doc_id, documents, finding_doc
@@ -37,6 +38,9 @@ def snap(seq, ts, *, rd=100, rd_ns=50_000_000, retrans=3, sess_state="LOGGED_IN"
         "libvirt": Vms((vm,)),
         "storage_tcp": StorageConnections((conn,)),
         "iscsi_kernel": IscsiSessions((sess,)),
+        # the libiscsi probe: vda's commands (pid 4242, LUN 1), all but 1 in 50 under 2^20 ns
+        "ebpf_libiscsi": LibiscsiData((LibiscsiLatency(4242, 0x5F00, 1, "read", {20: rd, 23: rd // 50}, rd + rd // 50,
+                                                       rd * 900_000),), (), {(4242, 0x5F00, 1): 3}, {}),
     }
     if log_events:
         data["storage_log"] = StorageLogEvents(tuple(log_events), 1, len(log_events))
@@ -89,6 +93,10 @@ def test_vm_disk_document_joins_path_and_computes_latency():
     assert k["disk"]["read_iops"] == 20.0  # 100 reads in 5 s
     assert k["disk"]["read_latency_ms"] == 1.0  # 100 ms over 100 reads
     assert k["connection"] == "198.18.0.1:51234->198.18.0.2:3260"
+    # the interval's percentiles from the libiscsi histogram: 100 commands under 2^20 ns, 2 under 2^23 ns
+    assert (k["disk"]["latency_source"], k["disk"]["latency_requests"]) == ("libiscsi", 102)
+    assert (k["disk"]["latency_p50_ms"], k["disk"]["latency_p99_ms"]) == (1.0486, 8.3886)
+    assert k["disk"]["iscsi"] == {"in_flight": 3, "aborts": 0, "reconnects": 0}
 
 
 def test_state_changes_and_retransmit_bursts_become_events():

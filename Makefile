@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit fuzz disk-faults bench-probes bench-cycle soak dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz disk-faults bench-probes bench-cycle footprint soak dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -36,6 +36,11 @@ bench-probes: setup-test
 # QEMU processes and sockets in a network namespace of its own); results in docs/performance.md. Root needed.
 bench-cycle: setup-test
 	$(VENV)/bin/python -m benchmarks.cycle $(ARGS)
+
+# kvmscope run's RSS over time and start-up to the first full snapshot, on the lab (issue 17 goal 1);
+# 30 minutes by default, results in docs/performance.md. Root needed.
+footprint: setup-test
+	$(VENV)/bin/python -m benchmarks.footprint $(ARGS)
 
 # Soak (not a test): the agent on the lab under churn for 30 minutes (ARGS='--minutes 5' for less);
 # results in docs/reliability.md. A 3-minute variant is tests/lab/test_soak.py. Root needed.

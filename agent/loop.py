@@ -181,7 +181,11 @@ class Agent:
     # -- forever ---------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Collect every ``interval`` seconds (aligned to the start of the
-        first cycle, no drift) until ``stop`` is set."""
+        first cycle, no drift) until ``stop`` is set.
+
+        A source still loading (its ``loading`` attribute true: an eBPF probe
+        being compiled at start) makes the loop collect again as soon as it is
+        done, instead of a whole interval later, and realign on that cycle."""
         next_at = self._mono()
         while not stop.is_set():
             self.collect_once()
@@ -192,7 +196,30 @@ class Agent:
             if delay < 0:  # a slow cycle: skip the missed slots, do not burst
                 next_at = self._mono()
                 delay = 0
+            if self._wait(stop, delay):
+                next_at = self._mono()
+
+    def _loading(self) -> int:
+        return sum(1 for src in self.sources if getattr(src, "loading", False) is True)
+
+    def _wait(self, stop: threading.Event, delay: float) -> bool:
+        """Wait ``delay`` seconds or until ``stop``; True when cut short because a loading source became ready
+        (polled every 0.1 s, only while some source is loading)."""
+        loading = self._loading()
+        if not loading:
             stop.wait(delay)
+            return False
+        end = self._mono() + delay
+        while not stop.is_set():
+            left = end - self._mono()
+            if left <= 0:
+                return False
+            stop.wait(min(left, 0.1))
+            now_loading = self._loading()
+            if now_loading < loading:
+                return True
+            loading = now_loading
+        return False
 
     def gc_step(self) -> None:
         """After a cycle (``freeze_gc``): freeze what is alive; every GC_FULL_EVERY cycles first unfreeze

@@ -46,6 +46,11 @@ class ProbeSource:
         self._future: Future | None = None
 
     @property
+    def loading(self) -> bool:
+        """True while the probe is being compiled (the loop collects again as soon as it is done)."""
+        return self._future is not None and not self._future.done()
+
+    @property
     def first_wait(self) -> float:
         """How long the first cycle waits for the compiler: 3 s, leaving a second of the collector deadline."""
         return max(0.0, min(3.0, float(self.ctx.config.agent.collector_timeout) - 1.0))

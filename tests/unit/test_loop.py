@@ -89,6 +89,41 @@ def test_run_stops_on_event():
     a.close()
 
 
+class Loading(Src):
+    """A source that is loading (an eBPF probe compiling) until ``ready`` is set."""
+
+    def __init__(self, name, ready):
+        super().__init__(name, lambda: "probe data" if ready.is_set() else nodata())
+        self.ready = ready
+
+    @property
+    def loading(self):
+        return not self.ready.is_set()
+
+
+def test_a_source_done_loading_is_collected_at_once_not_an_interval_later():
+    ready = threading.Event()
+    a = Agent([Src("n", lambda: 1), Loading("probe", ready)], interval=30)
+    stop = threading.Event()
+    t = threading.Thread(target=a.run, args=(stop,))
+    t.start()
+    try:
+        time.sleep(0.5)
+        assert a.latest.seq == 1 and "probe" not in a.latest.data
+        ready.set()
+        deadline = time.monotonic() + 3
+        while (a.latest.seq < 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.latest.seq == 2 and a.latest.data["probe"] == "probe data"
+        time.sleep(0.5)
+        assert a.latest.seq == 2  # then the interval again (realigned), no burst
+    finally:
+        stop.set()
+        t.join(2)
+        a.close()
+    assert not t.is_alive()
+
+
 def test_dropped_counters_reach_health_and_metrics_even_when_the_source_hangs():
     """A source's cumulative `dropped` counters are in its health every cycle (also while it hangs),
     and /metrics shows them as kvmscope_collector_dropped_samples_total."""

@@ -47,6 +47,11 @@ footprint: setup-test
 soak: setup-test
 	$(VENV)/bin/python -m benchmarks.soak $(ARGS)
 
+# The diagnosis scoreboard (not a test): every fault of the lab's matrix judged by a running agent,
+# the table written into docs/diagnose.md (ARGS='--only flap-portal2 --no-doc'). Root needed; ~10 min.
+scoreboard: setup-test
+	$(VENV)/bin/python -m benchmarks.scoreboard $(ARGS)
+
 # Release bundle for hosts and Ansible: dist/kvmscope-<version>/ (wheel with the
 # probes' C sources, every dependency wheel, install.py, unit) and its .tar.gz.
 dist: setup

@@ -10,6 +10,9 @@ the /metrics server behind the same TLS and auth as /metrics):
                                     seconds (all kept ones without ?seconds=), oldest first:
                                     {"incidents": [...]} (agent/diagnose/incidents.py); 404 when
                                     the agent runs no live diagnosis
+  GET /api/v1/findings              the live diagnosis' current findings and the cycle they were
+                                    judged at: {"seq", "timestamp", "findings": [...]} (each with
+                                    the "disks" and "vms" it explains)
 
 What one request may cost is bounded: at most ``api.max_snapshots`` snapshots
 and ``api.max_response_bytes`` of JSON (the newest are kept; the header
@@ -48,11 +51,14 @@ class ApiLimits:
 
 
 def handle(path: str, query: str, history: Callable[[], list[Snapshot]],
-           limits: ApiLimits = ApiLimits(), incidents: Callable | None = None) -> tuple[int, bytes, dict[str, str]]:
+           limits: ApiLimits = ApiLimits(), incidents: Callable | None = None,
+           findings: Callable | None = None) -> tuple[int, bytes, dict[str, str]]:
     """Route an API request. Returns (HTTP status, JSON body, extra headers)."""
     q = urllib.parse.parse_qs(query)
     if path == "/api/v1/incidents" and incidents is not None:
         return _incidents(q, incidents, limits)
+    if path == "/api/v1/findings" and findings is not None:
+        return 200, json.dumps(findings(), default=str).encode(), {}
     if path != "/api/v1/snapshots":
         return 404, _json({"error": f"no such endpoint {path}; try /api/v1/snapshots?last=2"}), {}
     snaps = history()

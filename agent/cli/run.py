@@ -238,7 +238,8 @@ def _start_server(cfg, agent: Agent, shipping, live):
         renderers = renderers.with_snapshot(shipping_renderer(shipping.health))
     server = MetricsServer.from_config(cfg.metrics, lambda: agent.latest, history=agent.history,
                                        renderers=renderers, api=cfg.api,
-                                       incidents=live.incidents.incidents if live is not None else None).start()
+                                       incidents=live.incidents.incidents if live is not None else None,
+                                       findings=live.served if live is not None else None).start()
     agent.on_snapshot.append(server.prerender)  # the scrape after a cycle then costs ~1 ms
     if server.address is not None:
         h, p = server.address[:2]

@@ -214,14 +214,16 @@ class IncidentTracker:
         return [i.as_dict(now) for i in sorted(keep, key=lambda i: i.start)]
 
     # -- one cycle -------------------------------------------------------------------------------
-    def update(self, findings, snaps: list[Snapshot], now: float | None = None) -> list[tuple[str, dict]]:
-        """Feed one cycle: its findings and the snapshots they were judged on (oldest first).
-        Returns the events of this cycle, ("opened" | "resolved", incident dict), in that order."""
+    def update(self, findings, snaps: list[Snapshot], now: float | None = None,
+               timeline: Timeline | None = None) -> list[tuple[str, dict]]:
+        """Feed one cycle: its findings and the snapshots they were judged on (oldest first), and their
+        timeline when the window already built it. Returns the events of this cycle, ("opened" |
+        "resolved", incident dict), in that order."""
         if not snaps:
             return []
         now = snaps[-1].timestamp if now is None else now
         host = snaps[-1].host
-        tl = build_timeline(snaps, snaps[-1].paths)
+        tl = timeline if timeline is not None else build_timeline(snaps, snaps[-1].paths)
         outages = {}
         for o in find_outages(tl):  # the latest outage of each portal
             outages[o.portal] = o
@@ -370,5 +372,6 @@ def replay(snaps: list[Snapshot], cfg) -> list[dict]:
     for i in range(1, len(snaps)):
         win = [s for s in snaps[:i + 1] if s.timestamp >= snaps[i].timestamp - cfg.window_seconds]
         if len(win) >= 2:
-            tracker.update(run_rules(build_window(win), cfg), win)
+            w = build_window(win)
+            tracker.update(run_rules(w, cfg), win, timeline=w.timeline)
     return tracker.incidents()

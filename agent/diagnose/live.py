@@ -65,6 +65,16 @@ def ship_dict(f: Finding) -> dict:
     return d
 
 
+def api_dict(f: Finding) -> dict:
+    """A finding for the local API (``/api/v1/findings``): its JSON with the VM disks it explains and
+    their VMs (what a scoreboard or a test checks a verdict by)."""
+    d = f.as_dict()
+    disks = sorted(ident for kind, ident in (getattr(f, "explains", None) or ()) if kind == "disk")
+    d["disks"] = disks
+    d["vms"] = sorted({x.rsplit("/", 1)[0] for x in disks})
+    return d
+
+
 class LiveDiagnosis:
     def __init__(self, history: Callable[[], list[Snapshot]], cfg: DiagnoseConfig,
                  on_new: Callable[[Finding, Snapshot], None] | None = None,
@@ -83,12 +93,19 @@ class LiveDiagnosis:
         with self._lock:
             return list(self._current)
 
+    def served(self) -> dict:
+        """The current findings for ``/api/v1/findings``: the cycle they were judged at and each finding."""
+        with self._lock:
+            findings, seq, ts = list(self._current), self._seq, self._ts
+        return {"seq": seq, "timestamp": ts, "findings": [api_dict(f) for f in findings]}
+
     def consume(self, snap: Snapshot) -> None:
         snaps = [s for s in self.history() if s.timestamp >= snap.timestamp - self.cfg.window_seconds]
         if len(snaps) < 2:
             return
         try:
-            findings = run_rules(build_window(snaps), self.cfg)
+            w = build_window(snaps)
+            findings = run_rules(w, self.cfg)
         except Exception:  # a rule bug must not stop the agent
             log.exception("live diagnosis failed")
             return
@@ -104,8 +121,9 @@ class LiveDiagnosis:
         with self._lock:
             self._current = findings
             self._seen = seen
+            self._seq, self._ts = snap.seq, snap.timestamp
         try:
-            events = self.incidents.update(findings, snaps)
+            events = self.incidents.update(findings, snaps, timeline=w.timeline)
         except Exception:  # a bug here must not stop the agent nor hide the findings
             log.exception("following incidents failed")
             return

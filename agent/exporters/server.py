@@ -116,6 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
     latest: Callable[[], Snapshot | None]
     history: Callable[[], list] | None = None
     incidents: Callable | None = None  # since -> incident dicts (agent.diagnose.incidents)
+    findings: Callable | None = None  # -> the live findings (agent.diagnose.live.LiveDiagnosis.served)
     web: "WebConfig | None" = None
     api_limits: "ApiLimits | None" = None
     timeout = 10  # per read or write; the whole connection is bounded by the server's deadline
@@ -165,7 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
             from agent.api import ApiLimits, handle
 
             code, body, headers = handle(path, self.path.partition("?")[2], self.history,
-                                         self.api_limits or ApiLimits(), incidents=self.incidents)
+                                         self.api_limits or ApiLimits(), incidents=self.incidents,
+                                         findings=self.findings)
             self._send(code, body, "application/json", headers)
         elif path == "/":
             page = (
@@ -393,12 +395,14 @@ class MetricsServer:
         api_socket: str | None = None,
         listen: bool = True,
         incidents: Callable | None = None,
+        findings: Callable | None = None,
     ):
         attrs = {
             "collector": SnapshotCollector(latest, limits=limits, renderers=renderers),
             "latest": staticmethod(latest),
             "history": staticmethod(history) if history else None,
             "incidents": staticmethod(incidents) if incidents else None,
+            "findings": staticmethod(findings) if findings else None,
             "api_limits": api_limits,
             "timeout": min(request_timeout, _Handler.timeout),
         }
@@ -444,6 +448,7 @@ class MetricsServer:
         renderers: "Renderers | None" = None,
         api: "ApiConfig | None" = None,
         incidents: Callable | None = None,
+        findings: Callable | None = None,
     ) -> "MetricsServer":
         """The HTTP server of ``metrics.*`` (when ``metrics.enabled``) and the API socket of ``api.*``."""
         from agent.api import ApiLimits
@@ -454,7 +459,8 @@ class MetricsServer:
         api_limits = ApiLimits(api.max_snapshots, api.max_response_bytes) if api else None
         return cls(host, port, latest, web=web, limits=Limits.from_config(m), history=history, renderers=renderers,
                    max_requests=m.max_requests, request_timeout=m.request_timeout, api_limits=api_limits,
-                   api_socket=api.socket if api else None, listen=m.enabled, incidents=incidents)
+                   api_socket=api.socket if api else None, listen=m.enabled, incidents=incidents,
+                   findings=findings)
 
     def prerender(self, _snap=None) -> None:
         """Render the latest snapshot now (call when a cycle ends), so even the

@@ -230,3 +230,30 @@ def test_incident_documents_are_mapped():
     opened = incident_doc(dict(inc, state="open"), "opened", "default")
     assert opened[0] != _id and "end" not in opened[2]["event"]
     assert opened[2]["kvmscope"]["incident"]["id"] == doc["kvmscope"]["incident"]["id"]
+
+
+def test_api_serves_the_live_findings_with_their_vms():
+    live = live_over(snaps_of("loss-portal1"))
+    code, body, _ = handle("/api/v1/findings", "", lambda: [], findings=live.served)
+    served = json.loads(body)
+    assert code == 200 and served["seq"] == snaps_of("loss-portal1")[-1].seq
+    (f,) = [f for f in served["findings"] if f["severity"] != "info"]
+    assert f["rule"] == "packet_loss" and f["vms"] == ["kvmslab-vm0"] and f["disks"] == ["kvmslab-vm0/vda"]
+    assert handle("/api/v1/findings", "", lambda: [])[0] == 404
+
+
+def test_scoreboard_judges_cause_scope_vms_and_healthy_vms():
+    from benchmarks.scoreboard import SCENARIOS, judge
+
+    sc = next(s for s in SCENARIOS if s.name == "flap-portal2")
+    outage = {"rule": "path_outage", "severity": "warning", "subject": {"kind": "portal", "id": PORTAL2},
+              "scope": f"all VMs on portal {PORTAL2}", "vms": ["kvmslab-vm1", "kvmslab-vm3"], "evidence": {}}
+    assert judge(sc, {"findings": [outage]})["ok"]
+    # a path_down while it is still down is not the flap's verdict (it is about an ended outage)
+    assert not judge(sc, {"findings": [dict(outage, rule="path_down")]})["ok"]
+    blame = {"rule": "slow_target", "severity": "warning", "subject": {"kind": "disk", "id": "kvmslab-vm0/vda"},
+             "scope": "one VM", "vms": ["kvmslab-vm0"], "evidence": {}}
+    j = judge(sc, {"findings": [outage, blame]})
+    assert not j["ok"] and not j["healthy"] and j["cause"] and j["vms"]
+    healthy = next(s for s in SCENARIOS if s.name == "healthy")
+    assert judge(healthy, {"findings": []})["ok"] and not judge(healthy, {"findings": [blame]})["ok"]

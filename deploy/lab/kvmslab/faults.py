@@ -50,7 +50,7 @@ from . import hosts, target
 from .common import (ISCSI_PORT, NETNS, PORTALS, LabError, check_root_and_binaries,
                      log, ok, portal_list, run)
 from .network import link_exists, netns_exists
-from .state import require_state, save_state
+from .state import require_state, save_state, state_lock
 
 CHAIN = "KVMSLAB"
 BLKIO_ROOT = "/sys/fs/cgroup/blkio"
@@ -755,21 +755,22 @@ class PortalFlap(FaultShape):
     def set_down(self, idx, down, period):
         """Portal idx down (True) or up, recorded with `period` (a dict updated
         in place: start or end) in a fresh copy of the state."""
-        st = load_faults_state()
-        fl = st["faults"][self.key]
-        cur = set(fl["down"])
-        (cur.add if down else cur.discard)(idx)
-        fl["down"] = sorted(cur)
-        self.mechanism.apply(st)
-        t = now()
-        if down:
-            period.update(start=round(t, 3), start_iso=iso(t))
-        else:
-            period.update(end=round(t, 3), end_iso=iso(t),
-                          seconds=round(t - period["start"], 3))
-        fl["periods"] = [p for p in fl["periods"] if p.get("id") != period["id"]] + [dict(period)]
-        fl["periods"] = fl["periods"][-MAX_FLAP_PERIODS:]
-        save_state(st)
+        with state_lock():  # other flaps (another portal) change the same state meanwhile
+            st = load_faults_state()
+            fl = st["faults"][self.key]
+            cur = set(fl["down"])
+            (cur.add if down else cur.discard)(idx)
+            fl["down"] = sorted(cur)
+            self.mechanism.apply(st)
+            t = now()
+            if down:
+                period.update(start=round(t, 3), start_iso=iso(t))
+            else:
+                period.update(end=round(t, 3), end_iso=iso(t),
+                              seconds=round(t - period["start"], 3))
+            fl["periods"] = [p for p in fl["periods"] if p.get("id") != period["id"]] + [dict(period)]
+            fl["periods"] = fl["periods"][-MAX_FLAP_PERIODS:]
+            save_state(st)
         return t
 
     def run(self, args):

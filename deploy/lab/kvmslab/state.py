@@ -7,6 +7,8 @@ file are filled in by faults.fill_defaults()): the fault mechanisms always rebui
 the kernel's rules from this record, never edit them incrementally.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -56,6 +58,17 @@ def save_state(st):
         json.dump(st, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def state_lock():
+    """Exclusive hold of the state for a read-modify-write (two `lab flap` processes on two portals at
+    once each load, change and save it: without the lock one's change is lost, and with it the drop
+    rules it rebuilds)."""
+    os.makedirs(common.LAB_DIR, exist_ok=True)
+    with open(common.lab_path("state.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def require_state():

@@ -77,8 +77,8 @@ class MultipathMap:
     active_group: int | None = None  # the group the kernel sends I/O to (status "current pg")
     groups: tuple[MultipathGroup, ...] = ()
     paths: tuple[MultipathPath, ...] = ()
-    # processes holding the map open, (pid, comm): read only while the map is degraded (a failed path or
-    # none usable), to name the workloads a failover stalls or a total outage hangs (VMs come from the join)
+    # processes holding the map open, (pid, comm): re-read every cycle while the map is degraded (a failed
+    # path or none usable), else once a minute; names the workloads a failover stalls or an outage hangs
     openers: tuple[tuple[int, str], ...] = ()
 
     @property

@@ -379,12 +379,30 @@ class MultipathSource:
         self.timeout = timeout
         self.budget = budget if budget is not None else ctx.config.agent.collector_timeout / 2
         self._mono = monotonic
+        self.openers_every = 60.0  # s between scans of /proc/*/fd for the healthy maps
+        self._openers_at = float("-inf")
+        self._openers: dict[str, tuple[tuple[int, str], ...]] = {}
 
     def _run(self, argv: list[str], deadline: float) -> str:
         left = deadline - self._mono()
         if left < MIN_CALL:
             raise CommandTimeout(f"{' '.join(argv)} not run: the budget of {self.budget:g}s was spent")
         return self.runner(argv, min(self.timeout, left))
+
+    def _with_openers(self, maps: list[MultipathMap]) -> list[MultipathMap]:
+        """Who holds each map open: every cycle for degraded maps, every ``openers_every`` s for all."""
+        now = self._mono()
+        degraded = {m.devno for m in maps if m.devno and m.paths and m.active_paths < len(m.paths)}
+        want = set(degraded)
+        if now - self._openers_at >= self.openers_every:
+            want |= {m.devno for m in maps if m.devno}
+            self._openers_at = now
+        elif not want:
+            return [replace(m, openers=self._openers.get(m.devno, ())) for m in maps]
+        who = read_openers(self.paths, want) if want else {}
+        for d in want:
+            self._openers[d] = tuple(who.get(d, ()))
+        return [replace(m, openers=self._openers.get(m.devno, ())) for m in maps]
 
     def collect(self) -> Multipath:
         if not self.paths.sys("module", "dm_multipath").exists():
@@ -406,10 +424,7 @@ class MultipathSource:
         maps = build_maps(table, status, daemon, read_dm_devices(self.paths), dev_name_reader(self.paths))
         if not maps:
             raise NoData("no multipath maps" + (f" ({daemon_err})" if daemon_err else ""))
-        degraded = {m.devno for m in maps if m.devno and m.paths and m.active_paths < len(m.paths)}
-        if degraded:
-            who = read_openers(self.paths, degraded)
-            maps = [replace(m, openers=tuple(who.get(m.devno, ()))) if m.devno in degraded else m for m in maps]
+        maps = self._with_openers(maps)
         if daemon is not None and table is not None:
             missing = sorted(set(table) - set(daemon))
             if missing:

@@ -188,7 +188,7 @@ def test_hung_dmsetup_still_gives_multipathd(tmp_path):
 
 
 def test_budget_spent_stops_calls(tmp_path):
-    clock = iter([0.0, 0.0, 0.5, 5.0])
+    clock = iter([0.0, 0.0, 0.5] + [5.0] * 5)
     r = runner({"dmsetup table": TABLE, "dmsetup status": STATUS_OK, "multipathd show": daemon_json()})
     data = MultipathSource(_ctx(tmp_path), runner=r, budget=1.0, monotonic=lambda: next(clock)).collect()
     assert len(r.calls) == 2 and "budget" in data.multipathd and data.maps[0].active_paths == 2

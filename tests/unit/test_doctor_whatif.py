@@ -1,0 +1,63 @@
+"""The doctor's what-if per multipath map and portal (agent/doctor/checks_multipath.py)."""
+
+from dataclasses import replace
+
+from agent.config import Config
+from agent.doctor import DoctorInput
+from agent.doctor.checks_multipath import multipath_whatif
+from agent.hostpaths import HostPaths
+from agent.records.multipath import Multipath
+from tests.unit.test_multipath import STATUS_OK, STATUS_ONE_FAILED
+from tests.unit.test_rules_kernel import P1, P2, snap
+
+CONF = "defaults {\n    polling_interval 5\n    no_path_retry 12\n}\n"
+
+
+def run(tmp_path, s, npr=None):
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    (tmp_path / "etc" / "multipath.conf").write_text(CONF)
+    if npr is not None:
+        s = replace(s, data={**s.data, "multipath": Multipath(tuple(replace(m, no_path_retry=npr)
+                                                                    for m in s.data["multipath"].maps))})
+    paths = HostPaths(procfs=tmp_path / "proc", sysfs=tmp_path / "sys", etcdir=tmp_path / "etc")
+    return {r.subject: r for r in multipath_whatif(DoctorInput(Config(), paths, s))}
+
+
+def test_both_paths_up_each_portal_fails_over_to_the_other(tmp_path):
+    # sessions: noop_out_interval (recv_tmo) 5, noop_out_timeout (ping_tmo) 5, replacement_timeout 15
+    res = run(tmp_path, snap(1, STATUS_OK, openers=[(777, "loadgen")]), npr="12 chk")
+    r1 = res[f"mpatha if {P1} fails"]
+    assert r1.status == "ok"
+    assert r1.finding == f"if {P1} fails now: db01, loadgen (pid 777) stall 20-25 s and fail over to sdc via {P2}"
+    assert r1.values["stall_s"] == 25 and r1.values["stall_range_s"] == [20, 25]
+    assert r1.values["detect_s"] == [5, 10] and r1.values["replacement_timeout_s"] == 15
+    assert res[f"mpatha if {P2} fails"].values["remaining"] == ["sdb"]
+
+
+def test_portal_of_the_last_usable_path_bounded_queueing_gives_errors(tmp_path):
+    res = run(tmp_path, snap(1, STATUS_ONE_FAILED), npr="12 chk")
+    r2 = res[f"mpatha if {P2} fails"]
+    assert r2.status == "warning" and r2.values["outcome"] == "errors"
+    # 25 s to declare the path dead, then 12 x 5 s of queueing
+    assert r2.values["errors_after_s"] == 85 and r2.values["queue_s"] == 60
+    assert "get I/O errors after 85 s (queueing 60 s = no_path_retry x polling_interval 5 s)" in r2.finding
+    # the already failed portal: the map still has sdc to fail over to
+    assert res[f"mpatha if {P1} fails"].values["outcome"] == "failover"
+
+
+def test_queueing_for_ever_hangs(tmp_path):
+    res = run(tmp_path, snap(1, STATUS_ONE_FAILED), npr="on")
+    r2 = res[f"mpatha if {P2} fails"]
+    assert r2.status == "problem" and r2.values["outcome"] == "hang"
+    assert r2.finding.startswith(f"if {P2} fails now: db01 hang (I/O queued with no limit) until {P2} returns")
+
+
+def test_fail_at_once(tmp_path):
+    r2 = run(tmp_path, snap(1, STATUS_ONE_FAILED), npr="off")[f"mpatha if {P2} fails"]
+    assert r2.values["errors_after_s"] == 25 and r2.values["queue_s"] == 0
+
+
+def test_no_multipath_is_skipped(tmp_path):
+    s = snap(1, None, multipath=False)
+    [r] = multipath_whatif(DoctorInput(Config(), HostPaths(etcdir=tmp_path), s))
+    assert r.status == "skipped" and "no dm-multipath maps" in r.finding

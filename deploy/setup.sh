@@ -25,7 +25,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 # --- 1. Debian packages ------------------------------------------------------
 # bcc (real one, not PyPI's), kernel headers for bcc, the lab (tgt, libiscsi,
-# qemu, libvirt, busybox, a guest kernel), netfilter, prometheus, fio.
+# qemu, libvirt, busybox, a guest kernel), netfilter, prometheus, fio, and
+# bpftrace (the reference probe the probe benchmark measures block_io against).
 # open-iscsi, multipath-tools and udev are for the lab's kernel-initiator host
 # (a guest that runs this machine's userland over 9p): the policy-rc.d below
 # keeps their daemons from starting here, and node.startup=manual keeps this
@@ -38,7 +39,7 @@ packages=(
   libvirt-daemon-system libvirt-clients python3-libvirt
   busybox-static linux-image-amd64 cpio kmod xz-utils zstd
   iptables iproute2 procps psmisc
-  prometheus fio
+  prometheus fio bpftrace
   logrotate
   python3-setuptools python3-wheel python3-seccomp
 )

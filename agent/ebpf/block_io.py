@@ -1,33 +1,54 @@
-"""Block I/O latency per device and operation, and per issuing process
+"""Block I/O latency per device and operation, and per submitting process
 (probes/block_io.bpf.c).
 
-Tracepoints: block:block_rq_issue and block:block_rq_complete (required),
-block:block_rq_insert (optional; splits queue time from device time).
-Kernel 5.x+ field layout (dev, sector, rwbs); the argument structs come from
-the running kernel's tracefs format files.
+Three ways to run it, the first the kernel allows (:attr:`BlockIoProbe.mode`):
 
-Latency kinds: ``total`` = first sight (insert, else issue) → complete,
-``queue`` = insert → issue (only requests that were inserted), ``device`` =
-issue → complete. log2 histograms in ns (slot s = [2^(s-1), 2^s) ns).
+* ``btf``: request mode on BTF-typed raw tracepoints (tp_btf)
+  block_io_start + block_rq_complete. The kernel's own per-request times
+  (struct request start_time_ns, io_start_time_ns) give the latencies, so a
+  request costs one clock read and no hash map; the submitter's tgid is kept
+  per request address in an array of 4-way sets. The struct offsets and
+  enum values come from the running kernel's BTF (``/sys/kernel/btf/vmlinux``,
+  :mod:`agent.ebpf.btf`), never from the kernel headers bcc compiles with.
+* ``raw``: the same on raw tracepoints (fields read with
+  bpf_probe_read_kernel), when the kernel refuses tp_btf programs.
+* ``classic``: block:block_rq_insert/issue/complete with their tracefs
+  arguments, requests keyed by (dev, op, sector), when BTF lacks what
+  request mode needs (or block_io_start does not exist, before 6.5).
 
-Device names: the probe's dev is the kernel-internal dev_t; its MAJ:MIN is
-looked up in ``/sys/dev/block/MAJ:MIN/uevent`` (DEVNAME) through HostPaths,
-cached while the device exists.
+Latency kinds: ``total`` = start → complete (request mode: the kernel's
+accounting start, as /sys/block/<dev>/stat; classic: first sight at insert,
+else issue), ``device`` = dispatch to the driver → complete, ``queue`` =
+start → dispatch (request mode: only where the queue keeps I/O statistics,
+which sets io_start_time_ns; classic: only requests that were inserted).
+log2 histograms in ns (slot s = [2^(s-1), 2^s) ns).
 
-Events lost: completions whose issue was not seen (issued before the probe
-was attached, or evicted from the bounded in-flight map) plus issues that
-overwrote another in-flight request with the same (dev, op, sector).
+Device names: the probe's dev is the kernel-internal dev_t of the whole
+disk; its MAJ:MIN is looked up in ``/sys/dev/block/MAJ:MIN/uevent`` (DEVNAME)
+through HostPaths, cached while the device exists.
+
+Events lost: completions not in the histograms — classic: whose issue was
+not seen (issued before the probe was attached, or evicted) plus issues that
+overwrote another request with the same (dev, op, sector); request mode:
+requests the kernel kept no start time for (``untimed``); both: a (dev, op)
+the lat table had no room for (``full``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+import struct
 
-from agent.ebpf import decode
+from agent.ebpf import btf, decode
 from agent.ebpf.bounded import AgingTable
-from agent.ebpf.loader import Probe
+from agent.ebpf.compiler import Attach
+from agent.ebpf.loader import FAILED, Probe, ProbeReport
+from agent.ebpf.requirements import Check
 from agent.hostpaths import HostPaths
 from agent.records.ebpf import SLOT_MAX, BlockHistogram, BlockIoData, BlockProcess
+
+log = logging.getLogger(__name__)
 
 # The C side of everything below is probes/block_io.h (checked by
 # tests/unit/test_probe_layouts.py). SLOT_MAX (agent/records/ebpf.py) is
@@ -35,15 +56,18 @@ from agent.records.ebpf import SLOT_MAX, BlockHistogram, BlockIoData, BlockProce
 # decode.BLOCK_OPS.
 NSLOTS = SLOT_MAX + 2
 KINDS = ("total", "queue", "device")
-TOT_INSERTED, TOT_ISSUED, TOT_COMPLETED, TOT_UNMATCHED, TOT_OVERWRITTEN, TOT_N = 0, 1, 2, 3, 4, 5
-
-
-class LatKey(ctypes.Structure):
-    _fields_ = [("dev", ctypes.c_uint32), ("op", ctypes.c_uint32)]
+TOT_INSERTED, TOT_ISSUED, TOT_COMPLETED, TOT_UNMATCHED, TOT_OVERWRITTEN = 0, 1, 2, 3, 4
+TOT_UNTIMED, TOT_PARTIAL, TOT_UNATTRIBUTED, TOT_FULL, TOT_PROC_EVICTED, TOT_N = 5, 6, 7, 8, 9, 10
+TOTALS = ("inserted", "issued", "completed", "unmatched", "overwritten", "untimed", "partial", "unattributed", "full",
+          "proc_evicted")
 
 
 class LatVal(ctypes.Structure):
     _fields_ = [
+        ("dev", ctypes.c_uint32),
+        ("op", ctypes.c_uint32),
+        ("used", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
         ("slots", ctypes.c_uint64 * (len(KINDS) * NSLOTS)),  # [kind * NSLOTS + slot]
         ("sum_ns", ctypes.c_uint64 * len(KINDS)),
         ("bytes", ctypes.c_uint64),
@@ -51,21 +75,64 @@ class LatVal(ctypes.Structure):
 
 
 class ProcVal(ctypes.Structure):
-    _fields_ = [("slots", ctypes.c_uint64 * NSLOTS), ("sum_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+    _fields_ = [("tgid", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("op", ctypes.c_uint32), ("gen", ctypes.c_uint32),
+                ("last_ns", ctypes.c_uint64), ("slots", ctypes.c_uint64 * NSLOTS), ("sum_ns", ctypes.c_uint64),
+                ("bytes", ctypes.c_uint64)]
 
 
-class ProcKey(ctypes.Structure):
-    _fields_ = [("tgid", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("op", ctypes.c_uint32)]
-
-
-STRUCTS = {"lat_key": LatKey, "lat_val": LatVal, "proc_val": ProcVal, "proc_key": ProcKey}
+STRUCTS = {"lat_val": LatVal, "proc_val": ProcVal}
 # maps read through these types (not bcc's own reading of the C)
-TABLES = {"lat": (LatKey, LatVal), "procs": (ProcKey, ProcVal), "totals": (ctypes.c_int, ctypes.c_uint64)}
+TABLES = {"lat": (ctypes.c_int, LatVal), "procs": (ctypes.c_int, ProcVal), "totals": (ctypes.c_int, ctypes.c_uint64)}
 
 # per-process running totals kept by the agent: at most MAX_PROCESSES (tgid, dev, op) (the least
 # recently active is dropped), and one without new I/O for PROCESS_EXPIRE_CYCLES reads is forgotten
 MAX_PROCESSES = 1024
 PROCESS_EXPIRE_CYCLES = 720  # an hour at 5 s
+
+MODES = ("btf", "raw", "classic")
+# what request mode reads, and the size each must have in the running kernel
+RQ_FIELDS = {  # -D name: (struct, member, size)
+    "RQ_OFF_Q": ("request", "q", 8),
+    "RQ_OFF_CMD_FLAGS": ("request", "cmd_flags", 4),
+    "RQ_OFF_DATA_LEN": ("request", "__data_len", 4),
+    "RQ_OFF_START": ("request", "start_time_ns", 8),
+    "RQ_OFF_IO_START": ("request", "io_start_time_ns", 8),
+    "Q_OFF_DISK": ("request_queue", "disk", 8),
+    "DISK_OFF_MAJOR": ("gendisk", "major", 4),
+    "DISK_OFF_FIRST_MINOR": ("gendisk", "first_minor", 4),
+}
+RQ_OPS = ("READ", "WRITE", "FLUSH", "DISCARD", "SECURE_ERASE")  # enum req_op -> -DREQ_OP_<name>_V
+RQ_TRACEPOINTS = ("block_io_start", "block_rq_complete")
+RQ_HEAD_MAX = 256  # raw mode reads the request's first bytes in one go, at most this many
+
+
+def request_layout(data: bytes) -> tuple[dict[str, int], dict[str, int], str]:
+    """The -D constants of request mode from raw BTF ``data`` (struct offsets, enum req_op values, the
+    head length raw mode reads) and the BTF ids of the tracepoints' ``btf_trace_*`` typedefs; or ({}, {},
+    why) when the BTF lacks any of them (the caller falls back to classic mode)."""
+    structs = {s for s, _, _ in RQ_FIELDS.values()}
+    b = btf.parse(data, structs, {"req_op"}, {f"btf_trace_{tp}" for tp in RQ_TRACEPOINTS})
+    defs: dict[str, int] = {}
+    for name, (st, member, size) in RQ_FIELDS.items():
+        m = b.member(st, member)
+        if m is None:
+            return {}, {}, f"struct {st} has no member {member} in the kernel's BTF"
+        off, msize = b.offset(st, member), b.size(m.type_id)
+        if off is None or msize != size:
+            return {}, {}, f"struct {st}.{member}: {msize} bytes at bit {m.bit_offset}, expected {size} bytes"
+        defs[name] = off
+    for op in RQ_OPS:
+        v = b.enums.get(f"REQ_OP_{op}")
+        if v is None:
+            return {}, {}, f"enum req_op has no REQ_OP_{op} in the kernel's BTF"
+        defs[f"REQ_OP_{op}_V"] = v
+    head = max(defs[n] + RQ_FIELDS[n][2] for n in RQ_FIELDS if RQ_FIELDS[n][0] == "request")
+    head = (head + 7) & ~7
+    if head > RQ_HEAD_MAX:
+        return {}, {}, f"struct request fields end at byte {head}, past the {RQ_HEAD_MAX} bytes raw mode reads"
+    defs["RQ_HEAD_LEN"] = head
+    ids = {tp: b.typedefs.get(f"btf_trace_{tp}", 0) for tp in RQ_TRACEPOINTS}
+    return defs, ids, ""
 
 
 class _ProcTotals:
@@ -119,15 +186,20 @@ class BlockIoProbe(Probe):
     name = "block_io"
     source_file = "block_io.bpf.c"
     required = ("block:block_rq_issue", "block:block_rq_complete")
-    optional = ("block:block_rq_insert",)
-    description = "block I/O latency per device/op and per issuing process"
+    optional = ("block:block_rq_insert", "block:block_io_start")
+    description = "block I/O latency per device/op and per submitting process"
 
-    def __init__(self, opts=None, max_processes: int = MAX_PROCESSES, process_expire_cycles: int = PROCESS_EXPIRE_CYCLES):
+    def __init__(self, opts=None, max_processes: int = MAX_PROCESSES, process_expire_cycles: int = PROCESS_EXPIRE_CYCLES,
+                 modes: tuple[str, ...] = MODES):
         super().__init__(opts)
         self.devices = DeviceNames(self.opts.paths)
-        # per (tgid, dev, op): bounded running totals; the kernel's LRU map may drop and restart an entry
+        self.modes = tuple(m for m in modes if m in MODES)
+        self.mode = self.modes[0] if self.modes else "classic"
+        self.fallbacks: list[str] = []  # modes tried before the one attached, with the reason
+        self._layout: tuple[dict[str, int], dict[str, int], str] | None = None
+        # per (tgid, dev, op): bounded running totals, fed by the increase of each CPU's kernel entry
         self._procs: AgingTable[tuple[int, int, int], _ProcTotals] = AgingTable(max_processes, process_expire_cycles)
-        self._procs_prev: dict[tuple[int, int, int], tuple[int, ...]] = {}  # last kernel values (slots, sum, bytes)
+        self._procs_prev: dict[tuple[int, int], tuple] = {}  # (cpu, index) -> (gen, key, values) of the last read
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -135,24 +207,115 @@ class BlockIoProbe(Probe):
         d, p = self.devices.counts(), self._procs.counts()
         return {k: d[k] + p[k] for k in d}
 
+    # -- choosing the mode -----------------------------------------------------------
+    def layout(self) -> tuple[dict[str, int], dict[str, int], str]:
+        """Request mode's constants from the running kernel's BTF (read once)."""
+        if self._layout is None:
+            path = self.opts.paths.sys("kernel", "btf", "vmlinux")
+            try:
+                self._layout = request_layout(path.read_bytes())
+            except (OSError, btf.BtfError) as e:
+                self._layout = ({}, {}, f"cannot read {path}: {e}")
+        return self._layout
+
+    def _why_not(self, mode: str, present: set[str]) -> str:
+        if mode == "classic":
+            return ""
+        if "block:block_io_start" not in present:
+            return "no block:block_io_start tracepoint (kernel before 6.5)"
+        defs, ids, why = self.layout()
+        if why:
+            return why
+        if mode == "btf" and not all(ids.values()):
+            return "no btf_trace_* typedef for " + ", ".join(tp for tp, i in ids.items() if not i)
+        return ""
+
+    def load(self):
+        """The first mode of :attr:`modes` that the kernel's BTF allows and that compiles and attaches."""
+        self.fallbacks = []
+        try:
+            _, present = self.check()  # mounts tracefs if needed; super().load() checks again and reports
+        except Exception:
+            present = set()
+        rep = None
+        for i, mode in enumerate(self.modes):
+            self.mode = mode
+            why = self._why_not(mode, present)
+            if why:
+                self.fallbacks.append(f"{mode}: {why}")
+                continue
+            rep = super().load()
+            if rep.state != FAILED or i == len(self.modes) - 1:
+                break
+            self.fallbacks.append(f"{mode}: {rep.reason.splitlines()[0] if rep.reason else 'failed'}")
+            log.info("block_io: %s mode failed, falling back: %s", mode, rep.reason)
+        if rep is None:
+            rep = self.report = ProbeReport(self.name, FAILED, reason="no mode possible: " + "; ".join(self.fallbacks))
+            return rep
+        done = [f for f in self.fallbacks if not f.startswith(self.mode + ":")]
+        rep.checks.append(Check("block_io mode", True, f"{self.mode} mode" + (f" (not {'; not '.join(done)})" if done else "")))
+        return rep
+
+    def extra_cflags(self, present):
+        flags = [f"-DSLOT_MAX={SLOT_MAX}"]
+        if self.mode in ("btf", "raw"):
+            defs, _, _ = self.layout()
+            flags += [f"-D{k}={v}" for k, v in sorted(defs.items())]
+            if self.mode == "btf":
+                flags.append("-DRQ_BTF")
+        return flags
+
+    def attachments(self, present):
+        if self.mode != "btf":
+            return []  # bcc attaches raw_tracepoint__* and tracepoint__* functions itself
+        _, ids, _ = self.layout()
+        return [Attach("tp_btf", f"ks_btf__{tp}", target=tp, btf_id=ids[tp]) for tp in RQ_TRACEPOINTS]
+
+    def on_loaded(self):
+        for name, (key, leaf) in TABLES.items():
+            self.bpf[name.encode()] = self.bpf.get_table(name.encode(), key, leaf)
+
+    # -- reading -----------------------------------------------------------------------
+    def events_and_lost(self):
+        t = self.percpu_totals("totals", TOT_N)
+        events = sum(t[i] for i in (TOT_INSERTED, TOT_ISSUED, TOT_COMPLETED, TOT_UNMATCHED, TOT_UNTIMED, TOT_PARTIAL,
+                                    TOT_FULL))
+        return events, t[TOT_UNMATCHED] + t[TOT_OVERWRITTEN] + t[TOT_UNTIMED] + t[TOT_FULL]
+
     def _comm(self, tgid: int) -> str:
+        if tgid <= 0:
+            return ""  # not known: the submitter was not in the owner table
         try:
             return self.opts.paths.read_text(self.opts.paths.proc(str(tgid), "comm")).strip()
         except OSError:
             return ""  # ended before the agent saw it
 
+    @staticmethod
+    def _entries(table, leaf, used_at: int):
+        """(cpu, index, value) of every used per-CPU array entry (a nonzero u32 at ``used_at``), from one batch read."""
+        n, raw = table.batch_raw()
+        stride, ncpus = table.stride, table.ncpus
+        unpack = struct.unpack_from
+        for i in range(n):
+            base = i * stride * ncpus
+            for cpu in range(ncpus):
+                off = base + cpu * stride
+                if unpack("<I", raw, off + used_at)[0]:
+                    yield cpu, i, leaf.from_buffer_copy(raw, off)
+
     def accumulate_processes(self, rows) -> tuple[BlockProcess, ...]:
-        """One read of the kernel's per-process map, ``rows`` of ((tgid, dev, op), values) with values =
-        (slot 0..NSLOTS-1 counts, sum_ns, bytes) summed over the CPUs, into the running totals; returns
-        the records of every (tgid, dev, op) kept."""
+        """One read of the kernel's per-CPU process table, ``rows`` of ((cpu, index), gen, (tgid, dev, op),
+        values) with values = (slot 0..NSLOTS-1 counts, sum_ns, bytes), into the running totals: what each
+        CPU's entry gained since the last read (all of it when the entry restarted: another gen, or
+        another key); returns the records of every (tgid, dev, op) kept."""
         seen = {}
-        for key, vals in rows:
-            prev = self._procs_prev.get(key)
-            if prev is None or any(v < p for v, p in zip(vals, prev)):
-                deltas = vals  # new, or the kernel's LRU map dropped and restarted it
+        for where, gen, key, vals in rows:
+            prev = self._procs_prev.get(where)
+            if prev is None or prev[0] != gen or prev[1] != key or any(v < p for v, p in zip(vals, prev[2])):
+                deltas = vals
             else:
-                deltas = [v - p for v, p in zip(vals, prev)]
-            seen[key] = vals
+                deltas = [v - p for v, p in zip(vals, prev[2])]
+            seen[where] = (gen, key, vals)
             if any(deltas):  # activity marks an entry seen: idle ones are the first to go
                 cum = self._procs.setdefault(key, lambda: _ProcTotals(self._comm(key[0])))
                 for i in range(NSLOTS):
@@ -173,56 +336,37 @@ class BlockIoProbe(Probe):
         out.sort(key=lambda p: (p.tgid, p.major, p.minor, p.op))
         return tuple(out)
 
-    def extra_cflags(self, present):
-        return [f"-DSLOT_MAX={SLOT_MAX}"]
-
-    def on_loaded(self):
-        for name, (key, leaf) in TABLES.items():
-            self.bpf[name.encode()] = self.bpf.get_table(name.encode(), key, leaf)
-
-    def events_and_lost(self):
-        t = self.percpu_totals("totals", TOT_N)
-        return t[TOT_INSERTED] + t[TOT_ISSUED] + t[TOT_COMPLETED] + t[TOT_UNMATCHED], t[TOT_UNMATCHED] + t[TOT_OVERWRITTEN]
-
     def read(self) -> BlockIoData:
         b = self.bpf
+        # lat: per-CPU entries of (dev, op) -> slots/sum_ns per kind + bytes; summed here by their own key
+        acc: dict[tuple[int, int], tuple[list[list[int]], list[int], list[int]]] = {}
+        for _cpu, _i, v in self._entries(b[b"lat"], LatVal, LatVal.used.offset):
+            key = (int(v.dev), int(v.op))
+            slots, sums, nbytes = acc.setdefault(key, ([[0] * NSLOTS for _ in KINDS], [0] * len(KINDS), [0]))
+            flat = list(v.slots)  # [kind * NSLOTS + slot]
+            for kind in range(len(KINDS)):
+                a, base = slots[kind], kind * NSLOTS
+                for s in range(NSLOTS):
+                    a[s] += flat[base + s]
+                sums[kind] += v.sum_ns[kind]
+            nbytes[0] += v.bytes
         hists = []
-        # lat: per-CPU (dev, op) -> slots/sum_ns per kind + bytes; summed here
-        for k, percpu in b[b"lat"].items():
-            dev, op = int(k.dev), int(k.op)
-            slots = [[0] * NSLOTS for _ in KINDS]
-            sums = [0] * len(KINDS)
-            nbytes = 0
-            for v in percpu:
-                flat = v.slots  # [kind * NSLOTS + slot]
-                for kind in range(len(KINDS)):
-                    acc, base = slots[kind], kind * NSLOTS
-                    for s in range(NSLOTS):
-                        acc[s] += flat[base + s]
-                    sums[kind] += v.sum_ns[kind]
-                nbytes += v.bytes
+        for (dev, op), (slots, sums, nbytes) in acc.items():
             major, minor = decode.dev_major_minor(dev)
             for kind, name in enumerate(KINDS):
                 sl = {s: c for s, c in enumerate(slots[kind]) if c}
                 if not sl and kind != 0:
-                    continue  # queue time only where insert was seen
+                    continue  # queue/device time only where the kernel (or insert) gave it
                 # buckets and _count from the same numbers
                 hists.append(BlockHistogram(self.devices.name(dev), major, minor, decode.block_op_name(op), name, sl,
-                                            sum(sl.values()), sums[kind], nbytes if kind == 0 else 0))
+                                            sum(sl.values()), sums[kind], nbytes[0] if kind == 0 else 0))
         hists.sort(key=lambda h: (h.major, h.minor, h.op, KINDS.index(h.kind)))
         rows = []
-        for k, percpu in b[b"procs"].items():
-            vals = [0] * (NSLOTS + 2)
-            for v in percpu:
-                sl = v.slots
-                for s in range(NSLOTS):
-                    vals[s] += sl[s]
-                vals[NSLOTS] += v.sum_ns
-                vals[NSLOTS + 1] += v.bytes
-            rows.append(((int(k.tgid), int(k.dev), int(k.op)), tuple(vals)))
+        for cpu, i, v in self._entries(b[b"procs"], ProcVal, ProcVal.gen.offset):
+            rows.append(((cpu, i), int(v.gen), (int(v.tgid), int(v.dev), int(v.op)),
+                         tuple(v.slots) + (int(v.sum_ns), int(v.bytes))))
         procs = self.accumulate_processes(rows)
         t = self.percpu_totals("totals", TOT_N)
-        totals = {"inserted": t[TOT_INSERTED], "issued": t[TOT_ISSUED], "completed": t[TOT_COMPLETED],
-                  "unmatched": t[TOT_UNMATCHED], "overwritten": t[TOT_OVERWRITTEN]}
+        totals = dict(zip(TOTALS, t))
         self.devices.end_cycle()
         return BlockIoData(tuple(hists), procs, totals, SLOT_MAX, self.stats(), tuple(self.report.tracepoints))

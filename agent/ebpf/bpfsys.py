@@ -38,8 +38,9 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 # bpf(2) commands and map types (include/uapi/linux/bpf.h)
-MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
-OBJ_GET_INFO_BY_FD = 15
+MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY, PROG_LOAD = 1, 2, 3, 4, 5
+OBJ_GET_INFO_BY_FD, RAW_TRACEPOINT_OPEN, MAP_LOOKUP_BATCH = 15, 17, 24
+PROG_TYPE_TRACING, TRACE_RAW_TP = 26, 23  # a BTF-typed raw tracepoint ("tp_btf")
 HASH, ARRAY, PERF_EVENT_ARRAY, PERCPU_HASH, PERCPU_ARRAY = 1, 2, 4, 5, 6
 LRU_HASH, LRU_PERCPU_HASH, RINGBUF = 9, 10, 27
 PERCPU_TYPES = {PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH}
@@ -49,6 +50,58 @@ ARRAY_TYPES = {ARRAY, PERCPU_ARRAY}
 class _ElemAttr(ctypes.Structure):
     _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
                 ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64), ("keys", ctypes.c_uint64),
+                ("values", ctypes.c_uint64), ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    """The head of union bpf_attr for BPF_PROG_LOAD, up to attach_btf_id / attach_prog_fd."""
+
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32), ("insns", ctypes.c_uint64),
+                ("license", ctypes.c_uint64), ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+                ("prog_name", ctypes.c_char * 16), ("prog_ifindex", ctypes.c_uint32),
+                ("expected_attach_type", ctypes.c_uint32), ("prog_btf_fd", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64),
+                ("func_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("line_info", ctypes.c_uint64), ("line_info_cnt", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class _RawTpAttr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+def load_tp_btf(insns: bytes, name: str, btf_id: int, license: bytes = b"GPL") -> tuple[int, int]:
+    """Load ``insns`` (an already relocated program, e.g. bcc's ``dump_func``) as a BTF-typed raw
+    tracepoint program on the tracepoint whose ``btf_trace_<name>`` typedef has id ``btf_id`` in the
+    kernel's BTF, and attach it; returns (program fd, link fd: closing it detaches). OSError carries
+    the verifier's log when the kernel refuses the program."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    log = ctypes.create_string_buffer(1 << 18)
+    attr = _ProgLoadAttr(prog_type=PROG_TYPE_TRACING, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
+                         license=ctypes.addressof(lic), log_level=0, log_size=0, log_buf=0,
+                         prog_name=name.encode()[:15], expected_attach_type=TRACE_RAW_TP, attach_btf_id=btf_id)
+    try:
+        prog_fd = bpf(PROG_LOAD, attr)
+    except OSError:
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        try:
+            prog_fd = bpf(PROG_LOAD, attr)  # again, for the verifier's reason
+        except OSError as e:
+            tail = log.value.decode(errors="replace").strip().splitlines()[-12:]
+            raise OSError(e.errno, f"{e.strerror}: {' | '.join(tail)}") from None
+    try:
+        link_fd = bpf(RAW_TRACEPOINT_OPEN, _RawTpAttr(0, prog_fd, 0))
+    except BaseException:
+        os.close(prog_fd)
+        raise
+    return prog_fd, link_fd
 
 
 class _InfoAttr(ctypes.Structure):
@@ -214,6 +267,38 @@ class Table:
                 raise
             yield nxt
             cur = nxt
+
+    def batch_raw(self) -> tuple[int, bytes]:
+        """Every value of an array map in one BPF_MAP_LOOKUP_BATCH call: (entries, raw values; a per-CPU
+        array's entry is ``ncpus`` values of ``stride`` bytes each, in CPU order). Falls back to one
+        lookup per index on kernels without batch operations."""
+        n = int(self.info.max_entries)
+        if self.map_type not in ARRAY_TYPES:
+            raise ValueError(f"map {self.name}: batch_raw reads array maps")
+        size = self._stride * self.ncpus
+        keys = (ctypes.c_uint32 * n)()
+        vals = ctypes.create_string_buffer(size * n)
+        out_batch = ctypes.c_uint32(0)
+        attr = _BatchAttr(0, ctypes.addressof(out_batch), ctypes.addressof(keys), ctypes.addressof(vals), n, self.fd, 0, 0)
+        try:
+            bpf(MAP_LOOKUP_BATCH, attr)
+            got = int(attr.count)
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # the whole map came back in this call
+                got = int(attr.count)
+            elif e.errno in (errno.EINVAL, 524):  # 524: ENOTSUPP, no batch operations on this kernel
+                for i in range(n):
+                    k = ctypes.c_uint32(i)
+                    self._lookup_raw(k)
+                    ctypes.memmove(ctypes.addressof(vals) + i * size, self._vbuf, size)
+                return n, vals.raw
+            else:
+                raise
+        return got, vals.raw[: got * size]
+
+    @property
+    def stride(self) -> int:
+        return self._stride
 
     def items(self) -> list[tuple[Any, Any]]:
         out = []

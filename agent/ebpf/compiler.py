@@ -17,7 +17,10 @@ the compiler's own message (bcc prints clang's diagnostics on stderr).
 Attachments a probe declares (:class:`Attach`), made by the child with bcc:
 ``tracepoint`` (``cat:name``), ``raw_tracepoint`` (name), ``uprobe`` /
 ``uretprobe`` (binary path + symbol, one process (``pid``) or every process
-(``pid=-1``)). ``optional=True``: a failed attachment is reported in
+(``pid=-1``)), ``tp_btf`` (a BTF-typed raw tracepoint: the function, compiled
+by bcc but not loaded by it, is loaded with the tracepoint's BTF id
+(``btf_id``) by :func:`agent.ebpf.bpfsys.load_tp_btf`; its arguments are
+typed kernel pointers the program reads with plain loads). ``optional=True``: a failed attachment is reported in
 ``skipped`` instead of failing the probe.
 """
 
@@ -54,6 +57,7 @@ class Attach:
     symbol: str = ""  # uprobe: symbol
     pid: int = -1  # uprobe: one process, or -1 for every process mapping the binary
     optional: bool = False
+    btf_id: int = 0  # tp_btf: id of the tracepoint's btf_trace_<name> typedef in the kernel's BTF
 
     @property
     def label(self) -> str:
@@ -231,6 +235,14 @@ def _build(req: dict) -> tuple[dict, list[int]]:
 
 
 def _attach(b, spec: Attach) -> dict:
+    if spec.kind == "tp_btf":
+        import bcc
+
+        from agent.ebpf.bpfsys import load_tp_btf
+        fn = spec.fn_name.encode()
+        prog_fd, link_fd = load_tp_btf(b.dump_func(fn), spec.fn_name, spec.btf_id)
+        b.funcs[fn] = bcc.BPF.Function(b, fn, prog_fd)  # handed over with bcc's own programs
+        return {"kind": spec.kind, "target": spec.target, "fn_name": spec.fn_name, "fd": link_fd}
     if spec.kind == "tracepoint":
         before = dict(b.tracepoint_fds)
         b.attach_tracepoint(tp=spec.target.encode(), fn_name=spec.fn_name.encode())

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from agent.ebpf import decode
-from agent.ebpf.block_io import BlockIoProbe
+from agent.ebpf.block_io import MODES, BlockIoProbe
 from agent.ebpf.loader import ATTACHED, LoadOptions
 from agent.exporters.render_ebpf import render_block_io
 
@@ -30,12 +30,22 @@ def hist_total(data, dev):
     return out
 
 
-def test_histogram_matches_diskstats_and_fio(loopdev):
+@pytest.mark.parametrize("mode", MODES)
+def test_histogram_matches_diskstats_and_fio(loopdev, mode):
+    """Each way the probe can run (request mode on tp_btf or raw tracepoints with the running kernel's
+    BTF offsets, the classic tracepoint fallback) counts what the kernel's disk statistics count, with
+    the same mean, fio's median, and the I/O attributed to fio's process."""
     if not shutil.which("fio"):
         pytest.skip("fio not installed")
     dev = os.path.basename(loopdev)
-    probe = BlockIoProbe(LoadOptions())
-    assert probe.load().state == ATTACHED
+    probe = BlockIoProbe(LoadOptions(), modes=(mode,))
+    rep = probe.load()
+    assert rep.state == ATTACHED, rep.reason
+    assert probe.mode == mode
+    want = {"btf": {"tp_btf:block_io_start", "tp_btf:block_rq_complete"},
+            "raw": {"raw_tracepoint:block_io_start", "raw_tracepoint:block_rq_complete"},
+            "classic": {"block:block_rq_issue", "block:block_rq_complete", "block:block_rq_insert"}}[mode]
+    assert set(rep.tracepoints) == want
     try:
         before = probe.read()
         s0 = stat_fields(dev)
@@ -58,8 +68,9 @@ def test_histogram_matches_diskstats_and_fio(loopdev):
         rdev = os.stat(loopdev).st_rdev
         kdev = os.major(rdev) << decode.MINORBITS | os.minor(rdev)
         left = [(w.op, w.sector) for _, st in probe.bpf[b"inflight"].items() for w in st.way
-                if w.dev == kdev and (w.insert_ns or w.issue_ns)]
-        skipped = probe.stats().per_program["block:block_rq_complete"]["recursion_misses"]
+                if w.dev == kdev and (w.insert_ns or w.issue_ns)] if mode == "classic" else []
+        complete = next(tp for tp in rep.tracepoints if tp.endswith("block_rq_complete"))
+        skipped = probe.stats().per_program[complete]["recursion_misses"]
     finally:
         probe.close()
     res = json.loads(fio.stdout_text[fio.stdout_text.index("{"):])
@@ -78,6 +89,8 @@ def test_histogram_matches_diskstats_and_fio(loopdev):
     count = rc + wc
     assert d_ios > 5000, f"too little I/O to compare ({d_ios})"
     lost = skipped + after.totals["unmatched"] - before.totals["unmatched"]
+    if mode != "classic":  # the kernel timed every request of the loop device (I/O statistics on)
+        assert after.totals["untimed"] == before.totals["untimed"], after.totals
     assert len(left) <= lost + 0.001 * d_ios, f"{left} of {dev} still in the in-flight table after fio ({lost} lost)"
     assert abs(count - d_ios) <= 0.01 * d_ios, (count, d_ios)
     mean_probe_ms = (rs + ws) / count / 1e6

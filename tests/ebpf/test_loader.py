@@ -17,7 +17,8 @@ pytestmark = pytest.mark.ebpf
 
 ALL_TPS = {
     "tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack", "tcp:tcp_send_reset", "tcp:tcp_receive_reset",
-    "block:block_rq_insert", "block:block_rq_issue", "block:block_rq_complete", "sock:inet_sock_set_state",
+    "block:block_rq_insert", "block:block_rq_issue", "block:block_rq_complete", "block:block_io_start",
+    "sock:inet_sock_set_state",
 }
 
 

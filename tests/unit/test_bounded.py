@@ -80,18 +80,19 @@ def test_device_names_cache_bounded(tmp_path):
 
 
 def proc_rows(entries):
-    """((tgid, dev, op), (slot counts..., sum_ns, bytes)) rows as a read of the kernel's procs map."""
+    """((cpu, index), gen, (tgid, dev, op), (slot counts..., sum_ns, bytes)) rows as a read of the kernel's
+    per-CPU procs table."""
     from agent.ebpf.block_io import NSLOTS
     rows = []
-    for key, slots, sum_ns, nbytes in entries:
+    for where, gen, key, slots, sum_ns, nbytes in entries:
         vals = [0] * NSLOTS
         for s, c in slots.items():
             vals[s] = c
-        rows.append((key, tuple(vals) + (sum_ns, nbytes)))
+        rows.append((where, gen, key, tuple(vals) + (sum_ns, nbytes)))
     return rows
 
 
-def test_block_process_totals_survive_kernel_restarts_and_are_bounded(tmp_path):
+def test_block_process_totals_sum_cpus_survive_restarts_and_are_bounded(tmp_path):
     from agent.ebpf.block_io import BlockIoProbe
     from agent.ebpf.loader import LoadOptions
     procfs, sysfs = tmp_path / "proc", tmp_path / "sys"
@@ -103,19 +104,23 @@ def test_block_process_totals_survive_kernel_restarts_and_are_bounded(tmp_path):
     probe = BlockIoProbe(LoadOptions(paths=HostPaths(procfs=procfs, sysfs=sysfs)), max_processes=2,
                          process_expire_cycles=3)
     dm0 = (253 << 20) | 0
-    first = probe.accumulate_processes(proc_rows([((4242, dm0, 0), {10: 3, 11: 1}, 4000, 16384)]))
+    q = (4242, dm0, 0)
+    # one (tgid, dev, op) on two CPUs, at different indexes: summed by key
+    read1 = [((0, 5), 1, q, {10: 3}, 3000, 12288), ((1, 6), 1, q, {11: 1}, 1000, 4096)]
+    first = probe.accumulate_processes(proc_rows(read1))
     assert len(first) == 1
     p = first[0]
     assert (p.tgid, p.comm, p.device, p.major, p.minor, p.op) == (4242, "qemu-system-x86", "dm-0", 253, 0, "read")
     assert (p.count, p.slots, p.sum_ns, p.bytes) == (4, {10: 3, 11: 1}, 4000, 16384)
     # unchanged: the very same record (shared by the snapshots of the history)
-    assert probe.accumulate_processes(proc_rows([((4242, dm0, 0), {10: 3, 11: 1}, 4000, 16384)]))[0] is p
-    # the kernel's LRU map dropped the entry and started it again: the increase is added, never lost
-    again = probe.accumulate_processes(proc_rows([((4242, dm0, 0), {12: 2}, 9000, 8192)]))[0]
-    assert (again.count, again.slots, again.sum_ns, again.bytes) == (6, {10: 3, 11: 1, 12: 2}, 13000, 24576)
+    assert probe.accumulate_processes(proc_rows(read1))[0] is p
+    # CPU 1's entry was restarted (pushed out and taken again: another gen) with less than before:
+    # its new content is added, CPU 0's growth too; nothing counted twice
+    read3 = [((0, 5), 1, q, {10: 4}, 4000, 16384), ((1, 6), 2, q, {12: 2}, 9000, 8192)]
+    again = probe.accumulate_processes(proc_rows(read3))[0]
+    assert (again.count, again.slots, again.sum_ns, again.bytes) == (7, {10: 4, 11: 1, 12: 2}, 14000, 28672)
     # bounded: a third (tgid, dev, op) pushes out the least recently active; an ended process has no name
-    rows = proc_rows([((4242, dm0, 0), {12: 2}, 9000, 8192), ((7, dm0, 1), {5: 1}, 20, 512),
-                      ((8, dm0, 1), {5: 1}, 20, 512)])
+    rows = proc_rows(read3 + [((0, 9), 1, (7, dm0, 1), {5: 1}, 20, 512), ((0, 10), 1, (8, dm0, 1), {5: 1}, 20, 512)])
     kept = probe.accumulate_processes(rows)
     assert sorted(p.tgid for p in kept) == [7, 8] and all(p.comm == "" for p in kept)
     assert probe.dropped["evicted"] == 1

@@ -50,7 +50,7 @@ HEADERS = {
 }
 PROBE_MODULES = {"tcp_retrans": tcp_retrans, "tcp_lifecycle": tcp_lifecycle, "block_io": block_io, "libiscsi": libiscsi}
 # maps only the kernel side uses (never read from Python)
-KERNEL_ONLY_MAPS = {"block_io": {"inflight", "lat_zero", "proc_zero"}, "libiscsi": {"lat_zero", "ctx_zero"}, "tcp_retrans": {"events"}, "tcp_lifecycle": {"events"}}
+KERNEL_ONLY_MAPS = {"block_io": {"inflight", "owners", "devcache"}, "libiscsi": {"lat_zero", "ctx_zero"}, "tcp_retrans": {"events"}, "tcp_lifecycle": {"events"}}
 
 
 # -- reading the C (declarations only; the compiler decides every number) -----

@@ -258,6 +258,10 @@ class DiagnoseConfig(_Section):
     )
     live: bool = Field(True, description="run the rules inside `kvmscope run` every cycle (metrics, shipped findings)")
     window_seconds: float = Field(60.0, ge=1, le=86400, description="history the agent's live diagnosis looks at")
+    baseline_seconds: float = Field(
+        600.0, ge=0, le=86400,
+        description="history before the window that teaches the baselines (a disk's usual latency, a portal's "
+                    "usual RTT): the agent's own history, or what `diagnose` fetches from it; 0 = none")
     incidents_kept: int = Field(500, ge=1, le=100_000,
                                 description="resolved incidents the agent keeps (beyond agent.history) for "
                                             "/api/v1/incidents and `diagnose --window`")

@@ -27,6 +27,36 @@ segment counters) leaves the rate to decide.
 :data:`SLOW_MS` over at least :data:`MIN_OPS` requests; **critical** above
 :data:`CRITICAL_MS`. The alert on disk latency uses the critical number.
 
+A disk's own **baseline** (its usual mean latency, learnt from the history
+before the window, :func:`baseline`) raises the bar: with one, a disk is slow
+only when it is also :data:`SLOW_BASELINE_FACTOR` times its baseline, so a
+host whose disks always run at 6 ms is not "slow" every minute while a disk
+that goes from 6 to 30 ms is. Without history (a first sample) the absolute
+number alone decides.
+
+**Lossy toward the host**: the host's retransmit counters only see losses of
+what the host sends; losses toward the host show as segments arriving out of
+order (``tcpi_rcv_ooopack``: a later segment came before a lost one). The
+same rate floor, and :data:`RX_LOSS_MIN_RATIO` of the data segments received:
+a quarter of the send side's ratio, because only a loss followed by more data
+of the same flight leaves a hole (with small iSCSI responses most losses are
+the last segment of their flight and leave none). Retransmits the portal
+reported as duplicates (DSACK, ``tcpi_dsack_dups``) were not lost (tail-loss
+probes and spurious timeouts of a busy host) and do not count as loss.
+
+**The latency budget** (agent/diagnose/budget.py): the network is named as
+the cause of a slow disk when its measured part (RTT inflation over its
+baseline, retransmission stalls) is at least :data:`NETWORK_SHARE` of what
+the disk lost over its own baseline, and its RTT is at least
+:data:`RTT_INFLATED_FACTOR` times the path's baseline and steady (RTT
+variance under :data:`RTT_STEADY_VARIATION` x the RTT: a standing queue
+delays every segment alike, while a slow target that acknowledges commands
+only with their late responses, and data at once, makes the samples spread
+as wide as their mean; the inflation then counts toward the target). The measured network
+part is a lower bound (a payload's serialisation behind a rate limit and the
+portal's own retransmissions do not show in the RTT) and what is left,
+charged to the target, an upper bound; so a third, not a half.
+
 **Stalled** (a VM disk): it completed requests earlier in the window and none
 in its last interval. A connection is **dead** (its portal stopped answering)
 when its retransmission timer has backed off at least :data:`DEAD_BACKOFF`
@@ -44,6 +74,16 @@ LOSS_MIN_RATIO = 0.01          # retransmitted / sent (bytes, else segments), at
 SLOW_MS = 5.0                  # mean latency per request (ms) above which a disk is slow
 CRITICAL_MS = 50.0             # ... above which it is critical (the latency alert's threshold)
 MIN_OPS = 10                   # requests in the window before a disk's mean latency is judged
+SLOW_BASELINE_FACTOR = 3.0     # ... and this many times the disk's own baseline, when it has one
+BASELINE_QUANTILE = 0.5        # a disk's baseline: the median of its per-interval means in the history
+MIN_BASELINE_SAMPLES = 3       # intervals (snapshots for RTT) of history before a baseline is learnt
+# -- loss toward the host
+RX_LOSS_MIN_RATIO = 0.0025     # out-of-order segments / data segments received, at least
+# -- the latency budget
+NETWORK_SHARE = 1 / 3          # network's measured share of a slow disk's excess latency to name it
+RTT_INFLATED_FACTOR = 3.0      # smoothed RTT / the path's baseline RTT for "inflated" (queueing)
+RTT_BASELINE_QUANTILE = 0.1    # a path's baseline RTT: this low quantile of its smoothed RTT in the history
+RTT_STEADY_VARIATION = 1.0     # rttvar / srtt below this: the inflation is a standing queue on the path
 # -- stall
 DEAD_BACKOFF = 2               # consecutive unanswered RTOs (tcpi_backoff) of a dead connection
 
@@ -72,9 +112,54 @@ def lossy(retrans_per_s: float | None, ratio: float | None,
     return ratio is None or ratio >= min_ratio
 
 
-def slow(mean_ms: float | None, ops: int, slow_ms: float = SLOW_MS, min_ops: int = MIN_OPS) -> bool:
-    """Mean latency per request above ``slow_ms`` over at least ``min_ops`` requests."""
-    return ops >= min_ops and mean_ms is not None and mean_ms > slow_ms
+def slow(mean_ms: float | None, ops: int, slow_ms: float = SLOW_MS, min_ops: int = MIN_OPS,
+         baseline_ms: float | None = None, factor: float = SLOW_BASELINE_FACTOR) -> bool:
+    """Mean latency per request above ``slow_ms`` over at least ``min_ops`` requests, and above
+    ``factor`` x the disk's own baseline when it has one."""
+    if not (ops >= min_ops and mean_ms is not None and mean_ms > slow_ms):
+        return False
+    return baseline_ms is None or mean_ms > factor * baseline_ms
+
+
+def quantile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (nearest rank, 0 <= q <= 1) of ``values``; None when empty."""
+    vs = sorted(v for v in values if v is not None)
+    if not vs:
+        return None
+    return vs[min(len(vs) - 1, max(0, int(round(q * (len(vs) - 1)))))]
+
+
+def baseline(values: Sequence[float], q: float, min_samples: int = MIN_BASELINE_SAMPLES) -> float | None:
+    """A learnt baseline: the q-quantile of ``values`` (the history), None with fewer than ``min_samples``."""
+    vs = [v for v in values if v is not None]
+    return quantile(vs, q) if len(vs) >= min_samples else None
+
+
+def lossy_toward_host(ooo_per_s: float | None, ooo_ratio: float | None,
+                      min_per_s: float = LOSS_MIN_RETRANS_PER_S, min_ratio: float = RX_LOSS_MIN_RATIO) -> bool:
+    """Out-of-order arrivals (holes) at least ``min_per_s`` and at least ``min_ratio`` of the data received."""
+    if ooo_per_s is None or ooo_per_s <= 0 or ooo_per_s < min_per_s:
+        return False
+    return ooo_ratio is None or ooo_ratio >= min_ratio
+
+
+def rtt_inflated(rtt_ms: float | None, baseline_ms: float | None, factor: float = RTT_INFLATED_FACTOR) -> bool:
+    return rtt_ms is not None and baseline_ms is not None and baseline_ms > 0 and rtt_ms >= factor * baseline_ms
+
+
+def rtt_queueing(rtt_ms: float | None, rttvar_ms: float | None, baseline_ms: float | None,
+                 factor: float = RTT_INFLATED_FACTOR, steady: float = RTT_STEADY_VARIATION) -> bool:
+    """RTT inflated over its baseline *and* steady (rttvar < steady x srtt): a queue on the path delays every
+    segment alike; a peer that acknowledges some segments late (a slow target piggybacking ACKs on late
+    responses) inflates the mean with a deviation of the order of the mean."""
+    if not rtt_inflated(rtt_ms, baseline_ms, factor):
+        return False
+    return rttvar_ms is None or rttvar_ms < steady * rtt_ms
+
+
+def network_explains(share: float | None, min_share: float = NETWORK_SHARE) -> bool:
+    """The network's measured share of a slow disk's excess latency is enough to name it."""
+    return share is not None and share >= min_share
 
 
 def critical(mean_ms: float | None, critical_ms: float = CRITICAL_MS) -> bool:

@@ -93,11 +93,17 @@ def diagnose(
     cfg, _ = load_config(ctx)
     incidents = None
     seconds = None
+    history: list = []
     if from_file:
         snaps = read_recording(from_file, minimum=2)
     else:
         seconds = _parse_duration(window)
-        snaps = attached_snapshots(ctx, cfg, seconds=seconds)
+        # the window and, before it, the history the baselines are learnt from
+        snaps = attached_snapshots(ctx, cfg, seconds=seconds + cfg.diagnose.baseline_seconds)
+        if snaps:
+            start = snaps[-1].timestamp - seconds
+            history = [s for s in snaps if s.timestamp < start]
+            snaps = [s for s in snaps if s.timestamp >= start]
         if snaps is not None:
             incidents = _agent_incidents(cfg, seconds)  # kept beyond its snapshot history
         if snaps is not None and len(snaps) < 2:
@@ -105,7 +111,7 @@ def diagnose(
             snaps = None
         if snaps is None:
             snaps = sample(cfg, seconds, every, quiet=json_out and not sys.stderr.isatty())
-    w, findings = run_diagnose(snaps, cfg.diagnose)
+    w, findings = run_diagnose(snaps, cfg.diagnose, history=history)
     if incidents is None:
         incidents = replay_incidents(snaps, cfg.diagnose)
     if json_out:

@@ -370,8 +370,10 @@ def replay(snaps: list[Snapshot], cfg) -> list[dict]:
 
     tracker = IncidentTracker()
     for i in range(1, len(snaps)):
-        win = [s for s in snaps[:i + 1] if s.timestamp >= snaps[i].timestamp - cfg.window_seconds]
+        start = snaps[i].timestamp - cfg.window_seconds
+        win = [s for s in snaps[:i + 1] if s.timestamp >= start]
+        before = [s for s in snaps[:i + 1] if start - cfg.baseline_seconds <= s.timestamp < start]
         if len(win) >= 2:
-            w = build_window(win)
+            w = build_window(win, history=before)
             tracker.update(run_rules(w, cfg), win, timeline=w.timeline)
     return tracker.incidents()

@@ -100,11 +100,14 @@ class LiveDiagnosis:
         return {"seq": seq, "timestamp": ts, "findings": [api_dict(f) for f in findings]}
 
     def consume(self, snap: Snapshot) -> None:
-        snaps = [s for s in self.history() if s.timestamp >= snap.timestamp - self.cfg.window_seconds]
+        ring = self.history()
+        start = snap.timestamp - self.cfg.window_seconds
+        snaps = [s for s in ring if s.timestamp >= start]
         if len(snaps) < 2:
             return
+        before = [s for s in ring if start - self.cfg.baseline_seconds <= s.timestamp < start]  # baselines
         try:
-            w = build_window(snaps)
+            w = build_window(snaps, history=before)
             findings = run_rules(w, self.cfg)
         except Exception:  # a rule bug must not stop the agent
             log.exception("live diagnosis failed")

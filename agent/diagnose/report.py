@@ -13,8 +13,9 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 3  # warning or critical findings; 1 = could not run, 2 = bad usage
 
 
-def diagnose(snaps, cfg: DiagnoseConfig, if_addrs=None) -> tuple[Window, list[Finding]]:
-    w = build_window(snaps, if_addrs)
+def diagnose(snaps, cfg: DiagnoseConfig, if_addrs=None, history=()) -> tuple[Window, list[Finding]]:
+    """The rules over ``snaps``; ``history`` (older snapshots) teaches the baselines."""
+    w = build_window(snaps, if_addrs, history=history)
     return w, run_rules(w, cfg)
 
 

@@ -32,6 +32,7 @@ from statistics import median
 
 from agent import health
 from agent.config import DiagnoseConfig
+from agent.diagnose.budget import disk_budget
 from agent.diagnose.window import ConnWindow, DiskWindow, Window
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,27 @@ def _r(x, n=2):
 
 
 def _slow(d: DiskWindow, cfg: DiagnoseConfig) -> bool:
-    return health.slow(d.mean_ms, d.ops, cfg.slow_ms, cfg.min_ops)
+    """agent.health.slow: over diagnose.slow_ms, and over SLOW_BASELINE_FACTOR x its own baseline when learnt."""
+    return health.slow(d.mean_ms, d.ops, cfg.slow_ms, cfg.min_ops, d.baseline_ms)
+
+
+def _budgets(ds, w: Window) -> dict[str, dict]:
+    """vm/disk -> its latency budget as evidence (agent/diagnose/budget.py)."""
+    out = {}
+    for d in ds:
+        b = disk_budget(d, w)
+        if b is not None:
+            out[f"{d.vm}/{d.disk}"] = b.as_evidence()
+    return out
+
+
+def _vms_scope(ident: str, affected_vms: set, all_vms: set) -> str:
+    """The scope words: every VM on the portal (when several), one VM, or some of them."""
+    if len(affected_vms) == 1:
+        return "one VM"
+    if affected_vms >= all_vms:
+        return f"all VMs on portal {ident}"
+    return f"some VMs on portal {ident}"
 
 
 def _dead(c: ConnWindow, w: Window) -> bool:
@@ -145,64 +166,122 @@ def _portals(w: Window) -> list[str]:
     return sorted({c.portal for c in w.conns} | {d.portal for d in w.disks if d.portal})
 
 
+def _lossy_tx(cs: list[ConnWindow], seconds: float, cfg: DiagnoseConfig) -> bool:
+    """The host's sending side of these connections together is lossy (DSACKed retransmits left out)."""
+    real = sum(c.real_retrans for c in cs)
+    if real <= 0:
+        return False
+    retrans = sum(c.retrans for c in cs)
+    ratio = _ratio_of(cs)
+    ratio = None if ratio is None else ratio * (real / retrans if retrans else 1.0)
+    return health.lossy(real / seconds, ratio, cfg.retrans_per_second, cfg.retrans_ratio)
+
+
+def _lossy_rx(cs: list[ConnWindow], seconds: float) -> bool:
+    """Segments toward the host are lost: holes (out-of-order arrivals) at agent.health's rate and ratio."""
+    known = [c for c in cs if c.ooo is not None]
+    if not known:
+        return False
+    ooo, segs = sum(c.ooo for c in known), sum(c.data_segs_in or 0 for c in known)
+    return health.lossy_toward_host(ooo / seconds, ooo / segs if segs else None)
+
+
+def _live_conns(w: Window, portal: str) -> list[ConnWindow]:
+    return [c for c in w.conns if c.portal == portal and c.state == "ESTABLISHED" and not _dead(c, w)]
+
+
 @rule(precedence=50)
 def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
-    """Packet loss on an iSCSI path.
+    """Packet loss on an iSCSI path, in either direction.
 
     Symptom: VM disks on one portal (or all) get slow.
-    Signals: TCP retransmits on the storage connections to that portal
-    (tcp_info total_retrans deltas), with the latency of the disks served
-    by those connections.
-    Threshold: the health model's "lossy" (agent/health.py): on one
-    connection, retransmits/s >= diagnose.retrans_per_second and
-    retransmitted/sent (bytes, else segments) >= diagnose.retrans_ratio.
+    Signals: per portal, its connections together: retransmits the host
+    sent (tcp_info total_retrans deltas) minus those the portal reported as
+    duplicates (DSACK: not lost), and holes in what the host received
+    (tcpi_rcv_ooopack: loss toward the host, where the portal retransmits
+    and the host's own counters barely move); each slow disk's latency
+    budget.
+    Threshold: the health model's "lossy" (agent/health.py) on the portal's
+    connections together or on one of them: lost/s >= diagnose.retrans_per_second
+    and lost/sent >= diagnose.retrans_ratio; toward the host, out-of-order
+    segments at the same rate and >= RX_LOSS_MIN_RATIO of the data received.
+    Every VM with a disk on that portal is named (they share the path);
+    every portal lossy = the host side.
     Remedy: find where packets are lost: host interface counters, bond and
     switch port errors, MTU mismatches, the target's NIC.
     """
-    lossy = [c for c in w.conns if _lossy(c, cfg) and not _dead(c, w)]
-    if not lossy:
+    by_portal: dict[str, tuple[list[ConnWindow], list[str]]] = {}
+    for portal in _portals(w):
+        live = _live_conns(w, portal)
+        if not live:
+            continue
+        directions = []
+        if _lossy_tx(live, w.seconds, cfg):
+            lossy = live
+            directions.append("from the host")
+        else:
+            lossy = [c for c in live if _lossy_tx([c], w.seconds, cfg)]
+            if lossy:
+                directions.append("from the host")
+        if _lossy_rx(live, w.seconds):
+            lossy, directions = live, directions + ["toward the host"]
+        if lossy:
+            by_portal[portal] = (lossy, directions)
+    if not by_portal:
         return []
-    by_portal: dict[str, list[ConnWindow]] = {}
-    for c in lossy:
-        by_portal.setdefault(c.portal, []).append(c)
     all_portals = _portals(w)
-    findings = []
     host_wide = len(all_portals) > 1 and set(by_portal) == set(all_portals)
-    groups = [("host", w.host, [c for cs in by_portal.values() for c in cs])] if host_wide else [
-        ("portal", p, cs) for p, cs in sorted(by_portal.items())
-    ]
-    for kind, ident, cs in groups:
+    if host_wide:
+        groups = [("host", w.host, [c for cs, _ in by_portal.values() for c in cs],
+                   sorted({x for _, ds in by_portal.values() for x in ds}))]
+    else:
+        groups = [("portal", p, cs, ds) for p, (cs, ds) in sorted(by_portal.items())]
+    findings = []
+    for kind, ident, cs, directions in groups:
         portals = sorted({c.portal for c in cs})
+        whole = [c for p in portals for c in _live_conns(w, p)]
         owners = {(c.vm, c.disk) for c in cs}
-        affected = [d for d in w.disks if d.portal in portals and (d.vm, d.disk) in owners]
+        on_portals = [d for d in w.disks if d.portal in portals]
+        affected = on_portals if len(cs) == len(whole) else [d for d in on_portals if (d.vm, d.disk) in owners]
         if not affected:
-            affected = [d for d in w.disks if d.portal in portals]
+            affected = on_portals
         affected_set = set(affected)  # DiskWindow is frozen: hashed and compared by value, as `in` a list does
         others = [d for d in w.disks if d not in affected_set and d.mean_ms is not None and d.ops >= cfg.min_ops]
         slow = [d for d in affected if _slow(d, cfg)]
         stalled = [d for d in affected if d.stalled]
-        all_on_portal = [c for c in w.conns if c.portal in portals]
+        vms = sorted({d.vm for d in affected})
         if kind == "host":
             scope = "all VMs on the host"
-        elif len(cs) == len(all_on_portal) and len({c.vm for c in all_on_portal}) > 1:
-            scope = f"all VMs on portal {ident}"
         else:
-            scope = "one VM" if len({c.vm for c in cs}) == 1 else f"some VMs on portal {ident}"
-        retrans = sum(c.retrans for c in cs)
+            scope = _vms_scope(ident, set(vms), {d.vm for d in on_portals})
+        retrans, real = sum(c.retrans for c in cs), sum(c.real_retrans for c in cs)
         ratio = _ratio_of(cs)
+        ratio = None if ratio is None else ratio * (real / retrans if retrans else 1.0)
+        known = [c for c in cs if c.ooo is not None]
+        ooo = sum(c.ooo for c in known) if known else None
+        segs_in = sum(c.data_segs_in or 0 for c in known)
         severity = "critical" if stalled or any(health.critical(d.mean_ms, cfg.critical_ms) for d in slow) else "warning"
-        vms = sorted({d.vm for d in affected})
         ifaces = sorted({p.interface for p in w.paths if p.portal in portals and p.interface})
         ev = {
+            "direction": " and ".join(directions),
             "retransmits": retrans,
             "retransmits_per_second": _r(retrans / w.seconds),
+            "retransmits_not_lost_dsack": retrans - real,
             "retransmit_ratio_pct": _r(100.0 * ratio, 3) if ratio is not None else None,
+            "out_of_order_received": ooo,
+            "out_of_order_per_second": None if ooo is None else _r(ooo / w.seconds),
+            "out_of_order_ratio_pct": _r(100.0 * ooo / segs_in, 3) if ooo is not None and segs_in else None,
             "connections": len(cs),
             "rtt_ms": _r(max((c.rtt_ms or 0) for c in cs), 3),
+            "vms": vms,
             "disks": {f"{d.vm}/{d.disk}": _r(d.mean_ms, 3) for d in affected},
             "other_disks_median_ms": _r(median([d.mean_ms for d in others]), 3) if others else None,
         }
+        if slow:
+            ev["budget"] = _budgets(slow, w)
         where = "all portals" if kind == "host" else f"portal {ident}"
+        rate = (f"{ev['out_of_order_per_second']} segments/s arrive out of order" if directions == ["toward the host"]
+                else f"{_r(real / w.seconds)} lost segments/s")
         findings.append(
             Finding(
                 rule="packet_loss",
@@ -210,12 +289,15 @@ def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                 subject={"kind": kind, "id": ident},
                 scope=scope,
                 explains=_effects(affected, cs),
-                title=f"packet loss on the path to {where}: {ev['retransmits_per_second']} retransmits/s"
-                + (f", {len(slow)} slow disk(s)" if slow else ""),
+                title=f"packet loss on the path to {where} ({' and '.join(directions)}): {rate}"
+                + (f", {len(slow)} slow disk(s)" if slow else "") + f"; VMs {', '.join(vms)}",
                 evidence=ev,
                 cause=(
                     "TCP segments to/from the iSCSI portal are being lost and retransmitted; each loss stalls "
                     "the SCSI commands behind it (RTO >= 200 ms when fast retransmit cannot help)"
+                    + ("; losses toward the host are retransmitted by the portal, so the host's own retransmit "
+                       "counters barely move: the holes in what it receives show them" if "toward the host" in directions
+                       else "")
                     + (" on every path of the host: suspect the host side (interface, bond, uplink)" if kind == "host" else "")
                 ),
                 next_checks=[
@@ -229,68 +311,162 @@ def packet_loss(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     return findings
 
 
+@rule(precedence=55)
+def network_queueing(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
+    """Queueing on the network path (RTT inflated, no loss).
+
+    Symptom: VM disks on one portal get slow; nothing is lost.
+    Signals: the smoothed RTT of the portal's connections against the
+    portal's learnt baseline (a low quantile of its RTT in the history), and
+    each slow disk's latency budget: how much of what it lost over its own
+    baseline the RTT inflation and retransmission stalls account for.
+    Threshold: a slow disk whose budget's dominant layer is the network:
+    the network part >= NETWORK_SHARE of its excess latency and the RTT
+    >= RTT_INFLATED_FACTOR x the baseline (agent/health.py). Every VM on
+    the portal is named when the portal's RTT as a whole is inflated.
+    Remedy: a congested or rate-limited link: interface and switch queue
+    drops/marks, policers or shapers on the path, a saturated uplink or
+    bond member, other traffic sharing the storage VLAN.
+    """
+    out = []
+    for portal in _portals(w):
+        p = w.portals.get(portal)
+        on = _disks_on(w, portal)
+        slow = [d for d in on if _slow(d, cfg) and not d.stalled]
+        net = {}
+        for d in slow:
+            b = disk_budget(d, w)
+            if b is not None and b.dominant == "network":
+                net[f"{d.vm}/{d.disk}"] = b
+        if not net or p is None:
+            continue
+        portal_wide = health.rtt_inflated(p.rtt_ms, p.rtt_baseline_ms)  # the portal as a whole, not one connection
+        affected = on if portal_wide else [d for d in on if f"{d.vm}/{d.disk}" in net]
+        vms = sorted({d.vm for d in affected})
+        conns = [c for c in w.conns if c.portal == portal and (portal_wide or f"{c.vm}/{c.disk}" in net)]
+        worst = max(b.total_ms for b in net.values())
+        b0 = max(net.values(), key=lambda b: b.total_ms)
+        ev = {
+            "rtt_ms": _r(p.rtt_ms, 3),
+            "rtt_baseline_ms": _r(p.rtt_baseline_ms, 3),
+            "rtt_baseline_from": p.rtt_baseline_source,
+            "rtt_inflation": _r(p.rtt_inflation, 1),
+            "retransmits_lost": p.real_retrans,
+            "vms": vms,
+            "disks": {f"{d.vm}/{d.disk}": _r(d.mean_ms, 3) for d in affected},
+            "budget": {k: b.as_evidence() for k, b in sorted(net.items())},
+        }
+        out.append(Finding(
+            rule="network_queueing",
+            severity="critical" if health.critical(worst, cfg.critical_ms) else "warning",
+            subject={"kind": "portal", "id": portal} if portal_wide else {"kind": "disk", "id": sorted(net)[0]},
+            scope=_vms_scope(portal, set(vms), {d.vm for d in on}),
+            explains=_effects(affected, conns),
+            title=f"queueing on the network path to portal {portal}: RTT {p.rtt_ms:.2f} ms vs baseline "
+                  f"{p.rtt_baseline_ms:.2f} ms (x{p.rtt_inflation:.0f}), no loss; the network is "
+                  f"{100 * (b0.network_share or 0):.0f}% of the added latency of {b0.disk}; VMs {', '.join(vms)}",
+            evidence=ev,
+            cause="requests wait in a queue on the path to the portal (a rate-limited, shaped or congested "
+                  "link): the round trip grew many times over its usual value while nothing is lost, and that "
+                  "growth accounts for the disks' added latency; the target is not what is slow",
+            next_checks=[
+                "tc -s qdisc show on the storage interfaces (backlog, drops); shapers or policers on the path",
+                "switch port utilisation and queue drops/ECN marks toward the target",
+                "other traffic on the storage VLAN or bond member; the link's negotiated speed (ethtool)",
+                f"VMs affected: {', '.join(vms)}",
+            ]))
+    return out
+
+
 @rule(precedence=80)
 def slow_target(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     """Slow target or backing storage.
 
     Symptom: VM disks on iSCSI are slow.
-    Signals: mean latency per request above the threshold while the storage
-    connections of those disks are clean (no retransmits) and up.
-    Threshold: mean latency > diagnose.slow_ms over >= diagnose.min_ops requests.
+    Signals: each slow disk's latency budget: what is left of its time per
+    request after the layers the agent measures (host block layer, iSCSI
+    command, network: RTT against its baseline and retransmit stalls) on a
+    path that is not lossy; grouped by what the slow disks share: every
+    portal (the host's target side), one portal, or one LUN.
+    Threshold: a slow disk (agent.health.slow) whose budget's dominant
+    layer is the target (the network accounts for < NETWORK_SHARE of its
+    added latency). "Network clean" is said only when the budget shows it.
     Remedy: look at the target: its backing storage latency, queue depth,
-    controller load, snapshot/replication jobs; the network is not to blame.
+    controller load, snapshot/replication jobs.
     """
-    lossy_portals = {c.portal for c in w.conns if _lossy(c, cfg)}
-    slow = [d for d in w.disks if d.backend in ("libiscsi", "host-iscsi") and _slow(d, cfg) and d.portal
-            and d.portal not in lossy_portals and not d.stalled]
-    # host-backed disks through kernel sessions have backend "host" on the disk record; use paths
+    lossy_portals = {p for p in _portals(w) if _lossy_tx(_live_conns(w, p), w.seconds, cfg)
+                     or _lossy_rx(_live_conns(w, p), w.seconds)}
     iscsi_host = {(p.vm, p.disk): p.portal for p in w.paths if p.backend == "host-iscsi"}
+    slow, budgets = [], {}
     for d in w.disks:
-        if d.backend == "host" and (d.vm, d.disk) in iscsi_host and _slow(d, cfg):
-            portal = iscsi_host[(d.vm, d.disk)]
-            if portal not in lossy_portals and not d.stalled:
-                slow.append(d if d.portal else replace(d, portal=portal))
+        portal = d.portal or iscsi_host.get((d.vm, d.disk))
+        if not portal or not (d.backend in ("libiscsi", "host-iscsi") or (d.vm, d.disk) in iscsi_host):
+            continue
+        if not _slow(d, cfg) or portal in lossy_portals or d.stalled:
+            continue
+        d = d if d.portal else replace(d, portal=portal)
+        b = disk_budget(d, w)
+        if b is None or b.dominant != "target":
+            continue
+        slow.append(d)
+        budgets[f"{d.vm}/{d.disk}"] = b
     if not slow:
         return []
     portals = sorted({d.portal for d in slow})
     all_portals = _portals(w)
     fine_local = [d for d in w.disks if d.backend == "host" and (d.vm, d.disk) not in iscsi_host
                   and d.mean_ms is not None and d.ops >= cfg.min_ops and not _slow(d, cfg)]
+    groups: list[tuple[str, str, str, list[DiskWindow]]] = []
     if len(portals) == len(all_portals) and len(all_portals) > 1:
-        kind, ident, scope = "host", w.host, "all VMs on the host (every portal)"
-    elif len(portals) == 1:
-        kind, ident = "portal", portals[0]
-        on = [d for d in w.disks if d.portal == ident]
-        scope = f"all VMs on portal {ident}" if len(slow) == len(on) and len({d.vm for d in on}) > 1 else (
-            "one VM" if len({d.vm for d in slow}) == 1 else f"some VMs on portal {ident}")
+        groups.append(("host", w.host, "all VMs on the host (every portal)", slow))
     else:
-        kind, ident, scope = "host", w.host, f"VMs on portals {', '.join(portals)}"
-    worst = max(d.mean_ms for d in slow)
-    clean_conns = [c for c in w.conns if c.portal in portals]
-    ev = {
-        "disks": {f"{d.vm}/{d.disk}": _r(d.mean_ms, 3) for d in slow},
-        "ops_per_second": {f"{d.vm}/{d.disk}": _r(d.ops_per_second, 1) for d in slow},
-        "retransmits_on_their_connections": sum(c.retrans for c in clean_conns),
-        "rtt_ms": _r(max((c.rtt_ms or 0) for c in clean_conns), 3) if clean_conns else None,
-        "local_disks_median_ms": _r(median([d.mean_ms for d in fine_local]), 3) if fine_local else None,
-    }
-    return [
-        Finding(
+        for portal in portals:
+            ds = [d for d in slow if d.portal == portal]
+            on = [d for d in w.disks if d.portal == portal]
+            if len({d.vm for d in on}) > 1 and len(ds) == len(on):
+                groups.append(("portal", portal, f"all VMs on portal {portal}", ds))
+            else:  # one finding per slow LUN: what these disks share is their LUN (or their target)
+                for d in ds:
+                    lun = f"{d.target}/{d.lun}" if d.target else f"{d.vm}/{d.disk}"
+                    groups.append(("lun" if d.target else "disk", lun, "one VM", [d]))
+    out = []
+    for kind, ident, scope, ds in groups:
+        worst = max(d.mean_ms for d in ds)
+        conns = [c for c in w.conns if (c.vm, c.disk) in {(d.vm, d.disk) for d in ds}
+                 or (kind != "lun" and c.portal in {d.portal for d in ds})]
+        bs = {k: budgets[f"{d.vm}/{d.disk}"] for d in ds for k in [f"{d.vm}/{d.disk}"]}
+        shares = [b.network_share or 0.0 for b in bs.values()]
+        lost = sum(c.real_retrans for c in conns)
+        clean = lost == 0 and max(shares) < health.NETWORK_SHARE / 2
+        net = "network clean" if clean else f"network at most {100 * max(shares):.0f}% of the added latency"
+        vms = sorted({d.vm for d in ds})
+        ev = {
+            "disks": {f"{d.vm}/{d.disk}": _r(d.mean_ms, 3) for d in ds},
+            "ops_per_second": {f"{d.vm}/{d.disk}": _r(d.ops_per_second, 1) for d in ds},
+            "vms": vms,
+            "retransmits_on_their_connections": sum(c.retrans for c in conns),
+            "retransmits_lost": lost,
+            "rtt_ms": _r(max((c.rtt_ms or 0) for c in conns), 3) if conns else None,
+            "local_disks_median_ms": _r(median([d.mean_ms for d in fine_local]), 3) if fine_local else None,
+            "budget": {k: b.as_evidence() for k, b in sorted(bs.items())},
+        }
+        out.append(Finding(
             rule="slow_target",
             severity="critical" if health.critical(worst, cfg.critical_ms) else "warning",
             subject={"kind": kind, "id": ident},
             scope=scope,
-            explains=_effects(slow),
-            title=f"slow iSCSI target or backing storage ({len(slow)} disk(s), worst {worst:.1f} ms per request), network clean",
+            explains=_effects(ds),
+            title=f"slow iSCSI target or backing storage ({len(ds)} disk(s), worst {worst:.1f} ms per request), {net}",
             evidence=ev,
-            cause="requests wait on the target: its backing storage or controller is slow; the TCP path shows no significant loss",
+            cause="requests wait on the target: its backing storage or controller is slow; the latency budget "
+                  "leaves the time to the target" + ("" if clean else " (the network's part is in the evidence)"),
             next_checks=[
                 "target side: backing device latency and queue (iostat -x on the target), controller load",
                 "jobs on the array/target: snapshots, rebuilds, replication, thin-pool exhaustion",
                 "other initiators saturating the same LUN or RAID group",
             ],
-        )
-    ]
+        ))
+    return out
 
 
 @rule(precedence=20)
@@ -302,7 +478,9 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     qemu has no ESTABLISHED connection to its portal; a disk whose requests
     stopped within the window; new connections replacing old ones
     (reconnects); error counters (timeouts, digest errors) rising.
-    Threshold: any of these.
+    Threshold: any of these. When every VM (several) with a disk on a portal
+    is down there, or reconnected to it, that is one finding for the portal
+    naming them all (scope "all VMs on portal X"), not one per VM.
     Remedy: check the portal is reachable and the target serves the LUN;
     for flapping, the NOP-Out/timeout settings and the network in between.
     """
@@ -342,6 +520,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
     for c in w.conns:
         if c.present_at_end:
             conns_of.setdefault((c.vm, c.disk), []).append(c)
+    per_disk: list[tuple[DiskWindow, Finding]] = []
     for d in w.disks:
         p = libiscsi.get((d.vm, d.disk))
         conns = conns_of.get((d.vm, d.disk), [])
@@ -349,7 +528,7 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         dead = [c for c in established if _dead(c, w)]
         if dead:
             c = dead[0]
-            out.append(Finding(
+            per_disk.append((d, Finding(
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
                 scope="one VM", explains=_effects([d], conns),
                 title=f"{d.vm} {d.disk}: portal {d.portal} stopped answering; I/O stopped",
@@ -360,9 +539,9 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                       "will declare a NOP timeout and reconnect",
                 next_checks=[f"reachability of {d.portal} (ping, port 3260) from this host",
                              "target service and its portal configuration", "firewall/ACL changes on the path",
-                             f"QEMU log of {d.vm}: 'iSCSI: NOP timeout. Reconnecting...'"]))
+                             f"QEMU log of {d.vm}: 'iSCSI: NOP timeout. Reconnecting...'"])))
         elif p is not None and not established and (d.stalled or d.ops == 0 or p.connection is None):
-            out.append(Finding(
+            per_disk.append((d, Finding(
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
                 scope="one VM", explains=_effects([d], conns),
                 title=f"{d.vm} {d.disk}: no established iSCSI connection to {d.portal}; I/O "
@@ -372,17 +551,21 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
                 cause="QEMU's libiscsi lost its TCP connection to the portal (target down, unreachable, or "
                       "not answering); the guest's requests wait until libiscsi reconnects",
                 next_checks=[f"reachability of {d.portal}", "target service state",
-                             f"QEMU log of {d.vm}: 'iSCSI: NOP timeout. Reconnecting...'"]))
+                             f"QEMU log of {d.vm}: 'iSCSI: NOP timeout. Reconnecting...'"])))
         elif d.stalled:
-            out.append(Finding(
+            per_disk.append((d, Finding(
                 rule="path_down", severity="critical", subject={"kind": "disk", "id": f"{d.vm}/{d.disk}"},
                 scope="one VM", explains=_effects([d], conns),
                 title=f"{d.vm} {d.disk}: I/O stopped during the window",
                 evidence={"intervals_ops": list(d.intervals_ops), "portal": d.portal, "backend": d.backend},
                 cause="requests stopped completing: the path or the target stopped answering, or the guest "
                       "stopped issuing I/O",
-                next_checks=["kvmscope paths", "target reachability", "guest console"]))
+                next_checks=["kvmscope paths", "target reachability", "guest console"])))
+    out.extend(_group_down_by_portal(w, per_disk))
+    reconnects = _reconnects_by_portal(w)
     for (vm, portal), n in sorted(w.reconnects.items()):
+        if portal in reconnects:
+            continue
         out.append(Finding(
             rule="path_down", severity="warning", subject={"kind": "vm", "id": vm}, scope="one VM",
             aspect=f"reconnects to {portal}",
@@ -391,6 +574,62 @@ def path_down(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
             cause="the iSCSI connection was re-established (libiscsi reconnect after a NOP timeout, or the "
                   "target reset the connection)",
             next_checks=[f"QEMU log of {vm}", "target logs for connection resets", "retransmits on this path"]))
+    for portal, per_vm in sorted(reconnects.items()):
+        vms = sorted(per_vm)
+        on = _disks_on(w, portal)
+        out.append(Finding(
+            rule="path_down", severity="warning", subject={"kind": "portal", "id": portal},
+            scope=f"all VMs on portal {portal}", aspect="reconnects",
+            explains=_effects(on, [c for c in w.conns if c.portal == portal]),
+            title=f"portal {portal}: every VM on it reconnected within {w.seconds:.0f}s ({', '.join(vms)})",
+            evidence={"reconnects": dict(sorted(per_vm.items())), "portal": portal, "vms": vms},
+            cause="every iSCSI connection to this portal was re-established: the portal or the path to it "
+                  "went away and came back (a flap), not one VM's connection",
+            next_checks=[f"reachability of {portal}", "target logs for connection resets around the window",
+                         "kernel and QEMU logs: 'NOP timeout. Reconnecting...'"]))
+    return out
+
+
+def _group_down_by_portal(w: Window, per_disk: list[tuple[DiskWindow, Finding]]) -> list[Finding]:
+    """One finding per portal when every VM on it (several) is down there; the per-disk findings otherwise."""
+    out, by_portal = [], {}
+    for d, f in per_disk:
+        by_portal.setdefault(d.portal, []).append((d, f))
+    for portal, items in sorted(by_portal.items(), key=lambda kv: str(kv[0])):
+        on = [d for d in w.disks if d.portal == portal] if portal else []
+        down = {(d.vm, d.disk) for d, _ in items}
+        if not portal or len({d.vm for d in on}) < 2 or not all((d.vm, d.disk) in down for d in on):
+            out.extend(f for _, f in items)
+            continue
+        vms = sorted({d.vm for d, _ in items})
+        stopped = [f"{d.vm}/{d.disk}" for d, _ in items if d.ops == 0 or d.stalled]
+        conns = [c for c in w.conns if c.portal == portal]
+        out.append(Finding(
+            rule="path_down", severity="critical", subject={"kind": "portal", "id": portal},
+            scope=f"all VMs on portal {portal}",
+            explains=frozenset().union(*(f.explains for _, f in items)) | _effects(on, conns),
+            title=f"portal {portal} stopped answering: I/O of every VM on it stopped ({', '.join(vms)})",
+            evidence={"portal": portal, "vms": vms, "disks_stopped": stopped,
+                      "disks": {f"{d.vm}/{d.disk}": f.evidence for d, f in items},
+                      "rto_backoff": max((c.max_backoff for c in conns), default=0)},
+            cause="every connection to this portal stopped getting answers at once (or is gone): the portal, "
+                  "its target, or the path to it is down; one cause for all of its VMs, not one per VM",
+            next_checks=[f"reachability of {portal} (ping, port 3260) from this host",
+                         "target service and its portal configuration", "firewall/ACL changes on the path",
+                         "QEMU logs of its VMs: 'iSCSI: NOP timeout. Reconnecting...'"]))
+    return out
+
+
+def _reconnects_by_portal(w: Window) -> dict[str, dict[str, int]]:
+    """portal -> {vm: reconnects} where every VM (several) with a disk on the portal reconnected."""
+    per: dict[str, dict[str, int]] = {}
+    for (vm, portal), n in w.reconnects.items():
+        per.setdefault(portal, {})[vm] = n
+    out = {}
+    for portal, vms in per.items():
+        on = {d.vm for d in _disks_on(w, portal)}
+        if len(on) > 1 and on <= set(vms):
+            out[portal] = vms
     return out
 
 
@@ -481,6 +720,66 @@ def blind_spots(w: Window, cfg: DiagnoseConfig) -> list[Finding]:
         next_checks=["kvmscope run --once (each collector's reason)", "kvmscope probes check"])]
 
 
+def slow_unexplained(w: Window, cfg: DiagnoseConfig, findings: list[Finding]) -> list[Finding]:
+    """Slow, cause not determined.
+
+    Symptom: a disk is slow and no rule explains it.
+    Signals: every slow disk (agent.health.slow) that no other finding
+    names among the effects it explains; its latency budget and, for each
+    cause the rules look for, why it was ruled out (loss in both directions,
+    the path's state, RTT inflation and the network's share, saturation).
+    Threshold: slow and unexplained (runs after every other rule, so no slow
+    disk is left out of the report).
+    Remedy: the budget says where the time goes; look there (QEMU and the
+    guest when the time is spent above the iSCSI command, the host's CPU
+    when every layer grew).
+    """
+    explained = {e for f in findings for e in f.explains}
+    out = []
+    for d in w.disks:
+        key = f"{d.vm}/{d.disk}"
+        if not _slow(d, cfg) or ("disk", key) in explained:
+            continue
+        b = disk_budget(d, w)
+        p = w.portals.get(d.portal) if d.portal else None
+        ruled_out = []
+        if p is not None:
+            ruled_out.append(f"packet loss on {p.portal}: {p.real_retrans} lost segment(s) sent, "
+                             + ("out-of-order arrivals not counted by this kernel" if p.ooo is None
+                                else f"{p.ooo} out-of-order arrival(s)") + f" in {w.seconds:.0f}s")
+            conns = [c for c in w.conns if c.vm == d.vm and c.disk == d.disk]
+            ruled_out.append("path down: " + (", ".join(f"{c.four_tuple} {c.state}, RTO backoff {c.max_backoff}"
+                                                          for c in conns) or "no connection of its own seen"))
+        else:
+            ruled_out.append("network: no iSCSI path known for this disk (backend " + d.backend + ")")
+        if b is not None and b.rtt_ms is not None:
+            ruled_out.append(f"network queueing: RTT x{(b.rtt_inflation or 0):.1f} its baseline, the network "
+                             f"{100 * (b.network_share or 0):.0f}% of the added latency")
+        if b is not None:
+            ruled_out.append(f"slow target: the budget's dominant layer is {b.dominant.replace('_', ' ')}"
+                             if b.dominant != "target" else "slow target: not an iSCSI disk on a clean path")
+        peers = [o for o in w.disks if o.portal == d.portal and o is not d and o.ops >= cfg.min_ops] if d.portal else []
+        if peers:
+            ruled_out.append(f"saturation: {d.ops_per_second:.0f} ops/s vs its neighbours' median "
+                             f"{median([o.ops_per_second for o in peers]):.0f}")
+        ev = {"mean_ms": _r(d.mean_ms, 3), "baseline_ms": _r(d.baseline_ms, 3), "ops_per_second": _r(d.ops_per_second, 1),
+              "ruled_out": ruled_out}
+        if b is not None:
+            ev["budget"] = b.as_evidence()
+        out.append(Finding(
+            rule="slow_unexplained",
+            severity="critical" if health.critical(d.mean_ms, cfg.critical_ms) else "warning",
+            subject={"kind": "disk", "id": key}, scope="one VM", explains=_effects([d]),
+            title=f"{d.vm} {d.disk}: slow ({d.mean_ms:.1f} ms per request), cause not determined"
+                  + (f"; most of it in the {b.dominant.replace('_', ' ')} layer" if b is not None else ""),
+            evidence=ev,
+            cause="no rule's signals explain this disk's latency; the budget and what was ruled out are in the "
+                  "evidence",
+            next_checks=["the budget's dominant layer first", "the guest's own I/O pattern (iostat in the guest)",
+                         "the host's CPU pressure (/proc/pressure/cpu) when every layer grew"]))
+    return out
+
+
 def rule_failed(name: str, error: BaseException) -> Finding:
     """A rule that raised: a blind spot like a failed source, named with its error."""
     err = f"{type(error).__name__}: {error}"
@@ -523,13 +822,18 @@ def run_rules(w: Window, cfg: DiagnoseConfig, rules=None) -> list[Finding]:
             log.exception("diagnosis rule %s failed", r.__name__)
             ranked.append((DEFAULT_PRECEDENCE, rule_failed(r.__name__, e)))
     findings = consolidate(ranked)
+    try:
+        findings.extend(slow_unexplained(w, cfg, findings))
+    except Exception as e:  # as for any rule
+        log.exception("diagnosis rule slow_unexplained failed")
+        findings.append(rule_failed("slow_unexplained", e))
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, str(f.subject.get("id"))))
     return findings
 
 
 def describe_rules() -> list[dict]:
     out = []
-    for r in RULES:
+    for r in [*RULES, slow_unexplained]:
         doc = (r.__doc__ or "").strip()
         title, _, body = doc.partition("\n")
         out.append({"rule": r.__name__, "title": title.strip(), "doc": " ".join(body.split())})

@@ -4,16 +4,26 @@ Counters are turned into deltas and rates between the first and last
 snapshot of the window (per-interval series where a rule needs the shape,
 e.g. a disk that stopped). Everything here is pure: a list of snapshots in,
 a :class:`Window` out.
+
+Baselines are learnt from the ``history`` (snapshots before the window, the
+agent's ring or a recording's lead-in): a disk's usual mean latency (the
+median of its per-interval means) and a portal's usual smoothed RTT (a low
+quantile of the per-snapshot mean RTT of its connections). Per portal, not
+per connection, so a reconnect does not reset it; without history a
+portal's baseline is the same low quantile over the window itself (marked
+``source: "window"``: it underestimates an inflation that lasted the whole
+window, so the verdict leans away from the network, never toward it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from statistics import median
+from dataclasses import dataclass, field
+from statistics import mean, median
 
 from agent import health
 from agent.records.addr import fmt_endpoint
 from agent.diagnose.timeline import Timeline, build_timeline
+from agent.records.disk_latency import BLOCK, LIBISCSI
 from agent.records.paths import StoragePath, build_paths
 from agent.records.rates import mean_latency_ms
 from agent.records.snapshot import Snapshot, Status
@@ -32,6 +42,11 @@ class DiskWindow:
     write_ms: float | None
     stalled: bool  # had I/O earlier in the window, none at its end
     intervals_ops: tuple[int, ...] = ()
+    baseline_ms: float | None = None  # its usual mean latency, learnt from the history (None: no history)
+    iscsi_ms: float | None = None  # libiscsi command time per request (ebpf_libiscsi), None without it
+    host_block_ms: float | None = None  # host block layer time per request of its QEMU (ebpf_block_io)
+    target: str | None = None  # iSCSI target IQN and LUN (from its path)
+    lun: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,11 +64,61 @@ class ConnWindow:
     present_at_end: bool
     bytes_sent: int | None = None  # tcpi_bytes_sent delta (None: kernel < 4.19)
     bytes_retrans: int | None = None  # tcpi_bytes_retrans delta
+    rtt_mean_ms: float | None = None  # mean smoothed RTT over the window's observations
+    rttvar_mean_ms: float | None = None  # mean RTT variance (tcpi_rttvar) over them
+    dsacks: int | None = None  # tcpi_dsack_dups delta: retransmits the portal had already (not lost)
+    ooo: int | None = None  # tcpi_rcv_ooopack delta: holes toward the host (Linux >= 5.4)
+    data_segs_in: int | None = None  # tcpi_data_segs_in delta
+    rto_stall_s: float | None = None  # tcpi_total_rto_time delta: time in RTO recovery (Linux >= 6.7)
+    rto_count: int | None = None  # tcpi_total_rto delta
+    rto_ms: float | None = None  # the retransmission timeout at the end
+
+    @property
+    def real_retrans(self) -> int:
+        """Retransmits minus those the portal reported as duplicates (DSACK: not lost)."""
+        return max(self.retrans - (self.dsacks or 0), 0)
 
     @property
     def loss_ratio(self) -> float | None:
-        """Retransmitted / sent in the window (bytes, else segments): agent.health.loss_ratio."""
-        return health.loss_ratio(self.bytes_retrans, self.bytes_sent, self.retrans, self.segs_out)
+        """Lost / sent in the window (bytes, else segments): agent.health.loss_ratio, DSACKed retransmits
+        left out (scaled on the byte counters, which do not tell them apart)."""
+        scale = self.real_retrans / self.retrans if self.retrans else 1.0
+        return health.loss_ratio(None if self.bytes_retrans is None else self.bytes_retrans * scale, self.bytes_sent,
+                                 self.real_retrans, self.segs_out)
+
+
+@dataclass(frozen=True)
+class PortalWindow:
+    """One portal's path over the window: its connections together, both directions, its RTT against its baseline."""
+
+    portal: str
+    connections: tuple[str, ...]  # four-tuples (ESTABLISHED at some point in the window)
+    rtt_ms: float | None  # mean over the window of the per-snapshot mean smoothed RTT of its connections
+    rtt_baseline_ms: float | None
+    rtt_baseline_source: str | None  # "history" (learnt before the window) | "window" (no history)
+    rtt_history_samples: int
+    retrans: int
+    real_retrans: int  # minus DSACKed ones
+    segs_out: int
+    ooo: int | None
+    data_segs_in: int | None
+    seconds: float
+
+    @property
+    def rtt_inflation(self) -> float | None:
+        if self.rtt_ms is None or not self.rtt_baseline_ms:
+            return None
+        return self.rtt_ms / self.rtt_baseline_ms
+
+    @property
+    def ooo_per_second(self) -> float | None:
+        return None if self.ooo is None else self.ooo / self.seconds
+
+    @property
+    def ooo_ratio(self) -> float | None:
+        if self.ooo is None or not self.data_segs_in:
+            return None
+        return self.ooo / self.data_segs_in
 
 
 @dataclass(frozen=True)
@@ -96,24 +161,66 @@ class Window:
     timeline: Timeline | None = None  # per-interval series and outages (agent/diagnose/timeline.py)
     multipath: tuple[MapWindow, ...] = ()
     kernel_events: tuple = ()  # storage_log events of the window (StorageLogEvent), for the kernel-path rules
+    portals: dict[str, PortalWindow] = field(default_factory=dict)
+    history_snapshots: int = 0  # snapshots before the window the baselines were learnt from
 
     @property
     def seconds(self) -> float:
         return max(self.end - self.start, 1e-9)
 
 
-def _disk_windows(snaps: list[Snapshot], dt: float, portal_of: dict) -> list[DiskWindow]:
-    """Per VM disk: requests and mean latency over the window, requests per interval (for stalls)."""
+def _ops(st) -> int:
+    return st.rd_reqs + st.wr_reqs + st.fl_reqs
+
+
+def _disk_baselines(history: list[Snapshot]) -> dict[tuple, float]:
+    """(vm, disk) -> its usual mean latency: the median of its per-interval means over the history."""
+    per: dict[tuple, list[float]] = {}
+    for a, b in zip(history, history[1:]):
+        da, db = a.vm_disks, b.vm_disks
+        for key, (_vm, d) in db.items():
+            if key not in da or d.stats is None or da[key][1].stats is None:
+                continue
+            ms = mean_latency_ms(da[key][1].stats, d.stats)
+            if ms is not None:
+                per.setdefault(key, []).append(ms)
+    out = {}
+    for key, vals in per.items():
+        b = health.baseline(vals, health.BASELINE_QUANTILE)
+        if b is not None:
+            out[key] = b
+    return out
+
+
+def _probe_ms(first: Snapshot, last: Snapshot, vm: str, disk: str, source: str) -> float | None:
+    """Mean time per request of a VM disk's probe histograms (agent.records.disk_latency) over the window."""
+    def totals(snap):
+        hs = [h for h in snap.vm_disk_latency.for_disk(vm, disk) if h.source == source and h.sum_ns is not None]
+        return (sum(h.count for h in hs), sum(h.sum_ns for h in hs)) if hs else None
+
+    a, b = totals(first), totals(last)
+    if a is None or b is None or b[0] - a[0] <= 0 or b[1] < a[1]:
+        return None
+    return (b[1] - a[1]) / (b[0] - a[0]) / 1e6
+
+
+def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapshot]) -> list[DiskWindow]:
+    """Per VM disk: requests and mean latency over the window, requests per interval (for stalls), its baseline
+    and the time its probes measured below QEMU."""
     series = [s.vm_disks for s in snaps]
+    portal_of = {(p.vm, p.disk): p.portal for p in paths}
+    lun_of = {(p.vm, p.disk): (p.target, p.lun) for p in paths if p.target}
+    baselines = _disk_baselines(history + snaps[:1]) if history else {}
+    first, last = snaps[0], snaps[-1]
     disks = []
     for key, (vm, d) in series[-1].items():
         if d.stats is None:
             continue
         stats = [sd[key][1].stats for sd in series if key in sd and sd[key][1].stats is not None]
         a, b = stats[0], d.stats
-        ops = (b.rd_reqs - a.rd_reqs) + (b.wr_reqs - a.wr_reqs) + (b.fl_reqs - a.fl_reqs)
-        per = tuple((y.rd_reqs + y.wr_reqs + y.fl_reqs) - (x.rd_reqs + x.wr_reqs + x.fl_reqs)
-                    for x, y in zip(stats, stats[1:]))
+        ops = _ops(b) - _ops(a)
+        per = tuple(_ops(y) - _ops(x) for x, y in zip(stats, stats[1:]))
+        target, lun = lun_of.get((vm.name, d.target), (d.iqn, d.lun))
         disks.append(DiskWindow(
             vm=vm.name,
             disk=d.target,
@@ -126,6 +233,11 @@ def _disk_windows(snaps: list[Snapshot], dt: float, portal_of: dict) -> list[Dis
             write_ms=mean_latency_ms(a, b, "write"),
             stalled=health.stalled(per),
             intervals_ops=per,
+            baseline_ms=baselines.get(key),
+            iscsi_ms=_probe_ms(first, last, vm.name, d.target, LIBISCSI),
+            host_block_ms=_probe_ms(first, last, vm.name, d.target, BLOCK),
+            target=target,
+            lun=lun,
         ))
     return sorted(disks, key=lambda d: (d.vm, d.disk))
 
@@ -178,8 +290,66 @@ def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths
             present_at_end=ft in last_conns,
             bytes_sent=_counter_delta(i0, i1, "bytes_sent", born_inside),
             bytes_retrans=_counter_delta(i0, i1, "bytes_retrans", born_inside),
+            rtt_mean_ms=_mean_rtt_ms(obs),
+            rttvar_mean_ms=_mean_rtt_ms(obs, "rttvar_us"),
+            dsacks=_counter_delta(i0, i1, "dsack_dups", born_inside),
+            ooo=_counter_delta(i0, i1, "rcv_ooopack", born_inside),
+            data_segs_in=_counter_delta(i0, i1, "data_segs_in", born_inside),
+            rto_stall_s=None if (x := _counter_delta(i0, i1, "total_rto_time_ms", born_inside)) is None else x / 1000,
+            rto_count=_counter_delta(i0, i1, "total_rto", born_inside),
+            rto_ms=i1.rto_us / 1000 if i1.rto_us is not None else None,
         ))
     return sorted(conns, key=lambda c: (c.portal, c.four_tuple))
+
+
+def _mean_rtt_ms(obs, field_name: str = "rtt_us") -> float | None:
+    vals = [getattr(o.info, field_name) for o in obs
+            if o.info is not None and o.info.rtt_us and o.state == "ESTABLISHED" and getattr(o.info, field_name) is not None]
+    return mean(vals) / 1000 if vals else None
+
+
+def _portal_rtt_series(snaps: list[Snapshot]) -> dict[str, list[float]]:
+    """portal -> per snapshot, the mean smoothed RTT (ms) of its ESTABLISHED connections."""
+    out: dict[str, list[float]] = {}
+    for s in snaps:
+        per: dict[str, list[int]] = {}
+        for c in s.storage_connections:
+            if c.state == "ESTABLISHED" and c.info is not None and c.info.rtt_us:
+                per.setdefault(c.portal, []).append(c.info.rtt_us)
+        for portal, vals in per.items():
+            out.setdefault(portal, []).append(mean(vals) / 1000)
+    return out
+
+
+def _portal_windows(conns: list[ConnWindow], snaps: list[Snapshot], history: list[Snapshot],
+                    dt: float) -> dict[str, PortalWindow]:
+    """Per portal: its connections' counters together and its RTT against the learnt baseline."""
+    now, before = _portal_rtt_series(snaps), _portal_rtt_series(history)
+    out = {}
+    for portal in sorted({c.portal for c in conns}):
+        cs = [c for c in conns if c.portal == portal and c.state in ("ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT1")]
+        series = now.get(portal, [])
+        learnt = health.baseline(before.get(portal, []), health.RTT_BASELINE_QUANTILE)
+        if learnt is not None:
+            base, source = learnt, "history"
+        else:
+            base, source = health.quantile(series, health.RTT_BASELINE_QUANTILE), ("window" if series else None)
+        has_ooo = any(c.ooo is not None for c in cs)
+        out[portal] = PortalWindow(
+            portal=portal,
+            connections=tuple(c.four_tuple for c in cs),
+            rtt_ms=mean(series) if series else None,
+            rtt_baseline_ms=base,
+            rtt_baseline_source=source,
+            rtt_history_samples=len(before.get(portal, [])),
+            retrans=sum(c.retrans for c in cs),
+            real_retrans=sum(c.real_retrans for c in cs),
+            segs_out=sum(c.segs_out for c in cs),
+            ooo=sum(c.ooo or 0 for c in cs) if has_ooo else None,
+            data_segs_in=sum(c.data_segs_in or 0 for c in cs) if has_ooo else None,
+            seconds=dt,
+        )
+    return out
 
 
 def _reconnects(snaps: list[Snapshot], seen: dict[str, list]) -> dict[tuple[str, str], int]:
@@ -283,22 +453,26 @@ def _multipath_windows(snaps: list[Snapshot], paths) -> list[MapWindow]:
     return out
 
 
-def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) -> Window:
-    """The window over ``snaps`` (oldest first): each part from its own function above."""
+def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None,
+                 history: list[Snapshot] | tuple = ()) -> Window:
+    """The window over ``snaps`` (oldest first): each part from its own function above; ``history``
+    (older snapshots, oldest first) only teaches the baselines."""
     if not snaps:
         raise ValueError("no snapshots")
+    history = [h for h in history if h.timestamp < snaps[0].timestamp]
     first, last = snaps[0], snaps[-1]
     dt = max(last.timestamp - first.timestamp, 1e-9)
     paths = last.paths if if_addrs is None else build_paths(last, if_addrs)
     seen = _connections_seen(snaps)
     host_retrans, host_out = _host_tcp(first, last)
+    conns = _conn_windows(snaps, seen, dt, paths)
     return Window(
         host=last.host,
         start=first.timestamp,
         end=last.timestamp,
         snapshots=len(snaps),
-        disks=tuple(_disk_windows(snaps, dt, {(p.vm, p.disk): p.portal for p in paths})),
-        conns=tuple(_conn_windows(snaps, seen, dt, paths)),
+        disks=tuple(_disk_windows(snaps, dt, paths, history)),
+        conns=tuple(conns),
         paths=tuple(paths),
         reconnects=_reconnects(snaps, seen),
         sessions=_sessions(snaps),
@@ -311,6 +485,8 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None) 
         multipath=tuple(_multipath_windows(snaps, paths)),
         kernel_events=tuple(e for s in snaps if s.storage_log is not None for e in s.storage_log.events
                             if e.origin in ("kernel", "iscsid", "multipathd")),
+        portals=_portal_windows(conns, snaps, history, dt),
+        history_snapshots=len(history),
     )
 
 

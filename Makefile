@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit fuzz disk-faults bench-probes bench-cycle footprint soak dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz disk-faults bench bench-probes bench-cycle footprint soak dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -29,6 +29,14 @@ disk-faults: setup-test
 	KVMSCOPE_REQUIRE_REAL=1 $(VENV)/bin/python -m pytest -p no:cacheprovider -v tests/es/test_disk_faults.py $(PYTEST_ARGS)
 
 # Benchmarks (not tests): results go to docs/performance.md. Root needed.
+# make bench: kvmscope beside node_exporter and the libvirt exporter on the lab (4 VMs, 5 s, 2 minutes,
+# one Prometheus scraping all three; the peers are installed by setup-test and stopped at the end),
+# the time to answer each lab fault, then the cycle cost at 200 VMs and the probes' cost.
+bench: setup-test
+	$(VENV)/bin/python -m benchmarks.peers $(ARGS)
+	$(VENV)/bin/python -m benchmarks.cycle
+	$(MAKE) bench-probes
+
 bench-probes: setup-test
 	$(VENV)/bin/python -m benchmarks.probes $(ARGS)
 

@@ -40,6 +40,7 @@ packages=(
   busybox-static linux-image-amd64 cpio kmod xz-utils zstd
   iptables iproute2 procps psmisc
   prometheus fio bpftrace
+  prometheus-node-exporter prometheus-libvirt-exporter   # the peers `make bench` measures kvmscope against
   logrotate
   python3-setuptools python3-wheel python3-seccomp
 )

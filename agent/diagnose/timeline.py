@@ -31,6 +31,7 @@ Pure: snapshots in, frozen records out; cost linear in snapshots x disks.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from statistics import median
 
@@ -56,6 +57,94 @@ def _ops(st) -> int:
     return st.rd_reqs + st.wr_reqs + st.fl_reqs
 
 
+def _disk_keys(s: Snapshot) -> list:
+    """("vm/disk", VmDisk) of a snapshot's disks, in its order (made once per snapshot)."""
+    keys = s.__dict__.get("_timeline_disk_keys")
+    if keys is None:
+        keys = s.__dict__["_timeline_disk_keys"] = [(f"{vm}/{dname}", d) for (vm, dname), (_v, d) in s.vm_disks.items()]
+    return keys
+
+
+def _disk_steps(first: Snapshot, second: Snapshot) -> dict[str, tuple[int, float | None]]:
+    """"vm/disk" -> (requests completed, their mean latency in ms) between two consecutive snapshots, for
+    the disks with stats in both whose counters did not go back (a VM restart resets them).
+
+    Kept on ``second`` (naming ``first`` by a weak reference, so no snapshot keeps an older one alive):
+    every cycle the live window and the incident tracker ask again for the steps of the snapshots they
+    share with the previous cycle, and only the newest step is new."""
+    memo = second.__dict__.get("_timeline_disk_steps")
+    if memo is not None and memo[0]() is first:
+        return memo[1]
+    out = {}
+    before = first.vm_disks
+    for (vm, dname), (_v, d) in second.vm_disks.items():
+        b = d.stats
+        if b is None:
+            continue
+        prev = before.get((vm, dname))
+        if prev is None or prev[1].stats is None:
+            continue
+        a = prev[1].stats
+        done = _ops(b) - _ops(a)
+        if done < 0:  # counters reset (the VM restarted)
+            continue
+        out[f"{vm}/{dname}"] = (done, mean_latency_ms(a, b))
+    second.__dict__["_timeline_disk_steps"] = (weakref.ref(first), out)  # frozen dataclass: a cache, not a field
+    return out
+
+
+def _conns(s: Snapshot) -> dict:
+    """four-tuple -> storage connection of a snapshot (made once per snapshot)."""
+    conns = s.__dict__.get("_timeline_conns")
+    if conns is None:
+        conns = s.__dict__["_timeline_conns"] = {c.four_tuple: c for c in s.storage_connections}
+    return conns
+
+
+def _portal_state(s: Snapshot) -> dict[str, tuple[int, int, int | None]]:
+    """portal -> (highest tcpi_backoff, segments in flight, freshest ACK's age of an ESTABLISHED connection)
+    at one snapshot, over its connections with tcp_info (made once per snapshot)."""
+    agg = s.__dict__.get("_timeline_portal_state")
+    if agg is not None:
+        return agg
+    agg = {}
+    for c in _conns(s).values():
+        info = c.info
+        if info is None:
+            continue
+        b, u, age = agg.get(c.portal, (0, 0, None))
+        b = max(b, info.backoff or 0)
+        u += info.unacked or 0
+        if c.state == "ESTABLISHED" and info.last_ack_recv_ms is not None:
+            age = info.last_ack_recv_ms if age is None else min(age, info.last_ack_recv_ms)
+        agg[c.portal] = (b, u, age)
+    s.__dict__["_timeline_portal_state"] = agg
+    return agg
+
+
+def _portal_steps(first: Snapshot, second: Snapshot) -> dict[str, tuple[int, int]]:
+    """portal -> (bytes acknowledged + received, retransmits) between two consecutive snapshots, over the
+    connections of ``second`` that report both byte counters; kept like :func:`_disk_steps`."""
+    memo = second.__dict__.get("_timeline_portal_steps")
+    if memo is not None and memo[0]() is first:
+        return memo[1]
+    before = _conns(first)
+    out: dict[str, tuple[int, int]] = {}
+    for ft, c in _conns(second).items():
+        info = c.info
+        if info is None or info.bytes_acked is None or info.bytes_received is None:
+            continue
+        bi = getattr(before.get(ft), "info", None)
+        # a connection born inside the interval counts from 0 (a reconnect is progress)
+        a = 0 if bi is None else (bi.bytes_acked or 0) + (bi.bytes_received or 0)
+        r0 = 0 if bi is None else (bi.total_retrans or 0)
+        got, r = out.get(c.portal, (0, 0))
+        out[c.portal] = (got + max(info.bytes_acked + info.bytes_received - a, 0),
+                         r + max((info.total_retrans or 0) - r0, 0))
+    second.__dict__["_timeline_portal_steps"] = (weakref.ref(first), out)
+    return out
+
+
 def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
     """The per-interval series of ``snaps`` (oldest first); ``paths`` map disks to portals."""
     times = tuple(s.timestamp for s in snaps)
@@ -65,55 +154,27 @@ def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
     disk_ms: dict[str, list] = {}
     disk_portal: dict[str, str | None] = {}
     for i, s in enumerate(snaps):
-        for (vm, dname), (_v, d) in s.vm_disks.items():
-            key = f"{vm}/{dname}"
+        for key, d in _disk_keys(s):
             if key not in disk_portal:
                 disk_portal[key] = portal_of.get(key) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None)
                 disk_ops[key] = [None] * max(n - 1, 0)
                 disk_ms[key] = [None] * max(n - 1, 0)
-            if i == 0 or d.stats is None:
-                continue
-            prev = snaps[i - 1].vm_disks.get((vm, dname))
-            if prev is None or prev[1].stats is None:
-                continue
-            a, b = prev[1].stats, d.stats
-            done = _ops(b) - _ops(a)
-            if done < 0:  # counters reset (the VM restarted)
-                continue
-            disk_ops[key][i - 1] = done
-            disk_ms[key][i - 1] = mean_latency_ms(a, b)
+        if i:
+            for key, (done, ms) in _disk_steps(snaps[i - 1], s).items():
+                disk_ops[key][i - 1] = done
+                disk_ms[key][i - 1] = ms
     portals = sorted({c.portal for s in snaps for c in s.storage_connections})
     progress = {p: [None] * max(n - 1, 0) for p in portals}
     retrans = {p: [0] * max(n - 1, 0) for p in portals}
     backoff = {p: [0] * n for p in portals}
     ack_age: dict[str, list] = {p: [None] * n for p in portals}
     unacked = {p: [0] * n for p in portals}
-    prev_conns: dict[str, object] = {}
     for i, s in enumerate(snaps):
-        conns = {c.four_tuple: c for c in s.storage_connections}
-        for ft, c in conns.items():
-            info = c.info
-            if info is None:
-                continue
-            p = c.portal
-            backoff[p][i] = max(backoff[p][i], info.backoff or 0)
-            unacked[p][i] += info.unacked or 0
-            if c.state == "ESTABLISHED" and info.last_ack_recv_ms is not None:
-                age = ack_age[p][i]
-                ack_age[p][i] = info.last_ack_recv_ms if age is None else min(age, info.last_ack_recv_ms)
-            if i == 0:
-                continue
-            before = prev_conns.get(ft)
-            bi = getattr(before, "info", None)
-            if info.bytes_acked is None or info.bytes_received is None:
-                continue
-            # a connection born inside the interval counts from 0 (a reconnect is progress)
-            a = 0 if bi is None else (bi.bytes_acked or 0) + (bi.bytes_received or 0)
-            got = max(info.bytes_acked + info.bytes_received - a, 0)
-            progress[p][i - 1] = (progress[p][i - 1] or 0) + got
-            r0 = 0 if bi is None else (bi.total_retrans or 0)
-            retrans[p][i - 1] += max((info.total_retrans or 0) - r0, 0)
-        prev_conns = conns
+        for p, (b, u, age) in _portal_state(s).items():
+            backoff[p][i], unacked[p][i], ack_age[p][i] = b, u, age
+        if i:
+            for p, (got, r) in _portal_steps(snaps[i - 1], s).items():
+                progress[p][i - 1], retrans[p][i - 1] = got, r
     return Timeline(
         times=times,
         disk_ops={k: tuple(v) for k, v in disk_ops.items()},
@@ -229,12 +290,17 @@ def find_outages(tl: Timeline) -> list[Outage]:
     out = []
     for portal, prog in sorted(tl.portal_progress.items()):
         disks = [k for k, p in tl.disk_portal.items() if p == portal]
+        # the first interval each disk completed something in (a disk is busy before interval i if it is < i)
+        first_busy = {k: next((j for j, x in enumerate(tl.disk_ops[k]) if x), None) for k in disks}
         silent = []
         for i, v in enumerate(prog):
-            busy_before = [k for k in disks if any(x for x in tl.disk_ops[k][:i] if x)]
+            if v != 0:  # progress (or unknown): not silent, whatever the disks did
+                silent.append(v if v is not None else None)
+                continue
+            busy_before = [k for k in disks if first_busy[k] is not None and first_busy[k] < i]
             nothing_done = all(not tl.disk_ops[k][i] for k in busy_before)
             waiting = bool(busy_before) or tl.portal_unacked[portal][i + 1] > 0
-            silent.append(0 if (v == 0 and nothing_done and waiting) else (v if v is not None else None))
+            silent.append(0 if (nothing_done and waiting) else v)
         for first, last in zero_runs(silent):
             backoff = max(tl.portal_backoff[portal][first:last + 2])
             retrans = sum(tl.portal_retrans[portal][first:last + 2])  # the run and the interval that ended it

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import json
 import os
 import platform
 import pstats
@@ -453,6 +454,7 @@ def main(argv=None) -> int:
                     help="warm-up cycles before measuring (default: agent.history, 120: a full history)")
     ap.add_argument("--no-ebpf", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the main numbers here as JSON (tests/integration)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("benchmarks.cycle needs root (a network namespace, QEMU processes owned by root)", file=sys.stderr)
@@ -476,6 +478,12 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     text = report(args, r)
     print(text)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "cpu_ms": [round(c * 1000, 3) for c in r["cpu"]], "render_ms": [round(c * 1000, 3) for c in r["render"]],
+            "parts_ms": {k: round(statistics.fmean(v) * 1000, 3) for k, v in r["parts"].items()},
+            "vms": r["vms"], "disks": r["disks"], "conns": r["conns"], "joined": r["joined"],
+            "samples": r["samples"], "health": r["health"]}))
     if not args.no_write:
         write_section(text, BEGIN, END)
     return 0

@@ -90,6 +90,9 @@ class Footprint:
     samples: list[Sample] = field(default_factory=list)
     top_mappings: list[tuple[str, int]] = field(default_factory=list)  # (mapping, resident kB)
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    vms_seen: int = 0  # VMs in the agent's last snapshot
+    history: int | None = None
+    startup_cpu: dict[str, float] = field(default_factory=dict)  # agent / compiler children CPU seconds at start-up
 
     def steady(self, skip_seconds: float = 60.0) -> dict[str, float]:
         """RSS (MB) after the first ``skip_seconds``: min, median, max, and the last sample."""
@@ -115,6 +118,13 @@ def sample(pid: int, t: float) -> Sample:
                   st["VmHWM"], st["Threads"])
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the process itself and of its reaped children (the probe compilers)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"agent": (int(fields[11]) + int(fields[12])) / hz, "children": (int(fields[13]) + int(fields[14])) / hz}
+
+
 def llvm_mapped(pid: int) -> list[str]:
     maps = Path(f"/proc/{pid}/maps").read_text()
     return sorted({ln.split()[-1] for ln in maps.splitlines() if any(m in ln for m in LLVM_MARKS)})
@@ -136,13 +146,14 @@ def top_mappings(pid: int, n: int = 10) -> list[tuple[str, int]]:
 class Agent:
     """``kvmscope run`` in a work directory of its own."""
 
-    def __init__(self, work: Path, interval: float, disable: list[str]):
+    def __init__(self, work: Path, interval: float, disable: list[str], history: int | None = None):
         self.work = work
         self.port = free_port()
         self.sock = work / "api.sock"
         self.cfg = work / "config.yaml"
         self.cfg.write_text(json.dumps({  # JSON is YAML
-            "agent": {"interval": interval, "collectors": {"disable": list(disable)}},
+            "agent": {"interval": interval, "collectors": {"disable": list(disable)}}
+            | ({"history": history} if history else {}),
             "metrics": {"listen": f"127.0.0.1:{self.port}"},
             "api": {"socket": str(self.sock)},
             "storage_log": {"state_dir": str(work / "storage_log")},
@@ -201,17 +212,18 @@ def _first_full(agent: Agent, timeout: float) -> tuple[float | None, int | None,
 
 
 def measure(minutes: float = 30.0, every: float = 10.0, interval: float = 5.0, vms: int = 0,
-            disable: list[str] | None = None, work: Path | None = None) -> Footprint:
+            disable: list[str] | None = None, work: Path | None = None, history: int | None = None) -> Footprint:
     """Run ``kvmscope run`` for ``minutes`` (the lab, if wanted, already up: ``vms`` is only recorded),
     scraping /metrics every interval; returns start-up, RSS samples and what is mapped."""
     own = work is None
     work = work or Path(tempfile.mkdtemp(prefix="kvmscope-footprint-"))
-    agent = Agent(work, interval, disable or [])
+    agent = Agent(work, interval, disable or [], history)
     res = Footprint(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), minutes, interval, vms, list(disable or []),
-                    None, None, {}, [])
+                    None, None, {}, [], history=history)
     agent.start()
     try:
         res.startup_seconds, res.first_full_seq, res.ebpf = _first_full(agent, 120)
+        res.startup_cpu = cpu_seconds(agent.proc.pid)
         if res.startup_seconds is not None:
             log(f"first full snapshot (seq {res.first_full_seq}) {res.startup_seconds:.2f} s after start")
         else:
@@ -235,6 +247,7 @@ def measure(minutes: float = 30.0, every: float = 10.0, interval: float = 5.0, v
         res.top_mappings = top_mappings(agent.proc.pid)
         with contextlib.suppress(Exception):
             last = max(agent.snapshots(last=1), key=lambda s: s.seq)
+            res.vms_seen = len(last.vms)
             res.ebpf = {n: f"{h.status.value}{': ' + h.reason if h.reason else ''}"
                         for n, h in last.health.items() if n.startswith(EBPF_PREFIX)}
         res.load_average = os.getloadavg()
@@ -276,15 +289,18 @@ def render(res: Footprint, baseline: Footprint | None = None, rows: int = 12) ->
     if s and pick[-1] is not s[-1]:
         pick.append(s[-1])
     la = res.load_average
-    where = f"the lab up with {res.vms} VMs" if res.vms else "no lab"
+    where = (f"the lab up with {res.vms} VMs" if res.vms else "the lab not brought up by the benchmark") + \
+        f" ({res.vms_seen} VMs in the agent's last snapshot)"
     out = [BEGIN, "",
            f"`python -m benchmarks.footprint` (`make footprint`), run {res.date}: `kvmscope run` with its default "
            f"collectors (every eBPF probe attached), {where}, interval {res.interval:g} s, /metrics scraped every "
-           f"interval, {res.minutes:g} minutes; load average at the end {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} "
+           f"interval, {res.minutes:g} minutes, agent.history {res.history or 'default (120)'}; load average at the end {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} "
            f"(2 CPUs shared with other work).", ""]
     if res.startup_seconds is not None:
+        cpu = res.startup_cpu
         out.append(f"* Start-up to the first full snapshot (every eBPF collector ok, compiling included): "
-                   f"**{res.startup_seconds:.2f} s** (snapshot {res.first_full_seq}).")
+                   f"**{res.startup_seconds:.2f} s** (snapshot {res.first_full_seq}); CPU by then: agent "
+                   f"{cpu.get('agent', 0):.2f} s, the compiler children {cpu.get('children', 0):.2f} s.")
     else:
         out.append("* Start-up: no snapshot had every eBPF collector ok: " + json.dumps(res.ebpf))
     if st:
@@ -317,15 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lab", action="store_true", help="do not bring the lab up")
     ap.add_argument("--baseline-minutes", type=float, default=0.0,
                     help="also run this long with the eBPF collectors disabled (for comparison)")
+    ap.add_argument("--history", type=int, help="agent.history (snapshots kept; default the agent's, 120)")
     ap.add_argument("--results", type=Path, help="write the results as JSON here")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/performance.md")
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the agent stopped and the lab down on the way out
     from agent.ebpf import probe_classes
 
     ebpf_sources = [EBPF_PREFIX + n for n in probe_classes()]
     vms = 0 if a.no_lab else a.vms
     with (contextlib.nullcontext() if a.no_lab else lab_session(a.vms)):
-        res = measure(a.minutes, a.every, a.interval, vms)
+        res = measure(a.minutes, a.every, a.interval, vms, history=a.history)
         base = measure(a.baseline_minutes, a.every, a.interval, vms, disable=ebpf_sources) if a.baseline_minutes else None
     section = render(res, base)
     print(section)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,36 @@ def test_compile_error_degrades_that_probe_with_the_compilers_message(tmp_path):
     assert rep.state == FAILED
     assert "undeclared_thing" in rep.reason and "error" in rep.reason, rep.reason
     assert probe.bpf is None
+
+
+KILLED = textwrap.dedent(r'''
+    import json, sys, time
+    from agent.ebpf.block_io import BlockIoProbe
+    from agent.ebpf.bpfsys import ProgInfo, obj_info
+    p = BlockIoProbe()
+    rep = p.load()
+    print(json.dumps({"state": rep.state, "reason": rep.reason,
+                      "ids": [obj_info(x.fd, ProgInfo()).id for x in p.bpf.programs.values()]}), flush=True)
+    time.sleep(600)
+''')
+
+
+def test_programs_detached_when_the_agent_is_killed():
+    """kill -9 of the process holding the probe: the kernel closes its fds, the programs are detached and
+    unloaded (nothing pinned, nothing left by the compiler child)."""
+    need_root()
+    p = subprocess.Popen([sys.executable, "-c", KILLED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    try:
+        out = json.loads(p.stdout.readline())
+        assert out["state"] == ATTACHED, out["reason"]
+        assert out["ids"] and all(_prog_exists(i) for i in out["ids"])
+        kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert kids == [], f"compiler child still running: {kids}"
+    finally:
+        p.kill()
+        p.wait(30)
+    deadline = time.monotonic() + 5
+    while any(_prog_exists(i) for i in out["ids"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [i for i in out["ids"] if _prog_exists(i)], "programs left loaded after the holder was killed"

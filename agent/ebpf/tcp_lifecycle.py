@@ -22,7 +22,6 @@ attached, or evicted from the bounded socket map).
 from __future__ import annotations
 
 import ctypes
-from collections import deque
 
 from agent.ebpf import decode
 from agent.ebpf.bounded import AgingTable
@@ -111,10 +110,9 @@ class TcpLifecycleProbe(Probe):
     optional = ("tcp:tcp_receive_reset", "tcp:tcp_send_reset")
     description = "connect/established/close/reset of storage-port TCP connections"
 
-    def __init__(self, opts=None, history: int = 1000, max_remotes: int = 1024, expire_cycles: int = 17280):
+    def __init__(self, opts=None, max_remotes: int = 1024, expire_cycles: int = 17280):
         super().__init__(opts)
         self._pending: list[ConnEvent] = []
-        self.recent: deque[ConnEvent] = deque(maxlen=history)
         # `counts` is an LRU map: running totals per remote, bounded like tcp_retrans's
         self._prev: dict[bytes, int] = {}
         self._cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
@@ -161,7 +159,6 @@ class TcpLifecycleProbe(Probe):
         self._pending = []
         b.ring_buffer_consume()
         events = tuple(self._pending)
-        self.recent.extend(events)
         rows = []
         for k, v in b[b"counts"].items():
             fam = int(k.family)

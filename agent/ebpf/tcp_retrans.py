@@ -32,7 +32,6 @@ the rings are drained by polling each cycle).
 from __future__ import annotations
 
 import ctypes
-from collections import deque
 
 from agent.ebpf import decode
 from agent.ebpf.bounded import AgingTable
@@ -105,7 +104,7 @@ class TcpRetransProbe(Probe):
     optional = ("tcp:tcp_retransmit_synack", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")
     description = "TCP retransmits and resets per connection"
 
-    def __init__(self, opts=None, history: int = 1000, all_connections: bool = False,
+    def __init__(self, opts=None, all_connections: bool = False,
                  max_remotes: int = MAX_REMOTES, expire_cycles: int = EXPIRE_CYCLES):
         super().__init__(opts)
         self.all_connections = all_connections
@@ -113,7 +112,6 @@ class TcpRetransProbe(Probe):
         # running totals per storage remote: bounded, a remote gone from the kernel map is forgotten
         self._storage_cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
         self._pending: list[TcpRetransEvent] = []
-        self.recent: deque[TcpRetransEvent] = deque(maxlen=history)
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -180,7 +178,6 @@ class TcpRetransProbe(Probe):
         self._pending = []
         b.ring_buffer_consume()
         events = tuple(self._pending)
-        self.recent.extend(events)
         conns = []
         rows = []
         tables = (("storage_conns", True), ("conns", False)) if self.all_connections else (("storage_conns", True),)

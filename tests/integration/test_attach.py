@@ -72,6 +72,8 @@ def test_diagnose_attaches_and_uses_history(running_agent):
     assert f"attached to the running agent on {sock}" in r.stderr
     assert "sampling" not in r.stderr and took < 10
     assert json.loads(r.stdout)["window"]["snapshots"] >= 3  # 2 s of a 0.5 s agent
+    # the incidents come from the agent's own tracker (kept beyond its snapshots), not replayed here
+    assert isinstance(json.loads(r.stdout)["incidents"], list) and "no incidents from the agent" not in r.stderr
 
 
 def test_standalone_flag_does_not_attach(running_agent):

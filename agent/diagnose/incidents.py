@@ -20,7 +20,11 @@ fed the findings of every cycle of the agent's live diagnosis
   later). A key reported again within ``reopen_seconds`` of its end reopens
   the incident (a flickering cause is one incident), except a path whose
   outage already ended (the recovered-outage finding stays in the window
-  for ``diagnose.window_seconds``, and is the same incident);
+  for ``diagnose.window_seconds``, and is the same incident); nor does a
+  finding about the disks of a path whose outage ended inside the window (its
+  aftermath: the requests that waited through it complete in the interval
+  after it, which alone looks like a slow target once the silence has left
+  the window);
 * the **stall** of each disk it touched: how long the disk completed no
   request (:mod:`agent.diagnose.timeline`, estimated inside the intervals)
   and the worst mean latency of an interval around it.
@@ -247,6 +251,10 @@ class IncidentTracker:
                         inc.end = None
                         self._open[key] = inc
                     elif inc is None:
+                        after = self._aftermath(key, fs, tl)
+                        if after is not None:  # the requests that waited through an outage, completing
+                            after.last_seen = now
+                            continue
                         inc = self._new(key, fs, host, now, outages)
                         events.append(("opened", inc.as_dict(now)))
                 self._touch(inc, fs, tl, now, outages)
@@ -274,6 +282,27 @@ class IncidentTracker:
             if self._ended_outage(inc, outages) or now - inc.end <= self.reopen_seconds:
                 return inc
             return None
+        return None
+
+    def _aftermath(self, key: str, fs, tl: Timeline) -> Incident | None:
+        """The path incident whose ended outage these findings are the aftermath of: every disk they touch
+        is on its portal and its end is still in the window (the requests that waited through it complete
+        with their long latencies in the interval after it; once the silence has left the window, that
+        interval alone looks like a slow target or loss for a cycle or two)."""
+        if key.startswith(PATH_KEY) or len(tl.times) < 2:
+            return None
+        disks = set()
+        for f in fs:
+            disks |= finding_disks(f, tl)
+        portals = {tl.disk_portal.get(d) for d in disks}
+        if not disks or len(portals) != 1 or None in portals:
+            return None
+        (portal,) = portals
+        horizon = tl.times[0] - (tl.times[1] - tl.times[0])
+        for inc in reversed(self._resolved):
+            if inc.key == PATH_KEY + portal and inc.outage is not None and inc.end is not None \
+                    and inc.end >= horizon:
+                return inc
         return None
 
     @staticmethod

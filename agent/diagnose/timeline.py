@@ -208,10 +208,16 @@ def zero_runs(series) -> list[tuple[int, int]]:
 
 def usual_rate(times, series, first: int, last: int) -> float | None:
     """Median per-second rate of the intervals with progress outside the run [first, last] and not next
-    to it (the neighbours are the partial intervals being estimated)."""
+    to it (the neighbours are the partial intervals being estimated); without any, the faster neighbour's."""
     rates = [v / (times[i + 1] - times[i]) for i, v in enumerate(series)
              if v and (i < first - 1 or i > last + 1) and times[i + 1] > times[i]]
-    return median(rates) if rates else None
+    if rates:
+        return median(rates)
+    # a short window: only the two partial neighbours; the faster one is the nearer to the usual rate
+    # (with one neighbour only, its own rate would put the edge at its end: no estimate, the middle)
+    partial = [v / (times[i + 1] - times[i]) for i, v in enumerate(series)
+               if v and i in (first - 1, last + 1) and times[i + 1] > times[i]]
+    return max(partial) if len(partial) == 2 else None
 
 
 def gap_bounds(times, series, first: int, last: int, rate: float | None = None) -> tuple[float, float | None]:

@@ -257,3 +257,14 @@ def test_scoreboard_judges_cause_scope_vms_and_healthy_vms():
     assert not j["ok"] and not j["healthy"] and j["cause"] and j["vms"]
     healthy = next(s for s in SCENARIOS if s.name == "healthy")
     assert judge(healthy, {"findings": []})["ok"] and not judge(healthy, {"findings": [blame]})["ok"]
+
+
+def test_one_incident_whatever_the_live_window():
+    """A live window of 10 s (the scoreboard's) sees the flap's silence leave it while the interval after
+    it (the requests that waited, completing) stays: that aftermath is no second incident."""
+    lab = lab_flap("flap-portal2")
+    for seconds in (4, 8, 10, 60):
+        live = live_over(snaps_of("flap-portal2"), DiagnoseConfig(window_seconds=seconds))
+        (inc,) = live.incidents.incidents()
+        assert inc["key"] == f"path_down:portal:{PORTAL2}", seconds
+        assert lab["end"] - lab["start"] < inc["duration_seconds"] < lab["end"] - lab["start"] + 4, seconds

@@ -19,7 +19,8 @@
  *   block_rq_complete the latencies: total = now - start_time_ns, device
  *                     = now - io_start_time_ns, queue = io_start_time_ns -
  *                     start_time_ns (the last two only when the kernel
- *                     set io_start_time_ns); the owner way is freed.
+ *                     set io_start_time_ns); the submitter from the owner
+ *                     table (read only).
  * With RQ_BTF (BTF-typed raw tracepoints, "tp_btf", loaded by the compiler
  * process), the request's fields are plain loads the verifier checks
  * against the kernel's own types; without it (raw tracepoints), one
@@ -201,10 +202,21 @@ static __always_inline void account(u32 dev, u32 op, u32 tgid, u64 now, u64 tota
 #ifdef RQ_OFF_START
 /* ---------------------------------------------------------------- request mode */
 
-/* Who submitted each request in flight: 4 ways of 16 bytes (one cache
- * line) per set, the set a hash of the request's address. A way is free
- * when rq == 0. A request that never completes (merged into another) is
- * overwritten when its address is reused, which lands in the same set. */
+/* Who submitted each request: 4 ways of 16 bytes (one cache line) per set,
+ * the set a hash of the request's address (its key). A way is free when
+ * rq == 0. Requests are preallocated and reused (one per tag), so a way
+ * keeps its request from one I/O to the next: block_io_start writes it only
+ * when the request is new to the set or another process submits it, and
+ * completion only reads it. In the steady state (a queue's requests reused
+ * by the same processes) the line is read on the submitting and on the
+ * completing CPU and written by neither: no cache line moves between them
+ * per request (freeing the way at completion and writing it at every start
+ * cost ~30 ns per program run here, docs/performance.md). A request that
+ * finds its set full pushes out a way (pseudo-randomly); if that way's
+ * request is still in flight its completion is not attributed (tgid 0).
+ * Every path that makes a request passes block_io_start (blk-mq's bio to
+ * request, blk_execute_rq, dm's cloned requests); the flush machinery's own
+ * request never does and is never in the table. */
 struct owner_way {
     u64 rq;
     u64 tgid;
@@ -288,8 +300,11 @@ RQ_PROG(block_io_start)
         if (i == INFLIGHT_WAYS - 1)
             w = &set->way[(rq >> 6) & (INFLIGHT_WAYS - 1)]; /* all taken: push one out */
     }
-    w->tgid = bpf_get_current_pid_tgid() >> 32;
-    w->rq = rq;
+    u64 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (w->rq != rq || w->tgid != tgid) { /* else: written already, the line stays shared */
+        w->tgid = tgid;
+        w->rq = rq;
+    }
     return 0;
 }
 
@@ -355,8 +370,7 @@ RQ_PROG(block_rq_complete)
         for (int i = 0; i < INFLIGHT_WAYS; i++) {
             struct owner_way *c = &set->way[i];
             if (c->rq == key) {
-                tgid = c->tgid;
-                c->rq = 0; /* free */
+                tgid = c->tgid; /* the way stays: read only, see owner_way */
                 break;
             }
         }

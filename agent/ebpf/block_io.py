@@ -311,6 +311,9 @@ class BlockIoProbe(Probe):
         seen = {}
         for where, gen, key, vals in rows:
             prev = self._procs_prev.get(where)
+            if prev is not None and prev[2] == vals and prev[0] == gen and prev[1] == key:
+                seen[where] = prev  # idle since the last read (the usual case): nothing to add
+                continue
             if prev is None or prev[0] != gen or prev[1] != key or any(v < p for v, p in zip(vals, prev[2])):
                 deltas = vals
             else:

@@ -36,9 +36,9 @@ the lat table had no room for (``full``).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import logging
-import struct
 
 from agent.ebpf import btf, decode
 from agent.ebpf.bounded import AgingTable
@@ -292,16 +292,17 @@ class BlockIoProbe(Probe):
 
     @staticmethod
     def _entries(table, leaf, used_at: int):
-        """(cpu, index, value) of every used per-CPU array entry (a nonzero u32 at ``used_at``), from one batch read."""
+        """(cpu, index, value) of every used per-CPU array entry (a nonzero u32 at ``used_at``), from one batch
+        read; the used ones are found by slicing the u32 words (C speed), only they are decoded."""
         n, raw = table.batch_raw()
         stride, ncpus = table.stride, table.ncpus
-        unpack = struct.unpack_from
-        for i in range(n):
-            base = i * stride * ncpus
-            for cpu in range(ncpus):
-                off = base + cpu * stride
-                if unpack("<I", raw, off + used_at)[0]:
-                    yield cpu, i, leaf.from_buffer_copy(raw, off)
+        if not n or stride % 4:
+            return
+        flags = array.array("I", raw[: n * ncpus * stride])[used_at // 4::stride // 4]
+        for j, flag in enumerate(flags):
+            if flag:
+                i, cpu = divmod(j, ncpus)
+                yield cpu, i, leaf.from_buffer_copy(raw, j * stride)
 
     def accumulate_processes(self, rows) -> tuple[BlockProcess, ...]:
         """One read of the kernel's per-CPU process table, ``rows`` of ((cpu, index), gen, (tgid, dev, op),

@@ -59,8 +59,9 @@ ON_P1, ON_P2 = ["kvmslab-vm0", "kvmslab-vm2"], ["kvmslab-vm1", "kvmslab-vm3"]
 ALL = sorted(ON_P1 + ON_P2)
 
 CAUSE_OF_RULE = {
-    "packet_loss": "network", "interface_errors": "network", "slow_target": "target", "path_down": "path",
-    "path_outage": "path", "saturating_vm": "vm", "blind_spots": None,
+    "packet_loss": "network", "network_queueing": "network", "interface_errors": "network",
+    "slow_target": "target", "path_down": "path", "path_outage": "path", "saturating_vm": "vm",
+    "slow_unexplained": "undetermined", "blind_spots": None,
 }
 
 

@@ -18,6 +18,10 @@ import time
 
 import pytest
 
+# the Elasticsearch node of the lab tests that ship (test_es_lab, test_incidents_lab): one definition here,
+# so they share one node (a definition imported into each module would be one more node start each)
+from tests.es.conftest import es_node  # noqa: E402,F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAB = os.path.join(REPO, "deploy", "lab", "lab")
 LAB_PYTHON = "/usr/bin/python3"      # the system Python that has python3-libvirt

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from tests.es.conftest import es_node, free_port, wait_for  # noqa: F401  (es_node is a fixture)
+from tests.es.conftest import free_port, wait_for  # es_node: tests/lab/conftest.py
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -35,7 +35,7 @@ def search(node, index, query, size=1000):
     return [h["_source"] for h in r["hits"]["hits"]]
 
 
-def test_lab_documents_and_reconnect_lines(lab, es_node, tmp_path):  # noqa: F811
+def test_lab_documents_and_reconnect_lines(lab, es_node, tmp_path):
     ns = "lab" + str(os.getpid())
     vm1 = next(n for n in lab.vm_names if lab.vm_portal(n) == 2)
     cfg = {

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from tests.conftest import free_port, wait_for
-from tests.es.conftest import es_node  # noqa: F401  (a fixture: the session's Elasticsearch node)
 
 pytestmark = [pytest.mark.lab]
 
@@ -41,7 +40,7 @@ def api(sock, path):
         conn.close()
 
 
-def test_a_flap_is_one_incident_with_start_end_and_the_stalled_vm(lab, es_node, tmp_path):  # noqa: F811
+def test_a_flap_is_one_incident_with_start_end_and_the_stalled_vm(lab, es_node, tmp_path):
     on2 = [n for n in lab.vm_names if lab.vm_portal(n) == 2]
     on1 = [n for n in lab.vm_names if lab.vm_portal(n) == 1]
     ns = "inc" + str(os.getpid())

@@ -18,7 +18,9 @@ RST: the worst case), for I/O in flight on its path:
    s (``recovery_tmo``), then fails them (``iscsi_session_recovery_timedout``,
    DID_TRANSPORT_FAILFAST);
 3. dm-multipath fails the path on that error and retries the I/O on a
-   remaining usable path: the stall ends. With none left, the map queues
+   remaining usable path: the stall ends. A portal whose paths are all in a
+   standby path group (``path_grouping_policy failover``: the kernel sends
+   I/O to one group only) stalls nothing: it only loses redundancy. With none left, the map queues
    for ``no_path_retry`` x ``polling_interval`` s (or for ever with
    ``queue``) and then fails the I/O: the VMs get I/O errors.
 
@@ -71,6 +73,11 @@ def predict(map_, legs_via: list, remaining: list, sessions, poll: int) -> dict:
         out["outcome"] = "unknown"
         return out
     lo, hi = det_lo + repl_lo, det_hi + repl
+    carries_io = map_.active_group is None or any(p.group == map_.active_group for p, _s in legs_via)
+    if remaining and not carries_io:
+        # a standby path group (path_grouping_policy failover): no I/O waits on it; it is failed when noticed
+        out.update(outcome="no_stall", stall_s=0, stall_range_s=[0, 0], path_failed_after_s=[lo, hi])
+        return out
     if remaining:
         out.update(outcome="failover", stall_s=hi, stall_range_s=[lo, hi])
         return out
@@ -130,6 +137,15 @@ def multipath_whatif(inp: DoctorInput) -> list[Result]:
                 out.append(Result(name, "info", subject, f"if {portal} fails now: {who} - timeouts unknown "
                                   "(sessions' recv_tmo/ping_tmo/recovery_tmo unreadable)", reference=REF,
                                   values=values))
+            elif pr["outcome"] == "no_stall":
+                out.append(Result(
+                    name, "ok", subject,
+                    f"if {portal} fails now: {who} do not stall: I/O runs on path group {m.active_group} via {rem}; "
+                    f"the standby path is marked failed after {pr['path_failed_after_s'][0]}-"
+                    f"{pr['path_failed_after_s'][1]} s",
+                    why="the paths through this portal are in a path group the kernel does not send I/O to "
+                        "(path_grouping_policy failover): losing them only loses redundancy",
+                    reference=REF, values=values))
             elif pr["outcome"] == "failover":
                 lo, hi = pr["stall_range_s"]
                 out.append(Result(

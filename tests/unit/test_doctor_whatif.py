@@ -61,3 +61,15 @@ def test_no_multipath_is_skipped(tmp_path):
     s = snap(1, None, multipath=False)
     [r] = multipath_whatif(DoctorInput(Config(), HostPaths(etcdir=tmp_path), s))
     assert r.status == "skipped" and "no dm-multipath maps" in r.finding
+
+
+def test_standby_path_group_stalls_nothing(tmp_path):
+    """path_grouping_policy failover (the lab's kernel host): one path per group, I/O on group 1 only."""
+    table = "mpatha: 0 131072 multipath 1 queue_if_no_path 0 2 1 service-time 0 1 2 8:16 1 1 service-time 0 1 2 8:32 1 1\n"
+    status = "mpatha: 0 131072 multipath 2 0 0 0 2 1 A 0 1 2 8:16 A 0 4096 1 E 0 1 2 8:32 A 0 0 1\n"
+    res = run(tmp_path, snap(1, status, table=table), npr="12 chk")
+    r1, r2 = res[f"mpatha if {P1} fails"], res[f"mpatha if {P2} fails"]
+    assert r1.values["outcome"] == "failover" and r1.values["stall_range_s"] == [20, 25]
+    assert r2.status == "ok" and r2.values["outcome"] == "no_stall" and r2.values["stall_s"] == 0
+    assert r2.finding == (f"if {P2} fails now: db01 do not stall: I/O runs on path group 1 via sdb via {P1}; "
+                          "the standby path is marked failed after 20-25 s")

@@ -17,7 +17,8 @@ from tests.unit.test_multipath import STATUS_ALL_FAILED, STATUS_OK, STATUS_ONE_F
 P1, P2 = "198.18.1.2:3260", "198.18.2.2:3260"
 
 
-def snap(seq, status, states=("LOGGED_IN", "LOGGED_IN"), reqs=None, openers=(), multipath=True, events=()):
+def snap(seq, status, states=("LOGGED_IN", "LOGGED_IN"), reqs=None, openers=(), multipath=True, events=(),
+         table=TABLE):
     def sess(sid, addr, disk, devno, state):
         c = IscsiConnection(f"{sid}:0", addr, 3260, addr, 3260, 41000 + sid, "up" if state == "LOGGED_IN" else "failed",
                             5, 5)
@@ -34,7 +35,7 @@ def snap(seq, status, states=("LOGGED_IN", "LOGGED_IN"), reqs=None, openers=(), 
             "iscsi_kernel": IscsiSessions((sess(1, "198.18.1.2", "sdb", "8:16", states[0]),
                                            sess(2, "198.18.2.2", "sdc", "8:32", states[1])))}
     if multipath:
-        maps = build_maps(parse_dm_table(TABLE), parse_dm_status(status), None, {"mpatha": ("dm-0", "253:0")},
+        maps = build_maps(parse_dm_table(table), parse_dm_status(status), None, {"mpatha": ("dm-0", "253:0")},
                           {"8:16": "sdb", "8:32": "sdc"}.get)
         data["multipath"] = Multipath(tuple(replace(m, openers=tuple(openers)) for m in maps))
         data["block_devices"] = BlockDevices((BlockDevice("dm-0", "253:0", "mpatha", ("sdb", "sdc"), (), {}),

@@ -65,30 +65,31 @@ def _disk_keys(s: Snapshot) -> list:
     return keys
 
 
-def _disk_steps(first: Snapshot, second: Snapshot) -> dict[str, tuple[int, float | None]]:
-    """"vm/disk" -> (requests completed, their mean latency in ms) between two consecutive snapshots, for
-    the disks with stats in both whose counters did not go back (a VM restart resets them).
+def disk_steps(first: Snapshot, second: Snapshot) -> dict[tuple[str, str], tuple[str, int, float | None]]:
+    """(vm, disk) -> ("vm/disk", requests completed, their mean latency in ms or None) between two
+    consecutive snapshots, for the disks with stats in both whose counters did not go back in total (a VM
+    restart resets them; the latency is None when any counter went back or nothing completed).
 
     Kept on ``second`` (naming ``first`` by a weak reference, so no snapshot keeps an older one alive):
-    every cycle the live window and the incident tracker ask again for the steps of the snapshots they
-    share with the previous cycle, and only the newest step is new."""
+    every cycle the live window, its latency baselines over the history and the incident tracker ask
+    again for the steps of snapshots they saw in earlier cycles, and only the newest step is new."""
     memo = second.__dict__.get("_timeline_disk_steps")
     if memo is not None and memo[0]() is first:
         return memo[1]
     out = {}
     before = first.vm_disks
-    for (vm, dname), (_v, d) in second.vm_disks.items():
+    for k, (_v, d) in second.vm_disks.items():
         b = d.stats
         if b is None:
             continue
-        prev = before.get((vm, dname))
+        prev = before.get(k)
         if prev is None or prev[1].stats is None:
             continue
         a = prev[1].stats
         done = _ops(b) - _ops(a)
         if done < 0:  # counters reset (the VM restarted)
             continue
-        out[f"{vm}/{dname}"] = (done, mean_latency_ms(a, b))
+        out[k] = (f"{k[0]}/{k[1]}", done, mean_latency_ms(a, b))
     second.__dict__["_timeline_disk_steps"] = (weakref.ref(first), out)  # frozen dataclass: a cache, not a field
     return out
 
@@ -124,7 +125,7 @@ def _portal_state(s: Snapshot) -> dict[str, tuple[int, int, int | None]]:
 
 def _portal_steps(first: Snapshot, second: Snapshot) -> dict[str, tuple[int, int]]:
     """portal -> (bytes acknowledged + received, retransmits) between two consecutive snapshots, over the
-    connections of ``second`` that report both byte counters; kept like :func:`_disk_steps`."""
+    connections of ``second`` that report both byte counters; kept like :func:`disk_steps`."""
     memo = second.__dict__.get("_timeline_portal_steps")
     if memo is not None and memo[0]() is first:
         return memo[1]
@@ -160,7 +161,7 @@ def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
                 disk_ops[key] = [None] * max(n - 1, 0)
                 disk_ms[key] = [None] * max(n - 1, 0)
         if i:
-            for key, (done, ms) in _disk_steps(snaps[i - 1], s).items():
+            for key, done, ms in disk_steps(snaps[i - 1], s).values():
                 disk_ops[key][i - 1] = done
                 disk_ms[key][i - 1] = ms
     portals = sorted({c.portal for s in snaps for c in s.storage_connections})

@@ -22,7 +22,7 @@ from statistics import mean, median
 
 from agent import health
 from agent.records.addr import fmt_endpoint
-from agent.diagnose.timeline import Timeline, build_timeline
+from agent.diagnose.timeline import Timeline, build_timeline, disk_steps
 from agent.records.disk_latency import BLOCK, LIBISCSI
 from agent.records.paths import StoragePath, build_paths
 from agent.records.rates import mean_latency_ms
@@ -176,12 +176,8 @@ def _ops(st) -> int:
 def _disk_baselines(history: list[Snapshot]) -> dict[tuple, float]:
     """(vm, disk) -> its usual mean latency: the median of its per-interval means over the history."""
     per: dict[tuple, list[float]] = {}
-    for a, b in zip(history, history[1:]):
-        da, db = a.vm_disks, b.vm_disks
-        for key, (_vm, d) in db.items():
-            if key not in da or d.stats is None or da[key][1].stats is None:
-                continue
-            ms = mean_latency_ms(da[key][1].stats, d.stats)
+    for a, b in zip(history, history[1:]):  # each step computed once, kept on its snapshot (timeline.disk_steps)
+        for key, (_name, _done, ms) in disk_steps(a, b).items():
             if ms is not None:
                 per.setdefault(key, []).append(ms)
     out = {}
@@ -312,13 +308,22 @@ def _portal_rtt_series(snaps: list[Snapshot]) -> dict[str, list[float]]:
     """portal -> per snapshot, the mean smoothed RTT (ms) of its ESTABLISHED connections."""
     out: dict[str, list[float]] = {}
     for s in snaps:
+        for portal, ms in _portal_rtt(s).items():
+            out.setdefault(portal, []).append(ms)
+    return out
+
+
+def _portal_rtt(s: Snapshot) -> dict[str, float]:
+    """portal -> the mean smoothed RTT (ms) of its ESTABLISHED connections at one snapshot (made once per
+    snapshot: the baseline reads the whole history every cycle)."""
+    rtt = s.__dict__.get("_window_portal_rtt")
+    if rtt is None:
         per: dict[str, list[int]] = {}
         for c in s.storage_connections:
             if c.state == "ESTABLISHED" and c.info is not None and c.info.rtt_us:
                 per.setdefault(c.portal, []).append(c.info.rtt_us)
-        for portal, vals in per.items():
-            out.setdefault(portal, []).append(mean(vals) / 1000)
-    return out
+        rtt = s.__dict__["_window_portal_rtt"] = {portal: mean(vals) / 1000 for portal, vals in per.items()}
+    return rtt
 
 
 def _portal_windows(conns: list[ConnWindow], snaps: list[Snapshot], history: list[Snapshot],

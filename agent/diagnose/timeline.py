@@ -17,7 +17,9 @@ in which its connections made no progress (nothing acknowledged, nothing
 received) while I/O was outstanding (its disks, busy before, completed
 nothing, or data sat unacknowledged) and TCP was retransmitting into the
 silence (RTO backoff or retransmits). The run ends, and the portal has
-**recovered**, at the first interval with progress again.
+**recovered**, at the first interval with progress again. A silence that
+fills no whole interval is seen at a snapshot inside it: the connections
+backing off with nothing acknowledged for a while (:func:`_silences_between`).
 
 Times inside an interval are estimated, never guessed at the interval's
 edge (docs/diagnose.md, "The outage rule"): the stop from the freshest
@@ -320,4 +322,43 @@ def find_outages(tl: Timeline) -> list[Outage]:
             stalls = tuple(s for s in (_disk_stall(tl, k, first, last, stopped, resumed) for k in sorted(disks))
                            if s is not None)
             out.append(Outage(portal, stopped, resumed, first == 0, backoff, retrans, stalls))
+        out.extend(_silences_between(tl, portal, disks, first_busy, [o for o in out if o.portal == portal]))
+    return sorted(out, key=lambda o: (o.portal, o.start))
+
+
+# Two unanswered RTOs in a row (health.DEAD_BACKOFF) take at least TCP_RTO_MIN (200 ms) + twice that:
+# a freshest ACK younger than this at such a snapshot is the ACK that ended the silence, not its start.
+MIN_SILENCE_MS = 600
+
+
+def _silences_between(tl: Timeline, portal: str, disks: list[str], first_busy: dict,
+                      found: list[Outage]) -> list[Outage]:
+    """Outages shorter than the agent's interval (a 7 s silence at a 5 s interval seldom fills a whole
+    interval): a snapshot taken inside the silence shows it, the connections backing off (at least
+    health.DEAD_BACKOFF unanswered RTOs) with nothing acknowledged for ``age`` ms. It started ``age``
+    before that snapshot and ended where progress came back in the interval after it."""
+    from agent.health import DEAD_BACKOFF
+
+    out = []
+    prog, times = tl.portal_progress[portal], tl.times
+    for k in range(1, len(times) - 1):
+        age, backoff = tl.portal_ack_age_ms[portal][k], tl.portal_backoff[portal][k]
+        if age is None or backoff < DEAD_BACKOFF or age < MIN_SILENCE_MS or not prog[k]:
+            continue  # not silent at this snapshot, or silent on into the next interval (a run: above)
+        t = times[k]
+        if any(o.start - 1e-6 <= t <= (o.end if o.end is not None else times[-1]) + 1e-6 for o in found + out):
+            continue
+        start = max(t - age / 1000, times[k - 1] if prog[k - 1] else times[0])
+        rate = usual_rate(times, prog, k, k - 1)  # every interval but the two around the snapshot
+        done = prog[k]
+        d = min(done / rate, times[k + 1] - t) if rate else (times[k + 1] - t) / 2
+        end = times[k + 1] - d
+        stalls = []
+        for key in sorted(disks):
+            if first_busy[key] is None or first_busy[key] >= k:
+                continue  # not busy before: idle, not stalled
+            around = [m for m in tl.disk_ms[key][k - 1:k + 1] if m is not None]
+            stalls.append(DiskStall(key, round(end - start, 3), round(max(around), 3) if around else None))
+        out.append(Outage(portal, start, end, False, backoff, sum(tl.portal_retrans[portal][k - 1:k + 1]),
+                          tuple(stalls)))
     return out

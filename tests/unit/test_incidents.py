@@ -268,3 +268,24 @@ def test_one_incident_whatever_the_live_window():
         (inc,) = live.incidents.incidents()
         assert inc["key"] == f"path_down:portal:{PORTAL2}", seconds
         assert lab["end"] - lab["start"] < inc["duration_seconds"] < lab["end"] - lab["start"] + 4, seconds
+
+
+def test_the_flap_is_seen_at_longer_agent_intervals_whatever_the_phase():
+    """Every 2nd..5th snapshot of the recording (an agent interval of 2.2 to 5.5 s, every phase): the
+    silence (6.6 s) seldom fills a whole interval, a snapshot inside it still shows it (RTO backoff,
+    nothing acked for seconds), with the same start."""
+    snaps = snaps_of("flap-portal2")
+    lab = lab_flap("flap-portal2")
+    for step in (2, 3, 4, 5):
+        for offset in range(step):
+            sub = snaps[offset::step]
+            (o,) = find_outages(build_timeline(sub, sub[-1].paths))
+            assert o.portal == PORTAL2 and abs(o.start - lab["start"]) < 0.3, (step, offset)
+            assert lab["end"] - 0.3 <= o.end <= lab["end"] + 4.5, (step, offset, o.end - lab["end"])
+            assert {s.vm for s in o.stalls} == {"kvmslab-vm1", "kvmslab-vm3"}
+            live = live_over(sub, DiagnoseConfig(window_seconds=60))
+            assert [i["key"] for i in live.incidents.incidents()] == [f"path_down:portal:{PORTAL2}"], (step, offset)
+    for name in ("healthy", "loss-portal1", "loss-both", "throttled"):
+        for step in (2, 3):
+            sub = snaps_of(name)[::step]
+            assert find_outages(build_timeline(sub, sub[-1].paths)) == [], (name, step)

@@ -329,8 +329,12 @@ def run_scenario(agent: Agent, sc: Scenario, interval: float, deadline_intervals
     return res
 
 
-def render(results: dict, interval: float, window: float, deadline: int, took: float) -> str:
-    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render(results: dict, interval: float, window: float, deadline: int, took: float, when: str | None = None) -> str:
+    today = when or _now()
     yes = {True: "yes", False: "**no**"}
     out = [BEGIN, "", f"Measured {today} by `make scoreboard` ({took / 60:.1f} min): lab of 4 VMs (VMs 0 and 2 "
            f"on portal 1 `{P1}`, VMs 1 and 3 on portal 2 `{P2}`), `kvmscope run` with `agent.interval` "
@@ -378,7 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--results", type=Path, help="also write the results as JSON here")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/diagnose.md")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="only render a --results file of an earlier run")
     a = ap.parse_args(argv)
+    if a.render:
+        saved = json.loads(a.render.read_text())
+        section = render(saved["results"], saved["interval"], saved["window"], saved["deadline"], saved["took"],
+                         saved.get("when"))
+        print(section)
+        if not a.no_doc:
+            write_doc(section)
+        return 0
     chosen = [s for s in SCENARIOS if not a.only or s.name in a.only.split(",")]
     lock = open("/run/kvmscope-lab.lock", "w")
     try:
@@ -410,10 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lab("down", check=False)
         lock.close()
-    section = render(results, a.interval, a.window, a.deadline, time.monotonic() - t0)
+    took = time.monotonic() - t0
+    section = render(results, a.interval, a.window, a.deadline, took)
     print(section)
     if a.results:
-        a.results.write_text(json.dumps(results, indent=1, default=str))
+        a.results.write_text(json.dumps({"results": results, "interval": a.interval, "window": a.window,
+                                         "deadline": a.deadline, "took": took, "when": _now()}, indent=1, default=str))
     if not a.no_doc:
         write_doc(section)
     return 0 if all(r.get("ok") for r in results.values()) else 3

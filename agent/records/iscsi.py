@@ -29,6 +29,8 @@ class ScsiDisk:
     state: str | None  # running | offline | blocked ...
     holders: tuple[str, ...] = ()  # dm-N
     holder_names: tuple[str, ...] = ()  # dm names (e.g. mpatha)
+    ioerr_cnt: int | None = None  # commands completed with an error (sysfs device/ioerr_cnt)
+    iotmo_cnt: int | None = None  # commands that timed out (sysfs device/iotmo_cnt)
 
 
 @dataclass(frozen=True)

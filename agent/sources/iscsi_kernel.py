@@ -177,11 +177,15 @@ def read_session(paths: HostPaths, sid: int) -> IscsiSession:
         iface=_read(paths, base / "ifacename"),
         initiator=_read(paths, base / "initiatorname"),
         host=host,
-        netdev=None if netdev in (None, "", "default", "<NULL>") else netdev,
-        host_ipaddress=None if ipaddr in (None, "", "<NULL>") else canonical_host(ipaddr),
+        # unset: "(null)" (iscsi_tcp on a 6.1 kernel, seen on the lab's kernel host), "<NULL>", "default"
+        netdev=None if netdev in _UNSET else netdev,
+        host_ipaddress=None if ipaddr in _UNSET else canonical_host(ipaddr),
         connections=tuple(conns),
         disks=tuple(sorted(disks, key=lambda d: d.lun)),
     )
+
+
+_UNSET = (None, "", "default", "<NULL>", "(null)")
 
 
 def _read_connection(paths: HostPaths, cid: str) -> IscsiConnection:
@@ -223,9 +227,21 @@ def _read_target_disks(paths: HostPaths, target_dir: Path) -> list[ScsiDisk]:
                 state=_read(paths, d / "state"),
                 holders=holders,
                 holder_names=holder_names,
+                ioerr_cnt=_hex_or_none(_read(paths, d / "ioerr_cnt")),
+                iotmo_cnt=_hex_or_none(_read(paths, d / "iotmo_cnt")),
             )
         )
     return out
+
+
+def _hex_or_none(s: str | None) -> int | None:
+    """The SCSI device counters are printed as ``0x1f`` (drivers/scsi/scsi_sysfs.c)."""
+    if s is None:
+        return None
+    try:
+        return int(s, 0)
+    except ValueError:
+        return None
 
 
 def list_sids(paths: HostPaths) -> list[int]:

@@ -53,6 +53,9 @@ done
 say "network up: $(ip -br addr | tr '\n' ';')"
 
 python3 "$HERE/guestagent.py" serve "$KH_MGMT_ADDR" "$KH_AGENT_PORT" >/run/kvmslab-agent.log 2>&1 &
+mkdir -p /var/run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt
+virtlogd -d || say "virtlogd did not start"
+libvirtd -d || fail "libvirtd did not start"
 
 /lib/systemd/systemd-udevd --daemon || say "udevd did not start"
 udevadm trigger --action=add >/dev/null 2>&1
@@ -84,6 +87,20 @@ say "multipath map $KH_MAP has 2 paths"
 python3 "$HERE/guestagent.py" load "/dev/mapper/$KH_MAP" /run/kvmslab-load.log \
     >/run/kvmslab-load.out 2>&1 &
 echo "$!" >/run/kvmslab-load.pid
+
+# libvirt with one running domain (firmware only) whose disk is the map, so
+# kvmscope's join has a VM disk -> dm -> sdX -> session -> portal to show
+# (libvirtd was started early: it takes tens of seconds under TCG)
+n=0
+until virsh -q -c qemu:///system version >/dev/null 2>&1; do
+    n=$((n + 1)); [ $n -gt 360 ] && fail "libvirtd does not answer"; sleep 0.5
+done
+virsh -q -c qemu:///system define "$HERE/vm.xml" >/dev/null || fail "virsh define"
+if virsh -q -c qemu:///system start "$KH_VM" >/dev/null; then
+    say "libvirt domain $KH_VM running (disk /dev/mapper/$KH_MAP)"
+else
+    say "libvirt domain $KH_VM defined, did not start (disk /dev/mapper/$KH_MAP)"
+fi
 
 if [ -n "$KH_KVMSCOPE" ]; then
     mkdir -p /var/log/kvmscope

@@ -201,3 +201,26 @@ def lab():
         lock.close()
         if p.returncode != 0 and not lab.down_done:
             raise AssertionError(f"lab down failed at teardown: {p.stderr}")
+
+
+@pytest.fixture(scope="session")
+def kernel_host(lab):
+    """The kernel-initiator host kvmslab-kh on the session's lab (tests/lab/kernelhost.py):
+    `lab up --vms 2 --kernel-host` the first time a test asks for it (once per session),
+    `lab kernel-host stop` at the end (test_zz_down takes it down with the lab first)."""
+    from tests.lab.kernelhost import KernelHost
+
+    t0 = time.monotonic()
+    lab.run("up", "--vms", 2, "--kernel-host", "--timeout", 300)
+    up = time.monotonic() - t0
+    st = lab.status_json(interval=0.5)
+    assert st["kernel_hosts"], st
+    kh = KernelHost(st["kernel_hosts"][0])
+    kh.up_seconds = up
+    kh.status = st
+    print(f"\nkernel host {kh.name} up in {up:.1f}s (guest ready after "
+          f"{kh.record['ready_after_s']}s; steps {kh.record.get('boot_marks')})", file=sys.stderr)
+    try:
+        yield kh
+    finally:
+        lab.run("kernel-host", "stop", check=False)

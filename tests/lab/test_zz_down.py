@@ -20,11 +20,20 @@ def sh(*cmd):
 
 
 
-def test_down_leaves_nothing_behind(lab):
+def test_down_leaves_nothing_behind(lab, kernel_host):
     st = lab.status_json(interval=0.5)
     tgtd_pid = st["tgtd"]["pid"]
     loops = [vm["disks"][0]["target_backing_device"] for vm in st["vms"]]
     majmins = [vm["disks"][0]["target_backing_majmin"] for vm in st["vms"]]
+    # the kernel-initiator host (tests/lab/conftest.py kernel_host) is up too
+    (kh,) = st["kernel_hosts"]
+    assert kh["running"] and kh["pid"], kh
+    kh_pid, kh_taps = kh["pid"], kh["taps"]
+    loops.append(kh["loop"])
+    majmins.append(kh["loop_majmin"])
+    with open("/proc/sys/net/ipv4/conf/kvmslab-h1/forwarding") as fh:
+        assert fh.read().strip() == "1"
+    assert "-A FORWARD -j KVMSLAB" in sh("iptables", "-S", "FORWARD")
     started_libvirtd = st["libvirt"]["libvirtd_started_by_lab"]
     started_virtlogd = st["libvirt"]["virtlogd_started_by_lab"]
     libvirtd_pid = read_pid("libvirtd.pid") if started_libvirtd else None
@@ -50,6 +59,11 @@ def test_down_leaves_nothing_behind(lab):
             return False
         return s[s.rindex(")") + 2] not in "ZX"      # zombies are gone
 
+    # the kernel-initiator host: its QEMU, its taps, the FORWARD jump
+    assert not alive(kh_pid), f"QEMU of the kernel host (pid {kh_pid}) still alive"
+    for tap in kh_taps:
+        assert not os.path.exists(f"/sys/class/net/{tap}"), tap
+    assert "KVMSLAB" not in sh("iptables", "-S", "FORWARD")
     # network
     assert "kvmslab" not in sh("ip", "netns", "list")
     assert "kvmslab" not in sh("ip", "-o", "link", "show")

@@ -788,3 +788,124 @@ def test_status_shows_new_faults(lab_dir):
         f"  LUN {LUNS[0]['iqn']}: 30 IOPS",
         "flap portal 2 1/2: down 1970-01-01T00:00:01.000Z -> 1970-01-01T00:00:04.500Z (3.50s)",
         "flap portal 2 2/2: down 1970-01-01T00:00:09.000Z -> (still down)"]
+
+
+# -- the kernel-initiator host (kernelhost.py, guestagent.py) ---------------------
+
+from kvmslab import guestagent, kernelhost  # noqa: E402
+
+
+def test_kernel_host_is_a_host_kind_with_its_own_subcommands():
+    assert kernelhost.KERNEL_HOST in hosts.host_kinds()
+    p = cli.build_parser()
+    a = p.parse_args(["up", "--kernel-host"])
+    assert a.kernel_host and a.vms == 2
+    assert not p.parse_args(["up"]).kernel_host
+    a = p.parse_args(["kernel-host", "exec", "--", "iscsiadm", "-m", "session"])
+    assert (a.kh_cmd, a.argv[-3:]) == ("exec", ["iscsiadm", "-m", "session"])
+    assert p.parse_args(["kernel-host", "stop"]).kh_cmd == "stop"
+    with pytest.raises(SystemExit):
+        p.parse_args(["kernel-host"])
+
+
+def test_kernel_host_network_stays_in_the_lab_range_and_never_forwards_everything():
+    import ipaddress
+
+    lab_net = ipaddress.ip_network("198.18.0.0/15")
+    for ln in kernelhost.LINKS:
+        for key in ("host_addr", "guest_addr"):
+            assert ipaddress.ip_address(ln[key]) in lab_net
+        assert ipaddress.ip_network(ln["net"]).subnet_of(lab_net)
+    paths = kernelhost.forwarding_paths()
+    assert all("/conf/all/" not in p and "/conf/default/" not in p for p in paths)
+    assert sorted(os.path.basename(os.path.dirname(p)) for p in paths) == \
+        ["kvmslab-h1", "kvmslab-h2", "kvmslab-kt1", "kvmslab-kt2"]     # not the host-only tap
+    assert kernelhost.netns_route_cmds() == [
+        ["ip", "-n", "kvmslab-stor", "route", "replace", "198.18.11.0/24", "via", "198.18.1.1",
+         "dev", "kvmslab-n1"],
+        ["ip", "-n", "kvmslab-stor", "route", "replace", "198.18.12.0/24", "via", "198.18.2.1",
+         "dev", "kvmslab-n2"]]
+    assert kernelhost.tap_cmds(kernelhost.LINKS[0])[0] == ["ip", "tuntap", "add", "dev", "kvmslab-kt1",
+                                                           "mode", "tap"]
+
+
+def test_kernel_host_guest_env_and_qemu_command():
+    env = dict(line.split("=", 1) for line in kernelhost.guest_env("/x/.venv/bin/kvmscope").splitlines())
+    assert env["KH_ROUTES"] == "'198.18.1.2/32,198.18.11.1 198.18.2.2/32,198.18.12.1'"
+    assert env["KH_PORTALS"] == "'198.18.1.2:3260 198.18.2.2:3260'"
+    assert env["KH_IQN"] == "'iqn.2025-01.io.kvmscope.lab:kvmslab-kh-lun'"
+    assert env["KH_KVMSCOPE"] == "'/x/.venv/bin/kvmscope'" and env["KH_MAP"] == "'mpatha'"
+    argv = kernelhost.qemu_argv("/l/vmlinuz", "/l/init.gz", "/l/console.log", "/l/qemu.pid")
+    assert argv[0] == "qemu-system-x86_64" and "pc,accel=tcg" in argv
+    assert argv[argv.index("-m") + 1] == "1024"
+    virtfs = argv[argv.index("-virtfs") + 1]
+    assert "path=/," in virtfs and "readonly=on" in virtfs and "multidevs=remap" in virtfs
+    nets = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    assert [n.split("ifname=")[1].split(",")[0] for n in nets] == ["kvmslab-kt1", "kvmslab-kt2", "kvmslab-km"]
+    assert all("script=no" in n for n in nets)
+
+
+def test_kernel_host_config_files():
+    conf = kernelhost.iscsid_conf()
+    assert "node.startup = manual" in conf
+    assert "node.session.timeo.replacement_timeout = 15" in conf
+    assert "node.conn[0].timeo.noop_out_interval = 5" in conf
+    mp = kernelhost.multipath_conf()
+    assert "no_path_retry 12" in mp and "find_multipaths no" in mp and 'vendor "IET"' in mp
+    assert "listen: \"198.18.10.2:9847\"" in kernelhost.kvmscope_conf()
+    assert "client_auth_type: RequireAndVerifyClientCert" in kernelhost.web_yml()
+    cmds = kernelhost.pki_cmds("/d")
+    assert all(c[0] == "openssl" for c in cmds) and "san.ext" in cmds[2]
+    xml = ET.fromstring(kernelhost.vm_xml())
+    disk = xml.find("devices/disk")
+    assert disk.get("type") == "block" and disk.find("source").get("dev") == "/dev/mapper/mpatha"
+
+
+def test_kernel_host_parsers():
+    assert kernelhost.parse_sessions(
+        "tcp: [1] 198.18.1.2:3260,1 iqn.x:lun (non-flash)\n"
+        "tcp: [2] 198.18.2.2:3260,1 iqn.x:lun (non-flash)\n") == [
+        {"sid": 1, "portal": "198.18.1.2:3260", "tpgt": 1, "iqn": "iqn.x:lun"},
+        {"sid": 2, "portal": "198.18.2.2:3260", "tpgt": 1, "iqn": "iqn.x:lun"}]
+    assert kernelhost.parse_paths("sda mpatha active ready running 2:0:0:1\n") == [
+        {"dev": "sda", "map": "mpatha", "dm_state": "active", "checker": "ready",
+         "dev_state": "running", "hcil": "2:0:0:1"}]
+    assert kernelhost.boot_marks(
+        "noise\nkvmslab-kh: stage2 started (t=3.15)\n"
+        "kvmslab-kh: multipath map mpatha has 2 paths (t=24.4)\nkvmslab-kh: ready (t=25.02)\n") == {
+        "stage2 started": 3.15, "multipath map mpatha has 2 paths": 24.4, "ready": 25.02}
+
+
+def test_drops_reach_forwarded_traffic():
+    """The host's KVMSLAB chain is jumped to from FORWARD too (the kernel host's
+    segments are routed), the namespace's from INPUT only."""
+    assert faults.JUMP_HOOKS == {False: ("INPUT", "FORWARD"), True: ("INPUT",)}
+    rules = faults.drop_rules(faults_with(offline_portals=[1]))
+    host = [argv for ns, argv in rules if ns is None]
+    assert host and all("-i" in a and a[a.index("-i") + 1] == "kvmslab-h1" for a in host)
+
+
+def test_guest_agent_runs_commands_over_tcp():
+    """The agent and its client on loopback: argv, shell text, input, rc, timeout."""
+    import socket
+    import threading
+
+    srv = guestagent._Server(("127.0.0.1", 0), guestagent._Handler)
+    port = srv.server_address[1]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = guestagent.guest_run("127.0.0.1", ["echo", "hi"], port=port)
+        assert (r["rc"], r["stdout"]) == (0, "hi\n")
+        r = guestagent.guest_run("127.0.0.1", sh="cat; echo err >&2; exit 3", input="in", port=port)
+        assert (r["rc"], r["stdout"], r["stderr"]) == (3, "in", "err\n")
+        r = guestagent.guest_run("127.0.0.1", ["sleep", "5"], timeout=0.3, port=port)
+        assert r["rc"] == 124 and "timed out" in r["stderr"]
+        r = guestagent.guest_run("127.0.0.1", ["/nonexistent/x"], port=port)
+        assert r["rc"] == 127
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"not json\n")
+            s.shutdown(socket.SHUT_WR)
+            assert b'"rc": 2' in s.recv(4096)
+    finally:
+        srv.shutdown()
+        srv.server_close()

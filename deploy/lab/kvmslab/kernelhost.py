@@ -135,11 +135,94 @@ blacklist_exceptions {{
 """
 
 
+GUEST_TLS = "/etc/kvmscope/tls"      # in the guest: server cert/key, client CA
+
+
 def kvmscope_conf():
-    """The guest's /etc/kvmscope/config.yaml: /metrics on the host-only link."""
+    """The guest's /etc/kvmscope/config.yaml: /metrics on the host-only link,
+    behind TLS with a verified client certificate (kvmscope refuses a
+    listener beyond loopback without both)."""
     return (f"# kvmscope lab kernel-initiator host\n"
             f"metrics:\n  listen: \"{MGMT['guest_addr']}:{METRICS_PORT}\"\n"
+            f"  web_config: /etc/kvmscope/web.yml\n"
             f"agent:\n  interval: 5\n")
+
+
+def web_yml():
+    return (f"tls_server_config:\n"
+            f"  cert_file: {GUEST_TLS}/server.crt\n"
+            f"  key_file: {GUEST_TLS}/server.key\n"
+            f"  client_auth_type: RequireAndVerifyClientCert\n"
+            f"  client_ca_file: {GUEST_TLS}/ca.crt\n")
+
+
+def pki_cmds(d):
+    """openssl commands (run in directory d) for a lab CA, the guest's server
+    certificate (IP SAN = its host-only address) and a client certificate
+    for the host (tests, Prometheus). Pure."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    return [
+        ["openssl", "req", "-x509", *ec, "-days", "7", "-subj", "/CN=kvmslab-kh lab CA",
+         "-keyout", "ca.key", "-out", "ca.crt"],
+        ["openssl", "req", *ec, "-subj", f"/CN={NAME}", "-keyout", "server.key",
+         "-out", "server.csr"],
+        ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "7", "-extfile", "san.ext", "-out", "server.crt"],
+        ["openssl", "req", *ec, "-subj", "/CN=kvmslab-host", "-keyout", "client.key",
+         "-out", "client.csr"],
+        ["openssl", "x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "7", "-out", "client.crt"],
+    ]
+
+
+def ensure_pki():
+    """LAB_DIR/kernelhost/pki (made once); the guest gets ca.crt and the
+    server pair under /etc/kvmscope/tls."""
+    d = kh_dir("pki")
+    if not os.path.exists(os.path.join(d, "client.crt")):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        with open(os.path.join(d, "san.ext"), "w") as f:
+            f.write(f"subjectAltName=IP:{MGMT['guest_addr']}\n")
+        for cmd in pki_cmds(d):
+            p = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=60)
+            if p.returncode != 0:
+                raise LabError(f"`{' '.join(cmd)}` failed: {p.stderr.strip()}")
+    tls = kh_dir("etc", "kvmscope", "tls")
+    os.makedirs(tls, mode=0o700, exist_ok=True)
+    for name in ("ca.crt", "server.crt", "server.key"):
+        shutil.copyfile(os.path.join(d, name), os.path.join(tls, name))
+        os.chmod(os.path.join(tls, name), 0o600)
+    return {"ca": os.path.join(d, "ca.crt"), "cert": os.path.join(d, "client.crt"),
+            "key": os.path.join(d, "client.key")}
+
+
+VM = f"{NAME}-vm0"
+
+
+def vm_xml():
+    """A libvirt domain of the guest whose vda is the multipath map as a
+    block device, as KVM hosts on kernel iSCSI do. Started with no kernel:
+    its firmware reads the disk's first sector and waits for a bootable disk
+    (mostly halted, cheap under TCG in TCG), so the domain is running with the
+    map open while the guest's load process does the I/O."""
+    return f"""<domain type='qemu'>
+  <name>{VM}</name>
+  <description>kvmscope lab: a VM of the kernel-initiator host (disk = the multipath map)</description>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none' io='native'/>
+      <source dev='/dev/mapper/{MAP}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
 
 
 def guest_env(kvmscope_bin):
@@ -149,7 +232,7 @@ def guest_env(kvmscope_bin):
                       for ln in LINKS if ln["portal"])
     portals = " ".join(f"{PORTALS[i]['address']}:{ISCSI_PORT}" for i in sorted(PORTALS))
     env = {"KH_HOSTNAME": NAME, "KH_NICS": nics, "KH_ROUTES": routes,
-           "KH_PORTALS": portals, "KH_IQN": IQN, "KH_MAP": MAP,
+           "KH_PORTALS": portals, "KH_IQN": IQN, "KH_MAP": MAP, "KH_VM": VM,
            "KH_MGMT_ADDR": MGMT["guest_addr"], "KH_AGENT_PORT": str(AGENT_PORT),
            "KH_KVMSCOPE": kvmscope_bin or ""}
     return "".join(f"{k}='{v}'\n" for k, v in env.items())
@@ -196,10 +279,11 @@ def qemu_argv(kernel, initrd, console, pidfile):
 def record(backing, kernel_ver):
     return {"name": NAME, "iqn": IQN, "tid": TID, "lun": target.LUN,
             "lun_file": kh_dir("lun.img"), "loop": backing["loop"],
-            "loop_majmin": backing["loop_majmin"], "map": MAP,
+            "loop_majmin": backing["loop_majmin"], "map": MAP, "vm": VM,
             "initiator_iqn": INITIATOR_IQN, "kernel": kernel_ver,
             "console": kh_dir("console.log"), "mgmt_addr": MGMT["guest_addr"],
-            "agent_port": AGENT_PORT, "metrics": f"{MGMT['guest_addr']}:{METRICS_PORT}",
+            "agent_port": AGENT_PORT,
+            "metrics_url": f"https://{MGMT['guest_addr']}:{METRICS_PORT}/metrics",
             "links": LINKS, "pid": None}
 
 
@@ -245,7 +329,9 @@ def write_guest_files(kvmscope_bin):
         kh_dir("etc", "iscsi", "iscsid.conf"): iscsid_conf(),
         kh_dir("etc", "multipath.conf"): multipath_conf(),
         kh_dir("etc", "kvmscope", "config.yaml"): kvmscope_conf(),
+        kh_dir("etc", "kvmscope", "web.yml"): web_yml(),
         kh_dir("guest.env"): guest_env(kvmscope_bin),
+        kh_dir("vm.xml"): vm_xml(),
     }
     for path, text in files.items():
         with open(path, "w") as f:
@@ -400,8 +486,10 @@ class KernelHost(HostKind):
             mods = build_initramfs(ver, kh_dir("initramfs.cpio.gz"))
             log(f"built kernel-host initramfs with busybox + {' '.join(mods)} ({ver})")
         write_guest_files(kvmscope_binary())
+        tls = ensure_pki()
         old = (st.get(STATE_KEY) or [None])[0]
         rec = record(target.ensure_backing(kh_dir("lun.img")), ver)
+        rec["metrics_tls"] = tls
         if old:
             rec["pid"] = old.get("pid")
             rec["ready_after_s"] = old.get("ready_after_s")
@@ -454,10 +542,13 @@ class KernelHost(HostKind):
     def status(self, st, interval):
         out = []
         for rec in st.get(STATE_KEY, []):
-            r = {k: rec.get(k) for k in ("name", "iqn", "tid", "lun", "map", "console",
-                                         "mgmt_addr", "agent_port", "metrics", "kernel",
-                                         "ready_after_s")}
-            r["running"] = bool(qemu_pid(rec))
+            r = {k: rec.get(k) for k in ("name", "iqn", "tid", "lun", "loop", "loop_majmin",
+                                         "map", "vm", "console",
+                                         "mgmt_addr", "agent_port", "metrics_url", "metrics_tls",
+                                         "kernel", "ready_after_s", "boot_marks")}
+            r["pid"] = qemu_pid(rec)
+            r["running"] = bool(r["pid"])
+            r["taps"] = [ln["tap"] for ln in LINKS]
             r["agent"] = False
             r["sessions"], r["paths"] = [], []
             if r["running"]:

@@ -89,18 +89,21 @@ python3 "$HERE/guestagent.py" load "/dev/mapper/$KH_MAP" /run/kvmslab-load.log \
 echo "$!" >/run/kvmslab-load.pid
 
 # libvirt with one running domain (firmware only) whose disk is the map, so
-# kvmscope's join has a VM disk -> dm -> sdX -> session -> portal to show
-# (libvirtd was started early: it takes tens of seconds under TCG)
-n=0
-until virsh -q -c qemu:///system version >/dev/null 2>&1; do
-    n=$((n + 1)); [ $n -gt 360 ] && fail "libvirtd does not answer"; sleep 0.5
-done
-virsh -q -c qemu:///system define "$HERE/vm.xml" >/dev/null || fail "virsh define"
-if virsh -q -c qemu:///system start "$KH_VM" >/dev/null; then
-    say "libvirt domain $KH_VM running (disk /dev/mapper/$KH_MAP)"
-else
-    say "libvirt domain $KH_VM defined, did not start (disk /dev/mapper/$KH_MAP)"
-fi
+# kvmscope's join has a VM disk -> dm -> sdX -> session -> portal to show.
+# libvirtd (started early) takes a minute or more under TCG: this runs in the
+# background and prints its own line; `ready` does not wait for it.
+(
+    n=0
+    until virsh -q -c qemu:///system version >/dev/null 2>&1; do
+        n=$((n + 1)); [ $n -gt 600 ] && { say "libvirtd does not answer"; exit 1; }; sleep 0.5
+    done
+    virsh -q -c qemu:///system define "$HERE/vm.xml" >/dev/null || { say "virsh define failed"; exit 1; }
+    if virsh -q -c qemu:///system start "$KH_VM" >/dev/null; then
+        say "libvirt domain $KH_VM running (disk /dev/mapper/$KH_MAP)"
+    else
+        say "libvirt domain $KH_VM defined, did not start (disk /dev/mapper/$KH_MAP)"
+    fi
+) &
 
 if [ -n "$KH_KVMSCOPE" ]; then
     mkdir -p /var/log/kvmscope

@@ -23,6 +23,12 @@ pytestmark = pytest.mark.lab
 PORTAL1, PORTAL2 = "198.18.1.2:3260", "198.18.2.2:3260"
 
 
+def kernelhost_interval() -> float:
+    from kvmslab.kernelhost import KVMSCOPE_INTERVAL  # tests.lab.kernelhost put deploy/lab on sys.path
+
+    return KVMSCOPE_INTERVAL
+
+
 def sessions_by_portal(kh) -> dict[str, int]:
     out = {}
     for line in kh.run("iscsiadm", "-m", "session").splitlines():
@@ -54,9 +60,12 @@ def p3_blocks(text: str) -> dict[int, dict]:
     out, cur = {}, None
     for raw in text.splitlines():
         line = raw.strip()
+        if line.startswith("Current Portal:"):  # a session's block starts here; its SID comes later
+            cur = {"disks": {}}
+            continue
         m = re.match(r"SID: (\d+)", line)
-        if m:
-            cur = out.setdefault(int(m.group(1)), {"disks": {}})
+        if m and cur is not None:
+            out[int(m.group(1))] = cur
             continue
         if cur is None:
             continue
@@ -146,63 +155,6 @@ def test_committed_capture_agrees_with_the_live_guest(kernel_host, tmp_path):
     print(f"\nlive capture: {summary}")
 
 
-def test_iscsi_kernel_matches_iscsiadm_and_sysfs(kernel_host):
-    """kvmscope's iscsi_kernel (in the guest, collected now) against the guest's
-    iscsiadm -P 3, iscsiadm -s (read before and after) and sysfs."""
-    kh = kernel_host
-    by_portal = sessions_by_portal(kh)
-    before = {sid: stats_of(kh, sid) for sid in by_portal.values()}
-    t0 = time.monotonic()
-    mine = {s["sid"]: s for s in kh.kvmscope("sessions", "--json")}
-    took = time.monotonic() - t0
-    after = {sid: stats_of(kh, sid) for sid in by_portal.values()}
-    p3 = p3_blocks(kh.run("iscsiadm", "-m", "session", "-P", "3"))
-    print(f"\nkvmscope sessions --json in the guest took {took:.1f}s")
-    assert set(mine) == set(by_portal.values()), mine.keys()
-    for portal, sid in by_portal.items():
-        s = mine[sid]
-        base = f"/sys/class/iscsi_session/session{sid}"
-        assert s["target"] == kh.iqn == kh.read(f"{base}/targetname").strip()
-        assert s["state"] == kh.read(f"{base}/state").strip() == p3[sid]["iSCSI Session State"]
-        assert s["tpgt"] == int(kh.read(f"{base}/tpgt"))
-        assert s["recovery_tmo"] == int(kh.read(f"{base}/recovery_tmo")) == int(p3[sid]["Recovery Timeout"])
-        assert s["initiator"] == p3[sid]["Iface Initiatorname"]
-        assert s["host"] == f"host{p3[sid]['Host Number']}"
-        # its one connection
-        (c,) = s["connections"]
-        cdir = f"/sys/class/iscsi_connection/connection{sid}:0"
-        assert c["cid"] == f"{sid}:0"
-        assert f"{c['persistent_address']}:{c['persistent_port']}" == portal
-        assert c["address"] == kh.read(f"{cdir}/address").strip()
-        for key in ("port", "local_port", "persistent_port", "ping_tmo", "recv_tmo"):
-            assert c[key] == int(kh.read(f"{cdir}/{key}")), key
-        # the guest's socket on that local port goes to that portal
-        ss = kh.run("ss", "-tnH", "state", "established", f"( sport = :{c['local_port']} )")
-        assert portal in ss, ss
-        # its SCSI disks: LUN 0 (controller, no block device) and LUN 1 = sdX under the map
-        disks = {d["lun"]: d for d in s["disks"]}
-        sd = session_disk(kh, sid)
-        d1 = disks[1]
-        assert d1["name"] == sd and p3[sid]["disks"].get(sd) == d1["state"]
-        assert d1["hctl"] in p3[sid]["hctls"]
-        dev = f"/sys/class/scsi_device/{d1['hctl']}/device"
-        assert d1["state"] == kh.read(f"{dev}/state").strip() == "running"
-        assert d1["devno"] == kh.read(f"/sys/block/{sd}/dev").strip()
-        assert d1["ioerr_cnt"] == int(kh.read(f"{dev}/ioerr_cnt").strip(), 16)
-        assert d1["iotmo_cnt"] == int(kh.read(f"{dev}/iotmo_cnt").strip(), 16)
-        dm = kh.run("ls", f"/sys/block/{sd}/holders").split()
-        assert d1["holders"] == dm and d1["holder_names"] == [kh.map]
-        # counters: between the two iscsiadm reads; the ones that do not move, equal
-        st = s["stats"]
-        assert st is not None, s.get("stats_error")
-        assert set(st) >= set(before[sid]), set(before[sid]) - set(st)
-        for key, v0 in before[sid].items():
-            assert v0 <= st[key] <= after[sid][key], (sid, key, v0, st[key], after[sid][key])
-            if v0 == after[sid][key]:
-                assert st[key] == v0, key
-        assert st["scsicmd_pdus"] > 0 and st["txdata_octets"] > 0
-
-
 def test_portal1_offline_fails_over_to_portal2(kernel_host, lab):
     """Portal 1 stops answering: session 1 leaves LOGGED_IN, multipath fails its
     path, the load goes on through portal 2 after one stall; online: reinstated."""
@@ -243,47 +195,3 @@ def test_portal1_offline_fails_over_to_portal2(kernel_host, lab):
              90, "session 1 to log in again")
     wait_for(lambda: paths(kh)[sd1]["dm_state"] == "active", 60, "multipath to reinstate the path")
     print(f"portal 1 online: path reinstated {time.time() - t_off:.1f}s after the outage began")
-
-
-def test_loss_on_portal1_retransmits_agree_with_tcpretrans(kernel_host, lab):
-    """5% loss on portal 1: the guest's kvmscope counts retransmits to portal 1
-    (eBPF, tcp:tcp_retransmit_skb) as bcc's kprobe-based tcpretrans does, within 5%."""
-    kh = kernel_host
-    kh.sh("(/usr/sbin/tcpretrans-bpfcc > /tmp/tcpretrans.out 2>/tmp/tcpretrans.err & echo $! > /tmp/tcpretrans.pid)")
-    try:
-        wait_for(lambda: "LADDR" in kh.read("/tmp/tcpretrans.out"), 180, "tcpretrans to attach")
-
-        def retrans_metric():
-            text = kh.metrics()
-            out = {}
-            for line in text.splitlines():
-                m = re.match(r'kvmscope_tcp_retransmits_total\{remote_address="([^"]+)",remote_port="3260"\} (\S+)', line)
-                if m:
-                    out[m.group(1)] = float(m.group(2))
-            return out
-
-        def settled():
-            a = retrans_metric()
-            time.sleep(6)
-            b = retrans_metric()
-            return b if a == b and "198.18.1.2" in b else None
-
-        m0 = wait_for(settled, 120, "the guest agent's retransmit counters to settle")
-        lines0 = len(kh.read("/tmp/tcpretrans.out").splitlines())
-        lab.run("loss", 5, "--portal", 1)
-        time.sleep(25)
-        lab.run("loss", 0)
-        m1 = wait_for(settled, 120, "the counters to settle after the loss")
-        out = kh.read("/tmp/tcpretrans.out").splitlines()[lines0:]
-    finally:
-        kh.sh("kill -INT $(cat /tmp/tcpretrans.pid)", check=False)
-    bcc = {"198.18.1.2": 0, "198.18.2.2": 0}
-    for line in out:
-        m = re.search(r"(198\.18\.1[12]\.2):\d+\s+\S+\s+(198\.18\.[12]\.2):3260", line)
-        if m:
-            bcc[m.group(2)] += 1
-    ours = {a: m1.get(a, 0) - m0.get(a, 0) for a in bcc}
-    print(f"\nloss 5% on portal 1 for 25 s: kvmscope {ours}, tcpretrans {bcc}")
-    assert bcc["198.18.1.2"] >= 20, out[:20]
-    assert abs(ours["198.18.1.2"] - bcc["198.18.1.2"]) <= 0.05 * bcc["198.18.1.2"], (ours, bcc)
-    assert ours["198.18.2.2"] <= 2 and bcc["198.18.2.2"] <= 2, (ours, bcc)

@@ -909,3 +909,17 @@ def test_guest_agent_runs_commands_over_tcp():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_status_text_shows_the_kernel_host():
+    res = status.base_doc(1.0, faults.empty_faults(), True, {1: True, 2: True})
+    res["kernel_hosts"] = [{
+        "name": "kvmslab-kh", "running": True, "agent": True, "mgmt_addr": "198.18.10.2",
+        "agent_port": 7001, "console": "/x/console.log",
+        "sessions": [{"sid": 1, "portal": "198.18.1.2:3260", "tpgt": 1, "iqn": "iqn.x:lun"}],
+        "paths": [{"dev": "sda", "map": "mpatha", "dm_state": "failed", "checker": "faulty",
+                   "dev_state": "running", "hcil": "2:0:0:1"}]}]
+    text = status.render_text(res)
+    assert "kvmslab-kh: running, agent answers on 198.18.10.2:7001 (console /x/console.log)\n" in text
+    assert "  session 1: 198.18.1.2:3260 iqn.x:lun\n" in text
+    assert "  path sda (2:0:0:1) of mpatha: failed faulty running\n" in text

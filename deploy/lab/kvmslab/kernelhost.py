@@ -136,6 +136,9 @@ blacklist_exceptions {{
 
 
 GUEST_TLS = "/etc/kvmscope/tls"      # in the guest: server cert/key, client CA
+# Under TCG one `iscsiadm -m session -r SID -s` takes up to ~2.2 s: a 12 s
+# collector deadline gives iscsi_kernel a 6 s budget for both sessions' counters.
+KVMSCOPE_INTERVAL = 15
 
 
 def kvmscope_conf():
@@ -145,7 +148,7 @@ def kvmscope_conf():
     return (f"# kvmscope lab kernel-initiator host\n"
             f"metrics:\n  listen: \"{MGMT['guest_addr']}:{METRICS_PORT}\"\n"
             f"  web_config: /etc/kvmscope/web.yml\n"
-            f"agent:\n  interval: 5\n")
+            f"agent:\n  interval: {KVMSCOPE_INTERVAL}\n  collector_timeout: 12\n")
 
 
 def web_yml():

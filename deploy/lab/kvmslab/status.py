@@ -120,4 +120,13 @@ def render_text(res):
             lines.append(f"  {d['dev']}: {be}")
             lines.append(f"       {d['ops_per_s']:.0f} ops/s, avg {lat} "
                          f"over {res['sample_interval_s']:g}s")
+    for kh in res.get("kernel_hosts", []):
+        lines.append(f"{kh['name']}: {'running' if kh['running'] else 'NOT running'}, agent "
+                     f"{'answers' if kh['agent'] else 'NOT answering'} on {kh['mgmt_addr']}:"
+                     f"{kh['agent_port']} (console {kh['console']})")
+        for s in kh.get("sessions", []):
+            lines.append(f"  session {s['sid']}: {s['portal']} {s['iqn']}")
+        for p in kh.get("paths", []):
+            lines.append(f"  path {p['dev']} ({p['hcil']}) of {p['map']}: {p['dm_state']} "
+                         f"{p['checker']} {p['dev_state']}")
     return "".join(line + "\n" for line in lines)

@@ -16,7 +16,8 @@ Sources, by the disk's backend:
   (the command as QEMU's iscsi driver sees it, without QEMU's own queueing
   above it).
 * ``block``: a file or block device under the host block layer. The
-  ``ebpf_block_io`` probe's per-process histograms (tgid, device, op) of the
+  ``ebpf_block_io`` probe's per-process histograms (``BlockIoData.processes``:
+  tgid, device, op; total latency, insert or issue -> completion) of the
   VM's QEMU pid (its I/O threads are the same tgid) on the device under the
   disk (``host_devno``; a partition's I/O is counted on its whole disk).
   Two disks of one VM on one host device share that process histogram:

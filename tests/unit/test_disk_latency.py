@@ -66,10 +66,11 @@ def test_same_lun_on_two_targets_is_ambiguous_unless_the_login_was_seen():
     assert d.iscsi[0].target == "iqn.other" and d.iscsi[0].portal == "10.0.0.2:3260"
 
 
-class ProcHist:  # the block probe's per-process histogram (BlockProcess), the fields the join reads
-    def __init__(self, tgid, device, op, slots):
-        self.tgid, self.device, self.op, self.slots = tgid, device, op, slots
-        self.count, self.sum_ns = sum(slots.values()), 1000 * sum(slots.values())
+def proc(tgid, device, op, slots):
+    from agent.records.ebpf import BlockProcess
+
+    n = sum(slots.values())
+    return BlockProcess(tgid, "qemu-system-x86", device, op, n, 1000 * n, 4096 * n, slots=slots)
 
 
 def test_block_disk_through_the_qemu_pid_and_the_device_under_the_file():
@@ -80,8 +81,8 @@ def test_block_disk_through_the_qemu_pid_and_the_device_under_the_file():
     bio = BlockIoData((), (), {}, SLOT_MAX)
     d = snap([vm], block_devices=devs, ebpf_block_io=bio).vm_disk_latency
     assert "no per-process histograms" in dict(((v, k), w) for v, k, w in d.missing)[("vm0", "vdb")]
-    bio = BlockIoData((), (ProcHist(100, "vdx", "write", {10: 2}), ProcHist(200, "vdx", "write", {9: 5}),
-                           ProcHist(100, "sda", "read", {9: 5})), {}, SLOT_MAX)
+    bio = BlockIoData((), (proc(100, "vdx", "write", {10: 2}), proc(200, "vdx", "write", {9: 5}),
+                           proc(100, "sda", "read", {9: 5})), {}, SLOT_MAX)
     d = snap([vm], block_devices=devs, ebpf_block_io=bio).vm_disk_latency
     assert [(h.disk, h.op, h.source, h.count, h.pid) for h in d.histograms] == [("vdb", "write", BLOCK, 2, 100)]
 
@@ -91,7 +92,7 @@ def test_two_disks_of_one_vm_on_one_host_device_are_ambiguous():
 
     vdc = VmDisk("vdc", "file", None, "/var/tmp/vdc.img", host_devno="254:0")
     vm = Vm("vm0", None, "running", 100, (VDB, vdc))
-    bio = BlockIoData((), (ProcHist(100, "vdx", "write", {10: 2}),), {}, SLOT_MAX)
+    bio = BlockIoData((), (proc(100, "vdx", "write", {10: 2}),), {}, SLOT_MAX)
     d = snap([vm], block_devices=BlockDevices((BlockDevice("vdx", "254:0", None, (), (), {}),)), ebpf_block_io=bio).vm_disk_latency
     assert d.histograms == ()
     assert all(why.startswith("ambiguous: disks vdb, vdc") for _vm, _d, why in d.missing)

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit fuzz disk-faults bench bench-probes bench-cycle footprint soak dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz disk-faults bench bench-probes bench-uprobes bench-cycle footprint soak dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -39,6 +39,10 @@ bench: setup-test
 
 bench-probes: setup-test
 	$(VENV)/bin/python -m benchmarks.probes $(ARGS)
+
+# The libiscsi uprobes' cost per I/O, off and on side by side (tgtd on loopback, qemu-img / qemu-io).
+bench-uprobes: setup-test
+	$(VENV)/bin/python -m benchmarks.uprobes $(ARGS)
 
 # One collection cycle at 200 VMs x 4 disks, 400 storage connections (libvirt's test driver, real
 # QEMU processes and sockets in a network namespace of its own); results in docs/performance.md. Root needed.

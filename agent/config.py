@@ -230,6 +230,10 @@ class EbpfConfig(_Section):
     kernel_build: str | None = Field(
         None, description="kernel headers for bcc (default: /lib/modules/$(uname -r)/build)")
     probes_dir: str | None = Field(None, description="directory of the probes' C files (default: the installed probes/)")
+    uprobe_budget: float = Field(
+        0.02, gt=0, le=1, description="most CPU the libiscsi uprobes may take from one QEMU process, as a share of one "
+        "CPU while attached; above it they are attached one cycle in N (sampled), so a busy VM loses at most this "
+        "share of its I/O throughput (docs/probes.md); 1 = always attached")
     library_dirs: list[str] = Field(
         list(LIBRARY_DIRS), description="where the uprobe probes look for their shared library (libiscsi.so.7: QEMU's "
         "iSCSI initiator), the first that has it")

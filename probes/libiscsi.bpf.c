@@ -119,6 +119,8 @@ int on_command(struct pt_regs *ctx)
 
 int on_free(struct pt_regs *ctx)
 {
+    if (!PT_REGS_PARM1(ctx))
+        return 0; /* scsi_free_scsi_task(NULL): the agent's own calibration of the trap's cost */
     struct task_key k = {.task = PT_REGS_PARM1(ctx), .tgid = bpf_get_current_pid_tgid() >> 32};
     struct task_val *t = inflight.lookup(&k);
     if (!t) {

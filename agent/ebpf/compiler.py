@@ -20,7 +20,9 @@ Attachments a probe declares (:class:`Attach`), made by the child with bcc:
 (``pid=-1``)), ``tp_btf`` (a BTF-typed raw tracepoint: the function, compiled
 by bcc but not loaded by it, is loaded with the tracepoint's BTF id
 (``btf_id``) by :func:`agent.ebpf.bpfsys.load_tp_btf`; its arguments are
-typed kernel pointers the program reads with plain loads). ``optional=True``: a failed attachment is reported in
+typed kernel pointers the program reads with plain loads); ``load``: a uprobe program
+loaded but not attached (the agent attaches it itself and can detach it,
+agent/ebpf/uprobes.py). ``optional=True``: a failed attachment is reported in
 ``skipped`` instead of failing the probe.
 """
 
@@ -50,7 +52,7 @@ class Attach:
     """An attachment the child makes with bcc besides the auto-attached ``tracepoint__cat__name`` and
     ``raw_tracepoint__name`` functions."""
 
-    kind: str  # tracepoint | raw_tracepoint | uprobe | uretprobe
+    kind: str  # tracepoint | raw_tracepoint | uprobe | uretprobe | load (a kprobe-type program only loaded)
     fn_name: str
     target: str = ""  # tracepoint "cat:name", raw tracepoint name; a uprobe's label (default binary:symbol[:pid])
     binary: str = ""  # uprobe: path of the binary or library (or a library name bcc resolves)
@@ -197,6 +199,9 @@ def _build(req: dict) -> tuple[dict, list[int]]:
                             "fd": fd})
     for a in req.get("attach", []):
         spec = Attach(**a)
+        if spec.kind == "load":  # loaded, not attached: the agent attaches it itself (agent/ebpf/uprobes.py)
+            b.load_func(spec.fn_name.encode(), bcc.BPF.KPROBE)
+            continue
         try:
             attachments.append(_attach(b, spec))
         except Exception as e:

@@ -137,6 +137,7 @@ class LoadOptions:
     mount_tracefs: bool = True
     # where a uprobe probe looks for its shared library (the first that has it)
     library_dirs: tuple[Path, ...] = tuple(Path(d) for d in LIBRARY_DIRS)
+    uprobe_budget: float = 0.02  # share of one CPU a sampling uprobe probe may cost a process (ebpf.uprobe_budget)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ def load_options(ctx: SourceContext) -> LoadOptions:
         events_per_second=cfg.ebpf.events_per_second,
         kernel_build=Path(cfg.ebpf.kernel_build) if cfg.ebpf.kernel_build else None,
         library_dirs=tuple(Path(d) for d in cfg.ebpf.library_dirs),
+        uprobe_budget=cfg.ebpf.uprobe_budget,
     )
     if cfg.ebpf.probes_dir:
         opts.probes_dir = Path(cfg.ebpf.probes_dir)

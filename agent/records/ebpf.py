@@ -228,6 +228,9 @@ class LibiscsiData:
     slot_max: int = SLOT_MAX
     probe: ProbeStats | None = None
     tracepoints: tuple[str, ...] = field(default_factory=tuple)  # the uprobes attached
+    # the sampling state after this read (agent/ebpf/libiscsi.py DutyCycle): attached, cycles_detached_left,
+    # busiest_commands_per_second, cost_ns_per_command, hit_ns, budget
+    sampling: dict[str, float | int | bool | None] = field(default_factory=dict)
 
     def context(self, tgid: int, ctx: int) -> LibiscsiContext | None:
         for c in self.contexts:

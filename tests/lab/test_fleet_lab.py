@@ -65,7 +65,7 @@ CHAIN = "KVMSFLEET"
 TGT = ["tgtadm", "-C", "42", "--lld", "iscsi"]
 TID = 90
 IQN = "iqn.2025-01.io.kvmscope.lab:fleet-b"
-EBPF_OFF = ["ebpf_tcp_retrans", "ebpf_tcp_lifecycle", "ebpf_block_io"]
+EBPF_OFF = ["ebpf_tcp_retrans", "ebpf_tcp_lifecycle", "ebpf_block_io", "ebpf_libiscsi"]
 EXAMPLE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 

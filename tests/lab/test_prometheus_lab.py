@@ -50,7 +50,7 @@ SOURCES = {
     "kvmscope_iscsi_session": "iscsi_kernel",
     "kvmscope_multipath": "multipath",
 }
-EBPF_COLLECTORS = ("ebpf_block_io", "ebpf_tcp_lifecycle", "ebpf_tcp_retrans")
+EBPF_COLLECTORS = ("ebpf_block_io", "ebpf_libiscsi", "ebpf_tcp_lifecycle", "ebpf_tcp_retrans")
 
 
 

@@ -130,3 +130,44 @@ def test_percentiles_over_an_interval_from_the_preferred_source():
     # a new process (VM restarted): its histogram counts from zero, not as a negative delta
     p = disk_percentiles(before, VmDiskLatencies((h((3, 0, 0, 0), 3_000_000, pid=2),)))[("vm0", "vda")]
     assert (p.requests, p.p99_ms) == (3, 1.0)
+
+
+def test_duty_cycle_keeps_a_busy_process_within_the_budget():
+    from agent.ebpf.libiscsi import DutyCycle
+
+    d = DutyCycle(0.02)
+    assert d.off_cycles(200, 30_000) == 0  # a lab VM: 200 commands/s x 30 us = 0.6 % of its time, always on
+    assert d.off_cycles(666, 30_000) == 0  # 1.998 %
+    # the benchmark's depth-32 initiator: 18 000/s x 30 us = 54 %: attached 1 cycle in 27 -> 2 % on average
+    off = d.off_cycles(18_000, 30_000)
+    assert off == 26 and 0.54 / (off + 1) <= 0.02
+    assert d.off_cycles(10_000_000, 30_000) == 49  # never less than one cycle in 50
+
+
+def test_symbol_offsets_from_the_elf_dynamic_symbols(tmp_path):
+    """A shared library built here, with its text segment at a virtual address above its file offset."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from agent.ebpf.uprobes import symbol_offset
+
+    if shutil.which("cc") is None or shutil.which("nm") is None:
+        pytest.fail("cc and nm are needed (build-essential, binutils)")
+    src = tmp_path / "lib.c"
+    src.write_text("int kvmscope_one(int x) { return x + 1; }\nint kvmscope_two(int x) { return x * 2; }\n")
+    so = tmp_path / "libt.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-Wl,-z,separate-code", "-o", str(so), str(src)], check=True)
+    nm = dict(line.split()[::-2] for line in subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True,
+                                                          text=True, check=True).stdout.splitlines() if " T " in line)
+    segs = subprocess.run(["readelf", "-lW", str(so)], capture_output=True, text=True, check=True).stdout
+    loads = [ln.split() for ln in segs.splitlines() if ln.strip().startswith("LOAD")]
+    data = so.read_bytes()
+    for name in ("kvmscope_one", "kvmscope_two"):
+        vaddr = int(nm[name], 16)
+        off, va, size = next((int(x[1], 16), int(x[2], 16), int(x[4], 16)) for x in loads
+                             if int(x[2], 16) <= vaddr < int(x[2], 16) + int(x[4], 16))
+        assert symbol_offset(data, name) == vaddr - va + off
+    with pytest.raises(KeyError):
+        symbol_offset(data, "kvmscope_three")

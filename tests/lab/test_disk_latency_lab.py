@@ -50,7 +50,9 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("KVMSCOPE_")}
 
 
 def probe():
-    p = LibiscsiProbe(load_options(SourceContext(Config(), HostPaths())))
+    opts = load_options(SourceContext(Config(), HostPaths()))
+    opts.uprobe_budget = 1.0  # always attached: this checks what it measures, not the sampling
+    p = LibiscsiProbe(opts)
     rep = p.load()
     assert rep.state == ATTACHED, f"{rep.reason} (fix: {rep.fix})"
     return p

@@ -458,13 +458,25 @@ def _multipath_windows(snaps: list[Snapshot], paths) -> list[MapWindow]:
     return out
 
 
+MAX_HISTORY = 31  # snapshots of history the baselines read (spread evenly): bounded cost per cycle
+
+
+def _thin(snaps: list[Snapshot], n: int) -> list[Snapshot]:
+    """At most ``n`` of ``snaps``, evenly spread, the newest kept (a baseline of 30 intervals is as good as one of
+    600, and the live diagnosis builds a window every cycle)."""
+    if len(snaps) <= n:
+        return snaps
+    step = (len(snaps) - 1) / (n - 1)
+    return [snaps[round(i * step)] for i in range(n)]
+
+
 def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None,
                  history: list[Snapshot] | tuple = ()) -> Window:
     """The window over ``snaps`` (oldest first): each part from its own function above; ``history``
     (older snapshots, oldest first) only teaches the baselines."""
     if not snaps:
         raise ValueError("no snapshots")
-    history = [h for h in history if h.timestamp < snaps[0].timestamp]
+    history = _thin([h for h in history if h.timestamp < snaps[0].timestamp], MAX_HISTORY)
     first, last = snaps[0], snaps[-1]
     dt = max(last.timestamp - first.timestamp, 1e-9)
     paths = last.paths if if_addrs is None else build_paths(last, if_addrs)

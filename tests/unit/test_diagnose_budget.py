@@ -121,3 +121,24 @@ def test_slow_unexplained_lists_what_was_ruled_out():
     assert isinstance(f, Finding) and f.rule == "slow_unexplained" and "cause not determined" in f.title
     assert any(r.startswith("packet loss on") for r in f.evidence["ruled_out"])
     assert f.evidence["budget"]["dominant"] == "network"
+
+
+def test_rtt_baseline_is_per_portal_and_survives_a_reconnect():
+    """Reset-safe: the window's connections are new ones (another local port, counters from 0), the
+    portal's baseline learnt from the old connections still holds."""
+    from dataclasses import replace
+
+    snaps = load("shaped-portal1")
+    history, window = snaps[:LEAD], snaps[LEAD:]
+
+    def reconnected(s):
+        conns = s.data["storage_tcp"]
+        moved = tuple(replace(c, sport=c.sport + 1, inode=c.inode + 1) for c in conns.connections)
+        return replace(s, data=dict(s.data, storage_tcp=replace(conns, connections=moved)))
+
+    w_same, _ = diagnose(window, DiagnoseConfig(), history=history)
+    w_new, findings = diagnose([reconnected(s) for s in window], DiagnoseConfig(), history=history)
+    assert w_new.portals[P1].rtt_baseline_ms == w_same.portals[P1].rtt_baseline_ms
+    assert w_new.portals[P1].rtt_baseline_source == "history"
+    assert not set(w_new.portals[P1].connections) & set(w_same.portals[P1].connections)
+    assert any(f.rule == "network_queueing" for f in findings)

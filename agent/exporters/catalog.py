@@ -205,22 +205,23 @@ TCP_RESETS_RECEIVED = define(
     ("remote_address", "remote_port"), "tcp:tcp_receive_reset")
 BLOCK_IO_LATENCY = define(
     "kvmscope_block_io_latency_seconds", "histogram",
-    "Block request latency from insert (or issue, if not inserted) to completion; tracepoints "
-    "block:block_rq_insert/block_rq_issue -> block:block_rq_complete, log2 buckets.",
+    "Block request latency, start to completion: the kernel's own request start (struct request start_time_ns, "
+    "as /sys/block/*/stat) -> block_rq_complete (BTF raw tracepoints; on kernels without them insert, or issue, "
+    "-> complete with the block:block_rq_* tracepoints), log2 buckets.",
     ("device", "op"), "block:block_rq_complete")
 BLOCK_IO_QUEUE = define(
     "kvmscope_block_io_queue_seconds", "histogram",
-    "Block request time queued, insert to issue (requests that were inserted); tracepoints "
-    "block:block_rq_insert -> block:block_rq_issue, log2 buckets.",
-    ("device", "op"), "block:block_rq_issue")
+    "Block request time queued, start to dispatch to the driver (struct request io_start_time_ns, on queues "
+    "that keep I/O statistics; classic tracepoints: insert -> issue, requests that were inserted), log2 buckets.",
+    ("device", "op"), "block:block_rq_complete")
 BLOCK_IO_DEVICE = define(
     "kvmscope_block_io_device_seconds", "histogram",
-    "Block request time at the device driver, issue to completion; tracepoints "
-    "block:block_rq_issue -> block:block_rq_complete, log2 buckets.",
+    "Block request time at the device driver, dispatch to completion (struct request io_start_time_ns, on "
+    "queues that keep I/O statistics; classic tracepoints: issue -> complete), log2 buckets.",
     ("device", "op"), "block:block_rq_complete")
 BLOCK_IO_BYTES = define(
     "kvmscope_block_io_bytes_total", "counter",
-    "Bytes of completed block requests; tracepoints block:block_rq_issue (size) and block:block_rq_complete.",
+    "Bytes of completed block requests (block_rq_complete).",
     ("device", "op"), "block:block_rq_complete")
 STORAGE_CONN_EVENTS = define(
     "kvmscope_storage_tcp_connection_events_total", "counter",

@@ -342,9 +342,12 @@ def _delta(before: DiskLatency | None, after: DiskLatency) -> tuple[tuple[int, .
     return tuple(a - b for a, b in zip(after.counts, before.counts)), s
 
 
-def disk_percentiles(before: VmDiskLatencies | None, after: VmDiskLatencies) -> dict[tuple[str, str], DiskPercentiles]:
+def disk_percentiles(before: VmDiskLatencies | None, after: VmDiskLatencies,
+                     sources: tuple[str, ...] = PREFERENCE) -> dict[tuple[str, str], DiskPercentiles]:
     """(vm, disk) -> its latency over the interval between two snapshots' histograms (``before`` None: since the
-    histograms started), from the preferred source that saw requests in it."""
+    histograms started), from the first of ``sources`` that saw requests in it. A latency budget compares
+    sources of one disk: ``sources=(LIBISCSI,)`` gives the iSCSI command time under the guest-visible one
+    (libvirt's time/reqs mean, or ``(QMP,)``)."""
     prev = {(h.vm, h.disk, h.op, h.source): h for h in (before.histograms if before else ())}
     acc: dict[tuple[str, str, str], list] = {}
     for h in after.histograms:
@@ -357,7 +360,7 @@ def disk_percentiles(before: VmDiskLatencies | None, after: VmDiskLatencies) -> 
         a[1] = [x + y for x, y in zip(a[1], counts)]
         a[2] = None if s is None or a[2] is None else a[2] + s
     out: dict[tuple[str, str], DiskPercentiles] = {}
-    for src in PREFERENCE:
+    for src in sources:
         for (vm, disk, source), (bounds, counts, s) in sorted(acc.items()):
             n = sum(counts)
             if source != src or (vm, disk) in out or n == 0:

@@ -127,6 +127,7 @@ def test_percentiles_over_an_interval_from_the_preferred_source():
     p = disk_percentiles(before, after)[("vm0", "vda")]
     # libiscsi before block; in the interval 90 under 1 ms, 9 under 2 ms, 1 under 4 ms (flushes left out)
     assert (p.source, p.requests, p.p50_ms, p.p90_ms, p.p99_ms, p.mean_ms) == (LIBISCSI, 100, 1.0, 1.0, 2.0, 1.3)
+    assert disk_percentiles(before, after, sources=(BLOCK,))[("vm0", "vda")].p50_ms == 4.0  # one source asked for
     # a new process (VM restarted): its histogram counts from zero, not as a negative delta
     p = disk_percentiles(before, VmDiskLatencies((h((3, 0, 0, 0), 3_000_000, pid=2),)))[("vm0", "vda")]
     assert (p.requests, p.p99_ms) == (3, 1.0)

@@ -34,6 +34,7 @@ when the probe attached, or pushed out of the bounded in-flight map).
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import time
@@ -43,6 +44,8 @@ from agent.ebpf.bpfsys import Attachment
 from agent.ebpf.compiler import Attach
 from agent.ebpf.loader import Probe, Uprobe
 from agent.records.ebpf import SLOT_MAX, LibiscsiContext, LibiscsiData, LibiscsiLatency
+
+log = logging.getLogger(__name__)
 
 # The C side of everything below is probes/libiscsi.h (checked by
 # tests/unit/test_probe_layouts.py); ops: decode.BLOCK_OPS (enum iscsi_op).
@@ -83,6 +86,9 @@ STRUCTS = {"lun_key": LunKey, "lun_val": LunVal, "task_key": TaskKey, "task_val"
 # maps read through these types (not bcc's own reading of the C)
 TABLES = {"lat": (LunKey, LunVal), "inflight": (TaskKey, TaskVal), "ctxs": (CtxKey, CtxVal),
           "totals": (ctypes.c_int, ctypes.c_uint64)}
+
+
+FALLBACK_HIT_NS = 20_000  # when the calibration cannot run: about what a hit costs on this Firecracker guest
 
 
 class DutyCycle:
@@ -158,7 +164,11 @@ class LibiscsiProbe(Probe):
         self.attach_sampled()
         self.uprobes_attached = [u for u in self.uprobes if u in self.uprobes_attached or u.symbol in self.SAMPLED]
         self.report.tracepoints = sorted(u.label(self.library) for u in self.uprobes_attached)
-        self.hit_ns = self.calibrate()
+        try:
+            self.hit_ns = self.calibrate()
+        except (OSError, AttributeError) as e:  # the library would not load here: assume a costly trap
+            log.warning("libiscsi probe: cannot time a uprobe hit (%s); assuming %d ns", e, FALLBACK_HIT_NS)
+            self.hit_ns = float(FALLBACK_HIT_NS)
 
     # -- sampling -------------------------------------------------------------------------------------------------
 

@@ -73,3 +73,34 @@ def test_standby_path_group_stalls_nothing(tmp_path):
     assert r2.status == "ok" and r2.values["outcome"] == "no_stall" and r2.values["stall_s"] == 0
     assert r2.finding == (f"if {P2} fails now: db01 do not stall: I/O runs on path group 1 via sdb via {P1}; "
                           "the standby path is marked failed after 20-25 s")
+
+
+def test_whatif_on_the_real_kernel_host_capture(tmp_path):
+    """The lab's kernel-initiator host as captured (tests/fixtures/hosts/kernel-initiator-real): its sessions'
+    live timeouts (multipathd wrote fast_io_fail_tmo 5 s into recovery_tmo; NOP-Out 5 s / 5 s) and its map
+    (path_grouping_policy failover: sda via portal 1 carries the I/O, sdb via portal 2 is the standby)."""
+    from agent.records.snapshot import Snapshot
+    from agent.sources import SourceContext
+    from agent.sources.iscsi_kernel import IscsiKernelSource
+    from agent.sources.multipath import (build_maps, parse_dm_status, parse_dm_table, parse_multipathd_json,
+                                         read_dm_devices)
+    from tests.unit.test_real_captures import REAL
+
+    cmd = REAL / "cmd"
+    paths = HostPaths(sysfs=REAL / "sys", procfs=tmp_path / "proc", etcdir=tmp_path / "etc")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "multipath.conf").write_text((cmd / "etc-multipath.conf").read_text())
+    sessions = IscsiKernelSource(SourceContext(Config(), paths), runner=lambda argv, t: (
+        cmd / f"iscsiadm-m-session-r{argv[argv.index('-r') + 1]}-s.txt").read_text()).collect()
+    maps = build_maps(parse_dm_table((cmd / "dmsetup-table.txt").read_text()),
+                      parse_dm_status((cmd / "dmsetup-status.txt").read_text()),
+                      parse_multipathd_json((cmd / "multipathd-show-maps-json.json").read_text()),
+                      read_dm_devices(paths), lambda d: None)
+    s = Snapshot(1, 0.0, "kvmslab-kh", 0.1, data={"iscsi_kernel": sessions, "multipath": Multipath(tuple(maps))})
+    res = {r.subject: r for r in multipath_whatif(DoctorInput(Config(), paths, s))}
+    r1, r2 = res[f"mpatha if {P1} fails"], res[f"mpatha if {P2} fails"]
+    assert r1.values["outcome"] == "failover" and r1.values["remaining"] == ["sdb"]
+    assert r1.values["detect_s"] == [5, 10] and r1.values["replacement_timeout_s"] == 5
+    # predicted 10-15 s; the lab measured the load's stall at 15.4-15.5 s (deploy/lab/README.md, kernel host)
+    assert r1.values["stall_range_s"] == [10, 15]
+    assert r2.values["outcome"] == "no_stall" and r2.values["polling_interval_from"] == "multipath.conf line 5"

@@ -342,3 +342,30 @@ def test_openers_of_a_block_device(tmp_path):
         (tmp_path / "proc" / str(pid) / "comm").write_text(comm + "\n")
     paths = HostPaths(procfs=tmp_path / "proc", sysfs=tmp_path / "sys")
     assert read_openers(paths, {devno, "1:3"}) == {devno: [(1234, "loadgen")]}
+
+
+# -- real outputs of the lab's kernel-initiator host (Debian 6.1 kernel, multipath-tools 0.9.4),
+#    captured by tests/lab/capture.py into tests/fixtures/hosts/kernel-initiator-real/cmd/
+def _real(name):
+    from tests.conftest import ROOT
+
+    return (ROOT / "tests" / "fixtures" / "hosts" / "kernel-initiator-real" / "cmd" / name).read_text()
+
+
+def test_real_capture_both_paths_active_as_multipathd_shows():
+    table, status = parse_dm_table(_real("dmsetup-table.txt")), parse_dm_status(_real("dmsetup-status.txt"))
+    daemon = parse_multipathd_json(_real("multipathd-show-maps-json.json"))
+    [m] = build_maps(table, status, daemon, {"mpatha": ("dm-0", "254:0")}, lambda d: None)
+    assert (m.name, m.dm, m.uuid, m.vendor, m.product) == (
+        "mpatha", "dm-0", "360000000000000000e00000000650001", "IET", "VIRTUAL-DISK")
+    assert m.queue_if_no_path and not m.queueing_io and m.no_path_retry == "12 chk" and m.hwhandler is None
+    # path_grouping_policy failover: one path per group, the kernel uses group 1
+    assert [(g.number, g.state, g.selector) for g in m.groups] == [(1, "active", "service-time 0"),
+                                                                    (2, "enabled", "service-time 0")]
+    assert m.active_group == 1 and m.active_paths == 2
+    assert [(p.name, p.devno, p.group, p.dm_state, p.fail_count, p.checker_state, p.dev_state) for p in m.paths] == [
+        ("sda", "8:0", 1, "active", 0, "ready", "running"), ("sdb", "8:16", 2, "active", 0, "ready", "running")]
+    # the same as multipathd's own table (show paths: dev, dev_t, dm_st, chk_st, dev_st)
+    rows = [line.split() for line in _real("multipathd-show-paths.txt").splitlines()[1:]]
+    assert [(r[1], r[2], r[4], r[5], r[6]) for r in rows] == [
+        (p.name, p.devno, p.dm_state, p.checker_state, p.dev_state) for p in m.paths]

@@ -17,6 +17,9 @@ window, so the verdict leans away from the network, never toward it).
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from statistics import mean, median
 
@@ -175,17 +178,64 @@ def _ops(st) -> int:
 
 def _disk_baselines(history: list[Snapshot]) -> dict[tuple, float]:
     """(vm, disk) -> its usual mean latency: the median of its per-interval means over the history."""
-    per: dict[tuple, list[float]] = {}
-    for a, b in zip(history, history[1:]):  # each step computed once, kept on its snapshot (timeline.disk_steps)
-        for key, (_name, _done, ms) in disk_steps(a, b).items():
-            if ms is not None:
-                per.setdefault(key, []).append(ms)
-    out = {}
-    for key, vals in per.items():
-        b = health.baseline(vals, health.BASELINE_QUANTILE)
-        if b is not None:
-            out[key] = b
+    with _samples_lock:
+        per = _latency_samples(history)
+        out = {}
+        for key, vals in per.items():
+            b = health.baseline(vals, health.BASELINE_QUANTILE)
+            if b is not None:
+                out[key] = b
     return out
+
+
+def _step_latencies(a: Snapshot, b: Snapshot) -> list[tuple]:
+    """((vm, disk), mean latency ms) of the disks with a latency between two consecutive snapshots
+    (each step computed once, kept on its snapshot: timeline.disk_steps)."""
+    return [(key, ms) for key, (_name, _done, ms) in disk_steps(a, b).items() if ms is not None]
+
+
+# the last history _latency_samples saw: (weak references to its snapshots, the disks each step added to,
+# per-disk samples);
+# one slot, used and replaced under _samples_lock
+_samples_lock = threading.Lock()
+_samples_last: tuple | None = None
+
+
+def _latency_samples(history: list[Snapshot]) -> dict[tuple, deque]:
+    """(vm, disk) -> its per-interval mean latencies over ``history``, in order.
+
+    Each cycle the history slides by a snapshot: the previous call's samples are kept (one slot), the
+    steps that left its front are dropped and the new steps appended, instead of walking ~120 steps of
+    every disk again. Any other history (another caller, a gap) is walked in full."""
+    global _samples_last
+    last, reuse = _samples_last, None
+    if last is not None:
+        refs, steps, per = last
+        prev = [r() for r in refs]
+        for drop in range(4):  # the history lost `drop` snapshots at its front since that call
+            keep = len(prev) - drop
+            if 2 <= keep <= len(history) and all(x is y for x, y in zip(prev[drop:], history[:keep])):
+                reuse = (drop, keep, steps, per)
+                break
+    if reuse is not None:
+        drop, keep, steps, per = reuse
+        for keys in steps[:drop]:
+            for key in keys:
+                per[key].popleft()
+        steps = steps[drop:]
+        new_steps = [_step_latencies(a, b) for a, b in zip(history[keep - 1:], history[keep:])]
+    else:
+        per, steps = {}, []
+        new_steps = [_step_latencies(a, b) for a, b in zip(history, history[1:])]
+    for step in new_steps:
+        for key, ms in step:
+            vals = per.get(key)
+            if vals is None:
+                vals = per[key] = deque()
+            vals.append(ms)
+    steps.extend(tuple(key for key, _ms in step) for step in new_steps)  # what each step added, to drop it later
+    _samples_last = (tuple(weakref.ref(s) for s in history), steps, per)
+    return per
 
 
 def _probe_ms(first: Snapshot, last: Snapshot, vm: str, disk: str, source: str) -> float | None:

@@ -41,7 +41,7 @@ import ctypes
 import logging
 
 from agent.ebpf import btf, decode
-from agent.ebpf.bounded import AgingTable
+from agent.ebpf.bounded import AgingTable, Reuse
 from agent.ebpf.compiler import Attach
 from agent.ebpf.loader import FAILED, Probe, ProbeReport
 from agent.ebpf.requirements import Check
@@ -182,6 +182,12 @@ class DeviceNames:
         return name
 
 
+def _histogram(devname: str, major: int, minor: int, op: int, kind: str, slots: list[int], sum_ns: int,
+               nbytes: int) -> BlockHistogram:
+    sl = {s: c for s, c in enumerate(slots) if c}
+    return BlockHistogram(devname, major, minor, decode.block_op_name(op), kind, sl, sum(sl.values()), sum_ns, nbytes)
+
+
 class BlockIoProbe(Probe):
     name = "block_io"
     source_file = "block_io.bpf.c"
@@ -193,6 +199,7 @@ class BlockIoProbe(Probe):
                  modes: tuple[str, ...] = MODES):
         super().__init__(opts)
         self.devices = DeviceNames(self.opts.paths)
+        self._hists: Reuse[BlockHistogram] = Reuse()  # records of idle (dev, op, kind) kept from the last read
         self.modes = tuple(m for m in modes if m in MODES)
         self.mode = self.modes[0] if self.modes else "classic"
         self.fallbacks: list[str] = []  # modes tried before the one attached, with the reason
@@ -357,13 +364,17 @@ class BlockIoProbe(Probe):
         hists = []
         for (dev, op), (slots, sums, nbytes) in acc.items():
             major, minor = decode.dev_major_minor(dev)
+            devname = self.devices.name(dev)
             for kind, name in enumerate(KINDS):
-                sl = {s: c for s, c in enumerate(slots[kind]) if c}
-                if not sl and kind != 0:
+                if kind != 0 and not any(slots[kind]):
                     continue  # queue/device time only where the kernel (or insert) gave it
-                # buckets and _count from the same numbers
-                hists.append(BlockHistogram(self.devices.name(dev), major, minor, decode.block_op_name(op), name, sl,
-                                            sum(sl.values()), sums[kind], nbytes[0] if kind == 0 else 0))
+                # buckets and _count from the same numbers; an idle device's record is last read's (shared by the
+                # history, not rebuilt)
+                hists.append(self._hists.get(
+                    (devname, dev, op, kind, tuple(slots[kind]), sums[kind], nbytes[0]),
+                    lambda dn=devname, mj=major, mn=minor, op=op, kind=kind, name=name, sc=slots[kind], sm=sums[kind],
+                    nb=nbytes[0]: _histogram(dn, mj, mn, op, name, sc, sm, nb if kind == 0 else 0)))
+        self._hists.end_cycle()
         hists.sort(key=lambda h: (h.major, h.minor, h.op, KINDS.index(h.kind)))
         rows = []
         for cpu, i, v in self._entries(b[b"procs"], ProcVal, ProcVal.gen.offset):

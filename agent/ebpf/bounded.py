@@ -82,3 +82,31 @@ class AgingTable(Generic[K, V]):
 
     def counts(self) -> dict[str, int]:
         return {"evicted": self.evicted, "expired": self.expired}
+
+
+class Reuse(Generic[V]):
+    """The records built from a kernel map's entries, rebuilt only when an entry's raw bytes change.
+
+    An entry unchanged since the last read gives back the very record object
+    of the last read, so the agent's history (``agent.history`` snapshots,
+    120 by default) holds it once instead of once per snapshot, and the
+    decoding (addresses, names) is not redone. Keeps only the entries of the
+    last read: bounded by the map's own size."""
+
+    def __init__(self):
+        self._prev: dict[Hashable, V] = {}
+        self._cur: dict[Hashable, V] = {}
+
+    def get(self, raw: Hashable, make: Callable[[], V]) -> V:
+        """The record of the entry whose raw content (bytes, or a tuple of numbers) is ``raw``."""
+        rec = self._prev.get(raw)
+        if rec is None:
+            rec = make()
+        self._cur[raw] = rec
+        return rec
+
+    def end_cycle(self) -> None:
+        self._prev, self._cur = self._cur, {}
+
+    def __len__(self) -> int:
+        return len(self._prev)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 
 from agent.ebpf import decode
-from agent.ebpf.bounded import AgingTable
+from agent.ebpf.bounded import AgingTable, Reuse
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import ConnEvent, LiveConn, TcpLifecycleData
 
@@ -103,6 +103,14 @@ def event_from_raw(e: Event) -> ConnEvent:
         int(e.ts) - int(e.age_ns))
 
 
+def live_conn(s: SockVal) -> LiveConn:
+    fam = int(s.family)
+    return LiveConn("target" if s.flags & F_TARGET else "initiator", decode.family_name(fam),
+                    decode.addr_text(fam, bytes(s.saddr)), int(s.sport),
+                    decode.addr_text(fam, bytes(s.daddr)), int(s.dport), int(s.tgid),
+                    bytes(s.comm).split(b"\0", 1)[0].decode(errors="replace"), int(s.start_ns), bool(s.estab_ns))
+
+
 class TcpLifecycleProbe(Probe):
     name = "tcp_lifecycle"
     source_file = "tcp_lifecycle.bpf.c"
@@ -116,6 +124,7 @@ class TcpLifecycleProbe(Probe):
         # `counts` is an LRU map: running totals per remote, bounded like tcp_retrans's
         self._prev: dict[bytes, int] = {}
         self._cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
+        self._live: Reuse[LiveConn] = Reuse()
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -165,14 +174,9 @@ class TcpLifecycleProbe(Probe):
             kind = KINDS[k.kind] if k.kind < len(KINDS) else str(k.kind)
             rows.append((bytes(k), (decode.addr_text(fam, bytes(k.remote)), int(k.port)), kind, sum(int(c) for c in v)))  # per CPU
         counts = self.accumulate(rows)
-        live = []
-        for _k, s in b[b"socks"].items():
-            fam = int(s.family)
-            live.append(LiveConn("target" if s.flags & F_TARGET else "initiator", decode.family_name(fam),
-                                 decode.addr_text(fam, bytes(s.saddr)), int(s.sport),
-                                 decode.addr_text(fam, bytes(s.daddr)), int(s.dport), int(s.tgid),
-                                 bytes(s.comm).split(b"\0", 1)[0].decode(errors="replace"), int(s.start_ns),
-                                 bool(s.estab_ns)))
+        # a socket's record is rebuilt only when its entry changed: the history shares the others
+        live = [self._live.get(bytes(s), lambda s=s: live_conn(s)) for _k, s in b[b"socks"].items()]
+        self._live.end_cycle()
         t, dropped = self._totals()
         totals = {"transitions": t[TOT_TRANSITIONS], "tracked": t[TOT_TRACKED], "untracked_closes": t[TOT_UNTRACKED_CLOSE],
                   "stream_dropped": dropped}

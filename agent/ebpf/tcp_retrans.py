@@ -34,7 +34,7 @@ from __future__ import annotations
 import ctypes
 
 from agent.ebpf import decode
-from agent.ebpf.bounded import AgingTable
+from agent.ebpf.bounded import AgingTable, Reuse
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import TcpConnection, TcpRetransData, TcpRetransEvent
 
@@ -93,6 +93,14 @@ def conn_fields(k) -> tuple[str, str, int, str, int]:
             decode.addr_text(fam, bytes(k.daddr)), int(k.dport))
 
 
+def connection(k: ConnKey, v: ConnVal, storage: bool) -> TcpConnection:
+    counts = tuple(int(c) for c in v.count)
+    fam, sa, sp, da, dp = conn_fields(k)
+    mask = int(v.state_mask)
+    return TcpConnection(fam, sa, sp, da, dp, storage, *counts, decode.tcp_state_name(int(v.last_state)),
+                         tuple(decode.tcp_state_name(s) for s in range(32) if mask >> s & 1), int(v.last_ns))
+
+
 MAX_REMOTES = 1024  # storage remotes with running totals (as many as the kernel's MAX_STORAGE_CONNS connections)
 EXPIRE_CYCLES = 17280  # reads (a day at 5 s) without a new event before a remote's totals are forgotten
 
@@ -112,6 +120,7 @@ class TcpRetransProbe(Probe):
         # running totals per storage remote: bounded, a remote gone from the kernel map is forgotten
         self._storage_cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
         self._pending: list[TcpRetransEvent] = []
+        self._conns: Reuse[TcpConnection] = Reuse()
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -183,14 +192,14 @@ class TcpRetransProbe(Probe):
         tables = (("storage_conns", True), ("conns", False)) if self.all_connections else (("storage_conns", True),)
         for table, storage in tables:
             for k, v in b[table.encode()].items():
-                counts = tuple(int(c) for c in v.count)
-                fam, sa, sp, da, dp = conn_fields(k)
+                raw = bytes(k)
+                # rebuilt only when the entry changed: the history shares the record of an idle connection
+                c = self._conns.get(raw + bytes(v) + (b"s" if storage else b"o"), lambda k=k, v=v, s=storage: connection(k, v, s))
                 if storage:
-                    rows.append((bytes(k), (da, dp), counts))
-                mask = int(v.state_mask)
-                conns.append(TcpConnection(
-                    fam, sa, sp, da, dp, storage, *counts, decode.tcp_state_name(int(v.last_state)),
-                    tuple(decode.tcp_state_name(s) for s in range(32) if mask >> s & 1), int(v.last_ns)))
+                    rows.append((raw, (c.daddr, c.dport),
+                                 (c.retransmits, c.synack_retransmits, c.resets_sent, c.resets_received)))
+                conns.append(c)
+        self._conns.end_cycle()
         storage_totals = self.accumulate(rows)
         t, dropped = self._totals()
         totals = {kind: t[i] for i, kind in enumerate(KINDS)}

@@ -128,3 +128,33 @@ def test_block_process_totals_sum_cpus_survive_restarts_and_are_bounded(tmp_path
     for _ in range(3):
         kept = probe.accumulate_processes(rows)
     assert kept == () and probe.dropped["expired"] == 2
+
+
+def test_reuse_gives_back_the_same_record_for_an_unchanged_entry():
+    from agent.ebpf.bounded import Reuse
+
+    r, made = Reuse(), []
+
+    def make(tag):
+        return lambda: made.append(tag) or [tag]
+
+    a = r.get(b"k1v1", make("a"))
+    b = r.get(b"k2v1", make("b"))
+    r.end_cycle()
+    assert r.get(b"k1v1", make("a2")) is a  # unchanged: the same object, not rebuilt
+    c = r.get(b"k2v2", make("c"))  # changed: rebuilt
+    assert c is not b and c == ["c"]
+    r.end_cycle()
+    assert made == ["a", "b", "c"] and len(r) == 2  # only the last read's entries are kept
+    r.end_cycle()
+    assert len(r) == 0
+
+
+def test_bound_malloc_applies_on_glibc():
+    """kvmscope run bounds glibc's arenas and fixes its mmap threshold (in a fresh process: no effect on this one)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from agent.cli.run import bound_malloc; print(bound_malloc())"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "True", r.stderr

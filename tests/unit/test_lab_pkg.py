@@ -923,3 +923,11 @@ def test_status_text_shows_the_kernel_host():
     assert "kvmslab-kh: running, agent answers on 198.18.10.2:7001 (console /x/console.log)\n" in text
     assert "  session 1: 198.18.1.2:3260 iqn.x:lun\n" in text
     assert "  path sda (2:0:0:1) of mpatha: failed faulty running\n" in text
+
+
+def test_kernel_host_refuses_without_the_guest_userland(monkeypatch):
+    monkeypatch.setattr(kernelhost, "missing_binaries", lambda names: ["multipathd"])
+    args = cli.build_parser().parse_args(["up", "--kernel-host"])
+    with pytest.raises(LabError, match="multipathd.*multipath-tools"):
+        kernelhost.KERNEL_HOST.validate(args)
+    kernelhost.KERNEL_HOST.validate(cli.build_parser().parse_args(["up"]))   # not asked: no check

@@ -33,8 +33,8 @@ import time
 
 from . import guest, target
 from .common import (HERE, ISCSI_PORT, NETNS, PORTALS, PREFIX, LabError,
-                     kill_escalating, lab_path, log, ok, pid_alive, proc_cmdline,
-                     all_pids, run)
+                     all_pids, kill_escalating, lab_path, log, missing_binaries, ok,
+                     pid_alive, proc_cmdline, run)
 from .guestagent import AGENT_PORT, guest_run
 from .hostkind import HostKind
 from .state import save_state
@@ -48,6 +48,10 @@ MAP = "mpatha"
 MEMORY_MB = 1024
 METRICS_PORT = 9847
 REPO = os.path.dirname(os.path.dirname(HERE))
+
+# what the guest runs from the host's userland (checked by `lab up --kernel-host`)
+GUEST_BINARIES = ["iscsid", "iscsiadm", "multipathd", "multipath", "dmsetup", "udevadm",
+                  "openssl", "virsh", "tcpretrans-bpfcc"]
 
 MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
            "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p", "overlay"]
@@ -474,6 +478,14 @@ class KernelHost(HostKind):
         e.set_defaults(func=self.cmd_exec)
         s = ks.add_parser("stop", help="remove kvmslab-kh, its taps and its routes")
         s.set_defaults(func=self.cmd_stop)
+
+    def validate(self, args):
+        if getattr(args, "kernel_host", False):
+            missing = missing_binaries(GUEST_BINARIES)
+            if missing:
+                raise LabError("the kernel host runs this machine's userland and needs: "
+                               + ", ".join(missing) + " (Debian packages open-iscsi "
+                               "multipath-tools udev openssl bpfcc-tools; deploy/setup.sh)")
 
     def wanted(self, st, args):
         return bool(getattr(args, "kernel_host", False) or (st or {}).get(STATE_KEY))

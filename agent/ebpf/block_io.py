@@ -260,7 +260,11 @@ class BlockIoProbe(Probe):
             rep = self.report = ProbeReport(self.name, FAILED, reason="no mode possible: " + "; ".join(self.fallbacks))
             return rep
         done = [f for f in self.fallbacks if not f.startswith(self.mode + ":")]
-        rep.checks.append(Check("block_io mode", True, f"{self.mode} mode" + (f" (not {'; not '.join(done)})" if done else "")))
+        how = {"btf": "request mode on BTF tracepoints, struct offsets from the running kernel's BTF",
+               "raw": "request mode on raw tracepoints, struct offsets from the running kernel's BTF",
+               "classic": "block:block_rq_* tracepoint arguments"}.get(self.mode, "")
+        rep.checks.append(Check("block_io mode", True, f"{self.mode} mode ({how})" +
+                                (f"; not {'; not '.join(done)}" if done else "")))
         return rep
 
     def extra_cflags(self, present):

@@ -183,9 +183,11 @@ class Agent:
         """Collect every ``interval`` seconds (aligned to the start of the
         first cycle, no drift) until ``stop`` is set.
 
-        A source still loading (its ``loading`` attribute true: an eBPF probe
-        being compiled at start) makes the loop collect again as soon as it is
-        done, instead of a whole interval later, and realign on that cycle."""
+        Sources still loading (their ``loading`` attribute true: eBPF probes
+        being compiled at start) make the loop collect again as soon as the
+        last of them is done, instead of a whole interval later, and realign
+        on that cycle (one early cycle, not one per probe: cycles in between
+        would only compete with the compilers for the CPU)."""
         next_at = self._mono()
         while not stop.is_set():
             self.collect_once()
@@ -203,10 +205,9 @@ class Agent:
         return sum(1 for src in self.sources if getattr(src, "loading", False) is True)
 
     def _wait(self, stop: threading.Event, delay: float) -> bool:
-        """Wait ``delay`` seconds or until ``stop``; True when cut short because a loading source became ready
-        (polled every 0.1 s, only while some source is loading)."""
-        loading = self._loading()
-        if not loading:
+        """Wait ``delay`` seconds or until ``stop``; True when cut short because the sources that were loading
+        are all ready (polled every 0.1 s, only while some source is loading)."""
+        if not self._loading():
             stop.wait(delay)
             return False
         end = self._mono() + delay
@@ -215,10 +216,8 @@ class Agent:
             if left <= 0:
                 return False
             stop.wait(min(left, 0.1))
-            now_loading = self._loading()
-            if now_loading < loading:
+            if not self._loading():
                 return True
-            loading = now_loading
         return False
 
     def gc_step(self) -> None:

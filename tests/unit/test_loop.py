@@ -181,3 +181,25 @@ def test_freeze_gc_freezes_after_each_cycle_and_collects_everything_periodically
     assert calls[-1] == "unfreeze"
     assert Agent([Src("n", lambda: 1)]).freeze_gc is False  # only kvmscope run asks for it
     assert gc.isenabled()
+
+
+def test_one_early_cycle_when_the_last_loading_source_is_done():
+    first, second = threading.Event(), threading.Event()
+    a = Agent([Loading("p1", first), Loading("p2", second)], interval=30)
+    stop = threading.Event()
+    t = threading.Thread(target=a.run, args=(stop,))
+    t.start()
+    try:
+        time.sleep(0.4)
+        first.set()
+        time.sleep(0.5)
+        assert a.latest.seq == 1  # p2 still loading: no cycle yet
+        second.set()
+        deadline = time.monotonic() + 3
+        while a.latest.seq < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.latest.seq == 2 and set(a.latest.data) == {"p1", "p2"}
+    finally:
+        stop.set()
+        t.join(2)
+        a.close()

@@ -34,8 +34,19 @@ _CATEGORY = {
 }
 
 
+def _mp_names(snap) -> dict[str, str]:
+    """MAJ:MIN -> name of the multipath maps and their paths (the kernel names both by number)."""
+    out: dict[str, str] = {}
+    for m in snap.multipath_maps if snap is not None else ():
+        if m.devno:
+            out[m.devno] = m.name
+        out.update({p.devno: p.name for p in m.paths if p.name})
+    return out
+
+
 @builder(Snapshot.storage_log)
 def log_docs(data, prev, snap, prev_snap):
+    names = _mp_names(snap)
     for e in data.events:
         cat, typ, outcome = _CATEGORY.get(e.kind, (["host"], ["info"], None))
         yield Doc(
@@ -61,8 +72,8 @@ def log_docs(data, prev, snap, prev_snap):
                 "kvmscope.iscsi.error_name": e.error_name,
                 "kvmscope.scsi.sense_key": e.sense_key,
                 "kvmscope.scsi.ascq": e.ascq,
-                "kvmscope.multipath.map": e.map,
-                "kvmscope.multipath.path": e.device,
+                "kvmscope.multipath.map": names.get(e.map, e.map) if e.map else None,
+                "kvmscope.multipath.path": names.get(e.device, e.device) if e.device else None,
                 "kvmscope.multipath.active_paths": e.active_paths,
                 "kvmscope.multipath.no_path_retry": e.retries,
             },

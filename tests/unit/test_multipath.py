@@ -369,3 +369,24 @@ def test_real_capture_both_paths_active_as_multipathd_shows():
     rows = [line.split() for line in _real("multipathd-show-paths.txt").splitlines()[1:]]
     assert [(r[1], r[2], r[4], r[5], r[6]) for r in rows] == [
         (p.name, p.devno, p.dm_state, p.checker_state, p.dev_state) for p in m.paths]
+
+
+def test_kernel_log_lines_name_the_map_and_path_in_elasticsearch():
+    """The kernel writes 'device-mapper: multipath: 254:0: Failing path 8:0.': the document names mpatha and sda."""
+    from agent.records.multipath import Multipath
+    from agent.records.snapshot import Snapshot
+    from agent.records.storage_log import StorageLogEvent, StorageLogEvents
+    from agent.shipping.ecs import documents
+    from agent.shipping.fields import flatten
+    from agent.sources.storage_log_parse import classify
+
+    [m] = build_maps(parse_dm_table(_real("dmsetup-table.txt")), parse_dm_status(_real("dmsetup-status.txt")),
+                     parse_multipathd_json(_real("multipathd-show-maps-json.json")), {"mpatha": ("dm-0", "254:0")},
+                     lambda d: None)
+    msg = "device-mapper: multipath: 254:0: Failing path 8:0."
+    ev = StorageLogEvent(time=5.0, message=msg, origin="kernel", path="/dev/kmsg", offset=7, file_id="kmsg:b",
+                         **classify(msg))
+    s = Snapshot(1, 5.0, "kh", 0.1, data={"multipath": Multipath((m,)), "storage_log": StorageLogEvents((ev,), 1, 1)})
+    [d] = [flatten(d) for _i, stream, d in documents(s, None, "default") if "storage_log" in stream]
+    assert (d["event.action"], d["kvmscope.multipath.map"], d["kvmscope.multipath.path"]) == (
+        "mpath-fail-path", "mpatha", "sda")

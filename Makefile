@@ -34,7 +34,7 @@ disk-faults: setup-test
 # the time to answer each lab fault, then the cycle cost at 200 VMs and the probes' cost.
 bench: setup-test
 	$(VENV)/bin/python -m benchmarks.peers $(ARGS)
-	$(VENV)/bin/python -m benchmarks.cycle
+	$(VENV)/bin/python -m benchmarks.cycle --profile $${TMPDIR:-/tmp}/kvmscope-cycle.prof
 	$(MAKE) bench-probes
 
 bench-probes: setup-test

@@ -94,9 +94,11 @@ class Footprint:
     history: int | None = None
     startup_cpu: dict[str, float] = field(default_factory=dict)  # agent / compiler children CPU seconds at start-up
 
-    def steady(self, skip_seconds: float = 60.0) -> dict[str, float]:
-        """RSS (MB) after the first ``skip_seconds``: min, median, max, and the last sample."""
-        s = [x.rss_kb for x in self.samples if x.t >= skip_seconds] or [x.rss_kb for x in self.samples]
+    def steady(self) -> dict[str, float]:
+        """RSS (MB) in the last third of the run (the history full, in a run of 30 minutes): min, median, max,
+        and the last sample; ``hwm_mb`` is the whole run's high-water mark."""
+        skip = self.minutes * 60 * 2 / 3
+        s = [x.rss_kb for x in self.samples if x.t >= skip] or [x.rss_kb for x in self.samples]
         if not s:
             return {}
         return {"min_mb": min(s) / 1024, "median_mb": statistics.median(s) / 1024, "max_mb": max(s) / 1024,
@@ -304,7 +306,7 @@ def render(res: Footprint, baseline: Footprint | None = None, rows: int = 12) ->
     else:
         out.append("* Start-up: no snapshot had every eBPF collector ok: " + json.dumps(res.ebpf))
     if st:
-        out.append(f"* Steady RSS (after the first minute): median **{st['median_mb']:.1f} MB**, min "
+        out.append(f"* Steady RSS (the last third of the run): median **{st['median_mb']:.1f} MB**, min "
                    f"{st['min_mb']:.1f}, max {st['max_mb']:.1f}, last {st['last_mb']:.1f}; high-water mark "
                    f"{st['hwm_mb']:.1f} MB.")
     if baseline is not None and baseline.steady():

@@ -14,6 +14,8 @@ Cost: two small reads per cycle.
 
 from __future__ import annotations
 
+import sys
+
 
 from agent.errors import NoData
 from agent.records.tcp import HostTcpCounters
@@ -46,7 +48,8 @@ def parse_proc_net_groups(text: str) -> dict[str, dict[str, int]]:
             values = [int(v) for v in fields]
         except ValueError:
             continue
-        groups[name] = dict(zip(header, values))
+        # interned names: every snapshot of the agent's history shares them (~300 strings a cycle otherwise)
+        groups[sys.intern(name)] = dict(zip(map(sys.intern, header), values))
     return groups
 
 

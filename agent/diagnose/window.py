@@ -351,7 +351,16 @@ def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths
 def _mean_rtt_ms(obs, field_name: str = "rtt_us") -> float | None:
     vals = [getattr(o.info, field_name) for o in obs
             if o.info is not None and o.info.rtt_us and o.state == "ESTABLISHED" and getattr(o.info, field_name) is not None]
-    return mean(vals) / 1000 if vals else None
+    return _mean(vals) / 1000 if vals else None
+
+
+def _mean(vals: list):
+    """statistics.mean(vals), without its exact-fraction arithmetic when every value is an int below 2**53
+    (tcp_info's are u32): Python's int / int is the correctly rounded quotient, which is what mean gives
+    (and a whole mean below 2**53 is exact as a float, so dividing it further rounds the same)."""
+    if all(type(v) is int and 0 <= v < 1 << 53 for v in vals):
+        return sum(vals) / len(vals)
+    return mean(vals)
 
 
 def _portal_rtt_series(snaps: list[Snapshot]) -> dict[str, list[float]]:
@@ -372,7 +381,7 @@ def _portal_rtt(s: Snapshot) -> dict[str, float]:
         for c in s.storage_connections:
             if c.state == "ESTABLISHED" and c.info is not None and c.info.rtt_us:
                 per.setdefault(c.portal, []).append(c.info.rtt_us)
-        rtt = s.__dict__["_window_portal_rtt"] = {portal: mean(vals) / 1000 for portal, vals in per.items()}
+        rtt = s.__dict__["_window_portal_rtt"] = {portal: _mean(vals) / 1000 for portal, vals in per.items()}
     return rtt
 
 

@@ -17,7 +17,7 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/lock /run/netns
-mount -t tmpfs tmpfs /tmp
+# /tmp stays the overlay's: a checkout under the host's /tmp (mktemp -d clones) must stay visible
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null

@@ -23,6 +23,9 @@ Any kernel with dm_multipath; multipath-tools 0.7 or later for the JSON
 (0.9.4 in Debian 12 checked). Cost: three short commands per cycle, all
 within one budget (half the collector deadline by default); a hung
 multipathd costs its part of that cycle (the kernel's part still comes).
+Once a minute (every cycle while a map is degraded) one stat per open file
+of every process, to name who holds each map open, within the same budget
+(on a slow host the scan is cut short and tried again next cycle).
 
 Caveats: ``dmsetup`` and ``multipathd`` need root (CAP_SYS_ADMIN for the
 device-mapper ioctls, the multipathd socket is root-only). A path that
@@ -319,12 +322,14 @@ def dev_name_reader(paths: HostPaths) -> Callable[[str], str | None]:
     return name
 
 
-def read_openers(paths: HostPaths, devnos: set[str], limit: int = 64) -> dict[str, list[tuple[int, str]]]:
+def read_openers(paths: HostPaths, devnos: set[str], limit: int = 64,
+                 stop: Callable[[], bool] = lambda: False) -> dict[str, list[tuple[int, str]]] | None:
     """MAJ:MIN -> processes with that block device open, from ``/proc/<pid>/fd/*`` (stat of each link).
 
-    Costs one stat per open file of every process: called only for degraded
-    maps. Processes that vanish or deny access are skipped; at most ``limit``
-    per device.
+    Costs one stat per open file of every process. Processes that vanish or
+    deny access are skipped; at most ``limit`` per device. ``stop()`` is asked
+    between processes: when it says so (the source's time budget is spent,
+    e.g. on a slow emulated host) the scan ends and None is returned.
     """
     want = {}
     for d in devnos:
@@ -336,6 +341,8 @@ def read_openers(paths: HostPaths, devnos: set[str], limit: int = 64) -> dict[st
     except OSError:
         return out
     for pid in sorted(pids):
+        if stop():
+            return None
         fd_dir = paths.proc(str(pid), "fd")
         try:
             fds = os.listdir(fd_dir)
@@ -389,8 +396,11 @@ class MultipathSource:
             raise CommandTimeout(f"{' '.join(argv)} not run: the budget of {self.budget:g}s was spent")
         return self.runner(argv, min(self.timeout, left))
 
-    def _with_openers(self, maps: list[MultipathMap]) -> list[MultipathMap]:
-        """Who holds each map open: every cycle for degraded maps, every ``openers_every`` s for all."""
+    def _with_openers(self, maps: list[MultipathMap], deadline: float) -> list[MultipathMap]:
+        """Who holds each map open: every cycle for degraded maps, every ``openers_every`` s for all.
+
+        Within the cycle's budget: a scan cut short keeps the previous answer
+        (and is tried again next cycle)."""
         now = self._mono()
         degraded = {m.devno for m in maps if m.devno and m.paths and m.active_paths < len(m.paths)}
         want = set(degraded)
@@ -399,7 +409,10 @@ class MultipathSource:
             self._openers_at = now
         elif not want:
             return [replace(m, openers=self._openers.get(m.devno, ())) for m in maps]
-        who = read_openers(self.paths, want) if want else {}
+        who = read_openers(self.paths, want, stop=lambda: self._mono() > deadline) if want else {}
+        if who is None:  # budget spent: keep what was known, scan again next cycle
+            self._openers_at = float("-inf")
+            who = {d: list(self._openers.get(d, ())) for d in want}
         for d in want:
             self._openers[d] = tuple(who.get(d, ()))
         return [replace(m, openers=self._openers.get(m.devno, ())) for m in maps]
@@ -424,7 +437,7 @@ class MultipathSource:
         maps = build_maps(table, status, daemon, read_dm_devices(self.paths), dev_name_reader(self.paths))
         if not maps:
             raise NoData("no multipath maps" + (f" ({daemon_err})" if daemon_err else ""))
-        maps = self._with_openers(maps)
+        maps = self._with_openers(maps, deadline)
         if daemon is not None and table is not None:
             missing = sorted(set(table) - set(daemon))
             if missing:

@@ -390,3 +390,33 @@ def test_kernel_log_lines_name_the_map_and_path_in_elasticsearch():
     [d] = [flatten(d) for _i, stream, d in documents(s, None, "default") if "storage_log" in stream]
     assert (d["event.action"], d["kvmscope.multipath.map"], d["kvmscope.multipath.path"]) == (
         "mpath-fail-path", "mpatha", "sda")
+
+
+def test_openers_scan_stops_at_the_budget(tmp_path, monkeypatch):
+    """A scan of /proc cut short by the budget keeps the previous answer and is tried again next cycle."""
+    import os
+    import stat
+
+    node = tmp_path / "dm-0-node"
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(253, 0))
+    fd = tmp_path / "proc" / "4242" / "fd"
+    fd.mkdir(parents=True)
+    (fd / "5").symlink_to(node)
+    (tmp_path / "proc" / "4242" / "comm").write_text("loadgen\n")
+    r = runner({"dmsetup table": TABLE, "dmsetup status": STATUS_OK, "multipathd show": daemon_json()})
+    now = [0.0]
+    src = MultipathSource(_ctx(tmp_path), runner=r, budget=1.0, monotonic=lambda: now[0])
+    src.paths = HostPaths(procfs=tmp_path / "proc", sysfs=tmp_path / "sys")
+    from agent.sources import multipath as mod
+
+    real = mod.read_openers
+
+    def slow_host(paths, want, stop):  # the clock passes the budget as the scan begins
+        now[0] = 5.0
+        return real(paths, want, stop=stop)
+
+    monkeypatch.setattr(mod, "read_openers", slow_host)
+    assert src.collect().maps[0].openers == ()  # the budget ran out before the first process
+    monkeypatch.setattr(mod, "read_openers", real)
+    now[0] = 100.0
+    assert src.collect().maps[0].openers == ((4242, "loadgen"),)  # tried again at once, not a minute later

@@ -82,6 +82,19 @@ class Lab:
                                  f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
         return p
 
+    def ensure_vms(self, n):
+        """The session's lab with at least ``n`` VMs (two per portal from 4): `lab down` + `lab up --vms n`
+        when it has fewer (about 30 s). Tests that need it sort late (test_zy_*) so that the others keep
+        the 2-VM lab they assume; test_zz_down tears down whichever is up."""
+        if len(self.vm_names) >= n:
+            return
+        self.close()
+        self.run("down")
+        t0 = time.monotonic()
+        self.run("up", "--vms", n, "--timeout", 300)
+        print(f"\nlab re-up with {n} VMs took {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        self.status = self.status_json(interval=1.0)
+
     def status_json(self, interval=1.0):
         return json.loads(self.run("status", "--json", "--interval", interval).stdout)
 

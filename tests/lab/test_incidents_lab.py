@@ -2,8 +2,9 @@
 stalled VM, read from the running agent (its local API and /metrics) and from Elasticsearch (the two
 documents of the incident), against the down period the lab itself recorded (`lab status --json`).
 
-Costs about 40 s on top of the session's lab and Elasticsearch node (the agent starts without eBPF
-probes: the outage is seen in tcp_info and the VMs' block stats).
+Costs about 23 s on top of the session's lab and Elasticsearch node (the agent starts without eBPF
+probes: the outage is seen in tcp_info and the VMs' block stats). Measured: flap applied 4.07 s,
+incident 6.72 s (start 0.09 s before the lab's, end 2.56 s after: TCP's next retransmission), stall 6.45 s.
 """
 
 import json

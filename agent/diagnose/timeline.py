@@ -72,12 +72,16 @@ def disk_steps(first: Snapshot, second: Snapshot) -> dict[tuple[str, str], tuple
     consecutive snapshots, for the disks with stats in both whose counters did not go back in total (a VM
     restart resets them; the latency is None when any counter went back or nothing completed).
 
-    Kept on ``second`` (naming ``first`` by a weak reference, so no snapshot keeps an older one alive):
+    Kept on ``second`` for up to four ``first``s (each named by a weak reference, so no snapshot keeps an
+    older one alive):
     every cycle the live window, its latency baselines over the history and the incident tracker ask
     again for the steps of snapshots they saw in earlier cycles, and only the newest step is new."""
     memo = second.__dict__.get("_timeline_disk_steps")
-    if memo is not None and memo[0]() is first:
-        return memo[1]
+    if memo is None:
+        memo = second.__dict__["_timeline_disk_steps"] = {}  # frozen dataclass: a cache, not a field
+    hit = memo.get(id(first))
+    if hit is not None and hit[0]() is first:
+        return hit[1]
     out = {}
     before = first.vm_disks
     for k, (_v, d) in second.vm_disks.items():
@@ -92,7 +96,9 @@ def disk_steps(first: Snapshot, second: Snapshot) -> dict[tuple[str, str], tuple
         if done < 0:  # counters reset (the VM restarted)
             continue
         out[k] = (f"{k[0]}/{k[1]}", done, mean_latency_ms(a, b))
-    second.__dict__["_timeline_disk_steps"] = (weakref.ref(first), out)  # frozen dataclass: a cache, not a field
+    if len(memo) >= 4:  # the consecutive step and a few from the thinned baseline history (window._thin)
+        memo.clear()
+    memo[id(first)] = (weakref.ref(first), out)
     return out
 
 

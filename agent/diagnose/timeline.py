@@ -315,7 +315,7 @@ def find_outages(tl: Timeline) -> list[Outage]:
             busy_before = [k for k in disks if first_busy[k] is not None and first_busy[k] < i]
             nothing_done = all(not tl.disk_ops[k][i] for k in busy_before)
             waiting = bool(busy_before) or tl.portal_unacked[portal][i + 1] > 0
-            silent.append(0 if (nothing_done and waiting) else v)
+            silent.append(0 if (nothing_done and waiting) else None)  # quiet or still completing: not an outage
         for first, last in zero_runs(silent):
             backoff = max(tl.portal_backoff[portal][first:last + 2])
             retrans = sum(tl.portal_retrans[portal][first:last + 2])  # the run and the interval that ended it

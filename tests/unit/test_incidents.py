@@ -49,6 +49,23 @@ def live_over(snaps, cfg=None, events=None):
 # -- the timeline and its outages ---------------------------------------------------------------------
 
 
+def test_an_idle_portal_with_a_lost_keepalive_is_no_outage():
+    """A portal with no busy disk and nothing in flight that moved no bytes for a while is quiet, not
+    down, even when TCP retransmitted one segment (a lost NOP-Out) in that time."""
+    from agent.diagnose.timeline import Timeline
+
+    n = 6
+    tl = Timeline(times=tuple(float(i * 5) for i in range(n + 1)),
+                  disk_ops={"vm0/vda": (0,) * n}, disk_ms={"vm0/vda": (None,) * n},
+                  disk_portal={"vm0/vda": PORTAL2},
+                  portal_progress={PORTAL2: (96, 0, 0, 0, 48, 96)},
+                  portal_retrans={PORTAL2: (0, 1, 0, 0, 0, 0)},
+                  portal_backoff={PORTAL2: (0, 0, 1, 0, 0, 0, 0)},
+                  portal_ack_age_ms={PORTAL2: (100,) * (n + 1)},
+                  portal_unacked={PORTAL2: (0,) * (n + 1)})
+    assert find_outages(tl) == []
+
+
 def test_gap_estimates_inside_the_intervals():
     times = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
     series = (100, 50, 0, 0, 25)  # 100/s, stops half-way through interval 1, resumes 3/4 into interval 4

@@ -216,11 +216,13 @@ def lab():
             raise AssertionError(f"lab down failed at teardown: {p.stderr}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kernel_host(lab):
     """The kernel-initiator host kvmslab-kh on the session's lab (tests/lab/kernelhost.py):
-    `lab up --vms 2 --kernel-host` the first time a test asks for it (once per session),
-    `lab kernel-host stop` at the end (test_zz_down takes it down with the lab first)."""
+    `lab up --vms 2 --kernel-host` when a module first asks for it, `lab kernel-host stop` when that
+    module ends: a TCG guest left running (its O_DIRECT load, its agent, its firmware-only VM) would
+    take most of a CPU from every later lab module, whose timing margins (a healthy lab without a
+    warning, throttle ratios) assume the lab's own VMs alone."""
     from tests.lab.kernelhost import KernelHost
 
     t0 = time.monotonic()

@@ -93,10 +93,17 @@ static __always_inline void tot(int i)
         (*v)++;
 }
 
-static __always_inline u32 slot_of(u64 ns)
+/* The slot of ns, at most SLOT_MAX + 1. Widened to 64 bits before the
+ * check, so the check and the array index are the same register: on a
+ * 32-bit value clang compares a zero-extended copy and indexes with the
+ * original, a bound the 6.1 verifier does not carry over ("unbounded
+ * memory access"). */
+static __always_inline u64 slot_of(u64 ns)
 {
-    u32 slot = bpf_log2l(ns);
-    return slot > SLOT_MAX ? SLOT_MAX + 1 : slot;
+    u64 slot = bpf_log2l(ns);
+    if (slot > SLOT_MAX)
+        slot = SLOT_MAX + 1;
+    return slot;
 }
 
 static __always_inline u32 mix32(u64 x)

@@ -80,10 +80,13 @@ static __always_inline u32 op_of_cdb(u8 c)
     return IOP_OTHER;
 }
 
-static __always_inline u32 slot_of(u64 ns)
+/* at most SLOT_MAX + 1; checked in 64 bits, see slot_of in block_io.bpf.c */
+static __always_inline u64 slot_of(u64 ns)
 {
-    u32 slot = bpf_log2l(ns);
-    return slot > SLOT_MAX ? SLOT_MAX + 1 : slot;
+    u64 slot = bpf_log2l(ns);
+    if (slot > SLOT_MAX)
+        slot = SLOT_MAX + 1;
+    return slot;
 }
 
 /* the context's entry, created zeroed (lun -1) when missing */

@@ -101,7 +101,12 @@ def attach(prog_fd: int, library: Path, offset: int, pmu_type: int) -> int:
         if fd >= 0 or e != 22:
             break
     if fd < 0:
-        raise OSError(e, f"perf_event_open(uprobe {library}+{offset:#x}): {os.strerror(e)}")
+        hint = ""
+        if e in (1, 13):  # EPERM, EACCES: the uprobe PMU asks for more than CAP_BPF + CAP_PERFMON
+            hint = ("; the kernel's uprobe PMU needs CAP_SYS_ADMIN: under the systemd unit add it with a "
+                    "drop-in (README 'Running as a service'), else the libiscsi disks' latency comes from "
+                    "libvirt's means only")
+        raise OSError(e, f"perf_event_open(uprobe {library}+{offset:#x}): {os.strerror(e)}{hint}")
     for req, arg in ((PERF_EVENT_IOC_SET_BPF, prog_fd), (PERF_EVENT_IOC_ENABLE, 0)):
         if _libc.ioctl(fd, req, ctypes.c_ulong(arg)) != 0:
             e = ctypes.get_errno()

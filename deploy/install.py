@@ -260,7 +260,8 @@ def build_wheel(source: Path, out: Path, python: str) -> Path:
     with tempfile.TemporaryDirectory(prefix="kvmscope-build-") as tmp:
         # a copy: building writes build/ and *.egg-info next to the sources
         src = Path(tmp) / "src"
-        shutil.copytree(source, src, ignore=shutil.ignore_patterns(
+        # symlinks stay links: the checkout's captured sysfs trees (tests/fixtures) loop through theirs
+        shutil.copytree(source, src, symlinks=True, ignore=shutil.ignore_patterns(
             ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
         # pip from a throw-away venv (python3-pip need not be installed); setuptools and
         # wheel from the system (python3-setuptools, python3-wheel): no package index needed

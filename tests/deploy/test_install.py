@@ -115,7 +115,7 @@ def test_install_run_upgrade_uninstall(bundle, install_dir, installer, tmp_path)
     marker.write_text("queued documents\n")
 
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "dist", "build", "*.egg-info",
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(".git", ".venv*", "dist", "build", "*.egg-info",
                                                             "__pycache__", ".pytest_cache", "spool"))
     init = src / "agent" / "__init__.py"
     init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.1"'))

@@ -345,7 +345,11 @@ def test_one_bracketed_ipv6_portal_in_metrics_paths_diagnose_and_elasticsearch(a
                 if m.group(1) == "portal":
                     labelled.setdefault("portal series", set()).add(line.split("{", 1)[0])
     assert labelled.get("portal") == {PORTAL}, labelled
-    assert all(v == {PORTAL} for k, v in labelled.items() if k != "portal series"), labelled  # e.g. a finding's subject
+    # every other label naming the address names it as the bracketed portal: a finding's subject is the portal,
+    # its cause key (rule:portal:PORTAL) holds it whole
+    assert labelled.get("subject") == {PORTAL}, labelled
+    assert all(TARGET_ADDR not in x.replace(PORTAL, "") for k, v in labelled.items() if k != "portal series"
+               for x in v), labelled
     assert len(labelled["portal series"]) >= 2, labelled  # the VM disk's and the connection's series at least
 
     # Elasticsearch: every kvmscope.portal naming the address is the bracketed portal

@@ -52,6 +52,8 @@ def tree(root: Path) -> dict[str, tuple[str, str]]:
             if p.is_symlink():  # where it points, relative to the root (the kernel and relpath spell it apart)
                 out[rel] = ("link", norm(os.path.normpath(os.path.join(os.path.dirname(rel), os.readlink(p)))))
             elif p.is_dir():
+                if not any(p.iterdir()):
+                    continue  # an empty directory (sdX/slaves, dm-N/holders): git keeps none, so no side has one
                 out[rel] = ("dir", "")
             else:
                 out[rel] = ("file", p.read_text())

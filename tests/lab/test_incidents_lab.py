@@ -25,20 +25,10 @@ EBPF = ["ebpf_block_io", "ebpf_libiscsi", "ebpf_tcp_lifecycle", "ebpf_tcp_retran
 
 
 def api(sock, path):
-    import http.client
-    import socket
+    """The agent's local API, through the client the CLI uses (a non-200 answer raises NotAttached)."""
+    from agent.api import _get
 
-    conn = http.client.HTTPConnection("localhost", timeout=10)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(str(sock))
-    conn.sock = s
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        assert r.status == 200, r.read()[:200]
-        return json.loads(r.read())
-    finally:
-        conn.close()
+    return json.loads(_get(str(sock), path, 10)[0])
 
 
 def test_a_flap_is_one_incident_with_start_end_and_the_stalled_vm(lab, es_node, tmp_path):

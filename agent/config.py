@@ -239,6 +239,9 @@ class EbpfConfig(_Section):
         "iSCSI initiator), the first that has it")
     events_per_second: int = Field(
         1000, ge=1, le=1_000_000, description="cap of each probe's event stream (retransmits, connection events)")
+    cache_dir: str = Field(
+        "/var/cache/kvmscope/bpf", description="where compiled probes are kept per kernel, loaded at the next start "
+        "without compiling (a directory of the agent's own user, 0700); empty: compile at every start")
 
 
 class DiagnoseConfig(_Section):

@@ -38,7 +38,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 # bpf(2) commands and map types (include/uapi/linux/bpf.h)
-MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY, PROG_LOAD = 1, 2, 3, 4, 5
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY, PROG_LOAD = 0, 1, 2, 3, 4, 5
 OBJ_GET_INFO_BY_FD, RAW_TRACEPOINT_OPEN, MAP_LOOKUP_BATCH = 15, 17, 24
 PROG_TYPE_TRACING, TRACE_RAW_TP = 26, 23  # a BTF-typed raw tracepoint ("tp_btf")
 HASH, ARRAY, PERF_EVENT_ARRAY, PERCPU_HASH, PERCPU_ARRAY = 1, 2, 4, 5, 6
@@ -76,28 +76,69 @@ class _RawTpAttr(ctypes.Structure):
     _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class _MapCreateAttr(ctypes.Structure):
+    """The head of union bpf_attr for BPF_MAP_CREATE, up to map_name (no BTF)."""
+
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
+
+
+def _obj_name(name: str) -> bytes:
+    """A name the kernel takes for a map or program (BPF_OBJ_NAME_LEN 16: 15 characters of [A-Za-z0-9_.])."""
+    return bytes(c if chr(c).isalnum() or c in b"_." else ord("_") for c in name.encode()[:15])
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0, name: str = "") -> int:
+    """A new map (BPF_MAP_CREATE, without BTF); returns its fd."""
+    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries,
+                          map_flags=flags, map_name=_obj_name(name))
+    try:
+        return bpf(MAP_CREATE, attr)
+    except OSError as e:
+        raise OSError(e.errno, f"creating map {name} (type {map_type}): {e.strerror}") from None
+
+
+def load_program(insns: bytes, name: str, prog_type: int, expected_attach_type: int = 0, attach_btf_id: int = 0,
+                 license: bytes = b"GPL", kern_version: int = 0) -> int:
+    """BPF_PROG_LOAD of already relocated instructions; returns the program fd. OSError carries the
+    verifier's log when the kernel refuses the program."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
+                         license=ctypes.addressof(lic), log_level=0, log_size=0, log_buf=0, kern_version=kern_version,
+                         prog_name=_obj_name(name), expected_attach_type=expected_attach_type,
+                         attach_btf_id=attach_btf_id)
+    try:
+        return bpf(PROG_LOAD, attr)
+    except OSError:
+        log = ctypes.create_string_buffer(1 << 18)
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        try:
+            return bpf(PROG_LOAD, attr)  # again, for the verifier's reason
+        except OSError as e:
+            tail = log.value.decode(errors="replace").strip().splitlines()[-12:]
+            raise OSError(e.errno, f"loading {name}: {e.strerror}: {' | '.join(tail)}") from None
+
+
+def raw_tracepoint_open(prog_fd: int, name: str | None) -> int:
+    """Attach a raw tracepoint program to tracepoint ``name``, or a BTF-typed one (``name`` None: the
+    tracepoint it was loaded for); returns the fd that keeps it attached."""
+    buf = ctypes.create_string_buffer(name.encode()) if name else None
+    try:
+        return bpf(RAW_TRACEPOINT_OPEN, _RawTpAttr(ctypes.addressof(buf) if buf is not None else 0, prog_fd, 0))
+    except OSError as e:
+        raise OSError(e.errno, f"raw tracepoint {name or '(BTF)'}: {e.strerror}") from None
+
+
 def load_tp_btf(insns: bytes, name: str, btf_id: int, license: bytes = b"GPL") -> tuple[int, int]:
     """Load ``insns`` (an already relocated program, e.g. bcc's ``dump_func``) as a BTF-typed raw
     tracepoint program on the tracepoint whose ``btf_trace_<name>`` typedef has id ``btf_id`` in the
     kernel's BTF, and attach it; returns (program fd, link fd: closing it detaches). OSError carries
     the verifier's log when the kernel refuses the program."""
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(license)
-    log = ctypes.create_string_buffer(1 << 18)
-    attr = _ProgLoadAttr(prog_type=PROG_TYPE_TRACING, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
-                         license=ctypes.addressof(lic), log_level=0, log_size=0, log_buf=0,
-                         prog_name=name.encode()[:15], expected_attach_type=TRACE_RAW_TP, attach_btf_id=btf_id)
+    prog_fd = load_program(insns, name, PROG_TYPE_TRACING, TRACE_RAW_TP, btf_id, license)
     try:
-        prog_fd = bpf(PROG_LOAD, attr)
-    except OSError:
-        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
-        try:
-            prog_fd = bpf(PROG_LOAD, attr)  # again, for the verifier's reason
-        except OSError as e:
-            tail = log.value.decode(errors="replace").strip().splitlines()[-12:]
-            raise OSError(e.errno, f"{e.strerror}: {' | '.join(tail)}") from None
-    try:
-        link_fd = bpf(RAW_TRACEPOINT_OPEN, _RawTpAttr(0, prog_fd, 0))
+        link_fd = raw_tracepoint_open(prog_fd, None)
     except BaseException:
         os.close(prog_fd)
         raise

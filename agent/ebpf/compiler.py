@@ -86,8 +86,17 @@ def compile_in_child(text: str, cflags: list[str], attach: list[Attach] = (), ti
                      python: str | None = None) -> tuple[BpfObject, list[str]]:
     """Compile + load + attach in a child; returns the object (fds now owned by this process) and the labels
     of optional attachments that failed. Raises CompileError (the child's message) on failure."""
+    obj, skipped, _recipe = compile_and_record(text, cflags, attach, timeout, python, record=False)
+    return obj, skipped
+
+
+def compile_and_record(text: str, cflags: list[str], attach: list[Attach] = (), timeout: float = 60.0,
+                       python: str | None = None, record: bool = True) -> tuple[BpfObject, list[str], dict | None]:
+    """:func:`compile_in_child`, and with ``record`` the recipe to load the same object again without
+    LLVM (:mod:`agent.ebpf.objcache`), or None when the child could not make one."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    request = json.dumps({"text": text, "cflags": list(cflags), "attach": [asdict(a) for a in attach]}).encode()
+    request = json.dumps({"text": text, "cflags": list(cflags), "attach": [asdict(a) for a in attach],
+                          "record": bool(record)}).encode()
     errfile = tempfile.TemporaryFile()  # clang's diagnostics: a file, so a chatty compiler never blocks on a pipe
     try:
         proc = subprocess.Popen([python or sys.executable, "-m", "agent.ebpf.compiler", str(child.fileno())],
@@ -121,7 +130,7 @@ def compile_in_child(text: str, cflags: list[str], attach: list[Attach] = (), ti
         if not desc or "error" in desc:
             msg = (desc or {}).get("error") or f"compiler process exited with status {proc.returncode}"
             raise CompileError(_with_stderr(msg, err))
-        return _object(desc, fds), list(desc.get("skipped", []))
+        return _object(desc, fds), list(desc.get("skipped", [])), desc.get("recipe")
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -223,6 +232,14 @@ def _build(req: dict) -> tuple[dict, list[int]]:
         maps.append({"name": name.decode(), "fd": fd, "key_desc": json.loads(kd) if kd else None,
                      "leaf_desc": json.loads(ld) if ld else None})
     programs = [{"name": (n.decode() if isinstance(n, bytes) else n), "fd": f.fd} for n, f in b.funcs.items()]
+    recipe = None
+    if req.get("record"):
+        from agent.ebpf.objcache import record
+
+        try:
+            recipe = record(b, {a["fn_name"]: a["btf_id"] for a in req.get("attach", []) if a["kind"] == "tp_btf"})
+        except Exception as e:  # the probe works; it is only not cached
+            print(f"not cached: {e}", file=sys.stderr)
     fds: list[int] = []
 
     def slot(fd: int) -> int:
@@ -236,7 +253,7 @@ def _build(req: dict) -> tuple[dict, list[int]]:
     for a in attachments:
         a["fd"] = slot(a["fd"])
     return {"programs": programs, "maps": maps, "attachments": attachments, "skipped": skipped,
-            "seconds": round(time.monotonic() - t0, 3)}, fds
+            "seconds": round(time.monotonic() - t0, 3), "recipe": recipe}, fds
 
 
 def _attach(b, spec: Attach) -> dict:

@@ -39,7 +39,8 @@ from agent.config import LIBRARY_DIRS
 from agent.ebpf import decode
 from agent.ebpf.bpfstats import STATS
 from agent.ebpf.bpfsys import BpfObject
-from agent.ebpf.compiler import Attach, compile_in_child
+from agent.ebpf.compiler import Attach
+from agent.ebpf.objcache import ObjCache, load_or_compile
 from agent.ebpf.requirements import (
     Check,
     available_tracepoints,
@@ -84,6 +85,7 @@ class ProbeReport:
     fix: str = ""
     checks: list[Check] = field(default_factory=list)
     load_seconds: float = 0.0
+    origin: str = ""  # attached from: "compiled" (bcc, in a child) or "cache" (agent/ebpf/objcache.py)
 
     def as_dict(self) -> dict:
         return {
@@ -94,6 +96,7 @@ class ProbeReport:
             "reason": self.reason,
             "fix": self.fix,
             "load_seconds": round(self.load_seconds, 3),
+            "origin": self.origin,
             "checks": [c.as_dict() for c in self.checks],
         }
 
@@ -138,6 +141,8 @@ class LoadOptions:
     # where a uprobe probe looks for its shared library (the first that has it)
     library_dirs: tuple[Path, ...] = tuple(Path(d) for d in LIBRARY_DIRS)
     uprobe_budget: float = 0.02  # share of one CPU a sampling uprobe probe may cost a process (ebpf.uprobe_budget)
+    # compiled probes kept per kernel (agent/ebpf/objcache.py; ebpf.cache_dir); None: compile every time
+    cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -275,7 +280,9 @@ class Probe:
         try:
             if missing:
                 raise ImportError(missing)
-            self.bpf, skipped = compile_in_child(text, self.cflags(present), self.attachments(present))
+            cache = ObjCache(self.opts.cache_dir) if self.opts.cache_dir else None
+            self.bpf, skipped, rep.origin = load_or_compile(text, self.cflags(present), self.attachments(present), cache,
+                                                            self.opts.paths)
         except ImportError as e:
             rep.state, rep.reason = UNAVAILABLE, f"bcc not importable: {e}"
             rep.fix = "apt-get install python3-bpfcc and use a venv made with --system-site-packages (deploy/setup.sh)"

@@ -32,6 +32,7 @@ def load_options(ctx: SourceContext) -> LoadOptions:
         kernel_build=Path(cfg.ebpf.kernel_build) if cfg.ebpf.kernel_build else None,
         library_dirs=tuple(Path(d) for d in cfg.ebpf.library_dirs),
         uprobe_budget=cfg.ebpf.uprobe_budget,
+        cache_dir=Path(cfg.ebpf.cache_dir) if cfg.ebpf.cache_dir else None,
     )
     if cfg.ebpf.probes_dir:
         opts.probes_dir = Path(cfg.ebpf.probes_dir)

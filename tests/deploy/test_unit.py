@@ -54,6 +54,7 @@ def spec_from_unit(unit: dict, **override) -> dict:
     rw = svc.get("ReadWritePaths", "").split()
     rw += [f"/var/lib/{d}" for d in svc.get("StateDirectory", "").split()]
     rw += [f"/var/log/{d}" for d in svc.get("LogsDirectory", "").split()]
+    rw += [f"/var/cache/{d}" for d in svc.get("CacheDirectory", "").split()]
     rw += [f"/run/{d}" for d in svc.get("RuntimeDirectory", "").split()]
     spec = {
         "read_only_all": svc.get("ProtectSystem") == "strict",

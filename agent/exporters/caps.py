@@ -18,7 +18,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Iterable
 
 from agent.exporters import catalog as C
@@ -42,6 +42,15 @@ class Limits:
 
 
 _get_labels = attrgetter("labels")
+
+
+def _label_values(labs: list):
+    """Every label value of these samples' labels but a histogram bucket's bound (le: never cut)."""
+    for lab in labs:
+        if "le" in lab:
+            yield from (v for k, v in lab.items() if k != "le")
+        else:
+            yield from lab.values()
 
 
 CAP_KINDS = ("vm", "disk", "connection")
@@ -85,6 +94,10 @@ class SeriesCap:
         vms, disks, conn_labels = set(), set(), set()
         long_values = False
         for fam in families:
+            rows = fam.rows() if hasattr(fam, "rows") else None
+            if rows is not None:
+                long_values = self._row_identities(fam._labelnames, rows, vms, disks, conn_labels) or long_values
+                continue
             labs = list(map(_get_labels, fam.samples))
             keys = set(chain.from_iterable(labs))
             if not keys:
@@ -98,13 +111,35 @@ class SeriesCap:
                 conn_labels.update(zip(map(dict.get, labs, repeat("local")), map(dict.get, labs, repeat("remote_address")),
                                        map(dict.get, labs, repeat("remote_port"), repeat(""))))
             if not long_values:
-                long_values = max(map(len, chain.from_iterable(map(dict.values, labs)))) > limit
+                long_values = max(map(len, _label_values(labs)), default=0) > limit
         vms.discard(None)
         vms.discard("")
         disks = {d for d in disks if d[0] and d[1]}
         conns = {_conn_key({"local": lo, "remote_address": ra, "remote_port": rp}) for lo, ra, rp in conn_labels}
         conns.discard(None)
         return vms, disks, conns, long_values
+
+    def _row_identities(self, names: tuple, rows: list, vms: set, disks: set, conn_labels: set) -> bool:
+        """identities() of a catalog family's rows (label values in ``names`` order); whether a value is too long."""
+        if not names or not rows:
+            return False
+        labels = list(map(itemgetter(0), rows))
+        if set(map(len, labels)) != {len(names)}:
+            labels = [dict(zip(names, lv)) for lv in labels]  # as prometheus_client would label them
+            col = lambda k: list(map(dict.get, labels, repeat(k)))  # noqa: E731
+            values = chain.from_iterable(map(dict.values, labels))
+        else:
+            col = lambda k: list(map(itemgetter(names.index(k)), labels)) if k in names else [None] * len(labels)  # noqa: E731
+            values = chain.from_iterable(labels)
+        if "vm" in names:
+            vm = col("vm")
+            vms.update(vm)
+            if "disk" in names:
+                disks.update(zip(vm, col("disk")))
+        if "local" in names or "remote_address" in names:
+            port = col("remote_port") if "remote_port" in names else [""] * len(labels)
+            conn_labels.update(zip(col("local"), col("remote_address"), port))
+        return max(map(len, values), default=0) > self.limits.max_label_length
 
     def filter(self, families: list, vms: set, disks: set, conns: set, long_values: bool) -> tuple[dict, dict]:
         """Drop the samples of objects over the caps and cut long label values, in place; returns
@@ -121,6 +156,10 @@ class SeriesCap:
             capped["disk"] = len(disks) - len(keep_disks)
             capped["connection"] = len(conns) - len(keep_conns)
             for fam in families:
+                rows = fam.rows() if hasattr(fam, "rows") else None
+                if rows is not None:
+                    self._filter_rows(fam, rows, keep_vms, keep_disks, keep_conns, long_values, dropped)
+                    continue
                 kept = []
                 for smp in fam.samples:
                     lab = smp.labels
@@ -137,11 +176,45 @@ class SeriesCap:
                             if k is not None and k not in keep_conns:
                                 dropped["connection"] += 1
                                 continue
-                        if long_values and any(len(v) > lim.max_label_length for v in lab.values()):
-                            smp = smp._replace(labels={k: cut_label(v, lim.max_label_length) for k, v in lab.items()})
+                        if long_values and any(len(v) > lim.max_label_length for k, v in lab.items() if k != "le"):
+                            smp = smp._replace(labels={k: v if k == "le" else cut_label(v, lim.max_label_length)
+                                                       for k, v in lab.items()})
                     kept.append(smp)
                 fam.samples = kept
         return dropped, capped
+
+    def _filter_rows(self, fam, rows: list, keep_vms: set, keep_disks: set, keep_conns: set, long_values: bool,
+                     dropped: dict) -> None:
+        """filter() of a catalog family's rows, counting every sample a dropped row stands for."""
+        names = fam._labelnames
+        if not names:
+            return
+        limit = self.limits.max_label_length
+        get = lambda lv, k: lv[names.index(k)] if k in names and names.index(k) < len(lv) else None  # noqa: E731
+        conn = "local" in names or "remote_address" in names
+        kept = []
+        for row in rows:
+            lv = row[0]
+            if lv:
+                vm = get(lv, "vm")
+                if vm and vm not in keep_vms:
+                    dropped["vm"] += fam.row_samples(row)
+                    continue
+                disk = get(lv, "disk")
+                if vm and disk and (vm, disk) not in keep_disks:
+                    dropped["disk"] += fam.row_samples(row)
+                    continue
+                if conn:
+                    port = get(lv, "remote_port")
+                    k = _conn_key({"local": get(lv, "local"), "remote_address": get(lv, "remote_address"),
+                                   "remote_port": "" if port is None else port})
+                    if k is not None and k not in keep_conns:
+                        dropped["connection"] += fam.row_samples(row)
+                        continue
+                if long_values and any(len(v) > limit for v in lv):
+                    row = (tuple(cut_label(v, limit) for v in lv),) + row[1:]
+            kept.append(row)
+        fam.set_rows(kept)
 
     def record(self, dropped: dict, capped: dict) -> None:
         """Account one scrape: add its dropped series to the counters, set the capped objects gauge."""

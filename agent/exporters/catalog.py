@@ -11,26 +11,72 @@ where the value comes from.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.samples import Sample
 
-# A sample of a plain add_metric (no timestamp, exemplar or created time), built as prometheus_client builds it
-# but without its per-call keyword handling: a big host's scrape adds ~13,000 of them (docs/performance.md).
+# Families of the catalog keep their samples as rows: (label values in the family's label order, value) for
+# gauges and counters, (label values, buckets, sum) for histograms. The text writer (exposition.write_family)
+# and the series caps (caps.SeriesCap) read the rows directly; prometheus_client Samples, each with a label dict
+# (~2.5 us apiece, ~20,000 per scrape of a big host: docs/performance.md), are built only when someone reads
+# ``samples`` (the collect() path of prometheus_client, tests), exactly as prometheus_client's add_metric builds them.
 _new_tuple = tuple.__new__
+_materializing = threading.Lock()
 _TAIL = tuple(Sample._field_defaults.get(f) for f in Sample._fields[3:])  # timestamp, exemplar, ...: all None
 assert Sample._fields[:3] == ("name", "labels", "value") and _TAIL == (None,) * len(_TAIL)
 
 
-class _Gauge(GaugeMetricFamily):
+class _Rows:
+    """Samples kept as rows until read (see above). ``samples`` is the materialized Samples followed by the
+    rows' (order kept); writing ``samples`` replaces both."""
+
+    _rows: list
+
+    @property
+    def samples(self) -> list:
+        if self._rows:
+            with _materializing:  # two scrapes of one cached family must not both turn its rows into samples
+                rows = self._rows
+                if rows:
+                    self._samples.extend(self._materialize(rows))
+                    self._rows = []
+        return self._samples
+
+    @samples.setter
+    def samples(self, value) -> None:
+        self._rows = []
+        self._samples = value
+
+    def rows(self) -> list | None:
+        """The rows, when every sample still is one (none materialized); else None."""
+        return None if self._samples else self._rows
+
+    def has_samples(self) -> bool:
+        return bool(self._rows) or bool(self._samples)
+
+    def set_rows(self, rows: list) -> None:
+        self._samples = []
+        self._rows = rows
+
+    def row_samples(self, row) -> int:
+        """Samples one row stands for."""
+        return 1
+
+
+class _Gauge(_Rows, GaugeMetricFamily):
     def add_metric(self, labels, value, timestamp=None) -> None:
         if timestamp is not None:
             return super().add_metric(labels, value, timestamp)
-        self.samples.append(_new_tuple(Sample, (self.name, dict(zip(self._labelnames, labels)), value) + _TAIL))
+        self._rows.append((tuple(labels), value))
+
+    def _materialize(self, rows):
+        name, names = self.name, self._labelnames
+        return [_new_tuple(Sample, (name, dict(zip(names, lv)), v) + _TAIL) for lv, v in rows]
 
 
-class _Counter(CounterMetricFamily):
+class _Counter(_Rows, CounterMetricFamily):
     def __init__(self, name: str, documentation: str, labels=None):
         super().__init__(name, documentation, labels=labels)
         self._sample_name = self.name + "_total"
@@ -38,7 +84,39 @@ class _Counter(CounterMetricFamily):
     def add_metric(self, labels, value, created=None, timestamp=None, exemplar=None) -> None:
         if created is not None or timestamp is not None or exemplar is not None:
             return super().add_metric(labels, value, created, timestamp, exemplar)
-        self.samples.append(_new_tuple(Sample, (self._sample_name, dict(zip(self._labelnames, labels)), value) + _TAIL))
+        self._rows.append((tuple(labels), value))
+
+    def _materialize(self, rows):
+        name, names = self._sample_name, self._labelnames
+        return [_new_tuple(Sample, (name, dict(zip(names, lv)), v) + _TAIL) for lv, v in rows]
+
+
+class _Histogram(_Rows, HistogramMetricFamily):
+    def add_metric(self, labels, buckets, sum_value, timestamp=None) -> None:
+        if timestamp is not None:
+            return super().add_metric(labels, buckets, sum_value, timestamp)
+        self._rows.append((tuple(labels), buckets, sum_value))
+
+    def row_samples(self, row) -> int:
+        _lv, buckets, sum_value = row
+        return len(buckets) + (2 if sum_value is not None and float(buckets[0][0]) >= 0 else 0)
+
+    def _materialize(self, rows):  # HistogramMetricFamily.add_metric's samples, without a timestamp
+        out: list = []
+        bucket, count, total, names = self.name + "_bucket", self.name + "_count", self.name + "_sum", self._labelnames
+        for lv, buckets, sum_value in rows:
+            for b in buckets:
+                out.append(Sample(bucket, dict(list(zip(names, lv)) + [("le", b[0])]), b[1], None,
+                                  b[2] if len(b) == 3 else None))
+            if float(buckets[0][0]) >= 0 and sum_value is not None:
+                out.append(Sample(count, dict(zip(names, lv)), buckets[-1][1], None))
+                out.append(Sample(total, dict(zip(names, lv)), sum_value, None))
+        return out
+
+
+def has_samples(fam) -> bool:
+    """Whether a family has a sample, without building Samples out of rows."""
+    return fam.has_samples() if isinstance(fam, _Rows) else bool(fam.samples)
 
 
 @dataclass(frozen=True)
@@ -55,7 +133,7 @@ class MetricDef:
         if self.type == "gauge":
             return _Gauge(self.name, self.help, labels=self.labels)
         if self.type == "histogram":
-            return HistogramMetricFamily(self.name, self.help, labels=self.labels)
+            return _Histogram(self.name, self.help, labels=self.labels)
         raise ValueError(self.type)
 
 

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from agent import __version__
 from agent.exporters import catalog as C
 from agent.exporters.caps import Limits, SeriesCap
+from agent.exporters.catalog import has_samples
 from agent.exporters.exposition import write_exposition
 from agent.exporters.registry import Renderers, load_renderers
 from agent.records.snapshot import Snapshot, Status
@@ -90,7 +91,11 @@ def merge_families(fams: list) -> list:
             seen[f.name] = f
             out.append(f)
         else:
-            first.samples.extend(f.samples)
+            a, b = (first.rows(), f.rows()) if hasattr(first, "rows") and type(first) is type(f) else (None, None)
+            if a is not None and b is not None and first._labelnames == f._labelnames:
+                a.extend(b)
+            else:
+                first.samples.extend(f.samples)
     return out
 
 
@@ -134,7 +139,7 @@ def _records_families(snap: Snapshot, of_records) -> list:
         if data is None:
             continue
         try:
-            out.extend(f for f in render(data) if f.samples)
+            out.extend(f for f in render(data) if has_samples(f))
         except Exception:
             log.exception("rendering snapshot.%s failed", name)
     return out
@@ -238,7 +243,7 @@ class SnapshotCollector:
 
 def _run_snapshot_renderer(render, snap: Snapshot) -> list:
     try:
-        return [f for f in render(snap) if f.samples]
+        return [f for f in render(snap) if has_samples(f)]
     except Exception:  # a renderer bug must not fail the scrape
         log.exception("rendering %s failed", render.__name__)
         return []

@@ -90,6 +90,9 @@ def write_family(metric, out: list) -> None:
     elif mtype == "unknown":
         mtype = "untyped"
     out.append(_header(mname, mtype, metric.documentation))
+    rows = metric.rows() if hasattr(metric, "rows") else None
+    if rows is not None and _write_rows(metric, rows, out):
+        return
     om_names = {metric.name + sfx: sfx for sfx in _OM_SUFFIXES}
     samples = metric.samples
     if not samples:
@@ -146,6 +149,81 @@ def _write_uniform(name: str, labs: list, samples: list, out: list) -> bool:
     for i in [i for i, d in enumerate(floats) if not _MINUS_INF < d < 1e6]:
         values[i] = go_float(floats[i])
     out.append("".join(map(line.__mod__, zip(*map(_escape_column, cols), values))))
+    return True
+
+
+def _go_floats(values) -> list:
+    """go_float of each value."""
+    floats = list(map(float, values))
+    out = list(map(repr, floats))
+    # repr(float) is go_float's answer except for inf, nan and 1e6 <= x < 1e16 (Go's exponent form)
+    for i in [i for i, d in enumerate(floats) if not _MINUS_INF < d < 1e6]:
+        out[i] = go_float(floats[i])
+    return out
+
+
+_perms: dict[tuple, tuple] = {}
+
+
+def _columns(labelnames: tuple, labels: list, order: tuple) -> list | None:
+    """The rows' label values as escaped columns in ``order`` (the sorted label names); None if a row's
+    label count is not the family's (prometheus_client's zip would drop or ignore values: its path decides)."""
+    n = len(labelnames)
+    if not n:
+        return []
+    if set(map(len, labels)) != {n}:
+        return None
+    perm = _perms.get((labelnames, order))
+    if perm is None:
+        perm = _perms[(labelnames, order)] = tuple(labelnames.index(k) for k in order)
+    cols = list(zip(*labels))
+    return [_escape_column(cols[i]) for i in perm]
+
+
+def _write_rows(metric, rows: list, out: list) -> bool:
+    """The lines of a catalog family's rows (agent.exporters.catalog): the bytes generate_latest writes for
+    the samples the rows stand for, without building them. False (nothing written) when the rows do not fit."""
+    if not rows:
+        return True
+    names = metric._labelnames
+    if len(set(names)) != len(names) or "le" in names:
+        return False
+    if metric.type != "histogram":
+        sample = metric.name + "_total" if metric.type == "counter" else metric.name
+        line, order = _template(sample, names)
+        cols = _columns(names, list(map(itemgetter(0), rows)), order)
+        if cols is None:
+            return False
+        values = _go_floats(map(itemgetter(1), rows))
+        out.append("".join(map(line.__mod__, zip(*cols, values))))
+        return True
+    return _write_histogram_rows(metric.name, names, rows, out)
+
+
+def _write_histogram_rows(name: str, names: tuple, rows: list, out: list) -> bool:
+    bline, border = _template(name + "_bucket", names + ("le",))
+    cline, corder = _template(name + "_count", names)
+    sline, _ = _template(name + "_sum", names)
+    cols = _columns(names, list(map(itemgetter(0), rows)), corder)
+    if cols is None:
+        return False
+    # a bucket line split around its le value: head % (labels before le), tail % (labels after le)
+    at = border.index("le")
+    cut = bline.index('le="%s"') + 4
+    head_t, tail_t = bline[:cut], bline[cut + 2:].replace(" %s\n", " ")
+    n_before = at  # labels sorted before "le"
+    heads = [head_t % vals[:n_before] for vals in zip(*cols)] if n_before else [head_t] * len(rows)
+    tails = [tail_t % vals[n_before:] for vals in zip(*cols)] if len(names) > n_before else [tail_t] * len(rows)
+    label_vals = list(zip(*cols)) if cols else [()] * len(rows)
+    for (_lv, buckets, sum_value), head, tail, lv in zip(rows, heads, tails, label_vals):
+        les = [b[0] for b in buckets]
+        if "\\" in (joined := "".join(les)) or "\n" in joined or '"' in joined:
+            les = _escape_column(les)
+        counts = _go_floats([b[1] for b in buckets])
+        out.append("".join([f"{head}{le}{tail}{c}\n" for le, c in zip(les, counts)]))
+        if float(buckets[0][0]) >= 0 and sum_value is not None:
+            out.append(cline % (*lv, go_float(buckets[-1][1])))
+            out.append(sline % (*lv, go_float(sum_value)))
     return True
 
 

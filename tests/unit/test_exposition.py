@@ -205,3 +205,96 @@ def test_paths_are_joined_once_per_snapshot_object():
     assert other.paths is not first and list(other.paths) == build_paths(other) != list(first)
     mapped = build_paths(snap, {p.connection.split("->")[0].rsplit(":", 1)[0]: "eth9" for p in first if p.connection})
     assert {p.interface for p in mapped if p.connection} == {"eth9"}
+
+
+def _catalog_and_plain_families():
+    """The same samples twice: in the catalog's row families and in prometheus_client's own classes."""
+    from agent.exporters.catalog import MetricDef
+
+    g = MetricDef("t_rows_gauge", "gauge", 'rows: \\ and\n"', ("vm", "disk", "a"))
+    c = MetricDef("t_rows_total", "counter", "rows counter", ("vm", "b"))
+    h = MetricDef("t_rows_seconds", "histogram", "rows histogram", ("vm", "op", "source"))
+    h0 = MetricDef("t_rows_nolabels_seconds", "histogram", "no labels", ())
+    n = MetricDef("t_rows_nolabels", "gauge", "no labels", ())
+    plain = [GaugeMetricFamily(g.name, g.help, labels=g.labels), CounterMetricFamily(c.name, c.help, labels=c.labels),
+             HistogramMetricFamily(h.name, h.help, labels=h.labels), HistogramMetricFamily(h0.name, h0.help, labels=[]),
+             GaugeMetricFamily(n.name, n.help, labels=[])]
+    rows = [g.family(), c.family(), h.family(), h0.family(), n.family()]
+    for fams in (plain, rows):
+        gf, cf, hf, h0f, nf = fams
+        for i, v in enumerate(ODD):
+            gf.add_metric([v, ODD[-1 - i], str(i)], NUMBERS[i % len(NUMBERS)])
+            cf.add_metric([v, "x"], NUMBERS[(i + 3) % len(NUMBERS)])
+            buckets = [("1e-06", i), ("0.5", 2 * i), ("1234567.0", 10**7 + i), ("+Inf", 10**7 + i)]
+            hf.add_metric([v, "read", 'q"'], buckets, i / 7 if i % 3 else None)
+        hf.add_metric(["neg", "read", "x"], [("-1.0", 1), ("+Inf", 2)], 3.0)  # negative bucket: no count and sum
+        h0f.add_metric([], [("0.1", 1), ("+Inf", 5)], 0.25)
+        nf.add_metric([], 7)
+    return rows, plain
+
+
+def test_row_families_write_generate_latests_bytes_and_give_its_samples():
+    rows, plain = _catalog_and_plain_families()
+    assert all(f.rows() for f in rows)  # nothing materialized: the writer's row path runs
+    assert write_exposition(rows) == _reference(plain)
+    for r, p in zip(rows, plain):
+        assert r.samples == p.samples and r.rows() is None  # read as samples: prometheus_client's, in its order
+    assert write_exposition(rows) == _reference(plain)  # the sample path of the same families
+
+
+def test_caps_on_rows_equal_caps_on_samples():
+    """The caps over row families (drops counted per sample a row stands for) and over materialized samples."""
+    from agent.exporters.caps import SeriesCap
+
+    snap = synthetic_snapshot(12, 3, 30)
+    odd = Vm('db "prod"\\x\n' + "y" * 300, None, "running", 1, (VmDisk("vda", "file", source="/x", stats=DiskStats(rd_reqs=1)),))
+    snap = dataclasses.replace(snap, data={**snap.data, "libvirt": Vms(snap.data["libvirt"].vms + (odd,))})
+    renderers = load_renderers()
+    for limits in (Limits(), Limits(max_vms=5, max_disks=9, max_connections=7, max_label_length=40)):
+        rows = SnapshotCollector(lambda: snap, clock=lambda: 5.0, limits=limits, renderers=renderers)
+        fams_r = rows._collect_all(snap, 5.0)
+        fams_p = list(render_agent_families(snap)) + _all_families(snap, renderers)
+        for f in fams_p:
+            f.samples  # materialized: the caps take the sample path
+        cap = SeriesCap(limits)
+        cap.apply(fams_p)
+        fams_p.extend(cap.families())
+        assert write_exposition(fams_r) == _reference(fams_p)
+        assert rows.cap.dropped_total == cap.dropped_total and rows.cap.capped_now == cap.capped_now
+        if limits.max_vms == 5:
+            assert all(rows.cap.dropped_total.values()) and b"~" in write_exposition(fams_r)
+
+
+def render_agent_families(snap):
+    from agent.exporters.collector import render_agent
+
+    return render_agent(snap, 5.0)
+
+
+def _all_families(snap, renderers):
+    from agent.exporters.collector import _records_families, _run_snapshot_renderer, merge_families
+
+    fams = _records_families(snap, renderers.records)
+    for render in renderers.snapshot:
+        fams.extend(_run_snapshot_renderer(render, snap))
+    return merge_families(fams)
+
+
+def test_caps_count_every_sample_of_a_dropped_histogram_row():
+    from agent.exporters.caps import SeriesCap
+    from agent.exporters.catalog import MetricDef
+
+    d = MetricDef("t_cap_seconds", "histogram", "h", ("vm", "disk"))
+    fams = []
+    for materialize in (False, True):
+        f = d.family()
+        for vm in ("a", "b", "c"):
+            f.add_metric([vm, "vda"], [("0.1", 1), ("1.0", 2), ("+Inf", 3)], 0.5)  # 3 buckets + count + sum
+            f.add_metric([vm, "vdb"], [("-1.0", 1), ("+Inf", 3)], 0.5)  # 2 buckets, no count and sum
+        if materialize:
+            f.samples
+        cap = SeriesCap(Limits(max_vms=1, max_disks=1))
+        cap.apply([f])
+        fams.append(f)
+        assert cap.dropped_total == {"vm": 14, "disk": 2, "connection": 0}
+    assert write_exposition(fams[:1]) == _reference(fams[1:])

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test unit fuzz disk-faults bench bench-probes bench-uprobes bench-cycle footprint soak dist install uninstall clean
+.PHONY: run test setup setup-test unit fuzz disk-faults bench bench-probes bench-uprobes bench-cycle footprint startup soak dist install uninstall clean
 
 run: setup
 	$(VENV)/bin/kvmscope run $(ARGS)
@@ -53,6 +53,10 @@ bench-cycle: setup-test
 # 30 minutes by default, results in docs/performance.md. Root needed.
 footprint: setup-test
 	$(VENV)/bin/python -m benchmarks.footprint $(ARGS)
+
+# Start-up of `kvmscope run`, the eBPF object cache cold (compiling) and warm, alternating (~2 min; root).
+startup: setup-test
+	$(VENV)/bin/python -m benchmarks.startup $(ARGS)
 
 # Soak (not a test): the agent on the lab under churn for 30 minutes (ARGS='--minutes 5' for less);
 # results in docs/reliability.md. A 3-minute variant is tests/lab/test_soak.py. Root needed.

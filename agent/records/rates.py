@@ -28,17 +28,40 @@ def mean_latency_ns(prev: DiskStats | None, cur: DiskStats, op: str = "all") -> 
 
     None when no request completed in between or a counter went backwards.
     """
-    ops = OPS.values() if op == "all" else (OPS[op],)
-    d_reqs = d_time = 0
-    for reqs, time_ns in ops:
-        r, t = getattr(cur, reqs), getattr(cur, time_ns)
+    # plain attribute reads (no getattr by name): the diagnosis and the documents ask for every disk,
+    # several operations each, every cycle
+    if op == "all":
+        r1, t1, r2, t2, r3, t3 = (cur.rd_reqs, cur.rd_time_ns, cur.wr_reqs, cur.wr_time_ns, cur.fl_reqs,
+                                  cur.fl_time_ns)
         if prev is not None:
-            r0, t0 = getattr(prev, reqs), getattr(prev, time_ns)
+            p1, q1, p2, q2, p3, q3 = (prev.rd_reqs, prev.rd_time_ns, prev.wr_reqs, prev.wr_time_ns, prev.fl_reqs,
+                                      prev.fl_time_ns)
+            if r1 < p1 or t1 < q1 or r2 < p2 or t2 < q2 or r3 < p3 or t3 < q3:
+                return None  # a reset: the interval has no meaning
+            d_reqs = (r1 - p1) + (r2 - p2) + (r3 - p3)
+            d_time = (t1 - q1) + (t2 - q2) + (t3 - q3)
+        else:
+            d_reqs, d_time = r1 + r2 + r3, t1 + t2 + t3
+    else:
+        if op == "read":
+            r, t = cur.rd_reqs, cur.rd_time_ns
+            if prev is not None:
+                r0, t0 = prev.rd_reqs, prev.rd_time_ns
+        elif op == "write":
+            r, t = cur.wr_reqs, cur.wr_time_ns
+            if prev is not None:
+                r0, t0 = prev.wr_reqs, prev.wr_time_ns
+        elif op == "flush":
+            r, t = cur.fl_reqs, cur.fl_time_ns
+            if prev is not None:
+                r0, t0 = prev.fl_reqs, prev.fl_time_ns
+        else:
+            raise KeyError(op)
+        if prev is not None:
             if r < r0 or t < t0:
                 return None  # a reset: the interval has no meaning
             r, t = r - r0, t - t0
-        d_reqs += r
-        d_time += t
+        d_reqs, d_time = r, t
     if d_reqs <= 0:
         return None
     return d_time / d_reqs

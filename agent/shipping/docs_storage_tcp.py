@@ -10,25 +10,34 @@ the growth of tcpi_total_retrans since the previous cycle (what the
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 from agent.records.snapshot import Snapshot
 from agent.shipping.ecs import Doc, builder
 
 
-_TCP_FIELDS: dict[type, tuple[tuple[str, str], ...]] = {}  # record class -> (attribute, document field)
+_TCP_FIELDS: dict[type, tuple[tuple[str, ...], operator.attrgetter]] = {}  # record class -> (names, their getter)
 
 
-def _tcp_fields(cls) -> tuple[tuple[str, str], ...]:
-    """tcp_info's attributes that go into a document (all but state and ca_state), in their order."""
+def _tcp_fields(cls) -> tuple[tuple[str, ...], operator.attrgetter]:
+    """tcp_info's attributes that go into a document (all but state and ca_state), in their order, and one
+    getter of them all (one call per record instead of one per attribute)."""
     t = _TCP_FIELDS.get(cls)
     if t is None:
-        t = _TCP_FIELDS[cls] = tuple((f.name, f"kvmscope.tcp.{f.name}") for f in dataclasses.fields(cls)
-                                     if f.name not in ("state", "ca_state"))
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("state", "ca_state"))
+        t = _TCP_FIELDS[cls] = (names, operator.attrgetter(*names))
     return t
 
 
 def conn_key(c) -> tuple:
     return (c.src, c.sport, c.dst, c.dport, c.inode)
+
+
+def _pair(a: str, x, b: str, y) -> dict:
+    """{a: x, b: y} without the None values."""
+    if x is None:
+        return {} if y is None else {b: y}
+    return {a: x} if y is None else {a: x, b: y}
 
 
 @builder(Snapshot.storage_tcp)
@@ -37,31 +46,49 @@ def connection_docs(data, prev, snap, prev_snap):
     vms = snap.vm_by_pid
     dt = snap.timestamp - prev_snap.timestamp if prev_snap is not None else None
     for c in data.connections:
-        f = {
-            "event.category": ["network"],
-            "event.type": ["connection", "info"],
-            "source.ip": c.src,
-            "source.port": c.sport,
-            "destination.ip": c.dst,
-            "destination.port": c.dport,
-            "network.transport": "tcp",
-            "network.type": c.family,
-            "process.pid": c.pid,
-            "process.name": c.comm,
-            "kvmscope.vm.name": vms.get(c.pid) if c.pid else None,
-            "kvmscope.tcp.state": c.state,
-            "kvmscope.connection": c.four_tuple,
-            "kvmscope.portal": c.portal,
-        }
+        # written nested (what ecs.finish would make of source.ip, ..., kvmscope.tcp.*), in the order of those
+        # dotted names; None values and empty objects left out
+        f = {"event.category": ["network"], "event.type": ["connection", "info"]}
+        for name, obj in (("source", _pair("ip", c.src, "port", c.sport)),
+                          ("destination", _pair("ip", c.dst, "port", c.dport)),
+                          ("network", _pair("transport", "tcp", "type", c.family)),
+                          ("process", _pair("pid", c.pid, "name", c.comm))):
+            if obj:
+                f[name] = obj
+        k = {}
+        vm = vms.get(c.pid) if c.pid else None
+        if vm is not None:
+            k["vm"] = {"name": vm}
+        tcp = {}
+        if c.state is not None:
+            tcp["state"] = c.state
+            k["tcp"] = tcp
+        if c.four_tuple is not None:
+            k["connection"] = c.four_tuple
+        if c.portal is not None:
+            k["portal"] = c.portal
         info = c.info
         if info is not None:  # its fields are plain numbers: read them, no deep copy (dataclasses.asdict)
-            for attr, key in _TCP_FIELDS.get(type(info)) or _tcp_fields(type(info)):
-                v = getattr(info, attr)
+            names, get = _TCP_FIELDS.get(type(info)) or _tcp_fields(type(info))
+            for attr, v in zip(names, get(info)):
                 if v is not None:
-                    f[key] = v
+                    tcp[attr] = v
         p = before.get(conn_key(c))
         if p is not None and p.info and c.info and p.info.total_retrans is not None and c.info.total_retrans is not None:
-            f["kvmscope.tcp.retrans_delta"] = max(0, c.info.total_retrans - p.info.total_retrans)
+            tcp["retrans_delta"] = max(0, c.info.total_retrans - p.info.total_retrans)
             if dt:
-                f["kvmscope.interval_seconds"] = round(dt, 3)
+                k["interval_seconds"] = round(dt, 3)
+        if tcp and "tcp" not in k:  # no state: the object starts at its first field
+            k = _after(k, "tcp", tcp)
+        if k:
+            f["kvmscope"] = k
         yield Doc("connection", f"{c.four_tuple}#{c.inode}", f)
+
+
+def _after(k: dict, name: str, value: dict) -> dict:
+    """``k`` with ``name`` placed before interval_seconds (where its first dotted field came)."""
+    out = {a: b for a, b in k.items() if a != "interval_seconds"}
+    out[name] = value
+    if "interval_seconds" in k:
+        out["interval_seconds"] = k["interval_seconds"]
+    return out

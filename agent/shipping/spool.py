@@ -84,6 +84,28 @@ _HEAD = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=("
 _BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _body_encoder():
+    """``_BODY.encode`` without its per-call set-up: JSONEncoder.encode builds a new C encoder for every
+    document; this one is built once. Documents are trees the builders make (no circular check). Used
+    only where the C encoder exists and writes exactly what ``_BODY`` writes, else ``_BODY.encode``."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _BODY.encode
+    try:
+        enc = make(None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+        probe = {"a": [1, -2.5, 1e300, None, True, "é\"\n\u2028"], "b": {"c": float("inf"), "d": ()}, "e": Path("/x")}
+        if "".join(enc(probe, 0)) != _BODY.encode(probe):
+            return _BODY.encode
+    except Exception:
+        return _BODY.encode
+    join = "".join
+    return lambda doc: join(enc(doc, 0))
+
+
+_encode_body = _body_encoder()
+_ascii = json.encoder.encode_basestring_ascii  # what _HEAD writes for a str (C where available)
+
+
 @dataclass
 class SpoolStats:
     appended: int = 0  # since start
@@ -174,8 +196,18 @@ class Spool:
         if not records:
             return 0
         now = round(time.time(), 3)
-        head, body = _HEAD.encode, _BODY.encode  # one encoder each, not one per json.dumps call
-        lines = [(head({"i": i, "x": x, "t": now}) + "\t" + body(d) + "\n").encode() for i, x, d in records]
+        # the head {"i":id,"x":stream,"t":now} as _HEAD.encode writes it, put together from its parts
+        head, body, asc, tail = _HEAD.encode, _encode_body, _ascii, ',"t":' + repr(now) + "}\t"
+        streams: dict[str, str] = {}
+        lines = []
+        for i, x, d in records:
+            if type(i) is str and type(x) is str:
+                xs = streams.get(x)
+                if xs is None:
+                    xs = streams[x] = ',"x":' + asc(x)
+                lines.append(('{"i":' + asc(i) + xs + tail + body(d) + "\n").encode())
+            else:
+                lines.append((head({"i": i, "x": x, "t": now}) + "\t" + body(d) + "\n").encode())
         with self._cond:
             total = 0
             try:

@@ -4,6 +4,7 @@ rates and state-change events come from two consecutive cycles."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 
 from agent.records.iscsi import IscsiConnection, IscsiSession, IscsiSessions, ScsiDisk
@@ -46,6 +47,8 @@ def snap(seq, ts, *, rd=100, rd_ns=50_000_000, retrans=3, sess_state="LOGGED_IN"
         data["storage_log"] = StorageLogEvents(tuple(log_events), 1, len(log_events))
     return Snapshot(seq=seq, timestamp=ts, host="kvm1", duration_seconds=0.01, data=data)
 
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LOG_EVENT = StorageLogEvent(time=1_790_000_000.5, kind="nop_timeout", message="iSCSI: NOP timeout. Reconnecting...",
                             origin="qemu", path="/var/log/libvirt/qemu/web01.log", offset=1234, file_id="2049:77:0", vm="web01")
@@ -188,3 +191,72 @@ def test_ebpf_probe_events_become_mapped_events():
         _id, stream, doc = finish(d, "kvm1", "default", 0.0)
         assert stream == "logs-kvmscope.events-default"
         _check_types(flatten(doc), all_fields(DATASETS["events"]))
+
+
+def _edge(seq, ts, n):
+    """A VM without uuid or pid, a QMP-style disk (failed requests, idle time), a file disk, a disk without
+    counters, and a connection without tcp_info: the fields left out must stay left out."""
+    qmp = VmDisk("vda", "network", "iscsi", "iqn.2025-01.io.example:edge/0", (), "iqn.2025-01.io.example:edge", 0,
+                 stats=DiskStats(rd_reqs=n, rd_time_ns=n * 700_000, wr_reqs=n // 3, wr_time_ns=n * 100_000,
+                                 fl_reqs=1, fl_time_ns=5, failed_reqs=n // 50, idle_time_ns=1_000 * n))
+    f = VmDisk("vdb", "file", None, "/var/lib/images/edge.img", host_devno="253:0",
+               stats=DiskStats(rd_reqs=n, wr_reqs=n, rd_time_ns=n * 1_000, wr_time_ns=n * 3_000))
+    none = VmDisk("vdc", "unknown")
+    vms = Vms((Vm("edge", None, "paused", None, (qmp, f, none), manager="qmp"),))
+    conns = StorageConnections((StorageConnection("ipv6", "SYN_SENT", "fd00::1", 40000, "fd00::2", 3260, 9, None, None,
+                                                  None),))
+    return Snapshot(seq=seq, timestamp=ts, host="kvm2", duration_seconds=0.01,
+                    data={"qmp": vms, "storage_tcp": conns})
+
+
+def _nones(obj, where=""):
+    if obj is None:
+        yield where
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _nones(v, f"{where}.{k}")
+        if not obj and where:
+            yield where + " (empty object)"
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _nones(v, f"{where}[{i}]")
+
+
+def test_documents_are_byte_for_byte_the_golden_ones(golden):
+    """Every builder's documents as the spool stores them, for lab recordings, the snapshots above and the
+    edge cases: the builders write nested objects themselves (fast), and must write exactly what the
+    dotted field lists of docs/elasticsearch.md nest to (the golden was made from those flat lists)."""
+    from agent import __version__
+    from agent.codec import load_recording
+    from agent.shipping.spool import _BODY
+
+    rec = ROOT / "tests" / "fixtures" / "recordings"
+    pairs = [(snap(1, 1_790_000_000.0), snap(2, 1_790_000_005.0, rd=200, rd_ns=150_000_000, retrans=7,
+                                              sess_state="FAILED", log_events=[LOG_EVENT])),
+             (None, _edge(1, 1_790_000_000.0, 100)), (_edge(1, 1_790_000_000.0, 100), _edge(2, 1_790_000_005.0, 400)),
+             (_edge(1, 1_790_000_000.0, 400), _edge(2, 1_790_000_005.0, 100))]  # counters reset: no rates
+    for name, last in (("healthy-4vms.json", 2), ("offline-portal1-4vms.json", 3)):
+        with open(rec / name) as fp:
+            snaps = load_recording(fp)
+        pairs += [(snaps[i - 1], snaps[i]) for i in range(len(snaps) - last, len(snaps))]
+    lines = []
+    for a, b in pairs:
+        for _id, stream, doc in documents(b, a, "default"):
+            assert not list(_nones(doc)), (stream, list(_nones(doc)))
+            lines.append(f"{stream}\t{_id}\t{_BODY.encode(doc)}".replace(
+                f'"version":"{__version__}"', '"version":"VERSION"'))
+    golden("es-documents.ndjson", "\n".join(lines) + "\n")
+
+
+def test_builders_may_hand_over_nested_objects():
+    """A builder's fields: dotted names, or objects it nested itself; both end in one nested document, an
+    object merged into one of the same name (the common event.* too), None values left out."""
+    from agent.shipping.ecs import Doc, finish
+
+    d = Doc("vm_disk", "x", {"event.category": ["host"], "kvmscope": {"vm": {"name": "a"}}, "kvmscope.disk.target": "vda",
+                             "event": {"type": ["info"]}, "process.pid": None, "kvmscope.vm.uuid": "u"})
+    _id, _stream, doc = finish(d, "h", "default", 1.0)
+    assert doc["kvmscope"] == {"vm": {"name": "a", "uuid": "u"}, "disk": {"target": "vda"}}
+    assert doc["event"] == {"module": "kvmscope", "dataset": "kvmscope.vm_disk", "kind": "metric",
+                            "category": ["host"], "type": ["info"], "id": _id}
+    assert "process" not in doc

@@ -33,3 +33,33 @@ def test_counter_reset_and_zero_delta():
 def test_unknown_op():
     with pytest.raises(KeyError):
         mean_latency_ns(A, A, "discard")
+
+
+def _reference(prev, cur, op):
+    """The definition, written plainly: sums of the deltas of the op's counters, None on any reset."""
+    ops = {"read": [("rd_reqs", "rd_time_ns")], "write": [("wr_reqs", "wr_time_ns")],
+           "flush": [("fl_reqs", "fl_time_ns")]}
+    ops["all"] = ops["read"] + ops["write"] + ops["flush"]
+    dr = dt = 0
+    for r, t in ops[op]:
+        r1, t1 = getattr(cur, r), getattr(cur, t)
+        r0, t0 = (getattr(prev, r), getattr(prev, t)) if prev is not None else (0, 0)
+        if r1 < r0 or t1 < t0:
+            return None
+        dr, dt = dr + r1 - r0, dt + t1 - t0
+    return dt / dr if dr > 0 else None
+
+
+def test_matches_the_definition_for_any_counters():
+    from hypothesis import given, settings, strategies as st
+
+    counters = st.integers(0, 10**6)
+    stats = st.builds(DiskStats, rd_reqs=counters, rd_time_ns=counters, wr_reqs=counters, wr_time_ns=counters,
+                      fl_reqs=counters, fl_time_ns=counters)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.none(), stats), stats, st.sampled_from(["all", "read", "write", "flush"]))
+    def check(prev, cur, op):
+        assert mean_latency_ns(prev, cur, op) == _reference(prev, cur, op)
+
+    check()

@@ -365,3 +365,27 @@ def test_state_of_the_wrong_shape_starts_from_the_oldest_segment_and_is_kept_asi
         s3.append(recs(2))
         s3.ack(s3.read_batch(10, 1 << 20))
         assert Spool(tmp_path / "good", 1 << 20).read_batch(10, 1 << 20) is not None
+
+
+def test_lines_are_what_json_dumps_writes(tmp_path, monkeypatch):
+    """The spool writes its head and body from parts (one C encoder, no per-record dict for the head): each
+    line is still exactly json.dumps of the head, a tab, json.dumps of the document."""
+    import time as _time
+
+    from agent.shipping import spool as spool_mod
+
+    monkeypatch.setattr(_time, "time", lambda: 1_790_000_000.1234)
+    docs = [("ab12", "metrics-kvmscope.vm_disk-default",
+             {"@timestamp": "2026-09-21T14:13:20.000Z", "kvmscope": {"vm": {"name": "wéb\"01\n\u2028"},
+                                                                      "disk": {"latency_ms": 1.25e-05, "big": 2**70}},
+              "event": {"category": ["host"], "severity": -3, "ok": True, "nothing": None, "inf": float("inf")},
+              "path": tmp_path}),
+            (7, "logs-kvmscope.events-ns\u00e9", {"n": 0})]  # not str ids and streams: the general path
+    s = Spool(tmp_path / "spool", 1 << 20)
+    s.append(docs)
+    seg = sorted((tmp_path / "spool").glob("seg-*.ndjson"))[-1].read_bytes()
+    want = b"".join((json.dumps({"i": i, "x": x, "t": 1_790_000_000.123}, separators=(",", ":")) + "\t"
+                     + json.dumps(d, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+                    for i, x, d in docs)
+    assert seg == want
+    assert spool_mod._encode_body is not spool_mod._BODY.encode  # the fast encoder is the one in use here

@@ -25,11 +25,13 @@ another file: the old one is never read again.
 
 Trust: the programs still go through the kernel's verifier, but a verified program can still be the
 wrong program, so an entry is read only from a directory and a file owned by the agent's own user and
-writable by no one else (the directory is made 0700, files 0600, written to a temporary name and
-renamed: never half-written), and only when its own SHA-256 digest and key match. Anything else
+writable by no one else, under parents no one else can swap it in (the directory is made 0700, files
+0600, written to a temporary name and renamed: never half-written), and only when its own SHA-256
+digest and key match. Anything else
 (foreign owner, loose mode, unreadable, bad JSON, digest or key mismatch, a map reference that is not
 where the recipe says, a program the kernel refuses) is a miss: the probe is compiled as without a
-cache and a good entry written in its place (:func:`load_or_compile`).
+cache and a good entry written in its place (:func:`load_or_compile`). Reading an entry touches it;
+writing one removes the entries no start has touched for 30 days (other kernels, older probe sources).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 DEFAULT_DIR = Path("/var/cache/kvmscope/bpf")
+KEEP_SECONDS = 30 * 86400  # an entry no start has used for this long is removed when another is written
 
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instruction slots
 PSEUDO_MAP_FD = 1
@@ -158,6 +161,17 @@ class ObjCache:
             return f"{self.dir} is owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()}"
         if st.st_mode & 0o022:
             return f"{self.dir} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+        # nor may anyone else swap the directory for another: every parent is root's or ours, and writable
+        # by others only with the sticky bit (/tmp), where they cannot rename what is not theirs
+        for parent in Path(os.path.abspath(self.dir)).parents:
+            try:
+                pst = os.stat(parent)
+            except OSError as e:
+                return f"{parent}: {e.strerror}"
+            if pst.st_uid not in (0, os.geteuid()):
+                return f"{parent} (a parent of {self.dir}) is owned by uid {pst.st_uid}"
+            if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+                return f"{parent} (a parent of {self.dir}) is writable by others"
         return ""
 
     def get(self, key: str) -> dict:
@@ -177,6 +191,10 @@ class ObjCache:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
                 raise CacheMiss(f"{p}: not a regular file of uid {os.geteuid()} writable by it alone")
             data = f.read()
+            try:
+                os.utime(f.fileno())  # in use: kept by prune()
+            except OSError:
+                pass
         try:
             entry = json.loads(data)
             recipe = entry["recipe"]
@@ -218,7 +236,31 @@ class ObjCache:
             except OSError:
                 pass
             return None
+        self.prune()
         return self.path(key)
+
+    def prune(self, max_age: float = KEEP_SECONDS) -> list[str]:
+        """Remove the entries no start has read or written for ``max_age`` seconds (another kernel's, an
+        older probe revision's) and temporary files left by a writer that died; returns their names."""
+        gone = []
+        now = time.time()
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return gone
+        for name in names:
+            p = self.dir / name
+            tmp = name.startswith(".") and name.endswith(".tmp")
+            if not (name.endswith(".json") or tmp):
+                continue
+            try:
+                age = now - os.lstat(p).st_mtime
+                if age > (3600 if tmp else max_age):
+                    p.unlink()
+                    gone.append(name)
+            except OSError:
+                pass
+        return gone
 
     def drop(self, key: str) -> None:
         try:

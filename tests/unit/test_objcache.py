@@ -189,3 +189,33 @@ def test_an_entry_of_another_user_is_not_trusted(tmp_path, monkeypatch):
     assert c.put("k2", recipe()) is None
     monkeypatch.setattr(objcache.os, "geteuid", lambda: me)
     assert c.get("k1")
+
+
+def test_a_directory_under_a_parent_others_can_write_is_not_trusted(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    c = ObjCache(shared / "bpf")
+    assert c.put("k1", recipe())
+    os.chmod(shared, 0o777)  # anyone could rename bpf/ away and put their own in its place
+    with pytest.raises(CacheMiss, match="parent"):
+        c.get("k1")
+    os.chmod(shared, 0o1777)  # sticky, like /tmp: only the owner may rename it
+    assert c.get("k1")
+
+
+def test_prune_removes_entries_unused_for_a_month_and_dead_temporaries(tmp_path):
+    c = ObjCache(tmp_path / "bpf")
+    for k in ("old", "used", "new"):
+        c.put(k, recipe())
+    month = objcache.KEEP_SECONDS + 60
+    t = os.stat(c.path("old")).st_mtime - month
+    os.utime(c.path("old"), (t, t))
+    os.utime(c.path("used"), (t, t))
+    assert c.get("used")  # read at this start: touched, kept
+    stale_tmp = tmp_path / "bpf" / ".gone.123.tmp"
+    stale_tmp.write_text("{")
+    os.utime(stale_tmp, (t, t))
+    fresh_tmp = tmp_path / "bpf" / ".busy.456.tmp"
+    fresh_tmp.write_text("{")
+    assert sorted(c.prune()) == [".gone.123.tmp", "old.json"]
+    assert sorted(p.name for p in (tmp_path / "bpf").iterdir()) == [".busy.456.tmp", "new.json", "used.json"]

@@ -101,7 +101,7 @@ def check(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", hel
     else:
         for r in rows:
             print(f"{r['name']}: {r['state']}" + (f" on {', '.join(r['tracepoints'])}" if r["tracepoints"] else "")
-                  + f" ({r['load_seconds']:.2f}s)")
+                  + f" ({r['load_seconds']:.2f}s" + (f", {r['origin']}" if r.get("origin") else "") + ")")
             for c in r["checks"]:
                 print(f"  {'ok ' if c['ok'] else 'BAD'} {c['name']}: {c['detail']}" + (f"\n      fix: {c['fix']}" if not c["ok"] and c["fix"] else ""))
             if r["skipped_tracepoints"]:

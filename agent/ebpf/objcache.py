@@ -19,8 +19,9 @@ loads the recipe with plain bpf(2) calls, no child, no bcc, no LLVM. A recipe ho
   uprobe PMU (:mod:`agent.ebpf.uprobes`).
 
 The key (the file name) is a SHA-256 over the cache format, the kernel's release and build string,
-a hash of the kernel's BTF (``/sys/kernel/btf/vmlinux``), bcc's version, the probe's C text, the
-headers of every ``-I`` directory, the cflags and the attachments asked for. Any of them changing is
+a hash of the kernel's BTF (``/sys/kernel/btf/vmlinux``), the kernel headers bcc compiles with (the
+build directory's real path and version header), bcc's version, the probe's C text, the headers of
+every ``-I`` directory, the cflags and the attachments asked for. Any of them changing is
 another file: the old one is never read again.
 
 Trust: the programs still go through the kernel's verifier, but a verified program can still be the
@@ -122,7 +123,19 @@ def _headers(cflags: list[str]) -> list[list[str]]:
     return out
 
 
-def cache_key(text: str, cflags: list[str], attach: list, paths: HostPaths | None = None) -> str:
+def _kernel_headers(build: Path) -> list:
+    """Which kernel headers bcc compiles with (``/lib/modules/<release>/build``, bcc's own default: the
+    compiler child sets no other): the build directory's real path and its version header (another
+    headers package linked there is another key)."""
+    version = build / "include" / "generated" / "uapi" / "linux" / "version.h"
+    try:
+        return [os.path.realpath(build), hashlib.sha256(version.read_bytes()).hexdigest(), version.stat().st_mtime_ns]
+    except OSError:
+        return [os.path.realpath(build), "none"]
+
+
+def cache_key(text: str, cflags: list[str], attach: list, paths: HostPaths | None = None,
+              kernel_build: Path | None = None) -> str:
     """The entry's name: what the compiled programs depend on (module docstring)."""
     paths = paths or HostPaths()
     u = os.uname()
@@ -131,6 +144,7 @@ def cache_key(text: str, cflags: list[str], attach: list, paths: HostPaths | Non
         "btf": _file_digest(paths.sys("kernel", "btf", "vmlinux")), "bcc": bcc_version(),
         "text": hashlib.sha256(text.encode()).hexdigest(), "headers": _headers(list(cflags)),
         "cflags": list(cflags), "attach": [a if isinstance(a, dict) else asdict(a) for a in attach],
+        "kernel_headers": _kernel_headers(kernel_build or Path("/lib/modules") / u.release / "build"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -448,7 +462,8 @@ def _attach(obj: bpfsys.BpfObject, spec, paths: HostPaths) -> bpfsys.Attachment:
 
 
 def load_or_compile(text: str, cflags: list[str], attach: list, cache: ObjCache | None,
-                    paths: HostPaths | None = None) -> tuple[bpfsys.BpfObject, list[str], str]:
+                    paths: HostPaths | None = None, kernel_build: Path | None = None
+                    ) -> tuple[bpfsys.BpfObject, list[str], str]:
     """The probe's object from the cache when there is a good entry, else compiled (and the entry written):
     (object, skipped optional attachments, how: ``cache`` or ``compiled``). CompileError as
     :func:`agent.ebpf.compiler.compile_in_child`."""
@@ -457,7 +472,7 @@ def load_or_compile(text: str, cflags: list[str], attach: list, cache: ObjCache 
     if cache is None:
         obj, skipped, _ = compile_and_record(text, cflags, attach, record=False)
         return obj, skipped, "compiled"
-    key = cache_key(text, cflags, attach, paths)
+    key = cache_key(text, cflags, attach, paths, kernel_build)
     try:
         recipe = cache.get(key)
         obj, skipped = load_recipe(recipe, attach, paths)

@@ -219,3 +219,20 @@ def test_prune_removes_entries_unused_for_a_month_and_dead_temporaries(tmp_path)
     fresh_tmp.write_text("{")
     assert sorted(c.prune()) == [".gone.123.tmp", "old.json"]
     assert sorted(p.name for p in (tmp_path / "bpf").iterdir()) == [".busy.456.tmp", "new.json", "used.json"]
+
+
+def test_key_changes_with_the_kernel_headers_bcc_compiles_with(host, tmp_path):
+    paths, _inc = host
+    builds = []
+    for n in ("6.1.0-56", "6.1.0-57"):
+        b = tmp_path / f"linux-headers-{n}"
+        (b / "include" / "generated" / "uapi" / "linux").mkdir(parents=True)
+        (b / "include" / "generated" / "uapi" / "linux" / "version.h").write_text(f"#define LINUX_VERSION_CODE {n}\n")
+        builds.append(b)
+    link = tmp_path / "build"
+    link.symlink_to(builds[0])
+    first = cache_key("x", [], [], paths, link)
+    assert cache_key("x", [], [], paths, link) == first
+    link.unlink()
+    link.symlink_to(builds[1])  # another headers package linked as the build directory
+    assert cache_key("x", [], [], paths, link) != first

@@ -29,9 +29,9 @@ from agent.errors import NoData
 from agent.records.addr import canonical_host
 from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
-from agent.sources._values import ascii_uint, valid_counter
+from agent.sources._values import U64_MAX, ascii_uint, valid_counter
 from agent.sources._vm_common import host_devno, split_iscsi_name
-from agent.sources.qemu_procs import Owners
+from agent.sources.qemu_procs import Owners, ProcessCache
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +123,16 @@ def parse_block_stats(stats: dict, bad: list | None = None) -> dict[str, DiskSta
     if not valid_counter(count):
         bad.append(("block.count", repr(count)[:24]))
         return out
+    get = stats.get
     for i in range(min(count, MAX_BLOCK_COUNT)):
-        p = f"block.{i}."
-        name = stats.get(p + "name")
+        name_key, fields = _BLOCK_KEYS[i] if i < len(_BLOCK_KEYS) else _block_keys(i)
+        name = get(name_key)
         if not name or not isinstance(name, str) or name in out:
             continue
         vals, ok = {}, True
-        for field, attr in BLOCK_FIELDS:
-            v = stats.get(p + field, 0)
-            if valid_counter(v):
+        for key, field, attr in fields:
+            v = get(key, 0)
+            if type(v) is int and 0 <= v <= U64_MAX:  # valid_counter, inline (8 values per disk per cycle)
                 vals[attr] = v
             else:
                 bad.append((f"{name} {field}", repr(v)[:24]))
@@ -139,6 +140,16 @@ def parse_block_stats(stats: dict, bad: list | None = None) -> dict[str, DiskSta
         if ok:
             out[name] = DiskStats(**vals)
     return out
+
+
+_BLOCK_KEYS: list[tuple[str, tuple[tuple[str, str, str], ...]]] = []  # disk index -> its stats keys, made once
+
+
+def _block_keys(i: int) -> tuple[str, tuple[tuple[str, str, str], ...]]:
+    while len(_BLOCK_KEYS) <= i:
+        p = f"block.{len(_BLOCK_KEYS)}."
+        _BLOCK_KEYS.append((p + "name", tuple((p + field, field, attr) for field, attr in BLOCK_FIELDS)))
+    return _BLOCK_KEYS[i]
 
 
 def _import_libvirt():
@@ -159,6 +170,7 @@ class LibvirtSource:
         self._conn = None
         self._xml_cache: dict[tuple[str, int], tuple[list[VmDisk], tuple[str, ...]]] = {}  # disks, XML problems
         self.dropped = {"invalid_value": 0}  # cumulative, exported through the loop's health
+        self._procs = ProcessCache()  # the QEMU processes' claims and impostor verdicts, across cycles
 
     def _connect(self, libvirt):
         if self._conn is not None:
@@ -235,7 +247,7 @@ class LibvirtSource:
         except libvirt.libvirtError as e:
             self._drop()  # the connection may be gone; re-open next cycle
             raise RuntimeError(f"libvirt getAllDomainStats: {e.get_error_message() or e}") from None
-        procs = Owners(self.paths)
+        procs = Owners(self.paths, cache=self._procs)
         vms, failed, seen = [], [], set()
         for dom, stats in records:
             try:

@@ -15,6 +15,12 @@ by nobody else. libvirt's own record comes first: it writes the pid of each
 domain's QEMU to ``/run/libvirt/qemu/<name>.pid`` (libvirt has no pid API).
 Two trusted processes claiming one UUID are reported as ambiguous, never
 resolved by "the last one wins".
+
+A source keeps a :class:`ProcessCache` across cycles: a process is known by
+its pid, its start time (/proc/<pid>/stat, read instead of comm) and its
+executable's device, inode, owner and mode (one stat); while none of them
+changes, its command line is not read again and its verdict stands. A
+reused pid, an exec or a chmod/chown of the binary is judged afresh.
 """
 
 from __future__ import annotations
@@ -60,7 +66,33 @@ def parse_cmdline(pid: int, raw: bytes) -> QemuProcess:
     return QemuProcess(pid, name, uuid, argv)
 
 
-def qemu_processes(paths: HostPaths) -> list[QemuProcess]:
+def _stat_comm_start(raw: bytes) -> tuple[bytes, int | None]:
+    """(comm, start time in clock ticks after boot) from /proc/<pid>/stat ``pid (comm) state ...``; the
+    comm may hold spaces and parentheses, so the fields are counted from the last ')'."""
+    i, j = raw.find(b"("), raw.rfind(b")")
+    if i < 0 or j < i:
+        return b"", None
+    rest = raw[j + 1:].split()
+    start = rest[19] if len(rest) > 19 else b""  # field 22 of proc(5); rest[0] is field 3 (state)
+    return raw[i + 1:j], int(start) if start.isdigit() else None
+
+
+def _exe_identity(procfs: str, pid: str) -> tuple[int, int, int, int] | None:
+    """(device, inode, owner, mode) of the executable behind /proc/<pid>/exe; None if it may not be read."""
+    try:
+        st = os.stat(os.path.join(procfs, pid, "exe"))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_uid, st.st_mode
+
+
+def qemu_processes(paths: HostPaths, cache: "ProcessCache | None" = None) -> list[QemuProcess]:
+    """The processes whose name starts with ``qemu``, with their command line's claim, in pid order.
+
+    With a ``cache`` (a source keeps one across cycles) a process seen before is not read again: the
+    same pid, start time and executable (device, inode, owner, mode) is the same process running the
+    same program, and its command line is the one it started with. Whatever changed (a reused pid, an
+    exec, a chmod of the binary) is read afresh."""
     out = []
     procfs = str(paths.procfs)
     try:
@@ -68,18 +100,40 @@ def qemu_processes(paths: HostPaths) -> list[QemuProcess]:
     except OSError:
         return out
     join = os.path.join
+    known = cache.procs if cache is not None else {}
+    seen: dict[tuple, QemuProcess] = {}
+    keys: dict[int, tuple] = {}
     for p in pids:  # every process of the host, every cycle: plain bytes reads, no Path or text wrapper per file
+        key = None
         try:
-            with open(join(procfs, p, "comm"), "rb") as f:
-                comm = f.read().decode("utf-8", "replace").strip()
-            if not comm.startswith("qemu"):
+            try:
+                with open(join(procfs, p, "stat"), "rb") as f:
+                    comm, start = _stat_comm_start(f.read())
+            except FileNotFoundError:  # a /proc tree without stat files (tests' fixtures): the name alone
+                with open(join(procfs, p, "comm"), "rb") as f:
+                    comm, start = f.read(), None
+            if not comm.strip().startswith(b"qemu"):
                 continue
-            with open(join(procfs, p, "cmdline"), "rb") as f:
-                raw = f.read()
+            pid = int(p)
+            if cache is not None and start is not None:
+                exe = _exe_identity(procfs, p)
+                key = (pid, start, *exe) if exe is not None else None
+            q = known.get(key) if key is not None else None
+            if q is None:
+                with open(join(procfs, p, "cmdline"), "rb") as f:
+                    raw = f.read()
+                if not raw:
+                    continue  # a zombie, or a kernel thread named qemu*
+                q = parse_cmdline(pid, raw)
         except OSError:
             continue
-        if raw:
-            out.append(parse_cmdline(int(p), raw))
+        if key is not None:
+            seen[key] = q
+            keys[pid] = key
+        out.append(q)
+    if cache is not None:
+        cache.procs, cache.keys = seen, keys  # processes gone (or changed) are forgotten, and their verdicts
+        cache.verdicts = {k: v for k, v in cache.verdicts.items() if k[0] in seen}
     return sorted(out, key=lambda q: q.pid)
 
 
@@ -100,13 +154,17 @@ def trusted_uids(users=QEMU_USERS) -> frozenset[int]:
     return frozenset(out)
 
 
-def parse_status_uids(text: str) -> tuple[int, int] | None:
+def parse_status_uids(text: str | bytes) -> tuple[int, int] | None:
     """(real, effective) uid from /proc/<pid>/status ``Uid:\treal\teffective\tsaved\tfs``."""
-    for line in text.splitlines():
-        if line.startswith("Uid:"):
-            f = line.split()[1:3]
-            if len(f) == 2 and all(x.isascii() and x.isdigit() for x in f):
-                return int(f[0]), int(f[1])
+    if isinstance(text, str):
+        text = text.encode("utf-8", "replace")
+    i = 0 if text.startswith(b"Uid:") else text.find(b"\nUid:") + 1  # the first line that starts with it
+    if i == 0 and not text.startswith(b"Uid:"):
+        return None
+    end = text.find(b"\n", i)
+    f = (text[i:] if end < 0 else text[i:end]).split()[1:3]
+    if len(f) == 2 and all(x.isdigit() for x in f):  # bytes: ASCII digits only
+        return int(f[0]), int(f[1])
     return None
 
 
@@ -119,8 +177,10 @@ def impostor_reason(paths: HostPaths, pid: int, uids: frozenset[int]) -> str | N
     renamed, fails here). An exe the agent may not read (no CAP_SYS_PTRACE)
     is judged by the uid alone.
     """
+    base = os.path.join(str(paths.procfs), str(pid))
     try:
-        ids = parse_status_uids(paths.read_text(paths.proc(str(pid), "status")))
+        with open(base + "/status", "rb") as f:
+            ids = parse_status_uids(f.read())
     except OSError:
         return "process gone"
     if ids is None:
@@ -128,7 +188,7 @@ def impostor_reason(paths: HostPaths, pid: int, uids: frozenset[int]) -> str | N
     bad = [u for u in ids if u not in uids]
     if bad:
         return f"uid {bad[0]} is not root or a QEMU user ({', '.join(QEMU_USERS)})"
-    exe = paths.proc(str(pid), "exe")
+    exe = base + "/exe"
     try:
         target = os.readlink(exe)
         st = os.stat(exe)
@@ -145,10 +205,30 @@ def impostor_reason(paths: HostPaths, pid: int, uids: frozenset[int]) -> str | N
 def read_pidfile(paths: HostPaths, *parts: str) -> int | None:
     """A pid file's number (ASCII decimal), or None if absent or not a pid."""
     try:
-        text = paths.read_text(paths.run(*parts)).strip()
+        with open(os.path.join(str(paths.rundir), *parts), "rb") as f:
+            text = f.read(64).strip()
     except OSError:
         return None
-    return int(text) if text.isascii() and text.isdigit() and 0 < len(text) <= 10 else None
+    return int(text) if text.isdigit() and 0 < len(text) <= 10 else None
+
+
+_UNSET = object()
+
+
+class ProcessCache:
+    """What :class:`Owners` learnt about the QEMU processes in earlier cycles (a source keeps one): the
+    command line of each process (pid, start time) and the impostor verdict of each (pid, start time,
+    executable's device, inode, owner and mode). Checking 200 processes afresh every cycle (status, exe
+    link, exe stat, command line) was most of the libvirt source's time at 200 VMs.
+
+    What a cached verdict does not follow: a change of uid without an exec. Gaining a trusted uid (root
+    or a QEMU user) that way takes root's privileges already; a trusted QEMU that drops its privileges
+    keeps the verdict it had (its claims were made by the trusted user who started it)."""
+
+    def __init__(self) -> None:
+        self.procs: dict[tuple, QemuProcess] = {}  # (pid, start time, exe dev, ino, uid, mode) -> its claim
+        self.keys: dict[int, tuple] = {}  # pid -> that key, from the last scan
+        self.verdicts: dict[tuple, str | None] = {}  # (that key, trusted uids) -> impostor_reason
 
 
 class Owners:
@@ -159,9 +239,10 @@ class Owners:
     None): a problem names the impostors left out or the ambiguity.
     """
 
-    def __init__(self, paths: HostPaths, uids: frozenset[int] | None = None):
+    def __init__(self, paths: HostPaths, uids: frozenset[int] | None = None, cache: "ProcessCache | None" = None):
         self.paths = paths
-        self.procs = qemu_processes(paths)
+        self.cache = cache
+        self.procs = qemu_processes(paths, cache)
         self.uids = trusted_uids() if uids is None else uids
         self._why: dict[int, str | None] = {}
         self._by_uuid: dict[str, list[QemuProcess]] = {}  # -uuid -> the processes claiming it, in pid order
@@ -170,8 +251,24 @@ class Owners:
 
     def why_not(self, pid: int) -> str | None:
         if pid not in self._why:
-            self._why[pid] = impostor_reason(self.paths, pid, self.uids)
+            self._why[pid] = self._verdict(pid)
         return self._why[pid]
+
+    def _verdict(self, pid: int) -> str | None:
+        """:func:`impostor_reason`, remembered in the cache for this process running this executable (its
+        key from this cycle's scan: pid, start time, executable's device, inode, owner, mode) and these
+        trusted uids; judged afresh when any of them changed."""
+        key = self.cache.keys.get(pid) if self.cache is not None else None
+        if key is None:  # no cache, no start time (a fixture tree) or an exe we may not stat: every time
+            return impostor_reason(self.paths, pid, self.uids)
+        vkey = (key, self.uids)
+        v = self.cache.verdicts.get(vkey, _UNSET)
+        if v is _UNSET:
+            v = impostor_reason(self.paths, pid, self.uids)
+            exe = _exe_identity(str(self.paths.procfs), str(pid))
+            if v != "process gone" and exe is not None and (pid, key[1], *exe) == key:  # no exec meanwhile
+                self.cache.verdicts[vkey] = v
+        return v
 
     def _choose(self, claims: list[QemuProcess], what: str) -> tuple[int | None, str | None]:
         ok = [q.pid for q in claims if self.why_not(q.pid) is None]

@@ -51,7 +51,7 @@ from agent.records.vms import DiskStats, Vm, VmDisk, Vms
 from agent.sources import SourceContext, register
 from agent.sources._values import U64_MAX, valid_counter
 from agent.sources._vm_common import host_devno, parse_iscsi_url, plain_qemu_filename
-from agent.sources.qemu_procs import Owners
+from agent.sources.qemu_procs import Owners, ProcessCache
 
 
 class QmpError(Exception):
@@ -268,6 +268,7 @@ class QmpSource:
         self._hist_done: set[tuple[str, str]] = set()
         self._busy: dict[str, threading.Event] = {}
         self.dropped = {"invalid_value": 0, "expired": 0}  # cumulative, exported through the loop's health
+        self._procs = ProcessCache()  # the QEMU processes' claims and impostor verdicts, across cycles
 
     def _query(self, path: str) -> tuple[Vm, list, int | None]:
         c = QmpClient(path, time.monotonic() + self.cfg.timeout)
@@ -340,7 +341,7 @@ class QmpSource:
             futures[p] = self._pool.submit(run)
         vms = []
         end = time.monotonic() + self.cfg.timeout + 0.5
-        owners = Owners(self.paths)
+        owners = Owners(self.paths, cache=self._procs)
         for p, fut in futures.items():
             try:
                 vm, bad, peer = fut.result(timeout=max(0.0, end - time.monotonic()))

@@ -40,16 +40,21 @@ def proc_tree(tmp_path):
     writable.write_bytes(b"\x7fELF")
     writable.chmod(0o777)
 
-    def add(pid, argv, uid=0, exe=qemu, comm="qemu-system-x86"):
+    def add(pid, argv, uid=0, exe=qemu, comm="qemu-system-x86", start=None):
+        """A process; with ``start`` (its start time) also /proc/PID/stat, as the real /proc has it."""
         d = root / str(pid)
+        if d.exists():
+            shutil.rmtree(d)
         d.mkdir()
         (d / "comm").write_text(comm + "\n")
+        if start is not None:
+            (d / "stat").write_text(f"{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 " + "0 " * 12 + f"{start} 0 0\n")
         (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
         (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t0\t0\t0\t0\n")
         os.symlink(exe, d / "exe")
 
     add.paths = HostPaths(procfs=root, rundir=tmp_path / "run")
-    add.other, add.writable = other, writable
+    add.other, add.writable, add.qemu, add.root = other, writable, qemu, root
     return add
 
 
@@ -113,6 +118,63 @@ def test_qmp_socket_paths_forms():
         "/a,b.qmp", "/m", "/c.sock"}
 
 
+# -- the verdicts kept across cycles (ProcessCache) --------------------------------
+
+
+def test_stat_line_with_odd_names():
+    from agent.sources.qemu_procs import _stat_comm_start
+
+    assert _stat_comm_start(b"42 (qemu-system-x86) S 1 42 42 0 -1 4194560" + b" 0" * 12 + b" 777 0 0\n") == (
+        b"qemu-system-x86", 777)
+    assert _stat_comm_start(b"42 (a) (b) S 1 42 42 0 -1 4194560" + b" 0" * 12 + b" 9 0\n") == (b"a) (b", 9)
+    assert _stat_comm_start(b"garbage")[1] is None
+
+
+def test_cache_judges_each_process_once(proc_tree, monkeypatch):
+    from agent.sources import qemu_procs
+
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=64055, start=5000)
+    proc_tree(900, ["qemu-system-x86_64", "-uuid", U], uid=1000, start=5100)  # an impostor beside it
+    calls = []
+    real = qemu_procs.impostor_reason
+    monkeypatch.setattr(qemu_procs, "impostor_reason", lambda *a: calls.append(a[1]) or real(*a))
+    cache = qemu_procs.ProcessCache()
+    for _ in range(3):
+        pid, note = Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0")
+        assert pid == 100 and "pid 900" in note and "uid 1000" in note
+    assert sorted(calls) == [100, 900]  # judged in the first cycle only
+    assert cache.keys[100][:2] == (100, 5000) and cache.keys[900][:2] == (900, 5100)
+    (proc_tree.root / "900").rename(proc_tree.root / "gone")  # the impostor exits: forgotten
+    assert Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0") == (100, None)
+    assert {k[0] for k in cache.procs} == {100} and {k[0][0] for k in cache.verdicts} == {100}
+
+
+def test_cache_judges_again_when_the_process_or_its_binary_changes(proc_tree):
+    from agent.sources.qemu_procs import ProcessCache
+
+    cache = ProcessCache()
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=0, start=5000)
+    assert Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0") == (100, None)
+    # the binary became writable by others (same inode, another mode): rejected at once
+    proc_tree.qemu.chmod(0o777)
+    pid, note = Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0")
+    assert pid is None and "writable by others" in note
+    proc_tree.qemu.chmod(0o755)
+    assert Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0") == (100, None)
+    # the process exec'd another program named like QEMU (same pid, same start time, another executable)
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=0, exe=proc_tree.writable, start=5000)
+    pid, note = Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0")
+    assert pid is None and "writable by others" in note
+    # the pid was reused by a user's process with the same binary: another start time, judged afresh
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=1000, start=7000)
+    pid, note = Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0")
+    assert pid is None and "uid 1000" in note
+    # ... and a new claim is read with it
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", "another"], uid=0, start=8000)
+    assert Owners(proc_tree.paths, TRUSTED, cache).by_uuid(U, "vm0") == (None, None)
+    assert Owners(proc_tree.paths, TRUSTED, cache).by_uuid("another", "vm1") == (100, None)
+
+
 # -- the real thing ------------------------------------------------------------------
 
 NODE = f"""<node><domain type='test'><name>victim</name><uuid>{U}</uuid><memory>65536</memory>
@@ -161,8 +223,56 @@ def test_real_impostor_rejected_by_libvirt_source(tmp_path, impostor):
     assert any(q.pid == impostor.pid and q.uuid == U for q in Owners(paths).procs), "the impostor looks like a QEMU"
     src = LibvirtSource(SourceContext(cfg, paths))
     try:
-        (vm,) = src.collect().vms
+        first = src.collect().vms
+        (vm,) = src.collect().vms  # the next cycle judges from the source's cache: the same verdict
     finally:
         src.close()
-    assert vm.uuid == U and vm.pid is None
-    assert f"pid {impostor.pid} (uid 65534 is not root" in vm.error
+    for vm in (first[0], vm):
+        assert vm.uuid == U and vm.pid is None
+        assert f"pid {impostor.pid} (uid 65534 is not root" in vm.error
+
+
+def test_real_trusted_process_judged_again_when_its_binary_turns_writable(tmp_path):
+    """On the real /proc, through the libvirt source's cache: a root process running a root-owned binary
+    named like QEMU, with a domain's -uuid, is the domain's QEMU; the cycle after its binary became writable
+    by others it is not, and the cycle after that (mode restored) it is again."""
+    if os.geteuid() != 0:
+        pytest.skip("a root-owned binary and process need root (make test runs as root)")
+    pytest.importorskip("libvirt", reason="python3-libvirt not installed (make test installs it)")
+    from agent.config import Config
+    from agent.sources import SourceContext
+    from agent.sources.libvirt_vms import LibvirtSource
+
+    d = Path(tempfile.mkdtemp(prefix="kvmscope-qemu-"))
+    d.chmod(0o755)
+    exe = d / "qemu-system-x86_64"
+    shutil.copy("/bin/sh", exe)
+    exe.chmod(0o755)
+    p = subprocess.Popen([str(exe), "-c", "sleep 60; :", "-uuid", U, "-name", "guest=victim"])
+    (tmp_path / "node.xml").write_text(NODE)
+    cfg = Config()
+    cfg.libvirt.uri = f"test://{tmp_path / 'node.xml'}"
+    src = LibvirtSource(SourceContext(cfg, HostPaths(rundir=tmp_path / "run")))
+    try:
+        for _ in range(500):
+            try:
+                if Path(f"/proc/{p.pid}/comm").read_text().startswith("qemu"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
+        (vm,) = src.collect().vms
+        assert vm.pid == p.pid, vm.error
+        (vm,) = src.collect().vms  # from the cache
+        assert vm.pid == p.pid and (p.pid, U) in {(q.pid, q.uuid) for q in src._procs.procs.values()}
+        exe.chmod(0o777)
+        (vm,) = src.collect().vms
+        assert vm.pid is None and f"pid {p.pid} (executable {exe} is owned by uid 0 or writable by others)" in vm.error
+        exe.chmod(0o755)
+        (vm,) = src.collect().vms
+        assert vm.pid == p.pid, vm.error
+    finally:
+        src.close()
+        p.kill()
+        p.wait(5)
+        shutil.rmtree(d)

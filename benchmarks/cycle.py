@@ -67,8 +67,12 @@ def log(msg: str) -> None:
     print(f"cycle-bench {time.strftime('%H:%M:%S')}: {msg}", file=sys.stderr, flush=True)
 
 
+RUN = uuidlib.uuid4().hex  # this run's domains: two runs side by side (the machine is shared) must not claim
+# each other's UUIDs, or every VM has two trusted QEMU processes (ambiguous: no pid, no storage path joined)
+
+
 def domain_uuid(i: int) -> str:
-    return str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"vm{i:04d}.kvmscope-bench"))
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"vm{i:04d}.{RUN}.kvmscope-bench"))
 
 
 def test_driver_xml(n_vms: int, disks: int) -> str:

@@ -123,7 +123,11 @@ def slow(mean_ms: float | None, ops: int, slow_ms: float = SLOW_MS, min_ops: int
 
 def quantile(values: Sequence[float], q: float) -> float | None:
     """The q-quantile (nearest rank, 0 <= q <= 1) of ``values``; None when empty."""
-    vs = sorted(v for v in values if v is not None)
+    return quantile_sorted(sorted(v for v in values if v is not None), q)
+
+
+def quantile_sorted(vs: Sequence[float], q: float) -> float | None:
+    """:func:`quantile` of values already sorted (ascending, no None)."""
     if not vs:
         return None
     return vs[min(len(vs) - 1, max(0, int(round(q * (len(vs) - 1)))))]

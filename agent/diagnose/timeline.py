@@ -96,7 +96,7 @@ def disk_steps(first: Snapshot, second: Snapshot) -> dict[tuple[str, str], tuple
         if done < 0:  # counters reset (the VM restarted)
             continue
         out[k] = (f"{k[0]}/{k[1]}", done, mean_latency_ms(a, b))
-    if len(memo) >= 4:  # the consecutive step and a few from the thinned baseline history (window._thin)
+    if len(memo) >= 4:  # the consecutive step, and a few of a caller that skips snapshots
         memo.clear()
     memo[id(first)] = (weakref.ref(first), out)
     return out

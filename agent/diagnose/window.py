@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import mean, median
@@ -28,7 +29,7 @@ from agent.records.addr import fmt_endpoint
 from agent.diagnose.timeline import Timeline, build_timeline, disk_steps
 from agent.records.disk_latency import BLOCK, LIBISCSI
 from agent.records.paths import StoragePath, build_paths
-from agent.records.rates import mean_latency_ms
+from agent.records.rates import window_latencies_ms
 from agent.records.snapshot import Snapshot, Status
 
 
@@ -179,93 +180,154 @@ def _ops(st) -> int:
 def _disk_baselines(history: list[Snapshot]) -> dict[tuple, float]:
     """(vm, disk) -> its usual mean latency: the median of its per-interval means over the history."""
     with _samples_lock:
-        per = _latency_samples(history)
-        out = {}
-        for key, vals in per.items():
-            b = health.baseline(vals, health.BASELINE_QUANTILE)
-            if b is not None:
-                out[key] = b
-    return out
+        return _latency_samples(history).baselines(health.BASELINE_QUANTILE)
 
 
-def _step_latencies(a: Snapshot, b: Snapshot) -> list[tuple]:
+def _step_latencies(a: Snapshot, b: Snapshot) -> tuple:
     """((vm, disk), mean latency ms) of the disks with a latency between two consecutive snapshots
     (each step computed once, kept on its snapshot: timeline.disk_steps)."""
-    return [(key, ms) for key, (_name, _done, ms) in disk_steps(a, b).items() if ms is not None]
+    return tuple((key, ms) for key, (_name, _done, ms) in disk_steps(a, b).items() if ms is not None)
 
 
-# the last history _latency_samples saw: (weak references to its snapshots, the disks each step added to,
-# per-disk samples);
-# one slot, used and replaced under _samples_lock
-_samples_lock = threading.Lock()
-_samples_last: tuple | None = None
+class _SlidingSamples:
+    """Per disk, the mean latency of each step of a history, held sorted (a running order statistic).
 
+    The live diagnosis asks every cycle for the baselines of a history that slid by a snapshot since the
+    last cycle: the steps that left its front are taken out of each disk's sorted samples and the new
+    ones put in (a bisection each), instead of walking every step of every disk and sorting ~120 values
+    per disk again. The quantile read from the sorted samples is exactly :func:`agent.health.baseline`'s
+    over the same values."""
 
-def _latency_samples(history: list[Snapshot]) -> dict[tuple, deque]:
-    """(vm, disk) -> its per-interval mean latencies over ``history``, in order.
+    __slots__ = ("refs", "steps", "ordered")
 
-    Each cycle the history slides by a snapshot: the previous call's samples are kept (one slot), the
-    steps that left its front are dropped and the new steps appended, instead of walking ~120 steps of
-    every disk again. Any other history (another caller, a gap) is walked in full."""
-    global _samples_last
-    last, reuse = _samples_last, None
-    if last is not None:
-        refs, steps, per = last
-        prev = [r() for r in refs]
-        for drop in range(4):  # the history lost `drop` snapshots at its front since that call
-            keep = len(prev) - drop
-            if 2 <= keep <= len(history) and all(x is y for x, y in zip(prev[drop:], history[:keep])):
-                reuse = (drop, keep, steps, per)
-                break
-    if reuse is not None:
-        drop, keep, steps, per = reuse
-        for keys in steps[:drop]:
-            for key in keys:
-                per[key].popleft()
-        steps = steps[drop:]
-        new_steps = [_step_latencies(a, b) for a, b in zip(history[keep - 1:], history[keep:])]
-    else:
-        per, steps = {}, []
-        new_steps = [_step_latencies(a, b) for a, b in zip(history, history[1:])]
-    for step in new_steps:
+    def __init__(self):
+        self.refs: tuple = ()  # weak references to the history's snapshots
+        self.steps: deque = deque()  # per step of the history: its ((vm, disk), ms), to take out later
+        self.ordered: dict[tuple, list[float]] = {}
+
+    def _overlap(self, history: list[Snapshot]) -> int | None:
+        """How many snapshots left the front of the history this one was made for, when ``history`` is
+        that one slid forward (its remaining snapshots, the same objects, at the front); None otherwise."""
+        if len(self.refs) < 2 or not history:
+            return None
+        head = history[0]
+        for drop, r in enumerate(self.refs):
+            if r() is head:
+                keep = len(self.refs) - drop
+                if keep < 2 or keep > len(history):
+                    return None
+                return drop if all(r() is s for r, s in zip(self.refs[drop:], history)) else None
+        return None
+
+    def _add(self, step: tuple) -> None:
+        ordered = self.ordered
         for key, ms in step:
-            vals = per.get(key)
+            vals = ordered.get(key)
             if vals is None:
-                vals = per[key] = deque()
-            vals.append(ms)
-    steps.extend(tuple(key for key, _ms in step) for step in new_steps)  # what each step added, to drop it later
-    _samples_last = (tuple(weakref.ref(s) for s in history), steps, per)
-    return per
+                ordered[key] = [ms]
+            else:
+                insort(vals, ms)
+        self.steps.append(step)
+
+    def _take_out(self) -> None:
+        ordered = self.ordered
+        for key, ms in self.steps.popleft():
+            vals = ordered[key]
+            del vals[bisect_left(vals, ms)]
+            if not vals:
+                del ordered[key]
+
+    def update(self, history: list[Snapshot]) -> None:
+        drop = self._overlap(history)
+        if drop is None:
+            self.steps, self.ordered = deque(), {}
+            keep = 1
+        else:
+            for _ in range(drop):
+                self._take_out()
+            keep = len(self.refs) - drop
+        for a, b in zip(history[keep - 1:], history[keep:]):
+            self._add(_step_latencies(a, b))
+        self.refs = tuple(weakref.ref(s) for s in history)
+
+    def baselines(self, q: float) -> dict[tuple, float]:
+        return {key: health.quantile_sorted(vals, q) for key, vals in self.ordered.items()
+                if len(vals) >= health.MIN_BASELINE_SAMPLES}
+
+
+# the histories _latency_samples saw last, most recently used first: two slots, the live diagnosis' window
+# and its recent intervals (agent/diagnose/live.py) each slide their own; used and replaced under _samples_lock
+_samples_lock = threading.Lock()
+_SLOTS = 2
+_samples: list[_SlidingSamples] = []
+
+
+def _latency_samples(history: list[Snapshot]) -> _SlidingSamples:
+    """The per-disk samples of ``history``: a slot's that slid to it, else the least recently used slot
+    walked in full (another caller, a gap). Call under ``_samples_lock``."""
+    slot = next((x for x in _samples if x._overlap(history) is not None), None)
+    if slot is None:
+        slot = _samples.pop() if len(_samples) >= _SLOTS else _SlidingSamples()
+    else:
+        _samples.remove(slot)
+    slot.update(history)
+    _samples.insert(0, slot)
+    return slot
+
+
+def _probe_totals(snap: Snapshot) -> dict[tuple, tuple[int, int]]:
+    """(vm, disk, source) -> (requests, summed ns) of that disk's probe histograms with a sum in one snapshot
+    (agent.records.disk_latency; indexed once per snapshot: every cycle reads the window's two ends)."""
+    idx = snap.__dict__.get("_window_probe_totals")
+    if idx is None:
+        idx = {}
+        for h in snap.vm_disk_latency.histograms:
+            if h.sum_ns is not None:
+                k = (h.vm, h.disk, h.source)
+                c, t = idx.get(k, (0, 0))
+                idx[k] = (c + h.count, t + h.sum_ns)
+        snap.__dict__["_window_probe_totals"] = idx  # frozen dataclass: a cache, not a field
+    return idx
 
 
 def _probe_ms(first: Snapshot, last: Snapshot, vm: str, disk: str, source: str) -> float | None:
     """Mean time per request of a VM disk's probe histograms (agent.records.disk_latency) over the window."""
-    def totals(snap):
-        hs = [h for h in snap.vm_disk_latency.for_disk(vm, disk) if h.source == source and h.sum_ns is not None]
-        return (sum(h.count for h in hs), sum(h.sum_ns for h in hs)) if hs else None
-
-    a, b = totals(first), totals(last)
+    k = (vm, disk, source)
+    a, b = _probe_totals(first).get(k), _probe_totals(last).get(k)
     if a is None or b is None or b[0] - a[0] <= 0 or b[1] < a[1]:
         return None
     return (b[1] - a[1]) / (b[0] - a[0]) / 1e6
 
 
-def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapshot]) -> list[DiskWindow]:
+def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapshot],
+                  timeline: Timeline) -> list[DiskWindow]:
     """Per VM disk: requests and mean latency over the window, requests per interval (for stalls), its baseline
-    and the time its probes measured below QEMU."""
+    and the time its probes measured below QEMU.
+
+    The requests per interval are the timeline's (each step computed once, kept on its snapshot) for a disk
+    with a step in every interval of the window; one that came, went or was reset within it is walked
+    snapshot by snapshot."""
     series = [s.vm_disks for s in snaps]
     portal_of = {(p.vm, p.disk): p.portal for p in paths}
     lun_of = {(p.vm, p.disk): (p.target, p.lun) for p in paths if p.target}
     baselines = _disk_baselines(history + snaps[:1]) if history else {}
     first, last = snaps[0], snaps[-1]
+    first_disks, steps = series[0], timeline.disk_ops
     disks = []
     for key, (vm, d) in series[-1].items():
         if d.stats is None:
             continue
-        stats = [sd[key][1].stats for sd in series if key in sd and sd[key][1].stats is not None]
-        a, b = stats[0], d.stats
+        per = steps.get(f"{key[0]}/{key[1]}")
+        if per is not None and None not in per and (f := first_disks.get(key)) is not None \
+                and f[1].stats is not None:
+            a = f[1].stats
+        else:
+            stats = [sd[key][1].stats for sd in series if key in sd and sd[key][1].stats is not None]
+            a = stats[0]
+            per = tuple(_ops(y) - _ops(x) for x, y in zip(stats, stats[1:]))
+        b = d.stats
         ops = _ops(b) - _ops(a)
-        per = tuple(_ops(y) - _ops(x) for x, y in zip(stats, stats[1:]))
+        total_ms, read_ms, write_ms = window_latencies_ms(a, b)
         target, lun = lun_of.get((vm.name, d.target), (d.iqn, d.lun))
         disks.append(DiskWindow(
             vm=vm.name,
@@ -274,9 +336,9 @@ def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapsho
             portal=portal_of.get((vm.name, d.target)) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None),
             ops=ops,
             ops_per_second=ops / dt,
-            mean_ms=mean_latency_ms(a, b),
-            read_ms=mean_latency_ms(a, b, "read"),
-            write_ms=mean_latency_ms(a, b, "write"),
+            mean_ms=total_ms,
+            read_ms=read_ms,
+            write_ms=write_ms,
             stalled=health.stalled(per),
             intervals_ops=per,
             baseline_ms=baselines.get(key),
@@ -517,37 +579,26 @@ def _multipath_windows(snaps: list[Snapshot], paths) -> list[MapWindow]:
     return out
 
 
-MAX_HISTORY = 31  # snapshots of history the baselines read (spread evenly): bounded cost per cycle
-
-
-def _thin(snaps: list[Snapshot], n: int) -> list[Snapshot]:
-    """At most ``n`` of ``snaps``, evenly spread, the newest kept (a baseline of 30 intervals is as good as one of
-    600, and the live diagnosis builds a window every cycle)."""
-    if len(snaps) <= n:
-        return snaps
-    step = (len(snaps) - 1) / (n - 1)
-    return [snaps[round(i * step)] for i in range(n)]
-
-
 def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None,
                  history: list[Snapshot] | tuple = ()) -> Window:
     """The window over ``snaps`` (oldest first): each part from its own function above; ``history``
     (older snapshots, oldest first) only teaches the baselines."""
     if not snaps:
         raise ValueError("no snapshots")
-    history = _thin([h for h in history if h.timestamp < snaps[0].timestamp], MAX_HISTORY)
+    history = [h for h in history if h.timestamp < snaps[0].timestamp]
     first, last = snaps[0], snaps[-1]
     dt = max(last.timestamp - first.timestamp, 1e-9)
     paths = last.paths if if_addrs is None else build_paths(last, if_addrs)
     seen = _connections_seen(snaps)
     host_retrans, host_out = _host_tcp(first, last)
     conns = _conn_windows(snaps, seen, dt, paths)
+    timeline = build_timeline(snaps, paths)
     return Window(
         host=last.host,
         start=first.timestamp,
         end=last.timestamp,
         snapshots=len(snaps),
-        disks=tuple(_disk_windows(snaps, dt, paths, history)),
+        disks=tuple(_disk_windows(snaps, dt, paths, history, timeline)),
         conns=tuple(conns),
         paths=tuple(paths),
         reconnects=_reconnects(snaps, seen),
@@ -557,7 +608,7 @@ def build_window(snaps: list[Snapshot], if_addrs: dict[str, str] | None = None,
         host_retrans=host_retrans,
         host_out_segs=host_out,
         blind_spots=_blind_spots(snaps),
-        timeline=build_timeline(snaps, paths),
+        timeline=timeline,
         multipath=tuple(_multipath_windows(snaps, paths)),
         kernel_events=tuple(e for s in snaps if s.storage_log is not None for e in s.storage_log.events
                             if e.origin in ("kernel", "iscsid", "multipathd")),

@@ -71,3 +71,17 @@ def mean_latency_ms(prev: DiskStats | None, cur: DiskStats, op: str = "all") -> 
     """:func:`mean_latency_ns` in milliseconds."""
     ns = mean_latency_ns(prev, cur, op)
     return None if ns is None else ns / 1e6
+
+
+def window_latencies_ms(prev: DiskStats, cur: DiskStats) -> tuple[float | None, float | None, float | None]:
+    """(all, read, write) :func:`mean_latency_ms` between ``prev`` and ``cur`` in one pass over the counters
+    (the same quotients: the live diagnosis asks for the three of every disk every cycle)."""
+    rr, rt = cur.rd_reqs - prev.rd_reqs, cur.rd_time_ns - prev.rd_time_ns
+    wr, wt = cur.wr_reqs - prev.wr_reqs, cur.wr_time_ns - prev.wr_time_ns
+    fr, ft = cur.fl_reqs - prev.fl_reqs, cur.fl_time_ns - prev.fl_time_ns
+    r_back, w_back = rr < 0 or rt < 0, wr < 0 or wt < 0
+    read = None if r_back or rr <= 0 else rt / rr / 1e6
+    write = None if w_back or wr <= 0 else wt / wr / 1e6
+    n = rr + wr + fr
+    total = None if r_back or w_back or fr < 0 or ft < 0 or n <= 0 else (rt + wt + ft) / n / 1e6
+    return total, read, write

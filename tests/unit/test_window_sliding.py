@@ -1,0 +1,106 @@
+"""The live diagnosis' window, carried from cycle to cycle (agent/diagnose/window.py): the per-disk baselines
+kept as sorted samples that slide with the history, the requests per interval read from the timeline.
+Whatever is carried forward must give exactly what a walk over the same snapshots gives."""
+
+from pathlib import Path
+
+import pytest
+
+from agent import health
+from agent.codec import read_recording
+from agent.diagnose import window as W
+from agent.diagnose.timeline import Timeline
+from agent.records.rates import mean_latency_ms
+
+REC = Path(__file__).resolve().parents[1] / "fixtures" / "recordings"
+
+
+def load(name):
+    return read_recording(str(REC / f"{name}.json"))
+
+
+def walked_baselines(history):
+    """The definition, walked from scratch: per disk the median of its mean latency of each step."""
+    per = {}
+    for a, b in zip(history, history[1:]):
+        for key, (_vm, d) in b.vm_disks.items():
+            prev = a.vm_disks.get(key)
+            if d.stats is None or prev is None or prev[1].stats is None:
+                continue
+            s0, s1 = prev[1].stats, d.stats
+            if sum((s1.rd_reqs - s0.rd_reqs, s1.wr_reqs - s0.wr_reqs, s1.fl_reqs - s0.fl_reqs)) < 0:
+                continue
+            ms = mean_latency_ms(s0, s1)
+            if ms is not None:
+                per.setdefault(key, []).append(ms)
+    return {k: b for k, v in per.items() if (b := health.baseline(v, health.BASELINE_QUANTILE)) is not None}
+
+
+@pytest.fixture(autouse=True)
+def fresh_slots(monkeypatch):
+    monkeypatch.setattr(W, "_samples", [])
+
+
+def test_sliding_baselines_equal_a_walk_of_the_same_history():
+    snaps = load("flap-portal2")  # 25 snapshots: the flap's slow and stopped steps come and go
+    assert len(snaps) >= 20
+    for end in range(4, len(snaps) + 1):
+        history = snaps[max(0, end - 12):end]  # slides by one, then keeps 12
+        assert W._disk_baselines(history) == walked_baselines(history)
+    slot = W._samples[0]
+    assert len(slot.steps) == 11  # it slid: one step out, one in, per call
+
+
+def test_two_histories_slide_side_by_side_and_a_third_one_is_walked():
+    snaps = load("flap-portal2")
+    for end in range(8, len(snaps) + 1):
+        long_h, short_h = snaps[max(0, end - 10):end], snaps[max(0, end - 10):end - 2]
+        assert W._disk_baselines(long_h) == walked_baselines(long_h)
+        assert W._disk_baselines(short_h) == walked_baselines(short_h)
+        other = snaps[::3]  # no slot slid to it: walked in full, evicting the least recently used
+        if end % 5 == 0:
+            assert W._disk_baselines(other) == walked_baselines(other)
+
+
+def test_a_history_that_jumps_is_walked_again():
+    snaps = load("flap-portal2")
+    assert W._disk_baselines(snaps[0:6]) == walked_baselines(snaps[0:6])
+    assert W._disk_baselines(snaps[10:16]) == walked_baselines(snaps[10:16])  # no overlap
+    assert W._disk_baselines(snaps[11:20]) == walked_baselines(snaps[11:20])  # slid by one, grew by four
+    assert W._disk_baselines(snaps[11:20]) == walked_baselines(snaps[11:20])  # the same again
+
+
+@pytest.mark.parametrize("first", [None, "healthy"])
+def test_requests_per_interval_from_the_timeline_equal_the_walk(first):
+    """The timeline's steps (a disk in every snapshot) and the walk (one that came within the window, counters
+    of another run in front) give the same disk windows."""
+    snaps = load("healthy-4vms")
+    if first:
+        snaps = load(first)[-1:] + snaps  # two VMs of another run in front: missing disks, counters reset
+    dt = snaps[-1].timestamp - snaps[0].timestamp
+    paths = snaps[-1].paths
+    tl = W.build_timeline(snaps, paths)
+    walked_tl = Timeline(times=tl.times, disk_ops={}, disk_ms={}, disk_portal={}, portal_progress={},
+                         portal_retrans={}, portal_backoff={}, portal_ack_age_ms={}, portal_unacked={})
+    fast = W._disk_windows(snaps, dt, paths, [], tl)
+    walked = W._disk_windows(snaps, dt, paths, [], walked_tl)
+    assert fast == walked
+    assert len(fast) == 8 and all(len(d.intervals_ops) >= 1 for d in fast)
+    if first:
+        assert any(None in tl.disk_ops[f"{d.vm}/{d.disk}"] for d in fast)  # the walk was taken for some
+
+
+def test_window_latencies_are_the_three_mean_latencies():
+    import random
+
+    from agent.records.rates import window_latencies_ms
+    from agent.records.vms import DiskStats
+
+    rnd = random.Random(17)
+    fields = ("rd_reqs", "rd_time_ns", "wr_reqs", "wr_time_ns", "fl_reqs", "fl_time_ns")
+    for _ in range(3000):
+        a = DiskStats(**{f: rnd.choice([0, 5, rnd.randrange(10**9)]) for f in fields})
+        b = DiskStats(**{f: max(0, getattr(a, f) + rnd.choice([0, 0, 3, rnd.randrange(10**7), -1]))
+                         for f in fields})
+        assert window_latencies_ms(a, b) == (mean_latency_ms(a, b), mean_latency_ms(a, b, "read"),
+                                             mean_latency_ms(a, b, "write"))

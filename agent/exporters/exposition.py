@@ -152,13 +152,16 @@ def _write_uniform(name: str, labs: list, samples: list, out: list) -> bool:
     return True
 
 
+_repr_nl = "%r\n".__mod__
+
+
 def _go_floats(values) -> list:
-    """go_float of each value."""
+    """go_float of each value, each followed by a newline."""
     floats = list(map(float, values))
-    out = list(map(repr, floats))
+    out = list(map(_repr_nl, floats))
     # repr(float) is go_float's answer except for inf, nan and 1e6 <= x < 1e16 (Go's exponent form)
     for i in [i for i, d in enumerate(floats) if not _MINUS_INF < d < 1e6]:
-        out[i] = go_float(floats[i])
+        out[i] = go_float(floats[i]) + "\n"
     return out
 
 
@@ -180,6 +183,43 @@ def _columns(labelnames: tuple, labels: list, order: tuple) -> list | None:
     return [_escape_column(cols[i]) for i in perm]
 
 
+# (sample name, label names) -> {label values: the line up to its value}: the series of the last renders, so a
+# series that stays (most do, cycle after cycle) is not formatted and escaped again. Rebuilt when it grows past
+# twice the family's series (gone series do not pile up); entries depend on their key alone (races only miss).
+_line_heads: dict[tuple, dict] = {}
+
+
+def _prefixes(sample: str, names: tuple, labels: list) -> list | None:
+    """Each row's line up to its value ('name{a="x",b="y"} '); None if a row's label count is not the family's."""
+    key = (sample, names)
+    heads = _line_heads.get(key)
+    if heads is None or len(heads) > 2 * len(labels) + 64:
+        heads = _line_heads[key] = {}
+    out = list(map(heads.get, labels))
+    if None not in out:
+        return out
+    if names and set(map(len, labels)) != {len(names)}:
+        return None
+    line, order = _template(sample, names)
+    head = line[:-3]  # without "%s\n"
+    if not names:
+        return [head] * len(labels)
+    perm = _perms.get((names, order))
+    if perm is None:
+        perm = _perms[(names, order)] = tuple(names.index(k) for k in order)
+    for i in [i for i, h in enumerate(out) if h is None]:
+        lv = labels[i]
+        h = heads[lv] = head % tuple(_escape_value(lv[j]) for j in perm)
+        out[i] = h
+    return out
+
+
+def _escape_value(v: str) -> str:
+    if "\\" in v or "\n" in v or '"' in v:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return v
+
+
 def _write_rows(metric, rows: list, out: list) -> bool:
     """The lines of a catalog family's rows (agent.exporters.catalog): the bytes generate_latest writes for
     the samples the rows stand for, without building them. False (nothing written) when the rows do not fit."""
@@ -188,14 +228,36 @@ def _write_rows(metric, rows: list, out: list) -> bool:
     names = metric._labelnames
     if len(set(names)) != len(names) or "le" in names:
         return False
+    key = (metric.name, metric.type, names)
+    last = _last_text.get(key)
+    if last is not None and last[0] == rows:  # nothing changed since the last render: its text
+        out.append(last[1])
+        return True
+    mark = len(out)
+    if not _write_new_rows(metric, names, rows, out):
+        return False
+    text = "".join(out[mark:])
+    del out[mark:]
+    out.append(text)
+    _last_text[key] = (list(rows), text)
+    return True
+
+
+# (family name, type, label names) -> (rows, their text) of the family's last render: a family whose rows did not
+# change since (an idle disk's histograms, the gauges of a quiet host: most of a small host's series between two
+# cycles) is not written again. One entry per family the agent exports; a copy of the rows, not the list itself.
+_last_text: dict[tuple, tuple[list, str]] = {}
+
+
+def _write_new_rows(metric, names: tuple, rows: list, out: list) -> bool:
     if metric.type != "histogram":
         sample = metric.name + "_total" if metric.type == "counter" else metric.name
-        line, order = _template(sample, names)
-        cols = _columns(names, list(map(itemgetter(0), rows)), order)
-        if cols is None:
+        labels = list(map(itemgetter(0), rows))
+        prefixes = _prefixes(sample, names, labels)
+        if prefixes is None:
             return False
         values = _go_floats(map(itemgetter(1), rows))
-        out.append("".join(map(line.__mod__, zip(*cols, values))))
+        out.append("".join(map(str.__add__, prefixes, values)))
         return True
     return _write_histogram_rows(metric.name, names, rows, out)
 
@@ -220,7 +282,7 @@ def _write_histogram_rows(name: str, names: tuple, rows: list, out: list) -> boo
         if "\\" in (joined := "".join(les)) or "\n" in joined or '"' in joined:
             les = _escape_column(les)
         counts = _go_floats([b[1] for b in buckets])
-        out.append("".join([f"{head}{le}{tail}{c}\n" for le, c in zip(les, counts)]))
+        out.append("".join([f"{head}{le}{tail}{c}" for le, c in zip(les, counts)]))
         if float(buckets[0][0]) >= 0 and sum_value is not None:
             out.append(cline % (*lv, go_float(buckets[-1][1])))
             out.append(sline % (*lv, go_float(sum_value)))

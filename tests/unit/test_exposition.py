@@ -298,3 +298,20 @@ def test_caps_count_every_sample_of_a_dropped_histogram_row():
         fams.append(f)
         assert cap.dropped_total == {"vm": 14, "disk": 2, "connection": 0}
     assert write_exposition(fams[:1]) == _reference(fams[1:])
+
+
+def test_a_family_rewritten_only_when_its_rows_changed():
+    """The writer reuses a family's last text only for equal rows: a changed value, label or row is written anew."""
+    rows, plain = _catalog_and_plain_families()
+    first = write_exposition(rows)
+    again, again_plain = _catalog_and_plain_families()
+    assert write_exposition(again) == first
+    changed, changed_plain = _catalog_and_plain_families()
+    for fams in (changed, changed_plain):
+        fams[0].add_metric(["new", "vda", "1"], 2.5)
+        fams[1].add_metric(["b\\", "x"], 3)
+        fams[2].add_metric(["z", "write", "libiscsi"], [("0.1", 1), ("+Inf", 4)], 0.75)
+    assert write_exposition(changed) == _reference(changed_plain) != first
+    rows[1].add_metric(["late", "x"], 1)  # a row added to a family after it was written
+    plain[1].add_metric(["late", "x"], 1)
+    assert write_exposition(rows) == _reference(plain)

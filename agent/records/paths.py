@@ -96,7 +96,8 @@ def build_paths(snap: Snapshot, if_addrs: dict[str, str] | None = None) -> list[
             if disk.backend == "libiscsi":
                 out.extend(_libiscsi_paths(base, vm, disk, by_pid.get(vm.pid, ()), have_tcp, if_addrs))
             elif disk.backend == "host":
-                out.extend(_host_paths(base, disk, blockdevs, sessions, conns, if_addrs, snap.multipath))
+                out.extend(_host_paths(base, disk, blockdevs, sessions, conns, if_addrs, snap.multipath,
+                                       _mp_missing(snap)))
             else:
                 out.append(StoragePath(backend=disk.backend, unknown=(f"backend {disk.kind!r} not followed further",), **base))
     return out
@@ -157,6 +158,15 @@ def _is_ip(h: str) -> bool:
         return False
 
 
+def _mp_missing(snap: Snapshot) -> str | None:
+    """Why a multipath leg has no path_state this cycle: the multipath source failed (a slow or hung
+    dmsetup/multipathd); None when it has data, found no maps or was not run (not enabled)."""
+    h = snap.health.get("multipath")
+    if snap.multipath is not None or h is None or h.status.value != "failed":
+        return None
+    return f"multipath source failed ({h.reason or 'no reason given'}): path state unknown"
+
+
 def _mp_fields(mpdata, mp: str | None, leg: str) -> dict:
     """The leg's state in its multipath map (from the multipath source), when both are known."""
     m = mpdata.by_name(mp) if mpdata is not None and mp else None
@@ -166,7 +176,8 @@ def _mp_fields(mpdata, mp: str | None, leg: str) -> dict:
     return dict(path_state=p.dm_state, checker_state=p.checker_state, map_active_paths=m.active_paths)
 
 
-def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs, mpdata=None) -> list[StoragePath]:
+def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs, mpdata=None,
+                mp_missing: str | None = None) -> list[StoragePath]:
     common = dict(base, backend="host")
     if disk.host_devno is None:
         return [StoragePath(unknown=(f"cannot stat {disk.source!r}: host device unknown",), **common)]
@@ -190,7 +201,8 @@ def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs, mpdata
                     scsi_device=leg if leg != name else None,
                     multipath=mp,
                     **_mp_fields(mpdata, mp, leg),
-                    unknown=() if not sessions else (f"{leg} is not an iSCSI disk",),
+                    unknown=(() if not sessions else (f"{leg} is not an iSCSI disk",))
+                    + ((mp_missing,) if mp and mp_missing else ()),
                 )
             )
             continue
@@ -212,8 +224,9 @@ def _host_paths(base, disk: VmDisk, blockdevs, sessions, conns, if_addrs, mpdata
         conn = None
         if c0 and c0.local_port:
             conn = next((c for c in conns if c.sport == c0.local_port and (c0.address is None or c.dst == c0.address)), None)
+        why_mp = (mp_missing,) if mp and mp_missing else ()
         if conn is None:
-            out.append(StoragePath(**fields, unknown=(f"TCP connection of session {s.sid} not found (local port {c0.local_port if c0 else '?'})",)))
+            out.append(StoragePath(**fields, unknown=(f"TCP connection of session {s.sid} not found (local port {c0.local_port if c0 else '?'})",) + why_mp))
         else:
-            out.append(StoragePath(**fields, **_conn_fields(conn, if_addrs)))
+            out.append(StoragePath(**fields, **_conn_fields(conn, if_addrs), unknown=why_mp))
     return out

@@ -194,6 +194,69 @@ def test_budget_spent_stops_calls(tmp_path):
     assert len(r.calls) == 2 and "budget" in data.multipathd and data.maps[0].active_paths == 2
 
 
+class SlowHost:
+    """A fake clock and runner: each command takes ``took[cmd]`` seconds (None: hangs until its timeout),
+    and times out (CommandTimeout) when that is more than the timeout it is given."""
+
+    def __init__(self, took, outputs):
+        self.now, self.took, self.outputs, self.calls = 0.0, took, outputs, []
+
+    def mono(self):
+        return self.now
+
+    def run(self, argv, timeout):
+        key = argv[0] + " " + argv[1]
+        self.calls.append((key, timeout))
+        took = self.took[key]
+        if took is None or took > timeout:
+            self.now += timeout
+            raise CommandTimeout(f"{' '.join(argv)} timed out after {timeout:g}s")
+        self.now += took
+        return self.outputs[key]
+
+
+def _cfg_ctx(tmp_path, collector_timeout):
+    """The lab kernel host's agent settings: interval 15 s, collector_timeout 12 s."""
+    ctx = _ctx(tmp_path)
+    return SourceContext(Config.model_validate({"agent": {"interval": 15, "collector_timeout": collector_timeout}}),
+                         ctx.paths)
+
+
+def test_slow_host_seconds_per_command_within_the_collector_deadline(tmp_path):
+    """The lab's TCG kernel host: dmsetup 2.4 s and 3.0 s, multipathd 2.8 s (a fixed 2 s per call failed
+    every view there). With collector_timeout 12 all three answer, within the budget (9 s)."""
+    h = SlowHost({"dmsetup table": 2.4, "dmsetup status": 3.0, "multipathd show": 2.8},
+                 {"dmsetup table": TABLE, "dmsetup status": STATUS_ONE_FAILED, "multipathd show": daemon_json()})
+    src = MultipathSource(_cfg_ctx(tmp_path, 12.0), runner=h.run, monotonic=h.mono)
+    data = src.collect()
+    assert src.budget == 9.0 and data.kernel is None and data.multipathd is None, (data.kernel, data.multipathd)
+    assert data.maps[0].active_paths == 1 and data.maps[0].paths[0].checker_state is not None
+    # dmsetup may use the kernel's share (6 s) in all, multipathd the rest of the budget
+    assert [(k, round(t, 3)) for k, t in h.calls] == [("dmsetup table", 6.0), ("dmsetup status", 3.6),
+                                                        ("multipathd show", 3.6)]
+    assert h.now <= src.budget
+
+
+def test_hung_dmsetup_leaves_multipathd_its_share(tmp_path):
+    """dmsetup hangs: it is killed at the kernel's share of the budget, multipathd still answers, and the
+    source returns within the budget (before the collector deadline)."""
+    h = SlowHost({"dmsetup table": None, "dmsetup status": 0.1, "multipathd show": 2.5},
+                 {"dmsetup status": STATUS_OK, "multipathd show": daemon_json()})
+    src = MultipathSource(_cfg_ctx(tmp_path, 12.0), runner=h.run, monotonic=h.mono)
+    data = src.collect()
+    assert [k for k, _t in h.calls] == ["dmsetup table", "multipathd show"]
+    assert data.kernel == "dmsetup table --target multipath timed out after 6s" and data.multipathd is None
+    assert data.maps[0].active_paths == 2 and h.now <= src.budget < 12.0
+
+
+def test_timeout_still_caps_each_call(tmp_path):
+    h = SlowHost({"dmsetup table": 0.5, "dmsetup status": 0.5, "multipathd show": None},
+                 {"dmsetup table": TABLE, "dmsetup status": STATUS_OK})
+    data = MultipathSource(_cfg_ctx(tmp_path, 12.0), runner=h.run, monotonic=h.mono, timeout=1.5).collect()
+    assert [t for _k, t in h.calls] == [1.5, 1.5, 1.5]
+    assert "timed out after 1.5s" in data.multipathd and data.maps[0].active_paths == 2
+
+
 def test_nothing_answers_is_a_failure(tmp_path):
     r = runner({"dmsetup table": FileNotFoundError("dmsetup not installed"),
                 "multipathd show": FileNotFoundError("multipathd not installed")})

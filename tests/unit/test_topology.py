@@ -1,5 +1,7 @@
 """Joins of VM disks to sessions, connections and portals (pure, over records)."""
 
+from dataclasses import replace
+
 from agent.config import Config
 from agent.hostpaths import HostPaths
 from agent.records.block import BlockDevice, BlockDevices
@@ -159,3 +161,12 @@ def test_multipath_legs_carry_their_map_state(tmp_path):
     # without the multipath source the join still stands, the map's view is unknown
     bare = build_paths(snap(libvirt=vms, iscsi_kernel=sessions, block_devices=blk, storage_tcp=StorageConnections(())))
     assert [(p.scsi_device, p.path_state) for p in bare] == [("sdb", None), ("sdc", None)]
+    assert not [u for p in bare for u in p.unknown if "multipath" in u]  # not collected (not enabled): nothing to say
+    # the source failed this cycle (dmsetup and multipathd both timed out on a slow host): null with the reason
+    failed = snap(libvirt=vms, iscsi_kernel=sessions, block_devices=blk, storage_tcp=StorageConnections(()))
+    failed = replace(failed, health={**failed.health, "multipath": SourceHealth(
+        "multipath", Status.FAILED, 6.0, "RuntimeError: neither dmsetup (timed out) nor multipathd (timed out) answered")})
+    got = build_paths(failed, if_addrs={})
+    assert [(p.scsi_device, p.path_state) for p in got] == [("sdb", None), ("sdc", None)]
+    assert all(p.unknown[-1] == "multipath source failed (RuntimeError: neither dmsetup (timed out) nor multipathd "
+                                "(timed out) answered): path state unknown" for p in got), [p.unknown for p in got]

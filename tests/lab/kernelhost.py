@@ -59,10 +59,15 @@ class KernelHost:
     def read(self, path: str) -> str:
         return self.run("cat", path)
 
+    @staticmethod
+    def kvmscope_exe() -> str:
+        """The checkout's kvmscope (the guest sees the host's / read-only)."""
+        return os.path.join(os.environ.get("KVMSCOPE_VENV") or os.path.join(REPO, ".venv"), "bin", "kvmscope")
+
     def kvmscope(self, *args, timeout: float = 180, standalone: bool = True):
         """The checkout's kvmscope inside the guest (its own config); JSON
         output parsed when it looks like JSON."""
-        exe = os.path.join(os.environ.get("KVMSCOPE_VENV") or os.path.join(REPO, ".venv"), "bin", "kvmscope")
+        exe = self.kvmscope_exe()
         argv = [exe, "-c", GUEST_CONFIG] + (["--standalone"] if standalone else []) + list(args)
         out = self.run(*argv, timeout=timeout)
         return json.loads(out) if out.lstrip()[:1] in ("[", "{") else out

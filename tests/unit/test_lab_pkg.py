@@ -853,6 +853,10 @@ def test_kernel_host_config_files():
     mp = kernelhost.multipath_conf()
     assert "no_path_retry 12" in mp and "find_multipaths no" in mp and 'vendor "IET"' in mp
     assert "listen: \"198.18.10.2:9847\"" in kernelhost.kvmscope_conf()
+    from agent.config import Config
+    import yaml
+    kc = Config.model_validate(yaml.safe_load(kernelhost.kvmscope_conf()))
+    assert kc.file_output.enabled and kc.file_output.path == kernelhost.GUEST_SHIPPED and kc.agent.collector_timeout == 12
     assert "client_auth_type: RequireAndVerifyClientCert" in kernelhost.web_yml()
     cmds = kernelhost.pki_cmds("/d")
     assert all(c[0] == "openssl" for c in cmds) and "san.ext" in cmds[2]

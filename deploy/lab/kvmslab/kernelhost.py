@@ -143,16 +143,21 @@ GUEST_TLS = "/etc/kvmscope/tls"      # in the guest: server cert/key, client CA
 # Under TCG one `iscsiadm -m session -r SID -s` takes up to ~2.2 s: a 12 s
 # collector deadline gives iscsi_kernel a 6 s budget for both sessions' counters.
 KVMSCOPE_INTERVAL = 15
+# The guest agent's shipped documents (the same ECS documents it would send to Elasticsearch: events,
+# findings, metrics docs) as JSON lines, for the lab tests to read; tmpfs, so bounded: 8 MiB + one rotation.
+GUEST_SHIPPED = "/var/log/kvmscope/kvmscope.ndjson"
 
 
 def kvmscope_conf():
     """The guest's /etc/kvmscope/config.yaml: /metrics on the host-only link,
     behind TLS with a verified client certificate (kvmscope refuses a
-    listener beyond loopback without both)."""
+    listener beyond loopback without both); what it ships goes to a
+    JSON-lines file (file_output: no Elasticsearch in the guest's reach)."""
     return (f"# kvmscope lab kernel-initiator host\n"
             f"metrics:\n  listen: \"{MGMT['guest_addr']}:{METRICS_PORT}\"\n"
             f"  web_config: /etc/kvmscope/web.yml\n"
-            f"agent:\n  interval: {KVMSCOPE_INTERVAL}\n  collector_timeout: 12\n")
+            f"agent:\n  interval: {KVMSCOPE_INTERVAL}\n  collector_timeout: 12\n"
+            f"file_output:\n  enabled: true\n  path: {GUEST_SHIPPED}\n  max_bytes: 8388608\n  keep: 1\n")
 
 
 def web_yml():

@@ -79,7 +79,8 @@ class CacheMiss(Exception):
 _btf_digest: dict[str, str] = {}
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file (the kernel's BTF), computed once per process while its size and mtime stay."""
     try:
         st = path.stat()
     except OSError:
@@ -141,7 +142,7 @@ def cache_key(text: str, cflags: list[str], attach: list, paths: HostPaths | Non
     u = os.uname()
     parts = {
         "format": FORMAT, "release": u.release, "version": u.version, "machine": u.machine,
-        "btf": _file_digest(paths.sys("kernel", "btf", "vmlinux")), "bcc": bcc_version(),
+        "btf": file_digest(paths.sys("kernel", "btf", "vmlinux")), "bcc": bcc_version(),
         "text": hashlib.sha256(text.encode()).hexdigest(), "headers": _headers(list(cflags)),
         "cflags": list(cflags), "attach": [a if isinstance(a, dict) else asdict(a) for a in attach],
         "kernel_headers": _kernel_headers(kernel_build or Path("/lib/modules") / u.release / "build"),

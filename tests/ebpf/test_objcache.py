@@ -48,7 +48,7 @@ def test_cached_real_probes_count_like_compiled_ones(loopdev, tmp_path):
         for p in compiled:
             rep = p.load()
             assert rep.state == ATTACHED and rep.origin == "compiled", rep.reason
-        assert len(entries(cache)) == 2
+        assert len(entries(cache)) == 3  # the two probes, and block_io's request layout read from the BTF
         cached = [BlockIoProbe(opts(), modes=("btf",)), TcpLifecycleProbe(opts())]
         for p, c in zip(cached, compiled):
             rep = p.load()

@@ -137,6 +137,24 @@ def test_request_mode_needs_block_io_start_and_flags_carry_the_offsets(tmp_path)
     assert p2._why_not("raw", {"block:block_io_start"}).startswith("cannot read")
 
 
+def test_request_layout_kept_in_the_object_cache_per_btf(tmp_path, monkeypatch):
+    """Read from the BTF once per kernel: the next probe takes it from the cache, another BTF is read again."""
+    import agent.ebpf.block_io as block_io
+
+    vmlinux = tmp_path / "kernel" / "btf" / "vmlinux"
+    vmlinux.parent.mkdir(parents=True)
+    vmlinux.write_bytes(kernel_like())
+    opts = lambda: LoadOptions(paths=HostPaths(sysfs=tmp_path), cache_dir=tmp_path / "bpf")  # noqa: E731
+    first = BlockIoProbe(opts()).layout()
+    assert first[0]["RQ_OFF_START"] == 104 and len(list((tmp_path / "bpf").glob("*.json"))) == 1
+    parsed = []
+    monkeypatch.setattr(block_io, "request_layout", lambda data: parsed.append(data) or request_layout(data))
+    assert BlockIoProbe(opts()).layout() == first and parsed == []
+    vmlinux.write_bytes(kernel_like("disk"))  # another kernel
+    assert BlockIoProbe(opts()).layout()[2].startswith("struct request_queue has no member disk")
+    assert len(parsed) == 1
+
+
 @pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").is_file(), reason="this kernel has no BTF")
 def test_running_kernel_has_what_request_mode_reads():
     defs, ids, why = request_layout(Path("/sys/kernel/btf/vmlinux").read_bytes())

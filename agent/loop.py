@@ -6,10 +6,12 @@ recorded as failed with its reason; one that overruns is recorded as failed
 ("timed out") and the cycle completes on time anyway. Python cannot kill a
 thread, so a hung source keeps its worker: the next cycle does not start it
 again until it returns (reported as "still running since ..."), which keeps
-a hung QMP socket or libvirt call from piling up threads. Each run is a daemon
-thread of its own (not a pool worker: ``concurrent.futures`` joins its workers
-at interpreter exit, so one source stuck for good in a read of a FIFO or a
-hung NFS file would hold the stopping agent until systemd's SIGKILL).
+a hung QMP socket or libvirt call from piling up threads. Each source has a
+daemon worker thread of its own, started at its first run and kept across
+cycles (no thread start-up per source per cycle); a hung source holds only
+its own worker. Not ``concurrent.futures``: it joins its workers at
+interpreter exit, so one source stuck for good in a read of a FIFO or a hung
+NFS file would hold the stopping agent until systemd's SIGKILL.
 
 The loop keeps the latest snapshot and a bounded ring of recent ones
 (``agent.history``) for diagnosis and the local API.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import queue
 import socket
 import threading
 import time
@@ -62,6 +65,36 @@ def _dropped(src: Source) -> dict[str, int]:
     return {}
 
 
+class _Worker:
+    """A source's own daemon thread: runs one job at a time, as the loop hands them over, until closed."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name=f"source-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, fut = job
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # _run_source catches Exception; this is SystemExit & co.
+                fut.set_exception(e)
+            del job, fn, fut  # nothing of a finished run stays referenced while the worker waits
+
+
 class Agent:
     def __init__(
         self,
@@ -82,6 +115,7 @@ class Agent:
         self._clock = clock
         self._mono = monotonic
         self._inflight: dict[str, tuple[Future, float]] = {}
+        self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self._history: deque[Snapshot] = deque(maxlen=history)
         self._seq = 0
@@ -113,18 +147,12 @@ class Agent:
             return Status.FAILED, None, reason, self._mono() - start
 
     def _start(self, src: Source) -> Future:
-        """Run the source in a daemon thread of its own; its result arrives in the returned future."""
-        fut: Future = Future()
-        fut.set_running_or_notify_cancel()
-
-        def work():
-            try:
-                fut.set_result(self._run_source(src))
-            except BaseException as e:  # _run_source catches Exception; this is SystemExit & co.
-                fut.set_exception(e)
-
-        threading.Thread(target=work, name=f"source-{src.name}", daemon=True).start()
-        return fut
+        """Run the source in its worker thread (idle: the loop starts a source only when its last run is done);
+        its result arrives in the returned future."""
+        w = self._workers.get(src.name)
+        if w is None or not w.thread.is_alive():
+            w = self._workers[src.name] = _Worker(src.name)
+        return w.submit(lambda: self._run_source(src))
 
     def collect_once(self) -> Snapshot:
         t0_wall, t0 = self._clock(), self._mono()
@@ -236,6 +264,8 @@ class Agent:
         With ``freeze_gc``, frozen objects go back to the garbage collector."""
         if self.freeze_gc:
             gc.unfreeze()
+        for w in self._workers.values():
+            w.close()  # an idle worker ends; a hung one ends when (if) its source returns
         for src in self.sources:
             prev = self._inflight.get(src.name)
             if prev and not prev[0].done():

@@ -56,6 +56,11 @@ class _Rows:
     def has_samples(self) -> bool:
         return bool(self._rows) or bool(self._samples)
 
+    def extend_rows(self, rows) -> None:
+        """add_metric of many samples at once: ``rows`` of (tuple of label values, value) (histograms: (tuple of
+        label values, buckets, sum)), for renderers of many series."""
+        self._rows.extend(rows)
+
     def set_rows(self, rows: list) -> None:
         self._samples = []
         self._rows = rows

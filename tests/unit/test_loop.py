@@ -203,3 +203,36 @@ def test_one_early_cycle_when_the_last_loading_source_is_done():
         stop.set()
         t.join(2)
         a.close()
+
+
+def test_each_source_keeps_its_own_worker_thread_across_cycles_and_a_hung_one_holds_only_its_own():
+    """No thread start-up per source per cycle: a source runs in the same worker thread every cycle, each source
+    in its own; a hung source's worker is not handed another run, the others go on; close() ends idle workers."""
+    release = threading.Event()
+    seen: dict[str, set] = {"a": set(), "b": set(), "hung": set()}
+
+    def note(name, value=1):
+        seen[name].add(threading.get_ident())
+        return value
+
+    def hang():
+        note("hung")
+        release.wait(10)
+        return "late"
+
+    a = Agent([Src("a", lambda: note("a")), Src("b", lambda: note("b")), Src("hung", hang)], timeout=0.3)
+    before = threading.active_count()
+    for _ in range(4):
+        a.collect_once()
+    assert threading.active_count() == before + 3  # three workers, started once
+    assert len(seen["a"]) == len(seen["b"]) == len(seen["hung"]) == 1
+    assert seen["a"] != seen["b"] and threading.get_ident() not in seen["a"] | seen["b"]
+    release.set()
+    time.sleep(0.1)
+    s = a.collect_once()
+    assert s.data["hung"] == "late" and len(seen["hung"]) == 1
+    a.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() == before

@@ -10,7 +10,7 @@ import ``agent.ebpf``; ``agent.ebpf`` imports only this module. See
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Generic, Hashable, Protocol, TypeVar
 
 from agent.config import Config
 from agent.hostpaths import HostPaths
@@ -51,3 +51,33 @@ def register(name: str, *, default_enabled: bool = True, description: str = ""):
         return cls
 
     return deco
+
+
+R = TypeVar("R")
+
+
+class Unchanged(Generic[R]):
+    """Gives back last cycle's record for a key when this cycle's equals it.
+
+    The agent's history (``agent.history`` snapshots, 120 by default) then
+    holds an unchanged record (an idle device, an interface whose counters did
+    not move) once instead of once per snapshot. Records are immutable, so
+    sharing them is safe. Keeps only the keys of the last cycle."""
+
+    def __init__(self):
+        self._prev: dict[Hashable, R] = {}
+        self._cur: dict[Hashable, R] = {}
+
+    def same(self, key: Hashable, rec: R) -> R:
+        """``rec``, or last cycle's record of ``key`` when equal to it."""
+        prev = self._prev.get(key)
+        if prev is not None and prev == rec:
+            rec = prev
+        self._cur[key] = rec
+        return rec
+
+    def end_cycle(self) -> bool:
+        """Start the next cycle; True when every record of this one was last cycle's (same keys)."""
+        unchanged = self._cur.keys() == self._prev.keys() and all(self._prev[k] is v for k, v in self._cur.items())
+        self._prev, self._cur = self._cur, {}
+        return unchanged

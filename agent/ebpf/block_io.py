@@ -40,6 +40,7 @@ import array
 import ctypes
 import hashlib
 import logging
+import sys
 
 from agent.ebpf import btf, decode
 from agent.ebpf.bounded import AgingTable, Reuse
@@ -315,7 +316,7 @@ class BlockIoProbe(Probe):
         if tgid <= 0:
             return ""  # not known: the submitter was not in the owner table
         try:
-            return self.opts.paths.read_text(self.opts.paths.proc(str(tgid), "comm")).strip()
+            return sys.intern(self.opts.paths.read_text(self.opts.paths.proc(str(tgid), "comm")).strip())
         except OSError:
             return ""  # ended before the agent saw it
 

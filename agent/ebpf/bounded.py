@@ -10,12 +10,16 @@ memory, and every snapshot of the history would copy it.
 is evicted to make room) and forgets a key not seen for ``expire_cycles``
 cycles. Both are counted (``evicted``, ``expired``) for the source's
 ``dropped`` counters.
+
+:class:`Reuse` and :func:`shared_copy` make what a read returns share the
+last read's objects where nothing changed, so the agent's history
+(``agent.history`` snapshots) holds an idle entry once.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Iterator, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -82,6 +86,24 @@ class AgingTable(Generic[K, V]):
 
     def counts(self) -> dict[str, int]:
         return {"evicted": self.evicted, "expired": self.expired}
+
+
+def shared_copy(items: Iterable[tuple[K, dict]], prev: dict[K, dict]) -> dict[K, dict]:
+    """A snapshot's own copy of running totals (``items``: key, dict of counts), sharing with ``prev`` (the
+    copy made at the last read) each inner dict whose counts did not change, and ``prev`` itself when nothing
+    did (same keys, same order): the history holds an idle remote's totals once, not once per snapshot.
+    Neither copy is ever changed afterwards."""
+    out: dict[K, dict] = {}
+    same = True
+    for k, v in items:
+        p = prev.get(k)
+        if p is None or p != v:
+            p = dict(v)
+            same = False
+        out[k] = p
+    if same and len(out) == len(prev) and all(a is b for a, b in zip(out, prev)):
+        return prev
+    return out
 
 
 class Reuse(Generic[V]):

@@ -6,7 +6,9 @@ functions with unit tests (tests/unit/test_probe_decode.py):
 * dev_t → device name: the tracepoints carry the kernel's internal dev_t
   (``MAJOR << 20 | MINOR``, include/linux/kdev_t.h), not the user-space
   encoding; names come from ``/sys/dev/block/MAJ:MIN/uevent`` (DEVNAME).
-* address bytes (family + 16 bytes) → text.
+* address bytes (family + 16 bytes) → text, and a task's comm → text: each
+  distinct value decoded once and shared (a bounded cache), so the agent's
+  history holds one string per address or name, not one per event.
 * log2 slot → histogram bound: slot ``s`` of ``bpf_log2l(ns)`` holds
   values in ``[2^(s-1), 2^s)`` ns, so its Prometheus ``le`` is ``2^s`` ns.
 * TCP state numbers → names, checked against the running kernel's
@@ -24,6 +26,8 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import re
+import sys
+from functools import lru_cache
 
 # probes/common.h KS_AF_INET, KS_AF_INET6
 AF_INET = 2
@@ -65,14 +69,33 @@ def parse_uevent(text: str) -> dict[str, str]:
     return out
 
 
+# distinct addresses / names kept decoded: a host talks to a bounded set of peers; beyond that the least
+# recently used are decoded again (the same text, another copy)
+TEXT_CACHE = 4096
+
+
 def addr_text(family: int, raw: bytes) -> str:
-    """Address bytes from a probe (IPv4 in the first 4 bytes) → text."""
+    """Address bytes from a probe (IPv4 in the first 4 bytes) → text (one shared string per address)."""
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+        return _addr_text(family, bytes(raw[:4]))
     if family == AF_INET6:
-        a = ipaddress.IPv6Address(bytes(raw[:16]))
-        return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
+        return _addr_text(family, bytes(raw[:16]))
     return f"family{family}"
+
+
+@lru_cache(maxsize=TEXT_CACHE)
+def _addr_text(family: int, raw: bytes) -> str:
+    if family == AF_INET:
+        return sys.intern(str(ipaddress.IPv4Address(raw)))
+    a = ipaddress.IPv6Address(raw)
+    return sys.intern(str(a.ipv4_mapped) if a.ipv4_mapped else str(a))
+
+
+@lru_cache(maxsize=TEXT_CACHE)
+def comm_text(raw: bytes) -> str:
+    """A task's comm (TASK_COMM_LEN bytes, NUL-padded, or already cut at the NUL) → text (one shared string per
+    name)."""
+    return sys.intern(raw.split(b"\0", 1)[0].decode(errors="replace"))
 
 
 def family_name(family: int) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 
 from agent.ebpf import decode
-from agent.ebpf.bounded import AgingTable, Reuse
+from agent.ebpf.bounded import AgingTable, Reuse, shared_copy
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import ConnEvent, LiveConn, TcpLifecycleData
 
@@ -99,7 +99,7 @@ def event_from_raw(e: Event) -> ConnEvent:
         decode.tcp_state_name(int(e.oldstate)), decode.tcp_state_name(int(e.newstate)),
         "target" if flags & F_TARGET else "initiator", decode.family_name(fam),
         decode.addr_text(fam, bytes(e.saddr)), int(e.sport), decode.addr_text(fam, bytes(e.daddr)), int(e.dport),
-        int(e.tgid), e.comm.decode(errors="replace"), e.age_ns / 1e9, e.estab_ns / 1e9, reset,
+        int(e.tgid), decode.comm_text(e.comm), e.age_ns / 1e9, e.estab_ns / 1e9, reset,
         int(e.ts) - int(e.age_ns))
 
 
@@ -108,7 +108,7 @@ def live_conn(s: SockVal) -> LiveConn:
     return LiveConn("target" if s.flags & F_TARGET else "initiator", decode.family_name(fam),
                     decode.addr_text(fam, bytes(s.saddr)), int(s.sport),
                     decode.addr_text(fam, bytes(s.daddr)), int(s.dport), int(s.tgid),
-                    bytes(s.comm).split(b"\0", 1)[0].decode(errors="replace"), int(s.start_ns), bool(s.estab_ns))
+                    decode.comm_text(bytes(s.comm)), int(s.start_ns), bool(s.estab_ns))
 
 
 class TcpLifecycleProbe(Probe):
@@ -124,6 +124,7 @@ class TcpLifecycleProbe(Probe):
         # `counts` is an LRU map: running totals per remote, bounded like tcp_retrans's
         self._prev: dict[bytes, int] = {}
         self._cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
+        self._copy: dict[tuple[str, int], dict[str, int]] = {}  # what the last read returned
         self._live: Reuse[LiveConn] = Reuse()
 
     @property
@@ -134,7 +135,7 @@ class TcpLifecycleProbe(Probe):
     def accumulate(self, rows) -> dict[tuple[str, int], dict[str, int]]:
         """One read of ``counts``, rows of (raw key, (remote, port), kind, count summed over CPUs), into the
         running totals per remote (an entry pushed out of the LRU map and created again restarts at zero);
-        returns a copy of them."""
+        returns a copy of them (sharing the last read's where unchanged)."""
         seen: dict[bytes, int] = {}
         for raw, remote, kind, n in rows:
             d = decode.counter_delta(self._prev.get(raw), n)
@@ -144,7 +145,8 @@ class TcpLifecycleProbe(Probe):
                 cum[kind] = cum.get(kind, 0) + d
         self._prev = seen
         self._cum.end_cycle()
-        return {k: dict(v) for k, v in self._cum.items()}
+        self._copy = shared_copy(self._cum.items(), self._copy)
+        return self._copy
 
     def on_loaded(self):
         for name, (key, leaf) in TABLES.items():

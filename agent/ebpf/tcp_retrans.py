@@ -34,7 +34,7 @@ from __future__ import annotations
 import ctypes
 
 from agent.ebpf import decode
-from agent.ebpf.bounded import AgingTable, Reuse
+from agent.ebpf.bounded import AgingTable, Reuse, shared_copy
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import TcpConnection, TcpRetransData, TcpRetransEvent
 
@@ -119,6 +119,7 @@ class TcpRetransProbe(Probe):
         self._prev: dict[bytes, tuple[int, ...]] = {}  # as big as the kernel map, rebuilt every read
         # running totals per storage remote: bounded, a remote gone from the kernel map is forgotten
         self._storage_cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
+        self._copy: dict[tuple[str, int], dict[str, int]] = {}  # what the last read returned
         self._pending: list[TcpRetransEvent] = []
         self._conns: Reuse[TcpConnection] = Reuse()
 
@@ -168,7 +169,7 @@ class TcpRetransProbe(Probe):
 
     def accumulate(self, rows) -> dict[tuple[str, int], dict[str, int]]:
         """One read of the storage connections map, ``rows`` of (raw key, (remote address, port), counts per
-        kind), into the running totals per remote; returns a copy of them (the snapshot's own)."""
+        kind), into the running totals per remote; returns a copy of them (the snapshot's own, sharing the last read's where unchanged)."""
         seen: dict[bytes, tuple[int, ...]] = {}
         for raw, remote, counts in rows:
             prev = self._prev.get(raw)
@@ -180,7 +181,8 @@ class TcpRetransProbe(Probe):
                     cum[kind] += d
         self._prev = seen
         self._storage_cum.end_cycle()
-        return {k: dict(v) for k, v in self._storage_cum.items()}
+        self._copy = shared_copy(self._storage_cum.items(), self._copy)
+        return self._copy
 
     def read(self) -> TcpRetransData:
         b = self.bpf

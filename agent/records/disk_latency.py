@@ -35,6 +35,7 @@ and one overflow bucket. A disk without a histogram is listed in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from agent.records.ebpf import SLOT_MAX
@@ -48,8 +49,10 @@ SOURCES = (LIBISCSI, BLOCK, QMP)
 OP_ORDER = ("read", "write", "flush", "discard", "other")
 
 
+@lru_cache(maxsize=8)
 def log2_bounds_ns(slot_max: int = SLOT_MAX) -> tuple[int, ...]:
-    """Upper bounds of log2 slots 0..slot_max (bpf_log2l: slot s = [2^(s-1), 2^s) ns)."""
+    """Upper bounds of log2 slots 0..slot_max (bpf_log2l: slot s = [2^(s-1), 2^s) ns); one tuple shared by every
+    histogram of every snapshot in the history."""
     return tuple(1 << s for s in range(slot_max + 1))
 
 

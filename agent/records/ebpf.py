@@ -1,5 +1,8 @@
 """What the eBPF probes report each cycle (sources: ebpf_block_io, ebpf_tcp_retrans, ebpf_tcp_lifecycle).
 
+The records the probes make per map entry or event have ``__slots__``: the
+agent's history keeps up to 120 snapshots of them.
+
 ``probe`` holds the probe's ProbeStats (its events, losses, and the run time
 and count of its BPF programs), so that it survives the local API and
 recordings as a record, not a plain mapping.
@@ -7,7 +10,11 @@ recordings as a record, not a plain mapping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+
+def _fields(rec) -> dict:
+    return {f.name: getattr(rec, f.name) for f in fields(rec)}
 
 
 @dataclass
@@ -40,7 +47,7 @@ class ProbeStats:
 SLOT_MAX = 36
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlockHistogram:
     device: str
     major: int
@@ -53,7 +60,7 @@ class BlockHistogram:
     bytes: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlockProcess:
     """Block I/O of one process on one device and op: every thread of it (QEMU's I/O threads
     included) under its tgid, the process that submitted each request. Cumulative since the agent
@@ -98,7 +105,7 @@ class BlockIoData:
         return tuple(p for p in self.processes if p.tgid == tgid)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TcpConnection:
     family: str
     saddr: str
@@ -115,10 +122,10 @@ class TcpConnection:
     last_seen_ns: int  # CLOCK_MONOTONIC ns
 
     def as_dict(self) -> dict:
-        return self.__dict__ | {"states": list(self.states)}
+        return _fields(self) | {"states": list(self.states)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TcpRetransEvent:
     monotonic_ns: int
     kind: str
@@ -144,7 +151,7 @@ class TcpRetransData:
     tracepoints: tuple[str, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnEvent:
     monotonic_ns: int
     kind: str
@@ -165,10 +172,10 @@ class ConnEvent:
 
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return _fields(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LiveConn:
     role: str
     family: str
@@ -193,7 +200,7 @@ class TcpLifecycleData:
     tracepoints: tuple[str, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LibiscsiLatency:
     """One QEMU process's commands to one LUN through one iSCSI context, one op (cumulative)."""
 
@@ -206,7 +213,7 @@ class LibiscsiLatency:
     sum_ns: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LibiscsiContext:
     """One iSCSI context of one process: where it logged in (when the probe saw the login) and its events."""
 

@@ -27,9 +27,9 @@ import pkgutil
 
 from agent.config import Config
 from agent.errors import ConfigError
-from agent.source_api import REGISTRY, Source, SourceContext, SourceInfo, register
+from agent.source_api import REGISTRY, Source, SourceContext, SourceInfo, Unchanged, register
 
-__all__ = ["REGISTRY", "Source", "SourceContext", "SourceInfo", "register", "load_registry", "selected"]
+__all__ = ["REGISTRY", "Source", "SourceContext", "SourceInfo", "Unchanged", "register", "load_registry", "selected"]
 
 
 def load_registry() -> dict[str, SourceInfo]:

@@ -18,7 +18,7 @@ import os
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
 from agent.records.block import BlockDevice, BlockDevices
-from agent.sources import SourceContext, register
+from agent.sources import SourceContext, Unchanged, register
 
 STAT_FIELDS = (
     "read_ios", "read_merges", "read_sectors", "read_ticks_ms",
@@ -87,9 +87,16 @@ def read_block_devices(paths: HostPaths) -> BlockDevices:
 class BlockDevicesSource:
     def __init__(self, ctx: SourceContext):
         self.paths = ctx.paths
+        self._same: Unchanged[BlockDevice] = Unchanged()  # an idle device's record is last cycle's
+        self._last: BlockDevices | None = None
 
     def collect(self) -> BlockDevices:
-        return read_block_devices(self.paths)
+        new = read_block_devices(self.paths)
+        devs = tuple(self._same.same(d.name, d) for d in new.devices)
+        if self._same.end_cycle() and self._last is not None and self._last.partitions == new.partitions:
+            return self._last  # nothing moved: the history holds it once
+        self._last = BlockDevices(devs, new.partitions)
+        return self._last
 
     def close(self) -> None:
         pass

@@ -14,7 +14,7 @@ import os
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
 from agent.records.net import NetIface, NetIfaces
-from agent.sources import SourceContext, register
+from agent.sources import SourceContext, Unchanged, register
 
 COUNTERS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors", "tx_errors", "rx_dropped", "tx_dropped")
 
@@ -43,6 +43,8 @@ def _addresses() -> dict[str, list[str]]:
 class NetIfacesSource:
     def __init__(self, ctx: SourceContext):
         self.paths = ctx.paths
+        self._same: Unchanged[NetIface] = Unchanged()  # an idle interface's record is last cycle's
+        self._last: NetIfaces | None = None
 
     def collect(self) -> NetIfaces:
         base = self.paths.sys("class", "net")
@@ -59,7 +61,7 @@ class NetIfacesSource:
             except OSError:
                 continue  # vanished
             speed = _int(self.paths, d / "speed")
-            out.append(
+            out.append(self._same.same(n,
                 NetIface(
                     name=n,
                     operstate=state,
@@ -68,8 +70,11 @@ class NetIfacesSource:
                     counters={c: v for c in COUNTERS if (v := _int(self.paths, d / "statistics" / c)) is not None},
                     addresses=tuple(addrs.get(n, ())),
                 )
-            )
-        return NetIfaces(tuple(out))
+            ))
+        if self._same.end_cycle() and self._last is not None:
+            return self._last  # nothing moved: the history holds it once
+        self._last = NetIfaces(tuple(out))
+        return self._last
 
     def close(self) -> None:
         pass

@@ -158,3 +158,70 @@ def test_bound_malloc_applies_on_glibc():
     r = subprocess.run([sys.executable, "-c", "from agent.cli.run import bound_malloc; print(bound_malloc())"],
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "True", r.stderr
+
+
+def test_storage_totals_of_an_idle_remote_are_shared_between_reads():
+    """The per-remote totals each read returns (one copy per snapshot of the history) share the last read's
+    copy of a remote whose counts did not move, and the whole mapping when nothing moved; a copy once returned
+    never changes."""
+    from agent.ebpf.tcp_lifecycle import TcpLifecycleProbe
+
+    p = TcpRetransProbe()
+    portal, idle = ("198.18.1.2", 3260), ("198.18.2.2", 3260)
+    first = p.accumulate([(b"c1", portal, (1, 0, 0, 0)), (b"c2", idle, (2, 0, 0, 0))])
+    second = p.accumulate([(b"c1", portal, (4, 0, 0, 0)), (b"c2", idle, (2, 0, 0, 0))])
+    assert second[idle] is first[idle]
+    assert second[portal] is not first[portal] and second[portal]["retransmit"] == 4
+    assert first[portal]["retransmit"] == 1  # the earlier snapshot's copy is untouched
+    third = p.accumulate([(b"c1", portal, (4, 0, 0, 0)), (b"c2", idle, (2, 0, 0, 0))])
+    assert third is second and list(third) == list(second)
+
+    lc = TcpLifecycleProbe()
+    a = lc.accumulate([(b"k1", portal, "connect", 1), (b"k2", idle, "connect", 3)])
+    b = lc.accumulate([(b"k1", portal, "connect", 2), (b"k2", idle, "connect", 3)])
+    assert b[idle] is a[idle] and b[portal] is not a[portal]
+    assert (a[portal]["connect"], b[portal]["connect"]) == (1, 2)
+    assert lc.accumulate([(b"k1", portal, "connect", 2), (b"k2", idle, "connect", 3)]) is b
+
+
+def test_shared_copy_keeps_order_and_new_keys():
+    from agent.ebpf.bounded import shared_copy
+
+    prev = shared_copy([("a", {"x": 1}), ("b", {"x": 2})], {})
+    assert shared_copy([("a", {"x": 1}), ("b", {"x": 2})], prev) is prev
+    reordered = shared_copy([("b", {"x": 2}), ("a", {"x": 1})], prev)  # same counts, other order: a new mapping
+    assert reordered is not prev and list(reordered) == ["b", "a"] and reordered["a"] is prev["a"]
+    grown = shared_copy([("a", {"x": 1}), ("b", {"x": 2}), ("c", {"x": 0})], prev)
+    assert grown is not prev and grown["c"] == {"x": 0}
+    assert shared_copy([("a", {"x": 1})], prev) == {"a": {"x": 1}}  # a remote forgotten
+
+
+def test_unchanged_gives_back_last_cycles_equal_record():
+    from agent.source_api import Unchanged
+
+    u = Unchanged()
+    a, b = u.same("sda", ("sda", 1)), u.same("sdb", ("sdb", 1))
+    assert u.end_cycle() is False  # nothing to compare with yet
+    assert u.same("sda", ("sda", 1)) is a and u.same("sdb", ("sdb", 1)) is b
+    assert u.end_cycle() is True
+    assert u.same("sda", ("sda", 1)) is a
+    c = u.same("sdb", ("sdb", 2))
+    assert c == ("sdb", 2) and c is not b
+    assert u.end_cycle() is False
+    assert u.same("sda", ("sda", 1)) is a
+    assert u.end_cycle() is False  # sdb gone
+
+
+def test_probe_text_is_decoded_once_per_value():
+    from agent.ebpf import decode
+
+    raw = bytes([198, 18, 1, 2]) + bytes(12)
+    a = decode.addr_text(decode.AF_INET, raw)
+    assert a == "198.18.1.2" and decode.addr_text(decode.AF_INET, bytearray(raw[:4]) + bytes(12)) is a
+    v6 = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
+    assert decode.addr_text(decode.AF_INET6, v6) == "10.0.0.1"  # IPv4-mapped
+    assert decode.addr_text(decode.AF_INET6, bytes(15) + b"\x01") == "::1"
+    assert decode.addr_text(7, raw) == "family7"
+    name = decode.comm_text(b"qemu-system-x86\0")
+    assert name == "qemu-system-x86" and decode.comm_text(b"qemu-system-x86") is name
+    assert decode.comm_text(b"\xffbad\0junk") == "\ufffdbad"

@@ -1,0 +1,82 @@
+"""What stays the same from one cycle to the next is held once by the agent's history (issue 17 goal 1):
+the host sources give back last cycle's record of an idle block device or network interface, and the whole
+collection when nothing moved; the probes' per-entry records have no per-instance dict. Real sysfs-shaped
+trees under tmp_path, read by the sources themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from agent.config import Config
+from agent.hostpaths import HostPaths
+from agent.records import ebpf as rec
+from agent.sources import SourceContext
+from agent.sources.block_devices import BlockDevicesSource
+from agent.sources.net_ifaces import NetIfacesSource
+
+
+def _blockdev(root, name, devno, stat):
+    d = root / "sys" / "block" / name
+    (d / "slaves").mkdir(parents=True)
+    (d / "holders").mkdir()
+    (d / "dev").write_text(devno + "\n")
+    (d / "stat").write_text(" ".join(str(n) for n in stat) + "\n")
+    return d
+
+
+def test_block_devices_share_idle_devices_and_unchanged_collections(tmp_path):
+    busy = _blockdev(tmp_path, "sda", "8:0", [1] * 17)
+    _blockdev(tmp_path, "sdb", "8:16", [2] * 17)
+    src = BlockDevicesSource(SourceContext(Config(), HostPaths(sysfs=tmp_path / "sys")))
+    one = src.collect()
+    two = src.collect()
+    assert two is one  # nothing moved
+    (busy / "stat").write_text(" ".join(["5"] * 17) + "\n")
+    three = src.collect()
+    assert three is not two
+    assert three.get("sdb") is one.get("sdb")  # idle: last cycle's record
+    assert three.get("sda") is not one.get("sda") and three.get("sda").stat["read_ios"] == 5
+    assert one.get("sda").stat["read_ios"] == 1  # the earlier snapshot's record did not change
+    (tmp_path / "sys" / "block" / "sdb" / "dev").unlink()  # vanished
+    four = src.collect()
+    assert [d.name for d in four.devices] == ["sda"] and four.get("sda") is three.get("sda")
+
+
+def _iface(root, name, rx):
+    d = root / "sys" / "class" / "net" / name
+    (d / "statistics").mkdir(parents=True)
+    (d / "operstate").write_text("up\n")
+    (d / "mtu").write_text("1500\n")
+    for c in ("rx_packets", "tx_packets"):
+        (d / "statistics" / c).write_text(f"{rx}\n")
+    return d
+
+
+def test_net_ifaces_share_idle_interfaces(tmp_path):
+    busy = _iface(tmp_path, "ksbusy0", 1)
+    _iface(tmp_path, "ksidle0", 7)
+    src = NetIfacesSource(SourceContext(Config(), HostPaths(sysfs=tmp_path / "sys")))
+    one = src.collect()
+    assert src.collect() is one
+    (busy / "statistics" / "rx_packets").write_text("9\n")
+    two = src.collect()
+    assert two is not one and two.get("ksidle0") is one.get("ksidle0")
+    assert two.get("ksbusy0").counters["rx_packets"] == 9 and one.get("ksbusy0").counters["rx_packets"] == 1
+
+
+@pytest.mark.parametrize("cls", [rec.BlockHistogram, rec.BlockProcess, rec.TcpConnection, rec.TcpRetransEvent,
+                                 rec.ConnEvent, rec.LiveConn, rec.LibiscsiLatency, rec.LibiscsiContext])
+def test_per_entry_probe_records_have_slots(cls):
+    assert "__slots__" in vars(cls) and "__dict__" not in vars(cls)
+
+
+def test_records_as_dict_unchanged_by_slots():
+    c = rec.TcpConnection("ipv4", "10.0.0.1", 40000, "198.18.1.2", 3260, True, 1, 0, 0, 0, "ESTABLISHED",
+                          ("SYN_SENT", "ESTABLISHED"), 5)
+    d = c.as_dict()
+    assert list(d) == [f.name for f in dataclasses.fields(c)] and d["states"] == ["SYN_SENT", "ESTABLISHED"]
+    e = rec.ConnEvent(1, "connect", "CLOSE", "SYN_SENT", "initiator", "ipv4", "10.0.0.1", 40000, "198.18.1.2",
+                      3260, 42, "qemu", 0.5, 0.0, "", 1)
+    assert e.as_dict() == {f.name: getattr(e, f.name) for f in dataclasses.fields(e)} and len(e.as_dict()) == 16

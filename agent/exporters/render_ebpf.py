@@ -6,6 +6,7 @@ remote (address, port) plus one "other" series; never PIDs or 4-tuples.
 
 from __future__ import annotations
 
+from itertools import accumulate, repeat
 from typing import Iterable
 
 from agent.ebpf import decode
@@ -28,8 +29,18 @@ def probe_families(name: str, stats) -> Iterable:
         yield fam
 
 
+_BOUNDS: dict[int, tuple[str, ...]] = {}  # slot_max -> every bucket's le text (decode.cumulative_buckets')
+
+
 def histogram_buckets(slots: dict[int, int], slot_max: int) -> list[tuple[str, int]]:
-    return decode.cumulative_buckets(slots, slot_max)
+    """decode.cumulative_buckets(slots, slot_max), with the bound texts made once per slot_max (a render of a
+    host with many devices writes them for every histogram)."""
+    bounds = _BOUNDS.get(slot_max)
+    if bounds is None:
+        bounds = _BOUNDS[slot_max] = tuple(le for le, _n in decode.cumulative_buckets({}, slot_max))
+    counts = list(accumulate(map(slots.get, range(slot_max + 1), repeat(0))))
+    counts.append(counts[-1] + sum(c for s, c in slots.items() if s > slot_max))
+    return list(zip(bounds, counts))
 
 
 @renderer(Snapshot.block_io)

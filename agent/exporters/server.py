@@ -206,6 +206,7 @@ class _Bounded:
         self._deadlines: dict = {}
         self._dl_lock = threading.Lock()
         self._reaper_stop = threading.Event()
+        self._reaper_wake = threading.Event()  # set when a connection is accepted (a new deadline) or at close
         threading.Thread(target=self._reap, name="http-reaper", daemon=True).start()
 
     def process_request(self, request, client_address):
@@ -222,6 +223,7 @@ class _Bounded:
     def process_request_thread(self, request, client_address):
         with self._dl_lock:
             self._deadlines[request] = time.monotonic() + self.request_timeout
+        self._reaper_wake.set()
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -243,12 +245,21 @@ class _Bounded:
         self.shutdown_request(request)
 
     def _reap(self) -> None:
-        while not self._reaper_stop.wait(0.25):
+        """Cut off connections past their deadline; asleep until the next deadline (no connection: until one
+        is accepted), not polling: an idle agent's threads do not wake up for nothing."""
+        wait: float | None = None
+        while True:
+            self._reaper_wake.wait(wait)
+            self._reaper_wake.clear()
+            if self._reaper_stop.is_set():
+                return
             now = time.monotonic()
             with self._dl_lock:
                 late = [r for r, t in self._deadlines.items() if t <= now]
                 for r in late:
                     del self._deadlines[r]
+                nxt = min(self._deadlines.values(), default=None)
+            wait = None if nxt is None else max(nxt - now, 0.0) + 0.01
             for r in late:
                 log.debug("http: connection cut off after %gs", self.request_timeout)
                 try:  # the plain socket call: never touch the TLS object another thread is using
@@ -260,6 +271,7 @@ class _Bounded:
         stop = getattr(self, "_reaper_stop", None)  # absent when the bind itself failed
         if stop is not None:
             stop.set()
+            self._reaper_wake.set()
         super().server_close()
 
 

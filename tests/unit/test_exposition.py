@@ -315,3 +315,16 @@ def test_a_family_rewritten_only_when_its_rows_changed():
     rows[1].add_metric(["late", "x"], 1)  # a row added to a family after it was written
     plain[1].add_metric(["late", "x"], 1)
     assert write_exposition(rows) == _reference(plain)
+
+
+def test_ebpf_histogram_buckets_are_decodes():
+    import random
+
+    from agent.ebpf import decode
+    from agent.exporters.render_ebpf import histogram_buckets
+
+    rnd = random.Random(3)
+    for _ in range(500):
+        sm = rnd.choice([0, 1, 5, 26, 36])
+        slots = {rnd.randint(0, sm + 3): rnd.randint(0, 10**6) for _ in range(rnd.randint(0, 12))}
+        assert histogram_buckets(slots, sm) == decode.cumulative_buckets(slots, sm)

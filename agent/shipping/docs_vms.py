@@ -17,7 +17,7 @@ import operator
 
 from agent.records.addr import fmt_endpoint
 from agent.records.disk_latency import disk_percentiles
-from agent.records.rates import mean_latency_ns
+from agent.records.rates import mean_latencies_ns
 from agent.shipping.ecs import Doc, snapshot_builder
 
 
@@ -30,11 +30,6 @@ def _rate(a, b, dt):
     if a is None or b is None or a < b:
         return None
     return round((a - b) / dt, 3)
-
-
-def _lat_ms(prev, cur, op):
-    ns = mean_latency_ns(prev, cur, op)
-    return None if ns is None else round(ns / 1e6, 4)
 
 
 def _ms4(v):
@@ -82,9 +77,8 @@ def vm_disk_docs(snap, prev_snap):
             i["lun"] = disk.lun
         if i:
             k["iscsi"] = i
-        portal = fmt_endpoint(*disk.hosts[0]) if disk.hosts else None
         if p is not None:
-            portal = p.portal or portal
+            portal = p.portal or (fmt_endpoint(*disk.hosts[0]) if disk.hosts else None)
             if portal is not None:
                 k["portal"] = portal
             if p.session is not None:
@@ -95,13 +89,11 @@ def vm_disk_docs(snap, prev_snap):
                 d["host_device"] = p.host_device
             if p.connection is not None:
                 k["connection"] = p.connection
-        elif portal is not None:
-            k["portal"] = portal
+        elif disk.hosts:
+            k["portal"] = fmt_endpoint(*disk.hosts[0])
         s = disk.stats
         if s is not None:
-            st = dict(zip(_STATS, _stats(s)))
-            if None in st.values():
-                st = {a: b for a, b in st.items() if b is not None}
+            st = {a: b for a, b in zip(_STATS, _stats(s)) if b is not None}
             if st:
                 d["stats"] = st
             pv = prev.get(key)
@@ -114,10 +106,13 @@ def vm_disk_docs(snap, prev_snap):
                 w = _rate(s.wr_reqs, ps.wr_reqs, dt)
                 if w is not None:
                     d["write_iops"] = w
-                for name, op in (("read_latency_ms", "read"), ("write_latency_ms", "write"), ("latency_ms", "all")):
-                    ms = _lat_ms(ps, s, op)
-                    if ms is not None:
-                        d[name] = ms
+                rd, wr, both = mean_latencies_ns(ps, s)
+                if rd is not None:
+                    d["read_latency_ms"] = round(rd / 1e6, 4)
+                if wr is not None:
+                    d["write_latency_ms"] = round(wr / 1e6, 4)
+                if both is not None:
+                    d["latency_ms"] = round(both / 1e6, 4)
         q = pct.get(key) if prev_snap is not None else None
         if q is not None:
             if q.source is not None:

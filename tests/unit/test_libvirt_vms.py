@@ -6,6 +6,8 @@ libvirt connection, in-process, domains defined by our XML)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent.config import Config
@@ -113,3 +115,61 @@ def test_ipv6_portal_host_is_canonical():
     (vda, _) = parse_domain_disks(xml)
     assert vda.hosts == (("fd00:6b76::2", 3260),)
     assert parse_iscsi_url("iscsi://[FD00:6b76::0002]:3261/iqn.x:t/1") == ("fd00:6b76::2", 3261, "iqn.x:t", 1)
+
+
+def test_domain_xml_is_read_once_and_again_when_the_disks_change(tmp_path):
+    """The disks parsed from a domain's XML are kept; each cycle they get that cycle's counters, the same
+    records as a fresh parse would give; a disk set that changes in the stats (hot-plug) re-reads the XML."""
+    pytest.importorskip("libvirt", reason="python3-libvirt not installed (make test installs it)")
+    node = tmp_path / "node.xml"
+    node.write_text(NODE)
+    cfg = Config()
+    cfg.libvirt.uri = f"test://{node}"
+    src = LibvirtSource(SourceContext(cfg, HostPaths()))
+    conn = src._connect(__import__("libvirt"))
+    reads, extra = [], {"n": 1, "disks": ["vda"]}
+
+    class Conn:
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+        def isAlive(self):  # noqa: N802 (libvirt's names)
+            return True
+
+        def getAllDomainStats(self, groups, flags):  # noqa: N802
+            out = []
+            for dom, stats in conn.getAllDomainStats(groups, flags):
+                stats = dict(stats, **{"block.count": len(extra["disks"])})
+                for i, t in enumerate(extra["disks"]):
+                    stats.update({f"block.{i}.name": t, f"block.{i}.rd.reqs": extra["n"], f"block.{i}.rd.times": 7})
+                out.append((Dom(dom), stats))
+            return out
+
+    class Dom:
+        def __init__(self, dom):
+            self._dom = dom
+
+        def __getattr__(self, name):
+            return getattr(self._dom, name)
+
+        def XMLDesc(self, flags):  # noqa: N802
+            reads.append(self._dom.name())
+            return self._dom.XMLDesc(flags)
+
+    src._conn = Conn()
+    try:
+        first = {v.name: v for v in src.collect().vms}
+        assert sorted(reads) == ["bad", "good"]
+        extra["n"] = 5
+        second = {v.name: v for v in src.collect().vms}
+        assert sorted(reads) == ["bad", "good"]  # from the cache
+        for name in ("good", "bad"):
+            a, b = first[name].disks[0], second[name].disks[0]
+            assert b.stats.rd_reqs == 5 and a.stats.rd_reqs == 1
+            assert b == dataclasses.replace(a, stats=b.stats)  # every other field as parsed
+        assert second["bad"].error == first["bad"].error and "LUN" in second["bad"].error
+        extra["disks"] = ["vda", "vdz"]  # a disk appeared: the XML is read again
+        src.collect()
+        assert sorted(reads) == ["bad", "bad", "good", "good"]
+    finally:
+        src.close()

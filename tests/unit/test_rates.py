@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.records.rates import mean_latency_ms, mean_latency_ns
+from agent.records.rates import mean_latencies_ns, mean_latency_ms, mean_latency_ns
 from agent.records.vms import DiskStats
 
 A = DiskStats(rd_reqs=100, rd_time_ns=1_000_000_000, wr_reqs=50, wr_time_ns=500_000_000, fl_reqs=10, fl_time_ns=10_000_000)
@@ -61,5 +61,6 @@ def test_matches_the_definition_for_any_counters():
     @given(st.one_of(st.none(), stats), stats, st.sampled_from(["all", "read", "write", "flush"]))
     def check(prev, cur, op):
         assert mean_latency_ns(prev, cur, op) == _reference(prev, cur, op)
+        assert mean_latencies_ns(prev, cur) == tuple(_reference(prev, cur, o) for o in ("read", "write", "all"))
 
     check()

@@ -242,6 +242,11 @@ class EbpfConfig(_Section):
     cache_dir: str = Field(
         "/var/cache/kvmscope/bpf", description="where compiled probes are kept per kernel, loaded at the next start "
         "without compiling (a directory of the agent's own user, 0700); empty: compile at every start")
+    compile_timeout: float = Field(
+        60.0, gt=0, le=3600, description="most seconds one probe's compile, load and attach (bcc's clang, in a "
+        "child process) may take before the probe is reported failed; the probes compile in parallel at start. "
+        "A host much slower than usual (an emulated CPU: the lab's kernel-initiator host under TCG takes minutes) "
+        "needs more")
 
 
 class DiagnoseConfig(_Section):

@@ -143,6 +143,7 @@ class LoadOptions:
     uprobe_budget: float = 0.02  # share of one CPU a sampling uprobe probe may cost a process (ebpf.uprobe_budget)
     # compiled probes kept per kernel (agent/ebpf/objcache.py; ebpf.cache_dir); None: compile every time
     cache_dir: Path | None = None
+    compile_timeout: float = 60.0  # most seconds one compile + load + attach in the child (ebpf.compile_timeout)
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,8 @@ class Probe:
                 raise ImportError(missing)
             cache = ObjCache(self.opts.cache_dir) if self.opts.cache_dir else None
             self.bpf, skipped, rep.origin = load_or_compile(text, self.cflags(present), self.attachments(present), cache,
-                                                            self.opts.paths)
+                                                            self.opts.paths,
+                                                            timeout=self.opts.compile_timeout)
         except ImportError as e:
             rep.state, rep.reason = UNAVAILABLE, f"bcc not importable: {e}"
             rep.fix = "apt-get install python3-bpfcc and use a venv made with --system-site-packages (deploy/setup.sh)"

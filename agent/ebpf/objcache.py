@@ -463,15 +463,15 @@ def _attach(obj: bpfsys.BpfObject, spec, paths: HostPaths) -> bpfsys.Attachment:
 
 
 def load_or_compile(text: str, cflags: list[str], attach: list, cache: ObjCache | None,
-                    paths: HostPaths | None = None, kernel_build: Path | None = None
+                    paths: HostPaths | None = None, kernel_build: Path | None = None, timeout: float = 60.0
                     ) -> tuple[bpfsys.BpfObject, list[str], str]:
     """The probe's object from the cache when there is a good entry, else compiled (and the entry written):
     (object, skipped optional attachments, how: ``cache`` or ``compiled``). CompileError as
-    :func:`agent.ebpf.compiler.compile_in_child`."""
+    :func:`agent.ebpf.compiler.compile_in_child` (``timeout``: its compiler child's, ebpf.compile_timeout)."""
     from agent.ebpf.compiler import compile_and_record
 
     if cache is None:
-        obj, skipped, _ = compile_and_record(text, cflags, attach, record=False)
+        obj, skipped, _ = compile_and_record(text, cflags, attach, timeout, record=False)
         return obj, skipped, "compiled"
     key = cache_key(text, cflags, attach, paths, kernel_build)
     try:
@@ -484,7 +484,7 @@ def load_or_compile(text: str, cflags: list[str], attach: list, cache: ObjCache 
             log.info("eBPF object cache entry %s not used: %s; compiling", key[:12], e)
     except (OSError, KeyError, ValueError, TypeError) as e:  # a map or program the kernel refused, a malformed recipe
         log.warning("eBPF object cache entry %s could not be loaded (%s: %s); compiling", key[:12], type(e).__name__, e)
-    obj, skipped, recipe = compile_and_record(text, cflags, attach, record=True)
+    obj, skipped, recipe = compile_and_record(text, cflags, attach, timeout, record=True)
     if recipe is not None:
         cache.put(key, recipe)
     else:

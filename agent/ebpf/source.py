@@ -33,6 +33,7 @@ def load_options(ctx: SourceContext) -> LoadOptions:
         library_dirs=tuple(Path(d) for d in cfg.ebpf.library_dirs),
         uprobe_budget=cfg.ebpf.uprobe_budget,
         cache_dir=Path(cfg.ebpf.cache_dir) if cfg.ebpf.cache_dir else None,
+        compile_timeout=cfg.ebpf.compile_timeout,
     )
     if cfg.ebpf.probes_dir:
         opts.probes_dir = Path(cfg.ebpf.probes_dir)

@@ -935,3 +935,20 @@ def test_kernel_host_refuses_without_the_guest_userland(monkeypatch):
     with pytest.raises(LabError, match="multipathd.*multipath-tools"):
         kernelhost.KERNEL_HOST.validate(args)
     kernelhost.KERNEL_HOST.validate(cli.build_parser().parse_args(["up"]))   # not asked: no check
+
+
+def test_kernel_host_kvmscope_config_loads_with_its_compile_timeout(tmp_path):
+    """The guest's kvmscope config is valid kvmscope config, and its probes get the longer compile timeout
+    (four parallel bcc compiles on the guest's one emulated vCPU take minutes)."""
+    from agent import config
+    from agent.ebpf.source import load_options
+    from agent.hostpaths import HostPaths
+    from agent.source_api import SourceContext
+
+    p = tmp_path / "config.yaml"
+    p.write_text(kernelhost.kvmscope_conf())
+    cfg, _ = config.load(p, environ={})
+    assert cfg.ebpf.compile_timeout == kernelhost.KVMSCOPE_COMPILE_TIMEOUT >= 300
+    assert cfg.agent.interval == kernelhost.KVMSCOPE_INTERVAL
+    opts = load_options(SourceContext(cfg, HostPaths.from_config(cfg.paths)))
+    assert opts.compile_timeout == kernelhost.KVMSCOPE_COMPILE_TIMEOUT

@@ -146,6 +146,10 @@ KVMSCOPE_INTERVAL = 15
 # The guest agent's shipped documents (the same ECS documents it would send to Elasticsearch: events,
 # findings, metrics docs) as JSON lines, for the lab tests to read; tmpfs, so bounded: 8 MiB + one rotation.
 GUEST_SHIPPED = "/var/log/kvmscope/kvmscope.ndjson"
+# One probe's bcc compile takes ~15-25 s of the guest's one emulated vCPU alone; kvmscope compiles its four
+# probes in parallel at start, beside the load: minutes of wall time, past the 60 s default (every probe
+# then failed for good, "no answer from the compiler process").
+KVMSCOPE_COMPILE_TIMEOUT = 600
 
 
 def kvmscope_conf():
@@ -157,7 +161,8 @@ def kvmscope_conf():
             f"metrics:\n  listen: \"{MGMT['guest_addr']}:{METRICS_PORT}\"\n"
             f"  web_config: /etc/kvmscope/web.yml\n"
             f"agent:\n  interval: {KVMSCOPE_INTERVAL}\n  collector_timeout: 12\n"
-            f"file_output:\n  enabled: true\n  path: {GUEST_SHIPPED}\n  max_bytes: 8388608\n  keep: 1\n")
+            f"file_output:\n  enabled: true\n  path: {GUEST_SHIPPED}\n  max_bytes: 8388608\n  keep: 1\n"
+            f"ebpf:\n  compile_timeout: {KVMSCOPE_COMPILE_TIMEOUT}\n")
 
 
 def web_yml():

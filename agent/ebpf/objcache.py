@@ -88,7 +88,8 @@ def file_digest(path: Path) -> str:
     memo = f"{path}:{st.st_size}:{st.st_mtime_ns}"
     if memo not in _btf_digest:
         try:
-            _btf_digest[memo] = hashlib.sha256(path.read_bytes()).hexdigest()
+            with open(path, "rb") as f:  # in chunks: the BTF is ~6 MB, never held whole for this
+                _btf_digest[memo] = hashlib.file_digest(f, "sha256").hexdigest()
         except OSError:
             return "unreadable"
     return _btf_digest[memo]

@@ -217,7 +217,9 @@ def test_hung_iscsiadm_bounded_by_one_budget(tmp_path, fake_iscsiadm):
     snap = agent.collect_once()
     elapsed = time.monotonic() - t0
     assert snap.health["iscsi_kernel"].status is Status.OK, snap.health["iscsi_kernel"]
-    assert elapsed < 3.0, f"collect took {elapsed:.1f}s"
+    # the promise is the collector deadline (4 s), against 8 s for four serial 2 s timeouts; the 2 s
+    # budget plus killing and reaping the hung child can pass 3 s on a loaded 2-CPU machine
+    assert elapsed < cfg.agent.collector_timeout, f"collect took {elapsed:.1f}s"
     data = snap.data["iscsi_kernel"]
     assert [(s.sid, s.state) for s in data.sessions] == [(1, "LOGGED_IN"), (2, "LOGGED_IN"), (3, "LOGGED_IN"), (4, "LOGGED_IN")]
     assert all(s.stats is None and s.stats_error for s in data.sessions)
@@ -237,7 +239,7 @@ def test_one_slow_session_others_keep_counters_and_rotate(tmp_path, fake_iscsiad
     src = IscsiKernelSource(SourceContext(cfg, paths_for(tmp_path)))
     t0 = time.monotonic()
     data = src.collect()
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < cfg.agent.collector_timeout
     by = {s.sid: s for s in data.sessions}
     assert by[1].stats is not None and by[1].stats["scsicmd_pdus"] == 25600
     assert by[2].stats is None and "timed out" in by[2].stats_error

@@ -4,7 +4,10 @@ kvmscope's iscsi_kernel leg measured against what the guest's own iscsiadm,
 multipathd and sysfs say (read by the test, through the guest agent).
 
 Faults are the lab's own (`lab target-offline`, `lab loss`), acting on the
-guest's TCP stack: its segments are routed through the portal veths.
+guest's TCP stack: its segments are routed through the portal veths. The
+failover under `lab target-offline --portal 1` (session, path, the load's
+stall, reinstatement) is tests/lab/test_multipath_lab.py's, together with
+what kvmscope says of it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import time
 
 import pytest
 
-from tests.conftest import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -153,45 +155,3 @@ def test_committed_capture_agrees_with_the_live_guest(kernel_host, tmp_path):
     names = sorted(os.listdir(tmp_path / "live" / "cmd"))
     assert names == sorted(os.listdir(DEST / "cmd")), names
     print(f"\nlive capture: {summary}")
-
-
-def test_portal1_offline_fails_over_to_portal2(kernel_host, lab):
-    """Portal 1 stops answering: session 1 leaves LOGGED_IN, multipath fails its
-    path, the load goes on through portal 2 after one stall; online: reinstated."""
-    kh = kernel_host
-    by_portal = sessions_by_portal(kh)
-    sid1, sid2 = by_portal[PORTAL1], by_portal[PORTAL2]
-    sd1, sd2 = session_disk(kh, sid1), session_disk(kh, sid2)
-    stalls0 = len(kh.stalls())
-    rx2_0 = stats_of(kh, sid2)["scsicmd_pdus"]
-    t_off = time.time()
-    lab.run("target-offline", "--portal", 1)
-    try:
-        wait_for(lambda: kh.read(f"/sys/class/iscsi_session/session{sid1}/state").strip() != "LOGGED_IN",
-                 60, "session 1 to leave LOGGED_IN")
-        t_state = time.time()
-        wait_for(lambda: paths(kh)[sd1]["dm_state"] == "failed", 60, "multipath to fail sda's path")
-        t_failed = time.time()
-        ps = paths(kh)
-        assert ps[sd2]["dm_state"] == "active" and ps[sd2]["checker"] == "ready", ps
-        assert kh.read(f"/sys/class/iscsi_session/session{sid2}/state").strip() == "LOGGED_IN"
-        # the load continues through portal 2
-        _, n0, _ = kh.load_counters()
-        time.sleep(4)
-        _, n1, errs = kh.load_counters()
-        assert n1 - n0 > 20, (n0, n1)
-        assert errs == 0
-        assert stats_of(kh, sid2)["scsicmd_pdus"] > rx2_0
-        stalls = kh.stalls()[stalls0:]
-        assert stalls, "the failover caused no stall of 1 s or more"
-        worst = max(s[2] for s in stalls)
-        print(f"\nportal 1 offline: session {sid1} left LOGGED_IN after {t_state - t_off:.1f}s, "
-              f"path {sd1} failed after {t_failed - t_off:.1f}s, load stalled {worst:.1f}s "
-              f"(stalls {[round(s[2], 1) for s in stalls]}), then {(n1 - n0) / 4:.0f} ops/s on portal 2")
-        assert worst < 60
-    finally:
-        lab.run("target-online", "--portal", 1)
-    wait_for(lambda: kh.read(f"/sys/class/iscsi_session/session{sid1}/state").strip() == "LOGGED_IN",
-             90, "session 1 to log in again")
-    wait_for(lambda: paths(kh)[sd1]["dm_state"] == "active", 60, "multipath to reinstate the path")
-    print(f"portal 1 online: path reinstated {time.time() - t_off:.1f}s after the outage began")

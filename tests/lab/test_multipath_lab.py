@@ -26,7 +26,9 @@ import time
 import pytest
 
 from agent.shipping.fields import flatten
+from agent.sources.multipath import parse_dm_status
 from tests.conftest import wait_for
+from tests.lab.test_kernel_host import sessions_by_portal, stats_of
 
 pytestmark = pytest.mark.lab
 
@@ -100,8 +102,8 @@ def shipped(kh, *actions: str) -> list[dict]:
     return [d for d in docs if d.get("event.action") in actions]
 
 
-def whatif(kh, portal: str) -> dict:
-    """The doctor's what-if of ``portal`` failing (the doctor collects in-process: --standalone)."""
+def whatif(kh) -> dict[str, dict]:
+    """The doctor's what-if of each portal failing, by portal (the doctor collects in-process: --standalone)."""
     from tests.lab.kernelhost import GUEST_CONFIG
 
     t0 = time.monotonic()
@@ -110,10 +112,10 @@ def whatif(kh, portal: str) -> dict:
     assert out["rc"] in (0, 3), out
     say(f"guest `kvmscope doctor --check multipath_whatif` took {time.monotonic() - t0:.0f} s")
     res = json.loads(out["stdout"])
-    mine = [r for r in res["results"] if r["check"] == "multipath_whatif"]
-    found = [r for r in mine if r["subject"] == f"{kh.map} if {portal} fails"]
-    assert found, (mine, out["stderr"][-2000:])
-    return found[0]
+    mine = {r["values"].get("portal"): r for r in res["results"] if r["check"] == "multipath_whatif"}
+    assert set(mine) == {PORTAL1, PORTAL2} and all(r["subject"] == f"{kh.map} if {p} fails" for p, r in mine.items()), \
+        (mine, out["stderr"][-2000:])
+    return mine
 
 
 def mentions(finding: dict, text: str) -> bool:
@@ -155,10 +157,18 @@ def test_portal1_offline_failover_reported_and_predicted(kernel_host, lab):
     """Portal 1 offline: its session fails, the kernel fails its path, the load runs on portal 2 after one
     stall; /metrics, the shipped events and `diagnose` say so naming the VM, and of portal 2 only that it
     carries the load; the doctor's what-if (before the fault) matches the stall the load measured.
-    Portal 1 back: the path is reinstated, in /metrics and as an event."""
+    Portal 1 back: the session logs in again, the path is reinstated, in /metrics and as an event."""
     kh = kernel_host
-    pred = whatif(kh, PORTAL1)
+    by_portal = sessions_by_portal(kh)
+    sid1, sid2 = by_portal[PORTAL1], by_portal[PORTAL2]
+    # path_grouping_policy failover: I/O goes to the current path group only (portal 1's sda after boot)
+    [st] = parse_dm_status(kh.run("dmsetup", "status", "--target", "multipath")).values()
+    assert st["current_group"] == 1 and [g["state"] for g in st["groups"]] == ["active", "enabled"], st
+    preds = whatif(kh)
+    pred = preds[PORTAL1]
     assert pred["status"] == "ok" and pred["values"]["outcome"] == "failover", pred
+    # portal 2's path is the standby group: losing it stalls nothing
+    assert preds[PORTAL2]["values"]["outcome"] == "no_stall" and preds[PORTAL2]["values"]["stall_s"] == 0, preds
     assert kh.vm in pred["values"]["vms"] and pred["values"]["remaining"], pred
     lo, hi = pred["values"]["stall_range_s"]
     interval = pred["values"]["detect_s"][1] - pred["values"]["detect_s"][0]  # noop_out_interval
@@ -170,6 +180,7 @@ def test_portal1_offline_failover_reported_and_predicted(kernel_host, lab):
     fails2 = one(m0, "kvmscope_multipath_path_failures_total", path=sd2)
     pid = load_pid(kh)
     stalls0 = len(kh.stalls())
+    pdus2 = stats_of(kh, sid2)["scsicmd_pdus"]
     failed0 = len(shipped(kh, "multipath-path-failed"))
     reinstated0 = len(shipped(kh, "multipath-path-reinstated"))
     t_off = time.time()
@@ -186,12 +197,15 @@ def test_portal1_offline_failover_reported_and_predicted(kernel_host, lab):
         assert one(m, "kvmscope_iscsi_session_up", portal=PORTAL1) == 0.0
         assert one(m, "kvmscope_iscsi_session_up", portal=PORTAL2) == 1.0
         assert multipathd_paths(kh)[sd1][0] == "failed" and multipathd_paths(kh)[sd2][0] == "active"
+        assert kh.read(f"/sys/class/iscsi_session/session{sid1}/state").strip() != "LOGGED_IN"
+        assert kh.read(f"/sys/class/iscsi_session/session{sid2}/state").strip() == "LOGGED_IN"
         # the load goes on through portal 2 after one stall, with no I/O error
         wait_for(lambda: kh.stalls()[stalls0:], 60, "the load's stall record", step=2)
         _t, n0, _e = kh.load_counters()
         time.sleep(3)
         _t, n1, errs = kh.load_counters()
         assert n1 > n0 and errs == 0, (n0, n1, errs)
+        assert stats_of(kh, sid2)["scsicmd_pdus"] > pdus2  # the load's commands now go to portal 2
         worst = max(s[2] for s in kh.stalls()[stalls0:])
         say(f"\nportal 1 offline: predicted stall {lo}-{hi} s, measured {worst:.1f} s; kvmscope path_up 0 "
             f"{t_metric - t_off:.1f} s after the fault; then {(n1 - n0) / 3:.0f} ops/s on {sd2}")
@@ -220,6 +234,8 @@ def test_portal1_offline_failover_reported_and_predicted(kernel_host, lab):
     wait_for(lambda: path_up(metrics(kh)).get(sd1, ("", 0.0))[1] == 1.0, 120, f"{sd1} reinstated in /metrics",
              step=2)
     t_back = time.time()
+    assert kh.read(f"/sys/class/iscsi_session/session{sid1}/state").strip() == "LOGGED_IN"
+    assert multipathd_paths(kh)[sd1][0] == "active"
     ev = wait_for(lambda: shipped(kh, "multipath-path-reinstated")[reinstated0:] or None, 60,
                   "the shipped multipath-path-reinstated event", step=3)
     assert [(e["kvmscope.multipath.path"], e["kvmscope.portal"], e["kvmscope.multipath.active_paths"])
@@ -254,4 +270,4 @@ def test_both_portals_offline_queueing_names_the_hung_workload(kernel_host, lab)
     finally:
         lab.run("target-online", "--portal", 1)
         lab.run("target-online", "--portal", 2)
-    wait_for(lambda: sorted(v for _p, v in path_up(metrics(kh)).values()) == [1.0, 1.0], 180, "both paths back", step=3)
+    # the paths' return is test_portal1_offline_failover_reported_and_predicted's; the kernel host stops next

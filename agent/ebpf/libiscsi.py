@@ -40,6 +40,7 @@ import os
 import time
 
 from agent.ebpf import decode, uprobes
+from agent.ebpf.bounded import Reuse
 from agent.ebpf.bpfsys import Attachment
 from agent.ebpf.compiler import Attach
 from agent.ebpf.loader import Probe, Uprobe
@@ -114,6 +115,17 @@ def cstr(raw: bytes) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
 
 
+def _latency(k, slots: list[int], total: int) -> LibiscsiLatency:
+    sl = {s: int(c) for s, c in enumerate(slots) if c}
+    return LibiscsiLatency(int(k.tgid), int(k.ctx), int(k.lun), decode.block_op_name(int(k.op)), sl, sum(sl.values()),
+                           int(total))
+
+
+def _context(k, v) -> LibiscsiContext:
+    return LibiscsiContext(int(k.tgid), int(k.ctx), cstr(v.target), cstr(v.portal), None if v.lun < 0 else int(v.lun),
+                           int(v.aborts), int(v.reconnects))
+
+
 class LibiscsiProbe(Probe):
     name = "libiscsi"
     source_file = "libiscsi.bpf.c"
@@ -138,6 +150,9 @@ class LibiscsiProbe(Probe):
         self.duty = DutyCycle(self.opts.uprobe_budget)
         self.hit_ns: float | None = None  # what one uprobe hit costs a process here (calibrated at load)
         self._sampled: dict[str, tuple[str, int, int]] = {}  # symbol -> (fn_name, program fd, file offset)
+        # records of idle (process, context, LUN, op) and contexts kept from the last read: shared by the history
+        self._lats: Reuse[LibiscsiLatency] = Reuse()
+        self._ctxs: Reuse[LibiscsiContext] = Reuse()
         self._pmu = 0
         self._off_left = 0  # cycles still detached
         self._last: tuple[float, dict[int, int]] | None = None  # (time, commands per tgid) at the last read
@@ -285,12 +300,12 @@ class LibiscsiProbe(Probe):
                 for s in range(NSLOTS):
                     slots[s] += v.slots[s]
                 total += v.sum_ns
-            sl = {s: int(c) for s, c in enumerate(slots) if c}
-            lats.append(LibiscsiLatency(int(k.tgid), int(k.ctx), int(k.lun), decode.block_op_name(int(k.op)), sl,
-                                        sum(sl.values()), int(total)))
+            lats.append(self._lats.get((int(k.tgid), int(k.ctx), int(k.lun), int(k.op), tuple(slots), int(total)),
+                                       lambda k=k, slots=slots, total=total: _latency(k, slots, total)))
+        self._lats.end_cycle()
         lats.sort(key=lambda x: (x.tgid, x.ctx, x.lun, decode.BLOCK_OPS.index(x.op)))
-        ctxs = [LibiscsiContext(int(k.tgid), int(k.ctx), cstr(v.target), cstr(v.portal), None if v.lun < 0 else int(v.lun),
-                                int(v.aborts), int(v.reconnects)) for k, v in b[b"ctxs"].items()]
+        ctxs = [self._ctxs.get(bytes(k) + bytes(v), lambda k=k, v=v: _context(k, v)) for k, v in b[b"ctxs"].items()]
+        self._ctxs.end_cycle()
         ctxs.sort(key=lambda c: (c.tgid, c.ctx))
         inflight: dict[tuple[int, int, int], int] = {}
         if self.attached:  # detached, the table holds what was in flight when sampling paused

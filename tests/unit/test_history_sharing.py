@@ -80,3 +80,40 @@ def test_records_as_dict_unchanged_by_slots():
     e = rec.ConnEvent(1, "connect", "CLOSE", "SYN_SENT", "initiator", "ipv4", "10.0.0.1", 40000, "198.18.1.2",
                       3260, 42, "qemu", 0.5, 0.0, "", 1)
     assert e.as_dict() == {f.name: getattr(e, f.name) for f in dataclasses.fields(e)} and len(e.as_dict()) == 16
+
+
+class _Table:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def items(self):
+        return list(self.rows)
+
+
+def test_libiscsi_records_of_idle_luns_and_contexts_are_the_last_reads(monkeypatch):
+    """The libiscsi probe's read over its maps (the probe's own ctypes layouts, filled here as the kernel would):
+    an idle (process, context, LUN, op) and an unchanged context give back the last read's record."""
+    from agent.ebpf import libiscsi as li
+
+    p = li.LibiscsiProbe()
+    monkeypatch.setattr(p, "percpu_totals", lambda name, n: [0] * n)
+    monkeypatch.setattr(p, "stats", lambda: None)
+    monkeypatch.setattr(p, "_cycle", lambda lats, stats: {})
+
+    def lat(tgid, op, counts):
+        v = li.LunVal()
+        for s, c in counts.items():
+            v.slots[s] = c
+        v.sum_ns = sum(counts.values()) * 1000
+        return li.LunKey(ctx=0x10, tgid=tgid, lun=0, op=op), [v]  # one CPU
+
+    ctx = (li.CtxKey(ctx=0x10, tgid=7), li.CtxVal(lun=0, target=b"iqn.2026-11.lab:t1", portal=b"198.18.1.2:3260"))
+    read_lat, write_lat = lat(7, 0, {10: 3}), lat(7, 1, {11: 2})
+    p.bpf = {b"lat": _Table([read_lat, write_lat]), b"ctxs": _Table([ctx]), b"inflight": _Table([])}
+    one = p.read()
+    p.bpf[b"lat"] = _Table([read_lat, lat(7, 1, {11: 5})])  # writes went on, reads idle
+    two = p.read()
+    assert two.latencies[0] is one.latencies[0] and two.contexts[0] is one.contexts[0]
+    assert two.latencies[1] is not one.latencies[1]
+    assert (one.latencies[1].slots, two.latencies[1].slots) == ({11: 2}, {11: 5})
+    assert two.latencies[1].count == 5 and two.contexts[0].portal == "198.18.1.2:3260"

@@ -3,7 +3,8 @@ TCP counters of /proc/net/snmp and /proc/net/netstat (source: host_tcp)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 from agent.records.addr import fmt_conn, fmt_endpoint
@@ -60,6 +61,21 @@ class TcpInfo:
     total_rto: int | None = None
     total_rto_recoveries: int | None = None
     total_rto_time_ms: int | None = None
+
+
+_TCP_INFO_VALUES = operator.attrgetter(*(f.name for f in fields(TcpInfo)))
+
+
+def share_tcp_info(new: TcpInfo | None, prev: TcpInfo | None) -> TcpInfo | None:
+    """``new``, holding ``prev``'s value objects where they are equal (``prev`` itself when all are): most of a
+    connection's ~50 tcp_info numbers (MSS, window, RTT, counters of an idle direction) do not move between two
+    cycles, and each of those big ints would otherwise be one more object per snapshot of the history."""
+    if new is None or prev is None:
+        return new
+    nv, pv = _TCP_INFO_VALUES(new), _TCP_INFO_VALUES(prev)
+    if nv == pv:
+        return prev
+    return TcpInfo(*[p if p == n else n for p, n in zip(pv, nv)])
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from functools import partial
 
 from agent.errors import NoData
 from agent.hostpaths import HostPaths
-from agent.records.tcp import StorageConnection, StorageConnections
+from agent.records.tcp import StorageConnection, StorageConnections, share_tcp_info
 from agent.sources import SourceContext, register
 from agent.sources.netlink_diag import DiagSocket, dump_tcp
 
@@ -71,6 +71,7 @@ class StorageTcpSource:
         # the kernel's dump holds every TCP socket of the host: decode only those to a storage port
         self.dump = dump if dump is not None else partial(dump_tcp, dports=frozenset(self.ports))
         self._owners: dict[int, tuple[int, str] | None] = {}
+        self._infos: dict[tuple, object] = {}  # (4-tuple, inode) -> last cycle's TcpInfo: its values are shared
 
     def collect(self) -> StorageConnections:
         socks = select_storage(self.dump(), self.ports)
@@ -84,8 +85,11 @@ class StorageTcpSource:
                 self._owners[i] = found.get(i)
         self._owners = {i: v for i, v in self._owners.items() if i in inodes}
         out = []
+        infos = {}
         for s in socks:
             owner = self._owners.get(s.inode)
+            key = (s.src, s.sport, s.dst, s.dport, s.inode)
+            info = infos[key] = share_tcp_info(s.info, self._infos.get(key))
             out.append(
                 StorageConnection(
                     family="ipv6" if ":" in s.dst else "ipv4",
@@ -97,9 +101,10 @@ class StorageTcpSource:
                     inode=s.inode,
                     pid=owner[0] if owner else None,
                     comm=owner[1] if owner else None,
-                    info=s.info,
+                    info=info,
                 )
             )
+        self._infos = infos
         out.sort(key=lambda c: (c.dst, c.dport, c.src, c.sport))
         return StorageConnections(tuple(out))
 

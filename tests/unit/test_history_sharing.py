@@ -117,3 +117,31 @@ def test_libiscsi_records_of_idle_luns_and_contexts_are_the_last_reads(monkeypat
     assert two.latencies[1] is not one.latencies[1]
     assert (one.latencies[1].slots, two.latencies[1].slots) == ({11: 2}, {11: 5})
     assert two.latencies[1].count == 5 and two.contexts[0].portal == "198.18.1.2:3260"
+
+
+def test_tcp_info_values_that_did_not_move_are_last_cycles():
+    """storage_tcp over two dumps of one connection (tcp_info bytes as the kernel lays them out, parsed by the
+    source's own parser): the numbers that did not move are the previous TcpInfo's objects, an unchanged tcp_info
+    is the previous one, and the records compare as before."""
+    import struct
+
+    from agent.records.tcp import share_tcp_info
+    from agent.sources.netlink_diag import DiagSocket, parse_tcp_info
+    from agent.sources.storage_tcp import StorageTcpSource
+
+    def info(acked):
+        buf = bytearray(248)
+        struct.pack_into("=I", buf, 16, 1460)  # tcpi_snd_mss
+        struct.pack_into("=Q", buf, 120, acked)  # tcpi_bytes_acked
+        struct.pack_into("=Q", buf, 128, 987654321)  # tcpi_bytes_received
+        return parse_tcp_info(bytes(buf))
+
+    dumps = [info(1000000), info(2000000), info(2000000)]
+    sock = lambda i: DiagSocket(2, "ESTABLISHED", "10.0.0.1", 40000, "198.18.1.2", 3260, 77, 0, i)  # noqa: E731
+    src = StorageTcpSource(SourceContext(Config(), HostPaths()), dump=lambda: [sock(dumps.pop(0))])
+    src._owners[77] = (4242, "qemu-system-x86")  # no /proc scan: the owner is known
+    a, b, c = (src.collect().connections[0].info for _ in range(3))
+    assert a.bytes_acked == 1000000 and b.bytes_acked == 2000000 and b == info(2000000)
+    assert b.bytes_received is a.bytes_received and b.snd_mss == a.snd_mss == 1460
+    assert c is b
+    assert share_tcp_info(None, a) is None and share_tcp_info(a, None) is a

@@ -75,7 +75,7 @@ _PATHS: dict[str, tuple[tuple[str, ...], str]] = {}  # dotted key -> (parent key
 def _path(k: str) -> tuple[tuple[str, ...], str]:
     t = _PATHS.get(k)
     if t is None:
-        parts = k.split(".")
+        parts = [k] if k[:1] == "@" else k.split(".")  # @timestamp and the like: never nested
         t = (tuple(parts[:-1]), parts[-1])
         if len(_PATHS) < 65536:  # field names are a fixed set; the bound is for a builder gone wrong
             _PATHS[k] = t
@@ -98,10 +98,13 @@ def _put(out: dict, flat: dict[str, Any]) -> None:
     for k, v in flat.items():
         if v is None:
             continue
-        if k[:1] == "@":
-            out[k] = v
-            continue
         parents, last = _PATHS.get(k) or _path(k)
+        if not parents:  # a top-level name (@timestamp, message, an object the builder nested)
+            if type(v) is dict and type(out.get(k)) is dict:
+                _merge(out[k], v)
+            else:
+                out[k] = v
+            continue
         node = out
         for p in parents:
             nxt = node.get(p)

@@ -39,7 +39,8 @@ def test_cycle_benchmark_runs_and_joins_every_disk_to_its_qemu_connection(tmp_pa
     assert len(r["cpu_ms"]) == 3 and all(0 < c < 60_000 for c in r["cpu_ms"])
     assert len(r["render_ms"]) == 3 and all(0 < c < 60_000 for c in r["render_ms"])
     parts = r["parts_ms"]
-    for part in ("source libvirt", "source storage_tcp", "consumer live diagnosis",
+    for part in ("source libvirt", "source storage_tcp", "consumer live diagnosis", "consumer the snapshot's shared values "
+                 "(storage-path join, disk latency join, connection names)",
                  "consumer shipping (ES documents + spool append)", "consumer /metrics prerender"):
         assert part in parts and parts[part] >= 0, sorted(parts)
     assert r["samples"] > 12 * 5  # per disk at least its info, requests, bytes and time series

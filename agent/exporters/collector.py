@@ -26,7 +26,7 @@ from agent import __version__
 from agent.exporters import catalog as C
 from agent.exporters.caps import Limits, SeriesCap
 from agent.exporters.catalog import has_samples
-from agent.exporters.exposition import write_exposition
+from agent.exporters.exposition import family_bytes, write_exposition
 from agent.exporters.registry import Renderers, load_renderers
 from agent.records.snapshot import Snapshot, Status
 
@@ -112,21 +112,12 @@ class _Rendered:
         self._lock = threading.Lock()
 
     def chunks(self) -> list:
-        """``items`` with each run of families written as one bytes chunk (written at the first scrape)."""
+        """``items`` with each family written as its bytes (written at the first scrape; a family unchanged since
+        the last snapshot's render gives back the same bytes, not a copy)."""
         if self._chunks is None:
             with self._lock:
                 if self._chunks is None:
-                    out, run = [], []
-                    for it in self.items + [None]:
-                        if it is not None and not callable(it):
-                            run.append(it)
-                            continue
-                        if run:
-                            out.append(write_exposition(run))
-                            run = []
-                        if it is not None:
-                            out.append(it)
-                    self._chunks = out
+                    self._chunks = [it if callable(it) else family_bytes(it) for it in self.items]
         return self._chunks
 
 

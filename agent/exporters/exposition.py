@@ -90,9 +90,6 @@ def write_family(metric, out: list) -> None:
     elif mtype == "unknown":
         mtype = "untyped"
     out.append(_header(mname, mtype, metric.documentation))
-    rows = metric.rows() if hasattr(metric, "rows") else None
-    if rows is not None and _write_rows(metric, rows, out):
-        return
     om_names = {metric.name + sfx: sfx for sfx in _OM_SUFFIXES}
     samples = metric.samples
     if not samples:
@@ -153,13 +150,28 @@ def _write_uniform(name: str, labs: list, samples: list, out: list) -> bool:
 
 
 _repr_nl = "%r\n".__mod__
+_int_nl = "%d.0\n".__mod__
+_MIN_EXACT = -(2**53)
 
 
 def _go_floats(values) -> list:
     """go_float of each value, each followed by a newline."""
+    values = list(values)
+    if not values:
+        return []
+    if set(map(type, values)) == {int}:  # counters: an int's float text is its digits and ".0" (below 2**53)
+        out = list(map(_int_nl, values))
+        if max(values) < 1e6 and min(values) > _MIN_EXACT:
+            return out
+        for i in [i for i, v in enumerate(values) if not _MIN_EXACT < v < 1e6]:
+            out[i] = go_float(values[i]) + "\n"
+        return out
     floats = list(map(float, values))
     out = list(map(_repr_nl, floats))
     # repr(float) is go_float's answer except for inf, nan and 1e6 <= x < 1e16 (Go's exponent form)
+    total = sum(floats)
+    if total == total and -_INF < total < _INF and max(floats) < 1e6:  # a finite sum: no inf, no nan
+        return out
     for i in [i for i, d in enumerate(floats) if not _MINUS_INF < d < 1e6]:
         out[i] = go_float(floats[i]) + "\n"
     return out
@@ -220,33 +232,31 @@ def _escape_value(v: str) -> str:
     return v
 
 
-def _write_rows(metric, rows: list, out: list) -> bool:
-    """The lines of a catalog family's rows (agent.exporters.catalog): the bytes generate_latest writes for
-    the samples the rows stand for, without building them. False (nothing written) when the rows do not fit."""
-    if not rows:
-        return True
+def _rows_bytes(metric, rows: list) -> bytes | None:
+    """The text of a catalog family (agent.exporters.catalog) from its rows: the bytes generate_latest writes
+    for the samples the rows stand for, without building them; None when the rows do not fit (label counts)."""
     names = metric._labelnames
     if len(set(names)) != len(names) or "le" in names:
-        return False
-    key = (metric.name, metric.type, names)
+        return None
+    key = (metric.name, metric.type, names, metric.documentation)
     last = _last_text.get(key)
     if last is not None and last[0] == rows:  # nothing changed since the last render: its text
-        out.append(last[1])
-        return True
-    mark = len(out)
-    if not _write_new_rows(metric, names, rows, out):
-        return False
-    text = "".join(out[mark:])
-    del out[mark:]
-    out.append(text)
+        return last[1]
+    mtype = metric.type
+    mname = metric.name + "_total" if mtype == "counter" else metric.name
+    out = [_header(mname, mtype, metric.documentation)]
+    if rows and not _write_new_rows(metric, names, rows, out):
+        return None
+    text = "".join(out).encode("utf-8")
     _last_text[key] = (list(rows), text)
-    return True
+    return text
 
 
-# (family name, type, label names) -> (rows, their text) of the family's last render: a family whose rows did not
-# change since (an idle disk's histograms, the gauges of a quiet host: most of a small host's series between two
-# cycles) is not written again. One entry per family the agent exports; a copy of the rows, not the list itself.
-_last_text: dict[tuple, tuple[list, str]] = {}
+# (family name, type, label names, help) -> (rows, their text) of the family's last render: a family whose rows
+# did not change since (an idle disk's histograms, the gauges of a quiet host: most of a small host's series
+# between two cycles) is not written again. One entry per family the agent exports; a copy of the rows (tuples
+# shared), not the list itself.
+_last_text: dict[tuple, tuple[list, bytes]] = {}
 
 
 def _write_new_rows(metric, names: tuple, rows: list, out: list) -> bool:
@@ -289,10 +299,19 @@ def _write_histogram_rows(name: str, names: tuple, rows: list, out: list) -> boo
     return True
 
 
+def family_bytes(metric) -> bytes:
+    """One family's text exposition: generate_latest's bytes for it."""
+    rows = metric.rows() if hasattr(metric, "rows") else None
+    if rows is not None:
+        text = _rows_bytes(metric, rows)
+        if text is not None:
+            return text
+    out: list[str] = []
+    write_family(metric, out)
+    return "".join(out).encode("utf-8")
+
+
 def write_exposition(families: Iterable) -> bytes:
     """The text exposition of ``families``: generate_latest's bytes, faster."""
-    out: list[str] = []
-    for f in families:
-        write_family(f, out)
-    return "".join(out).encode("utf-8")
+    return b"".join(map(family_bytes, families))
 

@@ -270,6 +270,11 @@ class DiagnoseConfig(_Section):
     )
     live: bool = Field(True, description="run the rules inside `kvmscope run` every cycle (metrics, shipped findings)")
     window_seconds: float = Field(60.0, ge=1, le=86400, description="history the agent's live diagnosis looks at")
+    recent_intervals: int = Field(
+        2, ge=0, le=1000,
+        description="the live diagnosis also judges the window's last this many intervals (the same thresholds) "
+                    "and reports what either shows: a fault that started inside the window is named without "
+                    "waiting for it to outweigh the healthy part; 0 = the whole window only")
     baseline_seconds: float = Field(
         600.0, ge=0, le=86400,
         description="history before the window that teaches the baselines (a disk's usual latency, a portal's "

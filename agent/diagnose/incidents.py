@@ -394,15 +394,12 @@ def replay(snaps: list[Snapshot], cfg) -> list[dict]:
     """The incidents the live diagnosis would have followed over ``snaps`` (oldest first): the rules over
     each cycle's last ``cfg.window_seconds``, as the agent runs them. For ``kvmscope diagnose`` on a
     recording or on samples taken in-process (attached, it asks the agent's own tracker)."""
-    from agent.diagnose.rules import run_rules
-    from agent.diagnose.window import build_window
+    from agent.diagnose.live import judge
 
     tracker = IncidentTracker()
     for i in range(1, len(snaps)):
-        start = snaps[i].timestamp - cfg.window_seconds
-        win = [s for s in snaps[:i + 1] if s.timestamp >= start]
-        before = [s for s in snaps[:i + 1] if start - cfg.baseline_seconds <= s.timestamp < start]
-        if len(win) >= 2:
-            w = build_window(win, history=before)
-            tracker.update(run_rules(w, cfg), win, timeline=w.timeline)
+        judged = judge(snaps[:i + 1], snaps[i].timestamp, cfg)
+        if judged is not None:
+            w, findings, win = judged
+            tracker.update(findings, win, timeline=w.timeline)
     return tracker.incidents()

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
+from agent import health
 from agent.config import DiagnoseConfig
 from agent.diagnose.incidents import IncidentTracker
 from agent.diagnose.rules import Finding, run_rules
-from agent.diagnose.window import build_window
+from agent.diagnose.window import Window, build_window
 from agent.records.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,33 @@ def api_dict(f: Finding) -> dict:
     return d
 
 
+def judge(ring: Sequence[Snapshot], now: float, cfg: DiagnoseConfig) -> tuple[Window, list[Finding], list] | None:
+    """One cycle's diagnosis over ``ring`` (the history, oldest first) at ``now``: the rules over the last
+    ``cfg.window_seconds`` and over its last ``cfg.recent_intervals`` intervals (each window's baselines
+    learnt from the ``cfg.baseline_seconds`` before it; the recent intervals only once that history holds
+    enough intervals to learn a baseline: without one a short window's mean alone would judge, the whole
+    window's covers that time). (window, findings, its snapshots); None with fewer than two snapshots in
+    the window."""
+    start = now - cfg.window_seconds
+    snaps = [s for s in ring if start <= s.timestamp <= now]
+    if len(snaps) < 2:
+        return None
+    w = build_window(snaps, history=_before(ring, start, cfg))
+    recent = None
+    n = cfg.recent_intervals
+    if n and len(snaps) > n + 1:
+        last = snaps[-(n + 1):]
+        before = _before(ring, last[0].timestamp, cfg)
+        if len(before) >= health.MIN_BASELINE_SAMPLES:  # judged against what was learnt before them, or not at all
+            recent = build_window(last, history=before)
+    return w, run_rules(w, cfg, recent=recent), snaps
+
+
+def _before(ring: Sequence[Snapshot], start: float, cfg: DiagnoseConfig) -> list[Snapshot]:
+    """The history a window from ``start`` learns its baselines from."""
+    return [s for s in ring if start - cfg.baseline_seconds <= s.timestamp < start]
+
+
 class LiveDiagnosis:
     def __init__(self, history: Callable[[], list[Snapshot]], cfg: DiagnoseConfig,
                  on_new: Callable[[Finding, Snapshot], None] | None = None,
@@ -100,18 +128,14 @@ class LiveDiagnosis:
         return {"seq": seq, "timestamp": ts, "findings": [api_dict(f) for f in findings]}
 
     def consume(self, snap: Snapshot) -> None:
-        ring = self.history()
-        start = snap.timestamp - self.cfg.window_seconds
-        snaps = [s for s in ring if s.timestamp >= start]
-        if len(snaps) < 2:
-            return
-        before = [s for s in ring if start - self.cfg.baseline_seconds <= s.timestamp < start]  # baselines
         try:
-            w = build_window(snaps, history=before)
-            findings = run_rules(w, self.cfg)
+            judged = judge(self.history(), snap.timestamp, self.cfg)
         except Exception:  # a rule bug must not stop the agent
             log.exception("live diagnosis failed")
             return
+        if judged is None:
+            return
+        w, findings, snaps = judged
         seen = {}
         for f in findings:
             k = finding_key(f)

@@ -791,18 +791,25 @@ def rule_failed(name: str, error: BaseException) -> Finding:
         next_checks=["the agent's log (the traceback)", "report it with `kvmscope diagnose --json` output"])
 
 
-def consolidate(ranked: list[tuple[int, Finding]]) -> list[Finding]:
+def consolidate(ranked: list[tuple[int, Finding]], recent: frozenset = frozenset()) -> list[Finding]:
     """One finding per cause: drop a finding whose effects are all explained by one of lower precedence.
 
     ``ranked``: (precedence of its rule, finding). The winner keeps the dropped
     one's cause key in ``evidence["explains_also"]``. Findings that explain no
-    effect (blind spots, interface counters) are always kept.
+    effect (blind spots, interface counters) are always kept. ``recent``: the ids of the findings judged
+    on the window's most recent intervals (:func:`run_rules`): across the two windows a finding of the
+    same rule explains too (the whole window's, ranked first, wins over its regrouping on the recent
+    intervals), within one window it does not.
     """
     kept: list[Finding] = []
     claimed: dict[tuple, Finding] = {}
+
+    def other(owner: Finding, f: Finding) -> bool:
+        return owner.rule != f.rule or (id(owner) in recent) != (id(f) in recent)
+
     for _prec, f in sorted(ranked, key=lambda pf: pf[0]):
-        owners = {id(claimed[e]): claimed[e] for e in f.explains if e in claimed and claimed[e].rule != f.rule}
-        if f.explains and all(e in claimed and claimed[e].rule != f.rule for e in f.explains):
+        owners = {id(claimed[e]): claimed[e] for e in f.explains if e in claimed and other(claimed[e], f)}
+        if f.explains and all(e in claimed and other(claimed[e], f) for e in f.explains):
             for o in owners.values():
                 o.evidence.setdefault("explains_also", []).append(f.cause_key)
             continue
@@ -812,8 +819,8 @@ def consolidate(ranked: list[tuple[int, Finding]]) -> list[Finding]:
     return kept
 
 
-def run_rules(w: Window, cfg: DiagnoseConfig, rules=None) -> list[Finding]:
-    """Every rule over the window; one that raises is reported as a blind spot, the others still run."""
+def _ranked(w: Window, cfg: DiagnoseConfig, rules) -> list[tuple[int, Finding]]:
+    """(precedence, finding) of every rule over ``w``; one that raises is a blind spot, the others still run."""
     ranked: list[tuple[int, Finding]] = []
     for r in RULES if rules is None else rules:
         try:
@@ -821,12 +828,51 @@ def run_rules(w: Window, cfg: DiagnoseConfig, rules=None) -> list[Finding]:
         except Exception as e:  # a rule bug must not hide the other rules' findings
             log.exception("diagnosis rule %s failed", r.__name__)
             ranked.append((DEFAULT_PRECEDENCE, rule_failed(r.__name__, e)))
-    findings = consolidate(ranked)
+    return ranked
+
+
+def _unexplained(w: Window, cfg: DiagnoseConfig, findings: list[Finding]) -> list[Finding]:
     try:
-        findings.extend(slow_unexplained(w, cfg, findings))
+        return slow_unexplained(w, cfg, findings)
     except Exception as e:  # as for any rule
         log.exception("diagnosis rule slow_unexplained failed")
-        findings.append(rule_failed("slow_unexplained", e))
+        return [rule_failed("slow_unexplained", e)]
+
+
+def _judged_recently(f: Finding, recent: Window) -> Finding:
+    """A finding only the recent intervals show: its evidence says over what it was judged."""
+    f.evidence["judged_over"] = f"the last {recent.snapshots - 1} interval(s) ({recent.seconds:.0f} s)"
+    return f
+
+
+def run_rules(w: Window, cfg: DiagnoseConfig, rules=None, recent: Window | None = None) -> list[Finding]:
+    """Every rule over the window; one that raises is reported as a blind spot, the others still run.
+
+    ``recent``: the window's most recent intervals (the live diagnosis, ``diagnose.recent_intervals``):
+    every rule runs over them too, with the same thresholds, and a cause either window shows is reported.
+    A fault that started inside the window is named as soon as its last intervals show it, not once it
+    outweighs the healthy intervals before it. One finding per cause key (the more severe; the whole
+    window's when equal), and one finding per cause across both (:func:`consolidate`)."""
+    ranked = _ranked(w, cfg, rules)
+    quick: set[int] = set()
+    if recent is not None:
+        at = {f.cause_key: i for i, (_p, f) in enumerate(ranked)}
+        for prec, f in _ranked(recent, cfg, rules):
+            i = at.get(f.cause_key)
+            if i is None:
+                at[f.cause_key] = len(ranked)
+                ranked.append((prec, _judged_recently(f, recent)))
+                quick.add(id(f))
+            elif SEVERITY_ORDER[f.severity] < SEVERITY_ORDER[ranked[i][1].severity]:
+                ranked[i] = (prec, _judged_recently(f, recent))
+                quick.add(id(f))
+    findings = consolidate(ranked, frozenset(quick))
+    more = _unexplained(w, cfg, findings)
+    if recent is not None:
+        keys = {f.cause_key for f in more}
+        more += [_judged_recently(f, recent) for f in _unexplained(recent, cfg, findings + more)
+                 if f.cause_key not in keys]
+    findings.extend(more)
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], f.rule, str(f.subject.get("id"))))
     return findings
 

@@ -265,7 +265,13 @@ _samples: list[_SlidingSamples] = []
 def _latency_samples(history: list[Snapshot]) -> _SlidingSamples:
     """The per-disk samples of ``history``: a slot's that slid to it, else the least recently used slot
     walked in full (another caller, a gap). Call under ``_samples_lock``."""
-    slot = next((x for x in _samples if x._overlap(history) is not None), None)
+    best, slot = None, None
+    for x in _samples:  # the slot that slid to it with the fewest steps out and in (one history can be the
+        drop = x._overlap(history)  # start of another: the recent intervals' history holds the window's)
+        if drop is not None:
+            cost = drop + len(history) - (len(x.refs) - drop)
+            if best is None or cost < best:
+                best, slot = cost, x
     if slot is None:
         slot = _samples.pop() if len(_samples) >= _SLOTS else _SlidingSamples()
     else:

@@ -296,13 +296,34 @@ def _probe_totals(snap: Snapshot) -> dict[tuple, tuple[int, int]]:
     return idx
 
 
-def _probe_ms(first: Snapshot, last: Snapshot, vm: str, disk: str, source: str) -> float | None:
-    """Mean time per request of a VM disk's probe histograms (agent.records.disk_latency) over the window."""
-    k = (vm, disk, source)
-    a, b = _probe_totals(first).get(k), _probe_totals(last).get(k)
+def _probe_ms(a: dict, b: dict, key: tuple) -> float | None:
+    """Mean time per request of a VM disk's probe histograms (agent.records.disk_latency) over the window:
+    ``a``, ``b`` the :func:`_probe_totals` of its first and last snapshot, ``key`` (vm, disk, source)."""
+    a, b = a.get(key), b.get(key)
     if a is None or b is None or b[0] - a[0] <= 0 or b[1] < a[1]:
         return None
     return (b[1] - a[1]) / (b[0] - a[0]) / 1e6
+
+
+def _disk_static(last: Snapshot, paths) -> list[tuple]:
+    """What a window needs of each VM disk of its last snapshot besides counters, in window order (VM, disk):
+    (key, "vm/disk", vm, disk record, portal, target, lun); made once per snapshot and paths (the live
+    diagnosis' two windows end at the same snapshot)."""
+    memo = last.__dict__.get("_window_disk_static")
+    if memo is not None and memo[0] is paths:
+        return memo[1]
+    portal_of = {(p.vm, p.disk): p.portal for p in paths}
+    lun_of = {(p.vm, p.disk): (p.target, p.lun) for p in paths if p.target}
+    out = []
+    for key, (vm, d) in last.vm_disks.items():
+        if d.stats is None:
+            continue
+        target, lun = lun_of.get((vm.name, d.target), (d.iqn, d.lun))
+        portal = portal_of.get((vm.name, d.target)) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None)
+        out.append((key, f"{key[0]}/{key[1]}", vm.name, d, d.backend, portal, target, lun))
+    out.sort(key=lambda x: (x[2], x[3].target))  # stable: what sorting the windows by (vm, disk) gave
+    last.__dict__["_window_disk_static"] = (paths, out)  # frozen dataclass: a cache, not a field
+    return out
 
 
 def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapshot],
@@ -314,16 +335,13 @@ def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapsho
     with a step in every interval of the window; one that came, went or was reset within it is walked
     snapshot by snapshot."""
     series = [s.vm_disks for s in snaps]
-    portal_of = {(p.vm, p.disk): p.portal for p in paths}
-    lun_of = {(p.vm, p.disk): (p.target, p.lun) for p in paths if p.target}
     baselines = _disk_baselines(history + snaps[:1]) if history else {}
     first, last = snaps[0], snaps[-1]
     first_disks, steps = series[0], timeline.disk_ops
+    probes_a, probes_b = _probe_totals(first), _probe_totals(last)
     disks = []
-    for key, (vm, d) in series[-1].items():
-        if d.stats is None:
-            continue
-        per = steps.get(f"{key[0]}/{key[1]}")
+    for key, name, vm, d, backend, portal, target, lun in _disk_static(last, paths):
+        per = steps.get(name)
         if per is not None and None not in per and (f := first_disks.get(key)) is not None \
                 and f[1].stats is not None:
             a = f[1].stats
@@ -334,12 +352,11 @@ def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapsho
         b = d.stats
         ops = _ops(b) - _ops(a)
         total_ms, read_ms, write_ms = window_latencies_ms(a, b)
-        target, lun = lun_of.get((vm.name, d.target), (d.iqn, d.lun))
         disks.append(DiskWindow(
-            vm=vm.name,
+            vm=vm,
             disk=d.target,
-            backend=d.backend,
-            portal=portal_of.get((vm.name, d.target)) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None),
+            backend=backend,
+            portal=portal,
             ops=ops,
             ops_per_second=ops / dt,
             mean_ms=total_ms,
@@ -348,12 +365,12 @@ def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapsho
             stalled=health.stalled(per),
             intervals_ops=per,
             baseline_ms=baselines.get(key),
-            iscsi_ms=_probe_ms(first, last, vm.name, d.target, LIBISCSI),
-            host_block_ms=_probe_ms(first, last, vm.name, d.target, BLOCK),
+            iscsi_ms=_probe_ms(probes_a, probes_b, (vm, d.target, LIBISCSI)) if probes_b else None,
+            host_block_ms=_probe_ms(probes_a, probes_b, (vm, d.target, BLOCK)) if probes_b else None,
             target=target,
             lun=lun,
         ))
-    return sorted(disks, key=lambda d: (d.vm, d.disk))
+    return disks
 
 
 def _connections_seen(snaps: list[Snapshot]) -> dict[str, list]:
@@ -369,57 +386,74 @@ def _four_tuples(snap: Snapshot) -> set[str]:
     return {x.four_tuple for x in snap.storage_connections}
 
 
-def _counter_delta(first, last, name: str, born_inside: bool) -> int | None:
-    """last - first of a tcp_info counter; a connection born inside the window counts from 0."""
-    b = getattr(last, name, None)
-    if b is None:
-        return None
-    a = 0 if born_inside or first is None else getattr(first, name, None)
-    return None if a is None else max(b - a, 0)
+# the tcp_info counters a connection's window takes the delta of (ConnWindow's fields, in this order)
+_DELTAS = ("total_retrans", "segs_out", "bytes_sent", "bytes_retrans", "dsack_dups", "rcv_ooopack", "data_segs_in",
+           "total_rto_time_ms", "total_rto")
+
+
+def _deltas(i0, i1, born_inside: bool) -> list:
+    """last - first of each tcp_info counter of ``_DELTAS`` (at least 0; None when an end lacks it); a
+    connection born inside the window counts from 0."""
+    if born_inside or i0 is None:
+        return [None if (b := getattr(i1, n, None)) is None else max(b, 0) for n in _DELTAS]
+    return [None if (b := getattr(i1, n, None)) is None or (a := getattr(i0, n, None)) is None else max(b - a, 0)
+            for n in _DELTAS]
+
+
+def _owners(last: Snapshot, paths) -> dict[str, tuple]:
+    """four-tuple -> (vm, disk) of the paths joined to a connection; made once per snapshot and paths."""
+    memo = last.__dict__.get("_window_owners")
+    if memo is None or memo[0] is not paths:
+        memo = last.__dict__["_window_owners"] = (paths, {p.connection: (p.vm, p.disk) for p in paths if p.connection})
+    return memo[1]
 
 
 def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths) -> list[ConnWindow]:
     """Per storage connection: retransmits, segments and bytes over the window, its last state."""
-    owner = {p.connection: (p.vm, p.disk) for p in paths if p.connection}
+    owner = _owners(snaps[-1], paths)
     first_conns, last_conns = _four_tuples(snaps[0]), _four_tuples(snaps[-1])
     conns = []
     for ft, obs in seen.items():
-        i0, i1 = obs[0].info, obs[-1].info
+        o1 = obs[-1]
+        i0, i1 = obs[0].info, o1.info
         if i1 is None:
             continue
-        born_inside = ft not in first_conns
-        retrans = _counter_delta(i0, i1, "total_retrans", born_inside) or 0
+        retrans, segs, sent, bretrans, dsacks, ooo, segs_in, rto_ms, rtos = _deltas(i0, i1, ft not in first_conns)
+        retrans = retrans or 0
+        rtts, rttvars, backoffs = [], [], []
+        for o in obs:  # the smoothed RTTs (and variances) while ESTABLISHED, the backoffs, in one pass
+            i = o.info
+            if i is not None:
+                backoffs.append(i.backoff or 0)
+                if i.rtt_us and o.state == "ESTABLISHED":
+                    rtts.append(i.rtt_us)
+                    if i.rttvar_us is not None:
+                        rttvars.append(i.rttvar_us)
         vm, disk = owner.get(ft, (None, None))
         conns.append(ConnWindow(
             four_tuple=ft,
-            portal=obs[-1].portal,
+            portal=o1.portal,
             vm=vm,
             disk=disk,
             retrans=retrans,
             retrans_per_second=retrans / dt,
-            segs_out=_counter_delta(i0, i1, "segs_out", born_inside) or 0,
+            segs_out=segs or 0,
             rtt_ms=i1.rtt_us / 1000 if i1.rtt_us is not None else None,
-            max_backoff=max((o.info.backoff or 0) for o in obs if o.info),
-            state=obs[-1].state,
+            max_backoff=max(backoffs),
+            state=o1.state,
             present_at_end=ft in last_conns,
-            bytes_sent=_counter_delta(i0, i1, "bytes_sent", born_inside),
-            bytes_retrans=_counter_delta(i0, i1, "bytes_retrans", born_inside),
-            rtt_mean_ms=_mean_rtt_ms(obs),
-            rttvar_mean_ms=_mean_rtt_ms(obs, "rttvar_us"),
-            dsacks=_counter_delta(i0, i1, "dsack_dups", born_inside),
-            ooo=_counter_delta(i0, i1, "rcv_ooopack", born_inside),
-            data_segs_in=_counter_delta(i0, i1, "data_segs_in", born_inside),
-            rto_stall_s=None if (x := _counter_delta(i0, i1, "total_rto_time_ms", born_inside)) is None else x / 1000,
-            rto_count=_counter_delta(i0, i1, "total_rto", born_inside),
+            bytes_sent=sent,
+            bytes_retrans=bretrans,
+            rtt_mean_ms=_mean(rtts) / 1000 if rtts else None,
+            rttvar_mean_ms=_mean(rttvars) / 1000 if rttvars else None,
+            dsacks=dsacks,
+            ooo=ooo,
+            data_segs_in=segs_in,
+            rto_stall_s=None if rto_ms is None else rto_ms / 1000,
+            rto_count=rtos,
             rto_ms=i1.rto_us / 1000 if i1.rto_us is not None else None,
         ))
     return sorted(conns, key=lambda c: (c.portal, c.four_tuple))
-
-
-def _mean_rtt_ms(obs, field_name: str = "rtt_us") -> float | None:
-    vals = [getattr(o.info, field_name) for o in obs
-            if o.info is not None and o.info.rtt_us and o.state == "ESTABLISHED" and getattr(o.info, field_name) is not None]
-    return _mean(vals) / 1000 if vals else None
 
 
 def _mean(vals: list):

@@ -133,7 +133,7 @@ SCENARIOS = [
 
 
 class Agent:
-    def __init__(self, interval: float, window: float, workdir: Path):
+    def __init__(self, interval: float, window: float, workdir: Path, recent: int | None = None):
         self.sock = str(workdir / "api.sock")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -143,7 +143,7 @@ class Agent:
             "agent": {"interval": interval},
             "metrics": {"listen": f"127.0.0.1:{port}"},
             "api": {"socket": self.sock},
-            "diagnose": {"window_seconds": window},
+            "diagnose": {"window_seconds": window, **({} if recent is None else {"recent_intervals": recent})},
             "storage_log": {"state_dir": str(workdir / "positions")},
         }))
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVMSCOPE_")}
@@ -333,12 +333,20 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def render(results: dict, interval: float, window: float, deadline: int, took: float, when: str | None = None) -> str:
+def _recent_default() -> int:
+    from agent.config import DiagnoseConfig
+
+    return DiagnoseConfig().recent_intervals
+
+
+def render(results: dict, interval: float, window: float, deadline: int, took: float, when: str | None = None,
+           recent: int | None = None) -> str:
     today = when or _now()
     yes = {True: "yes", False: "**no**"}
     out = [BEGIN, "", f"Measured {today} by `make scoreboard` ({took / 60:.1f} min): lab of 4 VMs (VMs 0 and 2 "
            f"on portal 1 `{P1}`, VMs 1 and 3 on portal 2 `{P2}`), `kvmscope run` with `agent.interval` "
-           f"{interval:g} s and `diagnose.window_seconds` {window:g}, verdicts read from its live findings "
+           f"{interval:g} s, `diagnose.window_seconds` {window:g} and `diagnose.recent_intervals` "
+           f"{_recent_default() if recent is None else recent}, verdicts read from its live findings "
            f"(`/api/v1/findings`) every 0.5 s for at most {deadline} intervals after the fault.", "",
            "| scenario | right | cause | scope | named VMs | healthy VMs clean | time to verdict (intervals) | "
            "what the agent said |", "|---|---|---|---|---|---|---|---|"]
@@ -379,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=2.0, help="agent interval, seconds (default 2)")
     ap.add_argument("--window", type=float, default=10.0, help="live diagnosis window, seconds (default 10)")
     ap.add_argument("--deadline", type=int, default=15, help="intervals to wait for a verdict (default 15)")
+    ap.add_argument("--recent", type=int, default=None,
+                    help="diagnose.recent_intervals of the agent (default: the configuration's, 2; 0 = off)")
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--results", type=Path, help="also write the results as JSON here")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/diagnose.md")
@@ -387,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.render:
         saved = json.loads(a.render.read_text())
         section = render(saved["results"], saved["interval"], saved["window"], saved["deadline"], saved["took"],
-                         saved.get("when"))
+                         saved.get("when"), saved.get("recent"))
         print(section)
         if not a.no_doc:
             write_doc(section)
@@ -407,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         log("lab up --vms 4")
         lab("up", "--vms", 4, "--timeout", 300)
         with tempfile.TemporaryDirectory(prefix="kvmscope-scoreboard-") as tmp:
-            agent = Agent(a.interval, a.window, Path(tmp))
+            agent = Agent(a.interval, a.window, Path(tmp), a.recent)
             try:
                 agent.wait_ready()
                 for sc in chosen:
@@ -424,10 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         lab("down", check=False)
         lock.close()
     took = time.monotonic() - t0
-    section = render(results, a.interval, a.window, a.deadline, took)
+    section = render(results, a.interval, a.window, a.deadline, took, recent=a.recent)
     print(section)
     if a.results:
-        a.results.write_text(json.dumps({"results": results, "interval": a.interval, "window": a.window,
+        a.results.write_text(json.dumps({"results": results, "interval": a.interval, "window": a.window, "recent": a.recent,
                                          "deadline": a.deadline, "took": took, "when": _now()}, indent=1, default=str))
     if not a.no_doc:
         write_doc(section)

@@ -460,7 +460,7 @@ def _mean(vals: list):
     """statistics.mean(vals), without its exact-fraction arithmetic when every value is an int below 2**53
     (tcp_info's are u32): Python's int / int is the correctly rounded quotient, which is what mean gives
     (and a whole mean below 2**53 is exact as a float, so dividing it further rounds the same)."""
-    if all(type(v) is int and 0 <= v < 1 << 53 for v in vals):
+    if set(map(type, vals)) == {int} and min(vals) >= 0 and max(vals) < 1 << 53:  # every one, in C loops
         return sum(vals) / len(vals)
     return mean(vals)
 

@@ -43,7 +43,7 @@ import logging
 import sys
 
 from agent.ebpf import btf, decode
-from agent.ebpf.bounded import AgingTable, Reuse
+from agent.ebpf.bounded import AgingTable, Reuse, Tuples
 from agent.ebpf.compiler import Attach
 from agent.ebpf.loader import FAILED, Probe, ProbeReport
 from agent.ebpf.objcache import FORMAT as OBJCACHE_FORMAT
@@ -204,6 +204,7 @@ class BlockIoProbe(Probe):
         super().__init__(opts)
         self.devices = DeviceNames(self.opts.paths)
         self._hists: Reuse[BlockHistogram] = Reuse()  # records of idle (dev, op, kind) kept from the last read
+        self._tuples = Tuples()
         self.modes = tuple(m for m in modes if m in MODES)
         self.mode = self.modes[0] if self.modes else "classic"
         self.fallbacks: list[str] = []  # modes tried before the one attached, with the reason
@@ -368,7 +369,7 @@ class BlockIoProbe(Probe):
                                           sum(sl.values()), cum.sum_ns, cum.bytes, major, minor, sl)
             out.append(cum.record)
         out.sort(key=lambda p: (p.tgid, p.major, p.minor, p.op))
-        return tuple(out)
+        return self._tuples.same("processes", out)
 
     def read(self) -> BlockIoData:
         b = self.bpf
@@ -407,4 +408,5 @@ class BlockIoProbe(Probe):
         t = self.percpu_totals("totals", TOT_N)
         totals = dict(zip(TOTALS, t))
         self.devices.end_cycle()
-        return BlockIoData(tuple(hists), procs, totals, SLOT_MAX, self.stats(), tuple(self.report.tracepoints))
+        return BlockIoData(self._tuples.same("histograms", hists), procs, totals, SLOT_MAX, self.stats(),
+                           self._tuples.same("tracepoints", self.report.tracepoints))

@@ -106,6 +106,23 @@ def shared_copy(items: Iterable[tuple[K, dict]], prev: dict[K, dict]) -> dict[K,
     return out
 
 
+class Tuples:
+    """The tuples of records a probe's read returns (histograms, processes, live sockets...), each the last
+    read's tuple when it holds the very same records in the same order: an idle host's snapshots then share
+    one tuple per kind instead of each holding a copy of the same references."""
+
+    def __init__(self):
+        self._prev: dict[str, tuple] = {}
+
+    def same(self, kind: str, items: Iterable) -> tuple:
+        t = tuple(items)
+        prev = self._prev.get(kind)
+        if prev is not None and len(prev) == len(t) and all(a is b for a, b in zip(prev, t)):
+            return prev
+        self._prev[kind] = t
+        return t
+
+
 class Reuse(Generic[V]):
     """The records built from a kernel map's entries, rebuilt only when an entry's raw bytes change.
 

@@ -91,6 +91,20 @@ def _addr_text(family: int, raw: bytes) -> str:
     return sys.intern(str(a.ipv4_mapped) if a.ipv4_mapped else str(a))
 
 
+_INTS: dict[int, int] = {}
+
+
+def shared_int(n: int) -> int:
+    """``n`` as the one int object kept for that value (ports, pids: values that repeat across events and
+    snapshots; each big int is otherwise an object of its own). Bounded: the table starts afresh when full."""
+    v = _INTS.get(n)
+    if v is None:
+        if len(_INTS) >= TEXT_CACHE:
+            _INTS.clear()
+        v = _INTS[n] = n
+    return v
+
+
 @lru_cache(maxsize=TEXT_CACHE)
 def comm_text(raw: bytes) -> str:
     """A task's comm (TASK_COMM_LEN bytes, NUL-padded, or already cut at the NUL) → text (one shared string per

@@ -40,7 +40,7 @@ import os
 import time
 
 from agent.ebpf import decode, uprobes
-from agent.ebpf.bounded import Reuse
+from agent.ebpf.bounded import Reuse, Tuples
 from agent.ebpf.bpfsys import Attachment
 from agent.ebpf.compiler import Attach
 from agent.ebpf.loader import Probe, Uprobe
@@ -153,6 +153,7 @@ class LibiscsiProbe(Probe):
         # records of idle (process, context, LUN, op) and contexts kept from the last read: shared by the history
         self._lats: Reuse[LibiscsiLatency] = Reuse()
         self._ctxs: Reuse[LibiscsiContext] = Reuse()
+        self._tuples = Tuples()
         self._pmu = 0
         self._off_left = 0  # cycles still detached
         self._last: tuple[float, dict[int, int]] | None = None  # (time, commands per tgid) at the last read
@@ -317,5 +318,5 @@ class LibiscsiProbe(Probe):
                   "aborts": t[TOT_ABORTS], "reconnects": t[TOT_RECONNECTS]}
         stats = self.stats()
         sampling = self._cycle(lats, stats)
-        return LibiscsiData(tuple(lats), tuple(ctxs), inflight, totals, SLOT_MAX, stats,
-                            tuple(self.report.tracepoints), sampling)
+        return LibiscsiData(self._tuples.same("latencies", lats), self._tuples.same("contexts", ctxs), inflight, totals,
+                            SLOT_MAX, stats, self._tuples.same("tracepoints", self.report.tracepoints), sampling)

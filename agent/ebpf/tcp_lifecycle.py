@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 
 from agent.ebpf import decode
-from agent.ebpf.bounded import AgingTable, Reuse, shared_copy
+from agent.ebpf.bounded import AgingTable, Reuse, Tuples, shared_copy
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import ConnEvent, LiveConn, TcpLifecycleData
 
@@ -98,8 +98,9 @@ def event_from_raw(e: Event) -> ConnEvent:
         int(e.ts), KINDS[e.kind] if e.kind < len(KINDS) else str(e.kind),
         decode.tcp_state_name(int(e.oldstate)), decode.tcp_state_name(int(e.newstate)),
         "target" if flags & F_TARGET else "initiator", decode.family_name(fam),
-        decode.addr_text(fam, bytes(e.saddr)), int(e.sport), decode.addr_text(fam, bytes(e.daddr)), int(e.dport),
-        int(e.tgid), decode.comm_text(e.comm), e.age_ns / 1e9, e.estab_ns / 1e9, reset,
+        decode.addr_text(fam, bytes(e.saddr)), decode.shared_int(e.sport), decode.addr_text(fam, bytes(e.daddr)),
+        decode.shared_int(e.dport), decode.shared_int(e.tgid), decode.comm_text(e.comm), e.age_ns / 1e9,
+        e.estab_ns / 1e9, reset,
         int(e.ts) - int(e.age_ns))
 
 
@@ -126,6 +127,7 @@ class TcpLifecycleProbe(Probe):
         self._cum: AgingTable[tuple[str, int], dict[str, int]] = AgingTable(max_remotes, expire_cycles)
         self._copy: dict[tuple[str, int], dict[str, int]] = {}  # what the last read returned
         self._live: Reuse[LiveConn] = Reuse()
+        self._tuples = Tuples()
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -182,4 +184,5 @@ class TcpLifecycleProbe(Probe):
         t, dropped = self._totals()
         totals = {"transitions": t[TOT_TRANSITIONS], "tracked": t[TOT_TRACKED], "untracked_closes": t[TOT_UNTRACKED_CLOSE],
                   "stream_dropped": dropped}
-        return TcpLifecycleData(counts, tuple(live), events, totals, self.stats(), tuple(self.report.tracepoints))
+        return TcpLifecycleData(counts, self._tuples.same("live", live), events, totals, self.stats(),
+                                self._tuples.same("tracepoints", self.report.tracepoints))

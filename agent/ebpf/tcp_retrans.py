@@ -34,7 +34,7 @@ from __future__ import annotations
 import ctypes
 
 from agent.ebpf import decode
-from agent.ebpf.bounded import AgingTable, Reuse, shared_copy
+from agent.ebpf.bounded import AgingTable, Reuse, Tuples, shared_copy
 from agent.ebpf.loader import Probe
 from agent.records.ebpf import TcpConnection, TcpRetransData, TcpRetransEvent
 
@@ -122,6 +122,7 @@ class TcpRetransProbe(Probe):
         self._copy: dict[tuple[str, int], dict[str, int]] = {}  # what the last read returned
         self._pending: list[TcpRetransEvent] = []
         self._conns: Reuse[TcpConnection] = Reuse()
+        self._tuples = Tuples()
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -155,8 +156,8 @@ class TcpRetransProbe(Probe):
         fam = int(e.family)
         self._pending.append(TcpRetransEvent(
             int(e.ts), KINDS[e.kind] if e.kind < len(KINDS) else str(e.kind), decode.tcp_state_name(int(e.state)),
-            decode.family_name(fam), decode.addr_text(fam, bytes(e.saddr)), int(e.sport),
-            decode.addr_text(fam, bytes(e.daddr)), int(e.dport), bool(e.storage)))
+            decode.family_name(fam), decode.addr_text(fam, bytes(e.saddr)), decode.shared_int(e.sport),
+            decode.addr_text(fam, bytes(e.daddr)), decode.shared_int(e.dport), bool(e.storage)))
 
     def _totals(self) -> tuple[list[int], int]:
         tab = self.bpf[b"totals"]
@@ -208,12 +209,12 @@ class TcpRetransProbe(Probe):
         storage_kernel = {kind: t[TOT_STORAGE + i] for i, kind in enumerate(KINDS)}
         other = {kind: totals[kind] - storage_kernel[kind] for kind in KINDS}
         return TcpRetransData(
-            connections=tuple(conns),
+            connections=self._tuples.same("connections", conns),
             storage=storage_totals,
             other=other,
             totals=totals,
             events=events,
             stream_dropped=dropped,
             probe=self.stats(),
-            tracepoints=tuple(self.report.tracepoints),
+            tracepoints=self._tuples.same("tracepoints", self.report.tracepoints),
         )

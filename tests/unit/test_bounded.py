@@ -225,3 +225,25 @@ def test_probe_text_is_decoded_once_per_value():
     name = decode.comm_text(b"qemu-system-x86\0")
     assert name == "qemu-system-x86" and decode.comm_text(b"qemu-system-x86") is name
     assert decode.comm_text(b"\xffbad\0junk") == "\ufffdbad"
+
+
+def test_tuples_is_the_last_reads_tuple_when_it_holds_the_same_records():
+    from agent.ebpf.bounded import Tuples
+
+    a, b = object(), object()
+    t = Tuples()
+    first = t.same("live", [a, b])
+    assert t.same("live", [a, b]) is first and first == (a, b)
+    other = t.same("other", [a, b])
+    assert other is not first and other == first  # each kind is compared with its own last tuple
+    assert t.same("live", [b, a]) == (b, a)  # another order: a new tuple
+    equal_not_same = [object(), object()]
+    assert t.same("live", equal_not_same) == tuple(equal_not_same)
+
+
+def test_shared_int_keeps_one_object_per_value():
+    from agent.ebpf import decode
+
+    x = decode.shared_int(int("3260"))
+    assert decode.shared_int(int("3260")) is x and x == 3260
+    assert decode.shared_int(40000 + int("1")) == 40001

@@ -1,6 +1,7 @@
 """Benchmark of one whole collection cycle at scale: 200 VMs x 4 disks, 400 storage connections.
 
     python -m benchmarks.cycle [--vms 200] [--disks 4] [--cycles 20] [--profile FILE] [--no-ebpf] [--no-write]
+                               [--dump RECORDING]
 
 What runs (root; everything inside a network namespace of its own, made
 with ``unshare --net``, so the only addresses are its loopback's):
@@ -345,6 +346,12 @@ def measure(args, work: Path) -> dict:
             timer.end_cycle(True)
             time.sleep(args.gap)
         gc_full = full_gc(agent) if agent.freeze_gc else None
+        if args.dump:  # the history as a recording: benchmarks/diagnosis.py replays it through the live diagnosis
+            from agent.codec import dump_recording
+
+            with open(args.dump, "w") as fp:
+                dump_recording(list(agent.history()), fp)
+            log(f"history ({len(agent.history())} snapshots) written to {args.dump}")
         # the join alone, on the last snapshot (a fresh join each time)
         snap = agent.latest
         jt = []
@@ -490,6 +497,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ebpf", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the main numbers here as JSON (tests/integration)")
+    ap.add_argument("--dump", type=Path, help="write the agent's history here as a recording (benchmarks/diagnosis.py)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("benchmarks.cycle needs root (a network namespace, QEMU processes owned by root)", file=sys.stderr)

@@ -164,7 +164,13 @@ def _go_floats(values) -> list:
         if max(values) < 1e6 and min(values) > _MIN_EXACT:
             return out
         for i in [i for i, v in enumerate(values) if not _MIN_EXACT < v < 1e6]:
-            out[i] = go_float(values[i]) + "\n"
+            v = values[i]
+            if 1e6 <= v < 2**53:  # Go's exponent form of the exact digits: 1234500 -> 1.2345e+06
+                d = str(v)
+                m = d.rstrip("0")
+                out[i] = f"{m[0]}.{m[1:]}e+{len(d) - 1:02d}\n" if len(m) > 1 else f"{m}e+{len(d) - 1:02d}\n"
+            else:
+                out[i] = go_float(v) + "\n"
         return out
     floats = list(map(float, values))
     out = list(map(_repr_nl, floats))

@@ -83,6 +83,9 @@ class SeriesCap:
         self.dropped_total = dict.fromkeys(CAP_KINDS, 0)
         self.capped_now = dict.fromkeys(CAP_KINDS, 0)
         self._lock = threading.Lock()
+        # (family name, label names) -> (its rows at the last render, what they named): a family whose rows did
+        # not change (an idle connection's, a disk's info) is not looked through again
+        self._last: dict[tuple, tuple[list, tuple]] = {}
 
     def apply(self, families: list) -> None:
         """Cap ``families`` in place (one scrape) and count what was left out."""
@@ -96,7 +99,18 @@ class SeriesCap:
         for fam in families:
             rows = fam.rows() if hasattr(fam, "rows") else None
             if rows is not None:
-                long_values = self._row_identities(fam._labelnames, rows, vms, disks, conn_labels) or long_values
+                key = (fam.name, fam._labelnames)
+                last = self._last.get(key)
+                if last is not None and last[0] == rows:  # the same rows as the last render (fast when the same objects)
+                    fv, fd, fc, fl = last[1]
+                else:
+                    fv, fd, fc = set(), set(), set()
+                    fl = self._row_identities(fam._labelnames, rows, fv, fd, fc)
+                    self._last[key] = (list(rows), (fv, fd, fc, fl))
+                vms |= fv
+                disks |= fd
+                conn_labels |= fc
+                long_values = long_values or fl
                 continue
             labs = list(map(_get_labels, fam.samples))
             keys = set(chain.from_iterable(labs))

@@ -10,7 +10,7 @@ local address:port, which lives as long as the connection.
 from __future__ import annotations
 
 from itertools import repeat
-from operator import attrgetter, truediv
+from operator import attrgetter, is_, truediv
 from typing import Iterable
 
 from agent.exporters.catalog import define
@@ -251,9 +251,22 @@ PATH_INFO = define("kvmscope_storage_path_info", "gauge",
                    "join of libvirt/QMP, inet_diag, sysfs")
 
 
+# The last render's rows of each tcp_info column, with the connections' labels and tcp_info records they came
+# from: a column whose labels are the same list and whose records are the same objects (storage_tcp gives back an
+# unchanged TcpInfo, a frozen record: an idle connection's) gives back the same rows, whose text the writer then
+# reuses without comparing values. Pure memoization: a hit is decided by identity of immutable inputs.
+_last_columns: dict[tuple, tuple[list, list, list]] = {}
+_last_labels: list = [[]]
+
+
 def _column(lvs: list, infos: list, suffix: tuple, attr: str, div, keep_none: bool = False) -> list:
     """Rows (labels + suffix, tcp_info ``attr`` / ``div``) of every connection, in order; a connection whose
     kernel lacks the field has no row (or None in its place with ``keep_none``, for :func:`_interleave`)."""
+    key = (suffix, attr, div, keep_none)
+    last = _last_columns.get(key)
+    if last is not None and last[0] is lvs and len(last[1]) == len(infos) and all(map(is_, last[1], infos)):
+        return last[2]
+    label_list = lvs
     vals = list(map(attrgetter(attr), infos))
     if suffix:
         lvs = [lv + suffix for lv in lvs]
@@ -261,7 +274,8 @@ def _column(lvs: list, infos: list, suffix: tuple, attr: str, div, keep_none: bo
         vals = [None if v is None else v / div for v in vals] if None in vals else list(map(truediv, vals, repeat(div)))
     rows = list(zip(lvs, vals))
     if None in vals:
-        return [r if r[1] is not None else None for r in rows] if keep_none else [r for r in rows if r[1] is not None]
+        rows = [r if r[1] is not None else None for r in rows] if keep_none else [r for r in rows if r[1] is not None]
+    _last_columns[key] = (label_list, infos, rows)
     return rows
 
 
@@ -296,6 +310,10 @@ def render_storage_connections(snap: Snapshot) -> Iterable:
             continue
         infos.append(c.info)
         lvs.append((portal, fmt_endpoint(c.src, c.sport)) + owner.get(c.four_tuple, ("", "")))
+    if lvs == _last_labels[0]:
+        lvs = _last_labels[0]  # the same connections as the last render: its list, so its columns can be reused
+    else:
+        _last_labels[0] = lvs
     for fam, attr, div in ((rtt, "rtt_us", 1e6), (rttvar, "rttvar_us", 1e6), (rto, "rto_us", 1e6),
                            (cwnd, "snd_cwnd", 1), (unacked, "unacked", 1), (lost, "lost", 1), (backoff, "backoff", 1),
                            (retrans, "total_retrans", 1), (lastrecv, "last_data_recv_ms", 1e3),

@@ -328,3 +328,33 @@ def test_ebpf_histogram_buckets_are_decodes():
         sm = rnd.choice([0, 1, 5, 26, 36])
         slots = {rnd.randint(0, sm + 3): rnd.randint(0, 10**6) for _ in range(rnd.randint(0, 12))}
         assert histogram_buckets(slots, sm) == decode.cumulative_buckets(slots, sm)
+
+
+def test_storage_connection_columns_reused_only_for_the_same_records():
+    """An idle connection's tcp_info record comes back as the same object: its rows are reused; a changed record, a
+    connection gone or added gives the rows a render from scratch gives."""
+    from agent.exporters import render_inventory as ri
+    from agent.records.tcp import StorageConnections
+
+    snap = synthetic_snapshot(6, 2, 12)
+    conns = snap.storage_tcp.connections
+
+    def with_conns(cs):
+        return dataclasses.replace(snap, data={**snap.data, "storage_tcp": StorageConnections(tuple(cs))})
+
+    moved = [conns[0], dataclasses.replace(conns[1], info=dataclasses.replace(conns[1].info, rtt_us=999_999))] + list(conns[2:])
+    prev = None
+    for cs in (conns, conns, moved, moved[1:], list(conns) + [dataclasses.replace(conns[0], sport=1)]):
+        s = with_conns(cs)
+        ri._last_columns.clear()
+        ri._last_labels[0] = []
+        ref = write_exposition(ri.render_storage_connections(s))
+        if prev is not None:
+            before = ri.render_storage_connections(prev)  # what the last render left: the previous snapshot's
+        fams = ri.render_storage_connections(s)
+        assert write_exposition(fams) == ref
+        if prev is not None and cs is conns:  # same records: the same row objects
+            assert all(a is b for a, b in zip(before[0]._rows, fams[0]._rows)) and len(fams[0]._rows) == 12
+        if prev is not None and cs is moved:  # one record moved: the column is made again, with its new value
+            assert fams[0]._rows != before[0]._rows and fams[0]._rows[1][1] == 999_999 / 1e6
+        prev = s

@@ -60,29 +60,27 @@ def render_block_io(data: BlockIoData) -> Iterable:
 @renderer(Snapshot.tcp_lifecycle)
 def render_tcp_lifecycle(data: TcpLifecycleData) -> Iterable:
     fam = C.STORAGE_CONN_EVENTS.family()
-    for (addr, port), counts in sorted(data.counts.items()):
-        for kind, n in counts.items():
-            if kind != "state":
-                fam.add_metric([addr, str(port), kind], n)
+    fam.extend_rows([((addr, str(port), kind), n) for (addr, port), counts in sorted(data.counts.items())
+                     for kind, n in counts.items() if kind != "state"])
     yield fam
     live: dict[tuple[str, int], int] = {}
     for c in data.live:
         key = (c.daddr, c.dport if c.role == "initiator" else c.sport)
         live[key] = live.get(key, 0) + 1
     fam = C.STORAGE_CONN_OPEN.family()
-    for (addr, port), n in sorted(live.items()):
-        fam.add_metric([addr, str(port)], n)
+    fam.extend_rows([((addr, str(port)), n) for (addr, port), n in sorted(live.items())])
     yield fam
     yield from probe_families("tcp_lifecycle", data.probe)
 
 
 @renderer(Snapshot.tcp_retrans)
 def render_tcp_retrans(data: TcpRetransData) -> Iterable:
+    remotes = sorted(data.storage.items())
+    labels = [(addr, str(port)) for (addr, port), _counts in remotes]
     for d, kind in ((C.TCP_RETRANSMITS, "retransmit"), (C.TCP_SYNACK_RETRANSMITS, "synack_retransmit"),
                     (C.TCP_RESETS_SENT, "reset_sent"), (C.TCP_RESETS_RECEIVED, "reset_received")):
         fam = d.family()
-        for (addr, port), counts in sorted(data.storage.items()):
-            fam.add_metric([addr, str(port)], counts.get(kind, 0))
+        fam.extend_rows([(lv, counts.get(kind, 0)) for lv, (_remote, counts) in zip(labels, remotes)])
         fam.add_metric([OTHER, OTHER], data.other.get(kind, 0))
         yield fam
     yield from probe_families("tcp_retrans", data.probe)

@@ -134,14 +134,14 @@ def _libiscsi_paths(base, vm: Vm, disk: VmDisk, conns, have_tcp, if_addrs) -> li
             mine = by_port
     if not mine:
         return [StoragePath(unknown=(f"no TCP connection from qemu pid {vm.pid} to {portal}",), **common)]
-    same_portal_disks = sum(
-        1 for d in vm.disks if d.backend == "libiscsi" and {(h, p) for h, p in d.hosts} & {(c.dst, c.dport) for c in mine}
-    )
-    if len(mine) > 1 and same_portal_disks > 1:
-        unknown.append(
-            f"{len(mine)} connections from this VM to {portal} serve {same_portal_disks} disks: "
-            "which socket serves which disk is ambiguous"
-        )
+    if len(mine) > 1:  # several sockets to this portal: ambiguous if they serve several of the VM's disks
+        eps = {(c.dst, c.dport) for c in mine}
+        same_portal_disks = sum(1 for d in vm.disks if d.backend == "libiscsi" and not eps.isdisjoint(d.hosts))
+        if same_portal_disks > 1:
+            unknown.append(
+                f"{len(mine)} connections from this VM to {portal} serve {same_portal_disks} disks: "
+                "which socket serves which disk is ambiguous"
+            )
     return [
         StoragePath(**common, **_conn_fields(c, if_addrs), unknown=tuple(unknown))
         for c in mine

@@ -95,6 +95,10 @@ def test_ambiguous_two_disks_same_portal():
     paths = build_paths(snap(libvirt=vms, storage_tcp=conns))
     assert len(paths) == 4
     assert all("ambiguous" in p.unknown[0] for p in paths)
+    # one disk on that portal: its two sockets are both its own, nothing ambiguous
+    one = Vms((replace(vms.vms[0], disks=vms.vms[0].disks[:1]),))
+    paths = build_paths(snap(libvirt=one, storage_tcp=conns))
+    assert len(paths) == 2 and all(p.unknown == () and p.connection for p in paths)
 
 
 def test_missing_sources_say_why():

@@ -143,7 +143,7 @@ class _ProcTotals:
     """Running totals of one (tgid, dev, op), and the record last built from them (shared by the
     snapshots while nothing changes)."""
 
-    __slots__ = ("comm", "slots", "sum_ns", "bytes", "record")
+    __slots__ = ("comm", "slots", "sum_ns", "bytes", "record", "stale")
 
     def __init__(self, comm: str):
         self.comm = comm
@@ -151,6 +151,7 @@ class _ProcTotals:
         self.sum_ns = 0
         self.bytes = 0
         self.record: BlockProcess | None = None
+        self.stale = True  # the totals moved since the record was built
 
 
 class DeviceNames:
@@ -186,9 +187,17 @@ class DeviceNames:
         return name
 
 
+def _slots(counts: list[int], prev: dict[int, int] | None) -> dict[int, int]:
+    """log2 slot -> count of the nonzero ``counts``; a count equal to the same slot's in ``prev`` (the last
+    record of the same histogram) is that int object: the history holds an unchanged slot's count once."""
+    if not prev:
+        return {s: c for s, c in enumerate(counts) if c}
+    return {s: (p if (p := prev.get(s)) == c else c) for s, c in enumerate(counts) if c}
+
+
 def _histogram(devname: str, major: int, minor: int, op: int, kind: str, slots: list[int], sum_ns: int,
-               nbytes: int) -> BlockHistogram:
-    sl = {s: c for s, c in enumerate(slots) if c}
+               nbytes: int, prev: BlockHistogram | None = None) -> BlockHistogram:
+    sl = _slots(slots, prev.slots if prev is not None else None)
     return BlockHistogram(devname, major, minor, decode.block_op_name(op), kind, sl, sum(sl.values()), sum_ns, nbytes)
 
 
@@ -205,6 +214,7 @@ class BlockIoProbe(Probe):
         self.devices = DeviceNames(self.opts.paths)
         self._hists: Reuse[BlockHistogram] = Reuse()  # records of idle (dev, op, kind) kept from the last read
         self._tuples = Tuples()
+        self._last_hists: dict[tuple, BlockHistogram] = {}  # the last read's: its slot counts are shared
         self.modes = tuple(m for m in modes if m in MODES)
         self.mode = self.modes[0] if self.modes else "classic"
         self.fallbacks: list[str] = []  # modes tried before the one attached, with the reason
@@ -357,14 +367,15 @@ class BlockIoProbe(Probe):
                     cum.slots[i] += deltas[i]
                 cum.sum_ns += deltas[NSLOTS]
                 cum.bytes += deltas[NSLOTS + 1]
-                cum.record = None
+                cum.stale = True
         self._procs_prev = seen
         self._procs.end_cycle()
         out = []
         for (tgid, dev, op), cum in self._procs.items():
-            if cum.record is None:
+            if cum.stale:
+                cum.stale = False
                 major, minor = decode.dev_major_minor(dev)
-                sl = {s: c for s, c in enumerate(cum.slots) if c}
+                sl = _slots(cum.slots, cum.record.slots if cum.record is not None else None)
                 cum.record = BlockProcess(tgid, cum.comm, self.devices.name(dev), decode.block_op_name(op),
                                           sum(sl.values()), cum.sum_ns, cum.bytes, major, minor, sl)
             out.append(cum.record)
@@ -386,6 +397,7 @@ class BlockIoProbe(Probe):
                 sums[kind] += v.sum_ns[kind]
             nbytes[0] += v.bytes
         hists = []
+        last = self._last_hists
         for (dev, op), (slots, sums, nbytes) in acc.items():
             major, minor = decode.dev_major_minor(dev)
             devname = self.devices.name(dev)
@@ -397,8 +409,10 @@ class BlockIoProbe(Probe):
                 hists.append(self._hists.get(
                     (devname, dev, op, kind, tuple(slots[kind]), sums[kind], nbytes[0]),
                     lambda dn=devname, mj=major, mn=minor, op=op, kind=kind, name=name, sc=slots[kind], sm=sums[kind],
-                    nb=nbytes[0]: _histogram(dn, mj, mn, op, name, sc, sm, nb if kind == 0 else 0)))
+                    nb=nbytes[0]: _histogram(dn, mj, mn, op, name, sc, sm, nb if kind == 0 else 0,
+                                             last.get((dn, mj, mn, decode.block_op_name(op), name)))))
         self._hists.end_cycle()
+        self._last_hists = {(h.device, h.major, h.minor, h.op, h.kind): h for h in hists}
         hists.sort(key=lambda h: (h.major, h.minor, h.op, KINDS.index(h.kind)))
         rows = []
         for cpu, i, v in self._entries(b[b"procs"], ProcVal, ProcVal.gen.offset):

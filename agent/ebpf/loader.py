@@ -187,6 +187,7 @@ class Probe:
         self.bpf: BpfObject | None = None  # programs, maps, attachments by fd (agent/ebpf/bpfsys.py)
         self.report = ProbeReport(self.name, LOADING)
         self._stats_held = False
+        self._programs: dict[str, dict[str, int]] = {}  # the last stats' per-program counters, shared while unchanged
         self.library_path: Path | None = None
         self.uprobes_attached: list[Uprobe] = []
 
@@ -332,10 +333,13 @@ class Probe:
             except OSError:
                 continue
             prog = {k: info.get(k, 0) for k in ("run_time_ns", "run_cnt", "recursion_misses")}
+            if self._programs.get(tp) == prog:
+                prog = self._programs[tp]  # a program that did not run since: the history holds its counters once
             st.per_program[tp] = prog
             st.run_time_ns += prog["run_time_ns"]
             st.run_cnt += prog["run_cnt"]
             misses += prog["recursion_misses"]
+        self._programs = st.per_program
         st.events, st.lost = self.events_and_lost()
         st.lost += misses
         st.timed = STATS.mode != "off"

@@ -247,3 +247,18 @@ def test_shared_int_keeps_one_object_per_value():
     x = decode.shared_int(int("3260"))
     assert decode.shared_int(int("3260")) is x and x == 3260
     assert decode.shared_int(40000 + int("1")) == 40001
+
+
+def test_block_slot_counts_that_did_not_move_are_the_last_records(tmp_path):
+    """A busy (tgid, dev, op): its new record's unchanged slots hold the previous record's count objects."""
+    from agent.ebpf.block_io import NSLOTS, BlockIoProbe
+    from agent.ebpf.loader import LoadOptions
+
+    probe = BlockIoProbe(LoadOptions(paths=HostPaths(procfs=tmp_path, sysfs=tmp_path)))
+    vals = [0] * NSLOTS + [0, 0]
+    vals[10], vals[12] = 100000 + int("7"), 5000
+    first = probe.accumulate_processes([((0, 0), 1, (42, 8 << 20, 0), tuple(vals))])[0]
+    vals[12] += 3
+    second = probe.accumulate_processes([((0, 0), 1, (42, 8 << 20, 0), tuple(vals))])[0]
+    assert second is not first and second.slots == {10: 100007, 12: 5003} and first.slots[12] == 5000
+    assert second.slots[10] is first.slots[10]

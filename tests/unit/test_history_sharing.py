@@ -145,3 +145,30 @@ def test_tcp_info_values_that_did_not_move_are_last_cycles():
     assert b.bytes_received is a.bytes_received and b.snd_mss == a.snd_mss == 1460
     assert c is b
     assert share_tcp_info(None, a) is None and share_tcp_info(a, None) is a
+
+
+def test_probe_stats_share_the_counters_of_programs_that_did_not_run(tmp_path, monkeypatch):
+    """Probe.stats() over /proc/self/fdinfo files as the kernel writes them (a tree under tmp_path): a program
+    whose counters did not move since the last stats gives the same per-program dict; one that ran, a new one."""
+    from agent.ebpf.loader import LoadOptions
+    from agent.ebpf.tcp_retrans import TcpRetransProbe
+
+    fdinfo = tmp_path / "self" / "fdinfo"
+    fdinfo.mkdir(parents=True)
+
+    def write(fd, run_ns, cnt):
+        (fdinfo / str(fd)).write_text(f"pos:\t0\nflags:\t02000002\nprog_type:\t5\nrun_time_ns:\t{run_ns}\n"
+                                      f"run_cnt:\t{cnt}\nrecursion_misses:\t0\n")
+
+    p = TcpRetransProbe(LoadOptions(paths=HostPaths(procfs=tmp_path)))
+    p.bpf = object()
+    monkeypatch.setattr(p, "program_fds", lambda: {"tcp:tcp_retransmit_skb": 7, "tcp:tcp_send_reset": 8})
+    monkeypatch.setattr(p, "events_and_lost", lambda: (0, 0))
+    write(7, 5000, 10)
+    write(8, 900, 3)
+    one = p.stats()
+    write(7, 7000, 14)
+    two = p.stats()
+    assert two.per_program["tcp:tcp_send_reset"] is one.per_program["tcp:tcp_send_reset"]
+    assert two.per_program["tcp:tcp_retransmit_skb"] == {"run_time_ns": 7000, "run_cnt": 14, "recursion_misses": 0}
+    assert one.per_program["tcp:tcp_retransmit_skb"]["run_cnt"] == 10 and (two.run_time_ns, two.run_cnt) == (7900, 17)

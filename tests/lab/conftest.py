@@ -217,18 +217,20 @@ def lab():
 
 
 @pytest.fixture(scope="module")
-def kernel_host(lab):
+def kernel_host(lab, request):
     """The kernel-initiator host kvmslab-kh on the session's lab (tests/lab/kernelhost.py):
     `lab up --vms N --kernel-host` (N: the VMs the lab has) when a module first asks for it, `lab kernel-host stop` when that
     module ends: a TCG guest left running (its O_DIRECT load, its agent, its firmware-only VM) would
     take most of a CPU from every later lab module, whose timing margins (a healthy lab without a
-    warning, throttle ratios) assume the lab's own VMs alone."""
+    warning, throttle ratios) assume the lab's own VMs alone. A module's ``KERNEL_HOST_UP_ARGS`` (e.g.
+    ``("--kernel-host-probes", "off")``) are added to that `lab up`."""
     from tests.lab.kernelhost import KernelHost
 
     t0 = time.monotonic()
     # on the session's lab as it is (a late module may have re-upped it with 4 VMs: Lab.ensure_vms)
     vms = len(lab.status_json(interval=0.5).get("vms") or []) or 2
-    lab.run("up", "--vms", vms, "--kernel-host", "--timeout", 300)
+    lab.run("up", "--vms", vms, "--kernel-host", *getattr(request.module, "KERNEL_HOST_UP_ARGS", ()),
+            "--timeout", 300)
     up = time.monotonic() - t0
     st = lab.status_json(interval=0.5)
     assert st["kernel_hosts"], st

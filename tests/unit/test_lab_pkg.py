@@ -952,3 +952,28 @@ def test_kernel_host_kvmscope_config_loads_with_its_compile_timeout(tmp_path):
     assert cfg.agent.interval == kernelhost.KVMSCOPE_INTERVAL
     opts = load_options(SourceContext(cfg, HostPaths.from_config(cfg.paths)))
     assert opts.compile_timeout == kernelhost.KVMSCOPE_COMPILE_TIMEOUT
+
+
+def test_kernel_host_probes_off_leaves_the_ebpf_collectors_out(tmp_path):
+    """`lab up --kernel-host --kernel-host-probes off`: the guest's kvmscope config disables exactly the eBPF
+    collectors (known names: the agent builds without them, the other collectors as before)."""
+    from agent import config
+    from agent.engine import build_agent
+
+    assert cli.build_parser().parse_args(["up", "--kernel-host"]).kernel_host_probes == "on"
+    args = cli.build_parser().parse_args(["up", "--kernel-host", "--kernel-host-probes", "off"])
+    assert args.kernel_host_probes == "off"
+    p = tmp_path / "config.yaml"
+    p.write_text(kernelhost.kvmscope_conf(probes=False))
+    cfg, _ = config.load(p, environ={})
+    assert sorted(cfg.agent.collectors.disable) == sorted(kernelhost.EBPF_COLLECTORS)
+    assert cfg.file_output.enabled and cfg.ebpf.compile_timeout == kernelhost.KVMSCOPE_COMPILE_TIMEOUT
+    agent = build_agent(cfg)
+    try:
+        names = {s.name for s in agent.sources}
+    finally:
+        agent.close()
+    assert "multipath" in names and "iscsi_kernel" in names and not names & set(kernelhost.EBPF_COLLECTORS)
+    p.write_text(kernelhost.kvmscope_conf())
+    on, _ = config.load(p, environ={})
+    assert on.agent.collectors.disable == []

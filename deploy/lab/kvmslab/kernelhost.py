@@ -152,17 +152,25 @@ GUEST_SHIPPED = "/var/log/kvmscope/kvmscope.ndjson"
 KVMSCOPE_COMPILE_TIMEOUT = 600
 
 
-def kvmscope_conf():
+# the guest agent's eBPF collectors; `lab up --kernel-host-probes off` leaves them out
+EBPF_COLLECTORS = ("ebpf_block_io", "ebpf_libiscsi", "ebpf_tcp_lifecycle", "ebpf_tcp_retrans")
+
+
+def kvmscope_conf(probes=True):
     """The guest's /etc/kvmscope/config.yaml: /metrics on the host-only link,
     behind TLS with a verified client certificate (kvmscope refuses a
     listener beyond loopback without both); what it ships goes to a
-    JSON-lines file (file_output: no Elasticsearch in the guest's reach)."""
+    JSON-lines file (file_output: no Elasticsearch in the guest's reach).
+    ``probes=False`` (`lab up --kernel-host-probes off`): without the eBPF
+    collectors, for tests of other things (their bcc compiles would hold the
+    guest's one CPU for minutes and slow every command and cycle there)."""
     return (f"# kvmscope lab kernel-initiator host\n"
             f"metrics:\n  listen: \"{MGMT['guest_addr']}:{METRICS_PORT}\"\n"
             f"  web_config: /etc/kvmscope/web.yml\n"
             f"agent:\n  interval: {KVMSCOPE_INTERVAL}\n  collector_timeout: 12\n"
-            f"file_output:\n  enabled: true\n  path: {GUEST_SHIPPED}\n  max_bytes: 8388608\n  keep: 1\n"
-            f"ebpf:\n  compile_timeout: {KVMSCOPE_COMPILE_TIMEOUT}\n")
+            + ("" if probes else f"  collectors:\n    disable: [{', '.join(EBPF_COLLECTORS)}]\n")
+            + f"file_output:\n  enabled: true\n  path: {GUEST_SHIPPED}\n  max_bytes: 8388608\n  keep: 1\n"
+              f"ebpf:\n  compile_timeout: {KVMSCOPE_COMPILE_TIMEOUT}\n")
 
 
 def web_yml():
@@ -338,14 +346,14 @@ def kvmscope_binary():
     return path if os.path.exists(path) else None
 
 
-def write_guest_files(kvmscope_bin):
+def write_guest_files(kvmscope_bin, probes=True):
     os.makedirs(kh_dir("etc", "iscsi"), exist_ok=True)
     os.makedirs(kh_dir("etc", "kvmscope"), exist_ok=True)
     files = {
         kh_dir("etc", "iscsi", "initiatorname.iscsi"): f"InitiatorName={INITIATOR_IQN}\n",
         kh_dir("etc", "iscsi", "iscsid.conf"): iscsid_conf(),
         kh_dir("etc", "multipath.conf"): multipath_conf(),
-        kh_dir("etc", "kvmscope", "config.yaml"): kvmscope_conf(),
+        kh_dir("etc", "kvmscope", "config.yaml"): kvmscope_conf(probes),
         kh_dir("etc", "kvmscope", "web.yml"): web_yml(),
         kh_dir("guest.env"): guest_env(kvmscope_bin),
         kh_dir("vm.xml"): vm_xml(),
@@ -474,6 +482,10 @@ class KernelHost(HostKind):
         parser.add_argument("--kernel-host", action="store_true",
                             help="also boot the kernel-initiator host kvmslab-kh "
                                  "(open-iscsi + dm-multipath over both portals)")
+        parser.add_argument("--kernel-host-probes", choices=("on", "off"), default="on",
+                            help="off: the kernel host's kvmscope runs without its eBPF collectors "
+                                 "(under TCG their bcc compiles hold the guest's one CPU for minutes; "
+                                 "takes effect when the kernel host boots)")
 
     def add_parsers(self, sub):
         p = sub.add_parser("kernel-host", help="the kernel-initiator host: exec in it, stop it",
@@ -510,7 +522,7 @@ class KernelHost(HostKind):
         if not os.path.exists(kh_dir("initramfs.cpio.gz")):
             mods = build_initramfs(ver, kh_dir("initramfs.cpio.gz"))
             log(f"built kernel-host initramfs with busybox + {' '.join(mods)} ({ver})")
-        write_guest_files(kvmscope_binary())
+        write_guest_files(kvmscope_binary(), getattr(args, "kernel_host_probes", "on") != "off")
         tls = ensure_pki()
         old = (st.get(STATE_KEY) or [None])[0]
         rec = record(target.ensure_backing(kh_dir("lun.img")), ver)

@@ -189,6 +189,21 @@ def _step_latencies(a: Snapshot, b: Snapshot) -> tuple:
     return tuple((key, ms) for key, (_name, _done, ms) in disk_steps(a, b).items() if ms is not None)
 
 
+def _slid(refs: tuple, snaps: list[Snapshot]) -> int | None:
+    """How many snapshots left the front of the list ``refs`` (weak references) was made of, when ``snaps``
+    is that list slid forward (its remaining snapshots, the same objects, at the front); None otherwise."""
+    if len(refs) < 2 or not snaps:
+        return None
+    head = snaps[0]
+    for drop, r in enumerate(refs):
+        if r() is head:
+            keep = len(refs) - drop
+            if keep < 2 or keep > len(snaps):
+                return None
+            return drop if all(r() is s for r, s in zip(refs[drop:], snaps)) else None
+    return None
+
+
 class _SlidingSamples:
     """Per disk, the mean latency of each step of a history, held sorted (a running order statistic).
 
@@ -206,18 +221,7 @@ class _SlidingSamples:
         self.ordered: dict[tuple, list[float]] = {}
 
     def _overlap(self, history: list[Snapshot]) -> int | None:
-        """How many snapshots left the front of the history this one was made for, when ``history`` is
-        that one slid forward (its remaining snapshots, the same objects, at the front); None otherwise."""
-        if len(self.refs) < 2 or not history:
-            return None
-        head = history[0]
-        for drop, r in enumerate(self.refs):
-            if r() is head:
-                keep = len(self.refs) - drop
-                if keep < 2 or keep > len(history):
-                    return None
-                return drop if all(r() is s for r, s in zip(self.refs[drop:], history)) else None
-        return None
+        return _slid(self.refs, history)
 
     def _add(self, step: tuple) -> None:
         ordered = self.ordered
@@ -408,8 +412,106 @@ def _owners(last: Snapshot, paths) -> dict[str, tuple]:
     return memo[1]
 
 
+def _obs_terms(o) -> tuple | None:
+    """A connection observation's part in its window: (backoff, smoothed RTT, RTT variance), the RTTs None
+    unless ESTABLISHED with an RTT (what the RTT means count); None without tcp_info."""
+    i = o.info
+    if i is None:
+        return None
+    if i.rtt_us and o.state == "ESTABLISHED":
+        return (i.backoff or 0, i.rtt_us, i.rttvar_us)
+    return (i.backoff or 0, None, None)
+
+
+def _exact(v) -> bool:
+    """A value _mean sums as an int (a tcp_info u32)."""
+    return type(v) is int and 0 <= v < 1 << 53
+
+
+class _ConnSums:
+    """Per connection, its window's running sums, carried from cycle to cycle as the window slides: the
+    observations' backoffs (in order, for their maximum), the sum and count of the smoothed RTTs and of
+    their variances (ints: exact; a value that is not a u32-like int is counted as ``odd``, and that
+    connection's means are walked instead). The snapshot that leaves the window takes its observations'
+    terms out, the new one puts its in."""
+
+    __slots__ = ("refs", "per")
+
+    def __init__(self):
+        self.refs: tuple = ()
+        self.per: dict[str, list] = {}  # ft -> [observations, backoffs, rtt sum, rtt n, var sum, var n, odd]
+
+    def _put(self, s: Snapshot, sign: int) -> None:
+        per = self.per
+        for c in s.storage_connections:
+            ft, t = c.four_tuple, _obs_terms(c)
+            e = per.get(ft)
+            if e is None:
+                e = per[ft] = [0, deque(), 0, 0, 0, 0, 0]
+            e[0] += sign
+            if t is not None:
+                if sign > 0:
+                    e[1].append(t[0])
+                else:
+                    e[1].popleft()
+                for v, at in ((t[1], 2), (t[2], 4)):
+                    if v is None:
+                        continue
+                    if _exact(v):
+                        e[at] += sign * v
+                        e[at + 1] += sign
+                    else:
+                        e[6] += sign
+            if e[0] == 0:
+                del per[ft]
+
+    def update(self, snaps: list[Snapshot]) -> None:
+        drop = _slid(self.refs, snaps)
+        gone = [] if drop is None else [r() for r in self.refs[:drop]]
+        if drop is None or any(g is None for g in gone):  # another list, or what left it is no more
+            self.per = {}
+            keep = 0
+        else:
+            for g in gone:
+                self._put(g, -1)
+            keep = len(self.refs) - drop
+        for s in snaps[keep:]:
+            self._put(s, 1)
+        self.refs = tuple(weakref.ref(s) for s in snaps)
+
+
+_conn_lock = threading.Lock()
+_conn_slots: list[_ConnSums] = []  # most recently used first; the live window and its recent intervals
+
+
+def _conn_sums(snaps: list[Snapshot]) -> _ConnSums:
+    """The running sums of ``snaps``: the slot that slid to them with the fewest snapshots out and in, else
+    the least recently used one walked in full. Call under ``_conn_lock``."""
+    best, slot = None, None
+    for x in _conn_slots:
+        drop = _slid(x.refs, snaps)
+        if drop is not None:
+            cost = drop + len(snaps) - (len(x.refs) - drop)
+            if best is None or cost < best:
+                best, slot = cost, x
+    if slot is None:
+        slot = _conn_slots.pop() if len(_conn_slots) >= _SLOTS else _ConnSums()
+    else:
+        _conn_slots.remove(slot)
+    slot.update(snaps)
+    _conn_slots.insert(0, slot)
+    return slot
+
+
 def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths) -> list[ConnWindow]:
-    """Per storage connection: retransmits, segments and bytes over the window, its last state."""
+    """Per storage connection: retransmits, segments and bytes over the window, its last state; its mean RTT
+    and highest backoff from the window's running sums (:class:`_ConnSums`)."""
+    with _conn_lock:
+        return _conn_windows_summed(snaps, seen, dt, paths, _conn_sums(snaps).per)
+
+
+def _conn_windows_summed(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths,
+                         per: dict[str, list]) -> list[ConnWindow]:
     owner = _owners(snaps[-1], paths)
     first_conns, last_conns = _four_tuples(snaps[0]), _four_tuples(snaps[-1])
     conns = []
@@ -420,15 +522,24 @@ def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths
             continue
         retrans, segs, sent, bretrans, dsacks, ooo, segs_in, rto_ms, rtos = _deltas(i0, i1, ft not in first_conns)
         retrans = retrans or 0
-        rtts, rttvars, backoffs = [], [], []
-        for o in obs:  # the smoothed RTTs (and variances) while ESTABLISHED, the backoffs, in one pass
-            i = o.info
-            if i is not None:
-                backoffs.append(i.backoff or 0)
-                if i.rtt_us and o.state == "ESTABLISHED":
-                    rtts.append(i.rtt_us)
-                    if i.rttvar_us is not None:
-                        rttvars.append(i.rttvar_us)
+        e = per.get(ft)
+        if e is not None and not e[6]:  # the running sums (every value an exact int)
+            backoff = max(e[1])
+            rtt_mean = e[2] / e[3] / 1000 if e[3] else None
+            var_mean = e[4] / e[5] / 1000 if e[5] else None
+        else:
+            rtts, rttvars, backoffs = [], [], []
+            for o in obs:  # the smoothed RTTs (and variances) while ESTABLISHED, the backoffs, in one pass
+                i = o.info
+                if i is not None:
+                    backoffs.append(i.backoff or 0)
+                    if i.rtt_us and o.state == "ESTABLISHED":
+                        rtts.append(i.rtt_us)
+                        if i.rttvar_us is not None:
+                            rttvars.append(i.rttvar_us)
+            backoff = max(backoffs)
+            rtt_mean = _mean(rtts) / 1000 if rtts else None
+            var_mean = _mean(rttvars) / 1000 if rttvars else None
         vm, disk = owner.get(ft, (None, None))
         conns.append(ConnWindow(
             four_tuple=ft,
@@ -439,13 +550,13 @@ def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths
             retrans_per_second=retrans / dt,
             segs_out=segs or 0,
             rtt_ms=i1.rtt_us / 1000 if i1.rtt_us is not None else None,
-            max_backoff=max(backoffs),
+            max_backoff=backoff,
             state=o1.state,
             present_at_end=ft in last_conns,
             bytes_sent=sent,
             bytes_retrans=bretrans,
-            rtt_mean_ms=_mean(rtts) / 1000 if rtts else None,
-            rttvar_mean_ms=_mean(rttvars) / 1000 if rttvars else None,
+            rtt_mean_ms=rtt_mean,
+            rttvar_mean_ms=var_mean,
             dsacks=dsacks,
             ooo=ooo,
             data_segs_in=segs_in,

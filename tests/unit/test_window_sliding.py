@@ -104,3 +104,47 @@ def test_window_latencies_are_the_three_mean_latencies():
                          for f in fields})
         assert window_latencies_ms(a, b) == (mean_latency_ms(a, b), mean_latency_ms(a, b, "read"),
                                              mean_latency_ms(a, b, "write"))
+
+
+def walked_conn_windows(snaps):
+    """The connection windows walked from scratch (no running sums)."""
+    seen = W._connections_seen(snaps)
+    dt = max(snaps[-1].timestamp - snaps[0].timestamp, 1e-9)
+    return W._conn_windows_summed(snaps, seen, dt, snaps[-1].paths, {})
+
+
+@pytest.fixture()
+def fresh_conn_slots(monkeypatch):
+    monkeypatch.setattr(W, "_conn_slots", [])
+
+
+@pytest.mark.parametrize("name", ["flap-portal2", "offline-portal1-4vms", "loss-tohost-portal2"])
+def test_connection_sums_carried_forward_equal_a_walk(name, fresh_conn_slots):
+    """Two windows sliding side by side (12 and 3 snapshots, as the live diagnosis' window and recent
+    intervals), connections coming and going (the flap's reconnects, a portal offline): the running sums
+    give exactly the walked windows."""
+    snaps = load(name)
+    for end in range(3, len(snaps) + 1):
+        for size in (12, 3):
+            win = snaps[max(0, end - size):end]
+            seen = W._connections_seen(win)
+            dt = max(win[-1].timestamp - win[0].timestamp, 1e-9)
+            assert W._conn_windows(win, seen, dt, win[-1].paths) == walked_conn_windows(win)
+    assert len(W._conn_slots) == 2 and {len(x.refs) for x in W._conn_slots} == {3, min(12, len(snaps))}
+
+
+def test_connection_sums_of_a_list_whose_dropped_snapshot_is_gone_are_walked_again(fresh_conn_slots):
+    import copy
+
+    snaps = load("flap-portal2")
+    first = [copy.copy(s) for s in snaps[:6]]  # objects of their own, dropped below
+    win = first + snaps[6:8]
+    W._conn_windows(win, W._connections_seen(win), 1.0, win[-1].paths)
+    later = first[1:] + snaps[6:9]
+    del first, win
+    import gc
+
+    gc.collect()
+    seen = W._connections_seen(later)
+    got = W._conn_windows(later, seen, 1.0, later[-1].paths)
+    assert got == W._conn_windows_summed(later, seen, 1.0, later[-1].paths, {})

@@ -69,6 +69,24 @@ def doc_id(dataset: str, host: str, ts: float | None, subject: str) -> str:
     return hashlib.blake2b(f"{dataset}|{host}|{t}|{subject}".encode(), digest_size=16).hexdigest()
 
 
+_ID_BASES: dict[tuple, Any] = {}  # (dataset, host, ts) -> blake2b of "dataset|host|time|", for one cycle's ids
+
+
+def _doc_id_fast(dataset: str, host: str, ts: float | None, subject: str) -> str:
+    """doc_id(), from a hash of the part every document of the dataset shares in a cycle (copied, then the
+    subject added): the same bytes hashed, a third less time per document."""
+    key = (dataset, host, ts)
+    base = _ID_BASES.get(key)
+    if base is None:
+        if len(_ID_BASES) > 64:
+            _ID_BASES.clear()
+        t = f"{ts:.3f}" if ts is not None else "-"
+        base = _ID_BASES[key] = hashlib.blake2b(f"{dataset}|{host}|{t}|".encode(), digest_size=16)
+    h = base.copy()
+    h.update(subject.encode())
+    return h.hexdigest()
+
+
 _PATHS: dict[str, tuple[tuple[str, ...], str]] = {}  # dotted key -> (parent keys, last key), split once
 
 
@@ -147,7 +165,7 @@ def finish(d: Doc, host: str, namespace: str, snap_ts: float) -> tuple[str, str,
     ts = d.timestamp if d.timestamp is not None else snap_ts
     dataset = f"kvmscope.{ds.name}"
     fields = d.fields
-    _id = doc_id(d.dataset, host, ts if d.id_time else None, d.subject)
+    _id = _doc_id_fast(d.dataset, host, ts if d.id_time else None, d.subject)
     if not _COMMON_SET.isdisjoint(fields):
         # a builder sets a common field itself: the general path (the flat dict's key order, None removes)
         flat = {

@@ -260,3 +260,12 @@ def test_builders_may_hand_over_nested_objects():
     assert doc["event"] == {"module": "kvmscope", "dataset": "kvmscope.vm_disk", "kind": "metric",
                             "category": ["host"], "type": ["info"], "id": _id}
     assert "process" not in doc
+
+
+def test_document_ids_from_a_shared_prefix_are_the_plain_ids():
+    from agent.shipping.ecs import _doc_id_fast
+
+    for ds, host, ts, subject in (("vm_disk", "kvm1", 1_790_000_000.0, "web01/vda"), ("storage_log", "h", None, "x@1"),
+                                  ("vm_disk", "kvm1", 1_790_000_000.0, "wéb/vdb"), ("host", None, 0.0005, "")):
+        assert _doc_id_fast(ds, host, ts, subject) == doc_id(ds, host, ts, subject)
+        assert _doc_id_fast(ds, host, ts, subject) == doc_id(ds, host, ts, subject)  # from the kept prefix

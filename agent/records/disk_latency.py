@@ -286,7 +286,29 @@ def build_disk_latency(snap: "Snapshot") -> VmDiskLatencies:
             if why is None:
                 why = _no_histogram_reason(snap, vm, d)
             missing.append((vm.name, d.target, why))
-    return VmDiskLatencies(tuple(out), tuple(iscsi), tuple(missing), tuple(unattr))
+    return _shared(VmDiskLatencies(tuple(out), tuple(iscsi), tuple(missing), tuple(unattr)))
+
+
+# the last build's histograms by (vm, disk, op, source, pid): every snapshot of the agent's history keeps its
+# own VmDiskLatencies (a cached property), and an idle disk's histogram is the same from one cycle to the next
+_last: dict[tuple, DiskLatency] = {}
+
+
+def _shared(d: VmDiskLatencies) -> VmDiskLatencies:
+    """``d`` holding the last build's DiskLatency (its ~38 bucket counts) wherever a disk's histogram did not
+    change: the history holds it once. Equal records either way; only which object differs."""
+    global _last
+    last, cur, out = _last, {}, []
+    for h in d.histograms:
+        key = (h.vm, h.disk, h.op, h.source, h.pid)
+        p = last.get(key)
+        if (p is not None and p.count == h.count and p.sum_ns == h.sum_ns and p.counts == h.counts
+                and p.bounds_ns == h.bounds_ns):
+            h = p
+        cur[key] = h
+        out.append(h)
+    _last = cur
+    return VmDiskLatencies(tuple(out), d.iscsi, d.missing, d.unattributed)
 
 
 def _no_histogram_reason(snap: "Snapshot", vm: Vm, d: VmDisk) -> str:

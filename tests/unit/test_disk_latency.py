@@ -1,6 +1,8 @@
 """Per-VM-disk latency: the join of the probes' histograms to VM disks (agent/records/disk_latency.py)
 and its Prometheus rendering."""
 
+from dataclasses import replace as dataclass_replace
+
 from agent.exporters.exposition import write_exposition
 from agent.exporters.render_inventory import render_vm_disk_latency
 from agent.records.disk_latency import BLOCK, LIBISCSI, QMP, log2_bounds_ns, slots_to_counts
@@ -172,3 +174,17 @@ def test_symbol_offsets_from_the_elf_dynamic_symbols(tmp_path):
         assert symbol_offset(data, name) == vaddr - va + off
     with pytest.raises(KeyError):
         symbol_offset(data, "kvmscope_three")
+
+
+def test_an_unchanged_disk_histogram_is_the_last_snapshots_object():
+    """Every snapshot of the history keeps its own vm_disk_latency: an idle disk's histogram there is the
+    previous build's object (equal either way), a busy disk's a new one."""
+    vm = Vm("vm0", None, "running", 100, (VDA,))
+    read = LibiscsiLatency(100, 0xAA, 0, "read", {10: 3}, 3, 5000)
+    one = snap([vm], ebpf_libiscsi=lib([read, LibiscsiLatency(100, 0xAA, 0, "write", {20: 2}, 2, 9000)])).vm_disk_latency
+    two = snap([vm], ebpf_libiscsi=lib([read, LibiscsiLatency(100, 0xAA, 0, "write", {20: 5}, 5, 20000)])).vm_disk_latency
+    assert two.histograms[0] is one.histograms[0]
+    assert two.histograms[1] is not one.histograms[1] and (one.histograms[1].count, two.histograms[1].count) == (2, 5)
+    other = Vm("vm1", None, "running", 100, (VDA,))  # another VM with the same numbers: its own record
+    three = snap([other], ebpf_libiscsi=lib([read])).vm_disk_latency
+    assert three.histograms[0].vm == "vm1" and three.histograms[0] == dataclass_replace(one.histograms[0], vm="vm1")

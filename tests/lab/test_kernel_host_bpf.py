@@ -6,9 +6,10 @@ kernel": cross-check each against biolatency/tcpretrans/tcplife).
 The bcc tools compile their C with the kernel's headers (net/sock.h, net/tcp.h)
 in clang inside the guest: under TCG that is about a minute of the guest's one
 vCPU on an idle guest (measured: 54-62 s of QEMU CPU time, 9p or tmpfs headers
-alike), and far longer beside the guest's O_DIRECT load on a loaded machine. So
-the tool is started first, with the load paused until it has attached
-(:func:`BccTool.start_quiet`); the comparison itself runs with the load going.
+alike), and far longer beside the guest's O_DIRECT load, its firmware-only VM and
+its agent on a loaded machine. So the module's `bcc_tools` fixture starts the
+tool with those paused (SIGSTOP, :func:`guest_paused`) until it has attached;
+the comparison itself runs with the load going.
 
 A tool runs in its own session with SIGINT restored (the guest agent, started in
 the background by the guest's stage-2 shell, has it ignored, and so would every
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.lab
 RUN = "/run/kvmslab-bcc"          # in the guest (tmpfs): the tools' output, errors, pids
 COMPILE_TIMEOUT = 600             # a bcc tool's compile + attach in the guest, load paused
 LOSS_PCT = 5
-LOSS_SECONDS = 30
+LOSS_SECONDS = 20
 
 # started by the guest agent: own session, SIGINT back to default, unbuffered
 LAUNCH = r"""
@@ -48,15 +49,21 @@ open(pidfile, "w").write(str(p.pid))
 """
 
 
+LOAD_PIDS = "/run/kvmslab-load.pid /run/libvirt/qemu/*.pid"   # the O_DIRECT load, the firmware-only VM
+AGENT_PID = "/run/kvmscope-run.pid"                             # the guest's `kvmscope run`
+
+
 @contextlib.contextmanager
-def load_paused(kh):
-    """The guest's O_DIRECT load stopped (SIGSTOP) for the block: bcc's clang (the tools', kvmscope's
-    compiler children) then has the guest's one vCPU to itself."""
-    kh.sh("kill -STOP $(cat /run/kvmslab-load.pid)")
+def guest_paused(kh, load: bool = True, agent: bool = False):
+    """Processes of the guest stopped (SIGSTOP) for the block: with ``load`` its I/O makers (the O_DIRECT
+    load, the firmware-only VM: nothing is issued on the map then), with ``agent`` its running kvmscope
+    (its probes stay attached and counting), so that bcc's clang has the guest's one vCPU to itself."""
+    pids = f"$(cat {LOAD_PIDS if load else ''} {AGENT_PID if agent else ''} 2>/dev/null)"
+    kh.sh(f"kill -STOP {pids}")
     try:
         yield
     finally:
-        kh.sh("kill -CONT $(cat /run/kvmslab-load.pid)", check=False)
+        kh.sh(f"kill -CONT {pids}", check=False)
 
 
 class BccTool:
@@ -99,13 +106,6 @@ class BccTool:
             time.sleep(2)
         self.ready_seconds = time.monotonic() - t0
 
-    def signal_and_wait(self, sig: str, marker: str, timeout: float = 60) -> str:
-        """Send `sig`; wait until `marker` occurs once more in the output; the output."""
-        n = self.output().count(marker)
-        self.kh.exec("kill", f"-{sig}", str(self.pid))
-        return wait_for(lambda: (lambda o: o if o.count(marker) > n else None)(self.output()), timeout,
-                        f"{self.name} to answer {sig}")
-
     def stop(self, timeout: float = 120) -> str:
         """SIGINT (a count mode prints its table then), wait for the exit; its output."""
         if self.pid is None:
@@ -117,6 +117,32 @@ class BccTool:
         self.pid = None
         assert res["rc"] == 0, f"{self.name} did not exit on SIGINT within {timeout}s:\n{out[-2000:]}"
         return out
+
+
+@pytest.fixture(scope="module")
+def bcc_tools(kernel_host):
+    """bcc's tcpretrans -c started in the guest once for the module, after the guest's agent has its probes
+    attached. Its compile is what costs: done with the whole guest paused but its kernel (load, VM, agent)."""
+    kh = kernel_host
+    t0 = time.monotonic()
+    tools = {"tcpretrans": BccTool(kh, "tcpretrans", "-c")}
+    try:
+        with guest_paused(kh):
+            # the agent compiles its probes in children at start (minutes under TCG)
+            first = wait_for(lambda: (lambda s: s if s.tcp_retrans is not None and s.block_io is not None
+                                      else None)(latest_snapshot(kh)),
+                             COMPILE_TIMEOUT, "the guest agent's tcp_retrans and block_io probes", step=2)
+            probe_wait = time.monotonic() - t0
+            with guest_paused(kh, load=False, agent=True):
+                tools["tcpretrans"].start()
+                tools["tcpretrans"].wait_ready()
+        print(f"\nin the guest: kvmscope's probes attached after {probe_wait:.0f}s (load paused), tcpretrans -c "
+              f"{tools['tcpretrans'].ready_seconds:.0f}s after its start (load and agent paused)")
+        yield {"first": first, **tools}
+    finally:
+        for tool in tools.values():
+            if tool.pid is not None:
+                kh.exec("kill", "-KILL", str(tool.pid), check=False)
 
 
 def parse_tcpretrans_counts(text: str) -> dict[tuple[str, int, str, int], int]:
@@ -176,7 +202,7 @@ def session_conn(kh, sid: int) -> tuple[str, int, str, int]:
     return local.rsplit(":", 1)[0], local_port, addr, port
 
 
-def test_loss_on_portal1_retransmits_agree_with_tcpretrans(kernel_host, lab):
+def test_loss_on_portal1_retransmits_agree_with_tcpretrans(kernel_host, lab, bcc_tools):
     """`lab loss 5 --portal 1`: the guest's kvmscope (tcp_retrans probe, read from its running agent) counts
     the retransmits of the portal-1 session's connection as bcc's `tcpretrans -c` does over the same
     interval, within 5%; the portal-2 session's connection retransmits next to nothing in both."""
@@ -185,18 +211,9 @@ def test_loss_on_portal1_retransmits_agree_with_tcpretrans(kernel_host, lab):
     by_portal = sessions_by_portal(kh)
     conn1, conn2 = session_conn(kh, by_portal[PORTAL1]), session_conn(kh, by_portal[PORTAL2])
     assert f"{conn1[2]}:{conn1[3]}" == PORTAL1 and f"{conn2[2]}:{conn2[3]}" == PORTAL2, (conn1, conn2)
-    tool = BccTool(kh, "tcpretrans", "-c")
+    tool, first = bcc_tools["tcpretrans"], bcc_tools["first"]
     t0 = time.monotonic()
     try:
-        with load_paused(kh):
-            # kvmscope's probe attached in the guest (its agent compiles the probes in children at start)
-            first = wait_for(lambda: (lambda s: s if s.tcp_retrans is not None else None)(latest_snapshot(kh)),
-                             COMPILE_TIMEOUT, "the guest agent's tcp_retrans probe", step=2)
-            probe_wait = time.monotonic() - t0
-            tool.start()
-            tool.wait_ready()
-        print(f"\nin the guest, load paused: kvmscope's tcp_retrans probe there after {probe_wait:.0f}s, "
-              f"tcpretrans -c attached {tool.ready_seconds:.0f}s after its start")
         # mark A: a snapshot taken after the tool attached whose counts on both connections equal those of a
         # reference snapshot taken before it attached (the first reference: `first`, before the tool
         # started): nothing retransmitted between the tool's attach and A, so its count and kvmscope's delta
@@ -215,16 +232,18 @@ def test_loss_on_portal1_retransmits_agree_with_tcpretrans(kernel_host, lab):
             time.sleep(LOSS_SECONDS)
         finally:
             lab.run("loss", 0, "--portal", 1)
-        # mark B: the first snapshot after the loss ended whose counts equal the next one's (the last
-        # retransmit of the loss is in it), then the tool's table
-        prev = next_snapshot(kh, a.seq, 3 * interval)
-        while True:
-            b = next_snapshot(kh, prev.seq, 3 * interval)
-            if all(conn_retransmits(b, c) == conn_retransmits(prev, c) for c in (conn1, conn2)):
-                break
-            prev = b
-        m_b = kh.metrics()
-        out = tool.stop()
+        # mark B, with the load paused (no new data: what is in flight is acked within a second or two): the
+        # first of two consecutive snapshots with equal counts whose cycles began after the pause (not the
+        # one in progress then), then the tool's table
+        with guest_paused(kh):
+            prev = next_snapshot(kh, latest_snapshot(kh).seq + 1, 3 * interval)
+            while True:
+                b = next_snapshot(kh, prev.seq, 3 * interval)
+                if all(conn_retransmits(b, c) == conn_retransmits(prev, c) for c in (conn1, conn2)):
+                    break
+                prev = b
+            m_b = kh.metrics()
+            out = tool.stop()
     finally:
         if tool.pid is not None:
             kh.exec("kill", "-KILL", str(tool.pid), check=False)
@@ -245,5 +264,3 @@ def test_loss_on_portal1_retransmits_agree_with_tcpretrans(kernel_host, lab):
     assert ours[conn2] <= 2 and theirs[conn2] <= 2, (ours, theirs)
     # every flow tcpretrans saw to a portal is one of the two sessions' connections
     assert {k for k in bcc if k[3] == 3260} <= {conn1, conn2}, bcc
-
-

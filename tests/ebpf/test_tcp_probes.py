@@ -284,7 +284,9 @@ def test_lifecycle_counts_survive_a_flood_of_remotes():
             fl = in_ns(ns, PY, "-c", CONNECT_MANY, "0", "1500")
             _, err = fl.communicate(timeout=120)
             assert fl.returncode == 0, err
-            assert len(list(probe.bpf[b"counts"].keys())) >= 900  # about full (an LRU map evicts a little early)
+            # about full: an LRU map evicts early, in batches per CPU's local free list, and more so when the
+            # flood's events land on both CPUs (829 of 1024 seen under load 20); the point is that it filled
+            assert len(list(probe.bpf[b"counts"].keys())) >= 600
             first = probe.read()
             assert len(first.counts) <= 64 and probe.dropped["evicted"] > 0
             portal = in_ns(ns, PY, "-c", CONNECT_MANY, "200000", "1")  # 127.4.50.1: after the flood

@@ -59,8 +59,9 @@ def test_lifecycle_sees_offline_portal_as_reconnect(lab):
     try:
         probe.read()
         lab.run("target-offline", "--portal", 2)
-        # libiscsi notices the silent portal (NOP-Out timeout), drops the connection and reconnects
-        deadline = time.monotonic() + 90
+        # libiscsi notices the silent portal (NOP-Out timeout), drops the connection and reconnects; under
+        # load it once showed nothing in 90 s (clean-clone run, 2026-11-29): the loop ends as soon as it does
+        deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             time.sleep(2)
             events += [e for e in probe.read().events if e.tgid == pid or e.daddr == "198.18.2.2"]

@@ -190,8 +190,6 @@ def _child(sock_fd: int) -> int:
 
 
 def _build(req: dict) -> tuple[dict, list[int]]:
-    import ctypes
-
     import bcc
     from bcc.libbcc import lib
 
@@ -218,16 +216,10 @@ def _build(req: dict) -> tuple[dict, list[int]]:
                 raise RuntimeError(f"attaching {spec.fn_name} to {spec.label} failed: {e}") from e
             skipped.append(spec.label)
             print(f"optional attachment {spec.label} skipped: {e}", file=sys.stderr)
-    lib.bpf_num_tables.restype = ctypes.c_ulonglong
-    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
-    lib.bpf_table_name.restype = ctypes.c_char_p
-    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    from agent.ebpf.objcache import bcc_tables
+
     maps = []
-    for i in range(lib.bpf_num_tables(b.module)):
-        name = lib.bpf_table_name(b.module, i)
-        fd = lib.bpf_table_fd(b.module, name)
-        if fd < 0:
-            continue
+    for name, fd in bcc_tables(b):
         kd, ld = lib.bpf_table_key_desc(b.module, name), lib.bpf_table_leaf_desc(b.module, name)
         maps.append({"name": name.decode(), "fd": fd, "key_desc": json.loads(kd) if kd else None,
                      "leaf_desc": json.loads(ld) if ld else None})

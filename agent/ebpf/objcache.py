@@ -303,21 +303,30 @@ def map_refs(insns: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
+def bcc_tables(b) -> list[tuple[bytes, int]]:
+    """(name, fd) of every table a loaded ``bcc.BPF`` created (libbcc through ctypes: the compiler child only)."""
+    from bcc.libbcc import lib
+
+    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_ulonglong, [ctypes.c_void_p]
+    lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_ulonglong]
+    tables = []
+    for i in range(lib.bpf_num_tables(b.module)):
+        name = lib.bpf_table_name(b.module, i)
+        fd = lib.bpf_table_fd(b.module, name)
+        if fd >= 0:
+            tables.append((name, fd))
+    return tables
+
+
 def record(b, tp_btf: dict[str, int]) -> dict:
     """The recipe of a loaded ``bcc.BPF`` (called in the child after loading and attaching).
     ``tp_btf``: function name -> BTF id of the probe's tp_btf programs. Raises ValueError when something
     cannot be replayed (then nothing is cached)."""
     from bcc.libbcc import lib
 
-    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_ulonglong, [ctypes.c_void_p]
-    lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_ulonglong]
     fd_name: dict[int, str] = {}
     maps = []
-    for i in range(lib.bpf_num_tables(b.module)):
-        name = lib.bpf_table_name(b.module, i)
-        fd = lib.bpf_table_fd(b.module, name)
-        if fd < 0:
-            continue
+    for name, fd in bcc_tables(b):
         info = bpfsys.obj_info(fd, bpfsys.MapInfo())
         if info.type not in MAP_TYPES:
             raise ValueError(f"map {name.decode()}: type {info.type} is not cached")

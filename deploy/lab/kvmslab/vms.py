@@ -15,10 +15,11 @@ import shutil
 import time
 
 from . import guest, target
-from .common import (ISCSI_PORT, LIBVIRT_URI, PORTALS, PREFIX, LabError,
-                     lab_path, libvirt_mod, log)
+from .common import (ISCSI_PORT, LAB_DIR, LIBVIRT_URI, PORTALS, PREFIX, LabError,
+                     all_pids, kill_escalating, lab_path, libvirt_mod, log,
+                     pid_alive, proc_cmdline)
 from .hostkind import HostKind
-from .libvirtd import LIBVIRT_SOCK, ensure_libvirt, libvirtd_up, stop_lab_daemons
+from .libvirtd import ensure_libvirt, libvirtd_up, stop_lab_daemons
 from .state import save_state
 
 VM_MEMORY_MB = 256
@@ -133,15 +134,57 @@ def ensure_vm(conn, vm):
                            f"(see /var/log/libvirt/qemu/{vm['name']}.log)")
 
 
-def remove_domains(st, errors):
-    if not os.path.exists(LIBVIRT_SOCK):
-        return
+def lab_leftovers(st):
+    """What of the lab's libvirt side outlives libvirtd: domains in the
+    state file, persistent definitions under /etc/libvirt/qemu, status files
+    under /run/libvirt/qemu (a machine restored from a snapshot, or libvirtd
+    killed, has them with no daemon to answer for them)."""
+    found = [vm["name"] for vm in (st or {}).get("vms", [])]
+    for pattern in (f"/etc/libvirt/qemu/{PREFIX}-vm*.xml", f"/run/libvirt/qemu/{PREFIX}-vm*.xml"):
+        found += [os.path.basename(p)[:-4] for p in glob.glob(pattern)]
+    return sorted(set(found))
+
+
+def lab_qemu_pids():
+    """QEMU processes of lab domains, by their `-name guest=kvmslab-vm<i>`."""
+    pids = []
+    for pid in all_pids():
+        args = proc_cmdline(pid)
+        if args and "qemu-system" in os.path.basename(args[0]) and any(
+                a.startswith(f"guest={PREFIX}-vm") for a in args) and pid_alive(pid):
+            pids.append(pid)
+    return pids
+
+
+def connect_for_cleanup(st, errors):
+    """A libvirt connection for `down`, or None when there is nothing of the
+    lab's to remove through libvirt. libvirtd not answering while lab domains
+    are left (dead daemon, stale socket) is started by the lab for the
+    cleanup; stop_lab_daemons stops it again."""
     libvirt = libvirt_mod()
+    if libvirtd_up():
+        return libvirt.open(LIBVIRT_URI)
+    leftovers = lab_leftovers(st)
+    if not leftovers:
+        return None
+    log(f"libvirtd does not answer but the lab left {', '.join(leftovers)}: "
+        "starting libvirtd to remove them")
     try:
-        conn = libvirt.open(LIBVIRT_URI)
-    except libvirt.libvirtError as e:
-        if st and st.get("vms"):
-            errors.append(f"cannot connect to libvirt to remove VMs: {e}")
+        os.makedirs(LAB_DIR, exist_ok=True)     # the lab's pid file for libvirtd
+        ensure_libvirt(dict(st) if st else {"started_libvirtd": False, "started_virtlogd": False})
+        return libvirt.open(LIBVIRT_URI)
+    except (LabError, libvirt.libvirtError, OSError) as e:
+        errors.append(f"cannot connect to libvirt to remove VMs {', '.join(leftovers)}: {e}")
+    for pid in lab_qemu_pids():
+        log(f"killing QEMU pid {pid} of a lab VM (libvirt unreachable)")
+        kill_escalating(pid, 10, errors, "qemu")
+    return None
+
+
+def remove_domains(st, errors):
+    libvirt = libvirt_mod()
+    conn = connect_for_cleanup(st, errors)
+    if conn is None:
         return
     try:
         for name in lab_domain_names(conn):

@@ -63,19 +63,33 @@ class TcpInfo:
     total_rto_time_ms: int | None = None
 
 
-_TCP_INFO_VALUES = operator.attrgetter(*(f.name for f in fields(TcpInfo)))
+_TCP_INFO_NAMES = tuple(f.name for f in fields(TcpInfo))
+_TCP_INFO_VALUES = operator.attrgetter(*_TCP_INFO_NAMES)
+_TCP_INFO_NONE = dict.fromkeys(_TCP_INFO_NAMES)
+_new = object.__new__
+
+
+def tcp_info_of(names: tuple[str, ...], values) -> TcpInfo:
+    """``TcpInfo(**dict(zip(names, values)))`` (the fields not named None), without the ~50 frozen-dataclass
+    ``object.__setattr__`` calls of its ``__init__`` (TcpInfo has no ``__post_init__``, no slots): the same
+    record, equal and hashed alike, for the hundreds of connections decoded every cycle."""
+    info = _new(TcpInfo)
+    d = info.__dict__
+    d.update(_TCP_INFO_NONE)
+    d.update(zip(names, values))
+    return info
 
 
 def share_tcp_info(new: TcpInfo | None, prev: TcpInfo | None) -> TcpInfo | None:
     """``new``, holding ``prev``'s value objects where they are equal (``prev`` itself when all are): most of a
     connection's ~50 tcp_info numbers (MSS, window, RTT, counters of an idle direction) do not move between two
     cycles, and each of those big ints would otherwise be one more object per snapshot of the history."""
-    if new is None or prev is None:
+    if new is None or prev is None or new is prev:
         return new
     nv, pv = _TCP_INFO_VALUES(new), _TCP_INFO_VALUES(prev)
     if nv == pv:
         return prev
-    return TcpInfo(*[p if p == n else n for p, n in zip(pv, nv)])
+    return tcp_info_of(_TCP_INFO_NAMES, [p if p == n else n for p, n in zip(pv, nv)])
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from agent.records.tcp import TcpInfo
+from agent.records.tcp import TcpInfo, tcp_info_of
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -124,7 +124,37 @@ def _tcp_info_struct(length: int) -> tuple[struct.Struct, tuple[str, ...]]:
 
 def parse_tcp_info(buf: bytes) -> TcpInfo:
     st, names = _tcp_info_struct(len(buf))
-    return TcpInfo(**dict(zip(names, st.unpack_from(buf))))
+    return tcp_info_of(names, st.unpack_from(buf))
+
+
+class SharedTcpInfo:
+    """tcp_info decoder for a source that dumps the same connections every cycle (storage_tcp): a socket's
+    numbers that did not move since the last dump are the last TcpInfo's objects, and an unchanged tcp_info
+    is the last TcpInfo itself (what :func:`agent.records.tcp.share_tcp_info` makes of two decoded records,
+    here from the decoded tuple: one TcpInfo built per socket, none when nothing moved). Pass it as
+    ``tcp_info`` to :func:`dump_tcp`; :meth:`rotate` after each complete dump (sockets not seen are forgotten)."""
+
+    __slots__ = ("_last", "_now")
+
+    def __init__(self):
+        self._last: dict[tuple, tuple] = {}  # key -> (field names, values, TcpInfo) of the last dump
+        self._now: dict[tuple, tuple] = {}
+
+    def __call__(self, key: tuple, buf: bytes) -> TcpInfo:
+        st, names = _tcp_info_struct(len(buf))
+        vals = st.unpack_from(buf)
+        last = self._last.get(key)
+        if last is not None and last[0] is names:
+            if last[1] == vals:
+                self._now[key] = last
+                return last[2]
+            vals = tuple([p if p == n else n for p, n in zip(last[1], vals)])
+        info = tcp_info_of(names, vals)
+        self._now[key] = (names, vals, info)
+        return info
+
+    def rotate(self) -> None:
+        self._last, self._now = self._now, {}
 
 
 @dataclass(frozen=True)
@@ -157,49 +187,57 @@ def build_request(family: int, states: int = ALL_BUT_LISTEN, seq: int = 1) -> by
     return hdr + req
 
 
-def parse_messages(data: bytes, dports: frozenset[int] | None = None) -> tuple[list[DiagSocket], bool]:
+_NLMSGHDR, _HEAD, _PORTS, _TAIL, _ATTR = (struct.Struct(f) for f in ("=IHHII", "=BBBB", "!HH", "=IIIII", "=HH"))
+
+
+def parse_messages(data: bytes, dports: frozenset[int] | None = None,
+                   tcp_info: SharedTcpInfo | None = None) -> tuple[list[DiagSocket], bool]:
     """Parse a netlink datagram of inet_diag messages. Returns (sockets, done).
 
-    ``dports``: only sockets whose remote port is one of these (the others are not decoded)."""
+    ``dports``: only sockets whose remote port is one of these (the others are not decoded); ``tcp_info``:
+    decodes each socket's tcp_info, by (src, sport, dst, dport, inode) (default :func:`parse_tcp_info`)."""
     out = []
-    off = 0
-    while off + 16 <= len(data):
-        length, mtype, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, off)
+    off, n = 0, len(data)
+    nlh, head, ports, tail, attr = _NLMSGHDR.unpack_from, _HEAD.unpack_from, _PORTS.unpack_from, _TAIL.unpack_from, \
+        _ATTR.unpack_from
+    while off + 16 <= n:
+        length, mtype, _flags, _seq, _pid = nlh(data, off)
         if length < 16:
             break
-        body = data[off + 16 : off + length]
+        b, end = off + 16, min(off + length, n)  # the message's body: data[b:end]
         off += (length + 3) & ~3
         if mtype == NLMSG_DONE:
             return out, True
         if mtype == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", body, 0)[0] if len(body) >= 4 else 0
+            code = -struct.unpack_from("=i", data, b)[0] if end - b >= 4 else 0
             if code:
                 raise OSError(code, f"inet_diag: {errno.errorcode.get(code, code)}")
             continue
-        if mtype != SOCK_DIAG_BY_FAMILY or len(body) < 72:
+        if mtype != SOCK_DIAG_BY_FAMILY or end - b < 72:
             continue
-        family, state, timer, _retrans = struct.unpack_from("=BBBB", body, 0)
-        sport, dport = struct.unpack_from("!HH", body, 4)
+        sport, dport = ports(data, b + 4)
         if dports is not None and dport not in dports:
             continue
-        src, dst = body[8:24], body[24:40]
-        expires, _rq, _wq, uid, inode = struct.unpack_from("=IIIII", body, 52)
+        family, state, timer, _retrans = head(data, b)
+        src, dst = _addr(family, data[b + 8:b + 24]), _addr(family, data[b + 24:b + 40])
+        expires, _rq, _wq, uid, inode = tail(data, b + 52)
         info = None
-        a = 72
-        while a + 4 <= len(body):
-            alen, atype = struct.unpack_from("=HH", body, a)
+        a = b + 72
+        while a + 4 <= end:
+            alen, atype = attr(data, a)
             if alen < 4:
                 break
             if atype == INET_DIAG_INFO:
-                info = parse_tcp_info(body[a + 4 : a + alen])
+                raw = data[a + 4:min(a + alen, end)]
+                info = parse_tcp_info(raw) if tcp_info is None else tcp_info((src, sport, dst, dport, inode), raw)
             a += (alen + 3) & ~3
         out.append(
             DiagSocket(
                 family=family,
                 state=TCP_STATES.get(state, str(state)),
-                src=_addr(family, src),
+                src=src,
                 sport=sport,
-                dst=_addr(family, dst),
+                dst=dst,
                 dport=dport,
                 inode=inode,
                 uid=uid,
@@ -212,15 +250,16 @@ def parse_messages(data: bytes, dports: frozenset[int] | None = None) -> tuple[l
 
 
 def dump_tcp(families=(socket.AF_INET, socket.AF_INET6), timeout: float = 2.0,
-             dports: frozenset[int] | None = None) -> list[DiagSocket]:
-    """Every non-listening TCP socket of this network namespace (only those to ``dports``, when given)."""
+             dports: frozenset[int] | None = None, tcp_info: SharedTcpInfo | None = None) -> list[DiagSocket]:
+    """Every non-listening TCP socket of this network namespace (only those to ``dports``, when given;
+    ``tcp_info`` as for :func:`parse_messages`)."""
     result: list[DiagSocket] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
         s.settimeout(timeout)
         for seq, fam in enumerate(families, 1):
             s.send(build_request(fam, seq=seq))
             while True:
-                socks, done = parse_messages(s.recv(1 << 16), dports)
+                socks, done = parse_messages(s.recv(1 << 16), dports, tcp_info)
                 result.extend(socks)
                 if done:
                     break

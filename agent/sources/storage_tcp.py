@@ -22,7 +22,7 @@ from agent.errors import NoData
 from agent.hostpaths import HostPaths
 from agent.records.tcp import StorageConnection, StorageConnections, share_tcp_info
 from agent.sources import SourceContext, register
-from agent.sources.netlink_diag import DiagSocket, dump_tcp
+from agent.sources.netlink_diag import DiagSocket, SharedTcpInfo, dump_tcp
 
 
 def socket_owners(paths: HostPaths, inodes: set[int]) -> dict[int, tuple[int, str]]:
@@ -68,13 +68,18 @@ class StorageTcpSource:
     def __init__(self, ctx: SourceContext, dump=None):
         self.paths = ctx.paths
         self.ports = set(ctx.config.storage.ports)
-        # the kernel's dump holds every TCP socket of the host: decode only those to a storage port
-        self.dump = dump if dump is not None else partial(dump_tcp, dports=frozenset(self.ports))
+        # the kernel's dump holds every TCP socket of the host: decode only those to a storage port; each
+        # one's tcp_info shares the values that did not move with the last dump's (SharedTcpInfo)
+        self._shared = None if dump is not None else SharedTcpInfo()
+        self.dump = dump if dump is not None else partial(dump_tcp, dports=frozenset(self.ports),
+                                                          tcp_info=self._shared)
         self._owners: dict[int, tuple[int, str] | None] = {}
-        self._infos: dict[tuple, object] = {}  # (4-tuple, inode) -> last cycle's TcpInfo: its values are shared
+        self._infos: dict[tuple, object] = {}  # (4-tuple, inode) -> last cycle's TcpInfo (a dump given to us)
 
     def collect(self) -> StorageConnections:
         socks = select_storage(self.dump(), self.ports)
+        if self._shared is not None:
+            self._shared.rotate()
         if not socks:
             raise NoData(f"no TCP connections to storage ports {sorted(self.ports)}")
         inodes = {s.inode for s in socks if s.inode}
@@ -86,10 +91,14 @@ class StorageTcpSource:
         self._owners = {i: v for i, v in self._owners.items() if i in inodes}
         out = []
         infos = {}
+        shared = self._shared is not None  # the dump shared them already
         for s in socks:
             owner = self._owners.get(s.inode)
-            key = (s.src, s.sport, s.dst, s.dport, s.inode)
-            info = infos[key] = share_tcp_info(s.info, self._infos.get(key))
+            if shared:
+                info = s.info
+            else:
+                key = (s.src, s.sport, s.dst, s.dport, s.inode)
+                info = infos[key] = share_tcp_info(s.info, self._infos.get(key))
             out.append(
                 StorageConnection(
                     family="ipv6" if ":" in s.dst else "ipv4",

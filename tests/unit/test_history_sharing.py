@@ -147,6 +147,61 @@ def test_tcp_info_values_that_did_not_move_are_last_cycles():
     assert share_tcp_info(None, a) is None and share_tcp_info(a, None) is a
 
 
+def _diag_msg(inode, sport, tcp_info: bytes, dport=3260):
+    """One inet_diag message as the kernel writes it: the socket, then an INET_DIAG_SHUTDOWN and an
+    INET_DIAG_INFO attribute."""
+    import socket
+    import struct
+
+    from agent.sources.netlink_diag import INET_DIAG_INFO, SOCK_DIAG_BY_FAMILY
+
+    body = struct.pack("=BBBB", socket.AF_INET, 1, 0, 0) + struct.pack("!HH", sport, dport)
+    body += socket.inet_aton("10.0.0.1") + b"\0" * 12 + socket.inet_aton("198.18.1.2") + b"\0" * 12
+    body += b"\0" * 12 + struct.pack("=IIIII", 0, 0, 0, 0, inode)
+    body += struct.pack("=HHB3x", 5, 8, 0)  # INET_DIAG_SHUTDOWN, padded to 4
+    body += struct.pack("=HH", 4 + len(tcp_info), INET_DIAG_INFO) + tcp_info
+    return struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, 0, 1, 0) + body
+
+
+def test_dumped_tcp_info_shares_with_the_last_dump():
+    """The storage_tcp source's own dump path (netlink messages parsed with SharedTcpInfo): decoded as
+    parse_tcp_info decodes them, the values that did not move are the last dump's objects, an unchanged
+    tcp_info is the last TcpInfo; a socket with another inode (a new connection on the same 4-tuple) or
+    gone for a dump shares nothing."""
+    import struct
+
+    from agent.sources.netlink_diag import SharedTcpInfo, parse_messages, parse_tcp_info
+
+    def info(acked):
+        buf = bytearray(248)
+        struct.pack_into("=I", buf, 16, 1460)  # tcpi_snd_mss
+        struct.pack_into("=Q", buf, 120, acked)  # tcpi_bytes_acked
+        struct.pack_into("=Q", buf, 128, 987654321)  # tcpi_bytes_received
+        return bytes(buf)
+
+    shared = SharedTcpInfo()
+
+    def dump(*msgs):
+        socks, done = parse_messages(b"".join(msgs), frozenset({3260}), shared)
+        shared.rotate()
+        return socks
+
+    (a,) = dump(_diag_msg(77, 40000, info(10**6)), _diag_msg(78, 3260, info(5), dport=40000))
+    (b,) = dump(_diag_msg(77, 40000, info(2 * 10**6)))
+    (c,) = dump(_diag_msg(77, 40000, info(2 * 10**6)))
+    (d,) = dump(_diag_msg(79, 40000, info(2 * 10**6)))  # reused 4-tuple, new socket
+    assert (a.sport, a.inode, a.info) == (40000, 77, parse_tcp_info(info(10**6)))
+    assert b.info == parse_tcp_info(info(2 * 10**6)) and b.info.bytes_acked == 2 * 10**6
+    assert b.info.bytes_received is a.info.bytes_received and b.info.snd_mss == 1460
+    assert c.info is b.info
+    assert d.info == c.info and d.info is not c.info and d.info.bytes_received is not c.info.bytes_received
+    assert dataclasses.asdict(d.info) == dataclasses.asdict(parse_tcp_info(info(2 * 10**6)))
+    assert hash(d.info) == hash(parse_tcp_info(info(2 * 10**6)))
+    # a short tcp_info (an older kernel) shares nothing with a longer one, its missing fields None
+    (e,) = dump(_diag_msg(79, 40000, info(2 * 10**6)[:160]))
+    assert e.info.bytes_acked == 2 * 10**6 and e.info.bytes_sent is None and e.info.snd_mss == 1460
+
+
 def test_probe_stats_share_the_counters_of_programs_that_did_not_run(tmp_path, monkeypatch):
     """Probe.stats() over /proc/self/fdinfo files as the kernel writes them (a tree under tmp_path): a program
     whose counters did not move since the last stats gives the same per-program dict; one that ran, a new one."""

@@ -162,12 +162,13 @@ def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
     disk_ops: dict[str, list] = {}
     disk_ms: dict[str, list] = {}
     disk_portal: dict[str, str | None] = {}
+    steps = max(n - 1, 0)
     for i, s in enumerate(snaps):
         for key, d in _disk_keys(s):
             if key not in disk_portal:
                 disk_portal[key] = portal_of.get(key) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None)
-                disk_ops[key] = [None] * max(n - 1, 0)
-                disk_ms[key] = [None] * max(n - 1, 0)
+                disk_ops[key] = [None] * steps
+                disk_ms[key] = [None] * steps
         if i:
             for key, done, ms in disk_steps(snaps[i - 1], s).values():
                 disk_ops[key][i - 1] = done

@@ -17,6 +17,7 @@ window, so the verdict leans away from the network, never toward it).
 
 from __future__ import annotations
 
+import operator
 import threading
 import weakref
 from bisect import bisect_left, insort
@@ -175,6 +176,19 @@ class Window:
 
 def _ops(st) -> int:
     return st.rd_reqs + st.wr_reqs + st.fl_reqs
+
+
+_new = object.__new__
+
+
+def _made(cls, **values):
+    """``cls(**values)`` for a frozen dataclass of this module given every one of its fields (no
+    ``__post_init__``, no slots): the record without its ``__init__``'s ``object.__setattr__`` per field, for
+    the per-disk and per-connection windows made by the thousand every cycle (equal to, and hashed like, the
+    record ``cls(**values)`` makes; tests/unit/test_window_records.py)."""
+    rec = _new(cls)
+    rec.__dict__.update(values)
+    return rec
 
 
 def _disk_baselines(history: list[Snapshot]) -> dict[tuple, float]:
@@ -356,7 +370,8 @@ def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapsho
         b = d.stats
         ops = _ops(b) - _ops(a)
         total_ms, read_ms, write_ms = window_latencies_ms(a, b)
-        disks.append(DiskWindow(
+        disks.append(_made(
+            DiskWindow,
             vm=vm,
             disk=d.target,
             backend=backend,
@@ -395,9 +410,23 @@ _DELTAS = ("total_retrans", "segs_out", "bytes_sent", "bytes_retrans", "dsack_du
            "total_rto_time_ms", "total_rto")
 
 
+_DELTA_VALUES = operator.attrgetter(*_DELTAS)
+
+
 def _deltas(i0, i1, born_inside: bool) -> list:
     """last - first of each tcp_info counter of ``_DELTAS`` (at least 0; None when an end lacks it); a
     connection born inside the window counts from 0."""
+    try:  # the counters in one C call per end (a TcpInfo has every one of them)
+        b = _DELTA_VALUES(i1)
+        a = None if born_inside or i0 is None else _DELTA_VALUES(i0)
+    except AttributeError:  # not a TcpInfo: by name, a missing one None
+        return _deltas_by_name(i0, i1, born_inside)
+    if a is None:
+        return [None if y is None else 0 if y < 0 else y for y in b]
+    return [None if y is None or x is None else 0 if (d := y - x) < 0 else d for x, y in zip(a, b)]
+
+
+def _deltas_by_name(i0, i1, born_inside: bool) -> list:
     if born_inside or i0 is None:
         return [None if (b := getattr(i1, n, None)) is None else max(b, 0) for n in _DELTAS]
     return [None if (b := getattr(i1, n, None)) is None or (a := getattr(i0, n, None)) is None else max(b - a, 0)
@@ -541,7 +570,8 @@ def _conn_windows_summed(snaps: list[Snapshot], seen: dict[str, list], dt: float
             rtt_mean = _mean(rtts) / 1000 if rtts else None
             var_mean = _mean(rttvars) / 1000 if rttvars else None
         vm, disk = owner.get(ft, (None, None))
-        conns.append(ConnWindow(
+        conns.append(_made(
+            ConnWindow,
             four_tuple=ft,
             portal=o1.portal,
             vm=vm,

@@ -148,3 +148,40 @@ def test_connection_sums_of_a_list_whose_dropped_snapshot_is_gone_are_walked_aga
     seen = W._connections_seen(later)
     got = W._conn_windows(later, seen, 1.0, later[-1].paths)
     assert got == W._conn_windows_summed(later, seen, 1.0, later[-1].paths, {})
+
+
+@pytest.mark.parametrize("name", ["flap-portal2", "offline-portal1-4vms", "loss-tohost-portal2"])
+def test_window_records_are_the_records_their_constructors_make(name):
+    """The per-disk and per-connection windows are made without their dataclass __init__ (window._made): each
+    holds every field, in field order, and equals and hashes like the record the constructor makes from
+    the same values (and the recorded ones with a connection born inside the window and ones with tcp_info
+    counters missing give the same deltas as reading them one by one)."""
+    import dataclasses
+
+    snaps = load(name)
+    made = 0
+    for end in range(2, len(snaps) + 1):
+        w = W.build_window(snaps[max(0, end - 12):end], history=snaps[max(0, end - 30):max(0, end - 12)])
+        for rec in (*w.disks, *w.conns):
+            names = [f.name for f in dataclasses.fields(rec)]
+            assert list(vars(rec)) == names
+            again = type(rec)(**{n: getattr(rec, n) for n in names})
+            assert rec == again and hash(rec) == hash(again) and repr(rec) == repr(again)
+            made += 1
+    assert made > 100
+
+
+def test_counter_deltas_equal_reading_them_by_name():
+    import random
+
+    from agent.records.tcp import TcpInfo
+
+    rnd = random.Random(4)
+    for _ in range(2000):
+        a, b = ({n: rnd.choice([None, 0, 7, rnd.randrange(1 << 40)]) for n in W._DELTAS} for _ in range(2))
+        i0, i1 = TcpInfo(**a), TcpInfo(**b)
+        for born in (False, True):
+            for first in (i0, None):
+                assert W._deltas(first, i1, born) == W._deltas_by_name(first, i1, born)
+    plain = type("Info", (), {"total_retrans": 5, "segs_out": 9})()  # not a TcpInfo: the rest is None
+    assert W._deltas(None, plain, True) == [5, 9] + [None] * (len(W._DELTAS) - 2)

@@ -33,6 +33,7 @@ Pure: snapshots in, frozen records out; cost linear in snapshots x disks.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from statistics import median
@@ -110,6 +111,14 @@ def _conns(s: Snapshot) -> dict:
     return conns
 
 
+def _portals(s: Snapshot) -> frozenset[str]:
+    """The portals of a snapshot's storage connections (made once per snapshot)."""
+    portals = s.__dict__.get("_timeline_portals")
+    if portals is None:
+        portals = s.__dict__["_timeline_portals"] = frozenset(c.portal for c in s.storage_connections)
+    return portals
+
+
 def _portal_state(s: Snapshot) -> dict[str, tuple[int, int, int | None]]:
     """portal -> (highest tcpi_backoff, segments in flight, freshest ACK's age of an ESTABLISHED connection)
     at one snapshot, over its connections with tcp_info (made once per snapshot)."""
@@ -154,26 +163,129 @@ def _portal_steps(first: Snapshot, second: Snapshot) -> dict[str, tuple[int, int
     return out
 
 
+def _disk_names(s: Snapshot) -> tuple[str, ...]:
+    """The "vm/disk" names of a snapshot's disks, in its order (made once per snapshot)."""
+    names = s.__dict__.get("_timeline_disk_names")
+    if names is None:
+        names = s.__dict__["_timeline_disk_names"] = tuple(key for key, _d in _disk_keys(s))
+    return names
+
+
+class _DiskSeries:
+    """The per-disk series (requests, mean latency per interval) of a list of snapshots that all hold the same
+    disks in the same order, carried from cycle to cycle as the list slides: the steps that left its front are
+    cut off each disk's series and the new steps appended, instead of walking every step of every disk again
+    (the live diagnosis' window and its recent intervals each slide by one snapshot per cycle). The series are
+    exactly the walk's (:func:`build_timeline`'s general loop) over the same snapshots."""
+
+    __slots__ = ("refs", "names", "keys", "ops", "ms")
+
+    def __init__(self):
+        self.refs: tuple = ()  # weak references to the snapshots
+        self.names: tuple[str, ...] = ()  # every snapshot's _disk_names
+        self.keys: list[tuple] = []  # ("vm/disk", (vm, disk)) in that order
+        self.ops: list[list] = []  # per disk (in that order): requests completed per interval
+        self.ms: list[list] = []  # per disk: mean latency per interval
+
+    def _append(self, a: Snapshot, b: Snapshot) -> None:
+        step = disk_steps(a, b)
+        get = step.get
+        for (_name, key), ops, ms in zip(self.keys, self.ops, self.ms):
+            x = get(key)
+            if x is None:
+                ops.append(None)
+                ms.append(None)
+            else:
+                ops.append(x[1])
+                ms.append(x[2])
+
+    def update(self, snaps: list[Snapshot]) -> bool:
+        """Slide to ``snaps`` (or walk them afresh); False when their disks differ between snapshots."""
+        drop = slid(self.refs, snaps)
+        names = self.names
+        if drop is not None and all(_disk_names(s) == names for s in snaps[len(self.refs) - drop:]):
+            if drop:
+                for series in self.ops:
+                    del series[:drop]
+                for series in self.ms:
+                    del series[:drop]
+            keep = len(self.refs) - drop
+        else:
+            names = _disk_names(snaps[0])
+            if not all(_disk_names(s) == names for s in snaps[1:]):
+                self.refs = ()
+                return False
+            self.names = names
+            self.keys = list(zip(names, snaps[0].vm_disks))
+            self.ops = [[] for _ in names]
+            self.ms = [[] for _ in names]
+            keep = 1
+        for a, b in zip(snaps[keep - 1:], snaps[keep:]):
+            self._append(a, b)
+        self.refs = tuple(weakref.ref(s) for s in snaps)
+        return True
+
+
+def slid(refs: tuple, snaps: list[Snapshot]) -> int | None:
+    """How many snapshots left the front of the list ``refs`` (weak references) was made of, when ``snaps``
+    is that list slid forward (its remaining snapshots, the same objects, at the front); None otherwise."""
+    if len(refs) < 2 or not snaps:
+        return None
+    head = snaps[0]
+    for drop, r in enumerate(refs):
+        if r() is head:
+            keep = len(refs) - drop
+            if keep < 2 or keep > len(snaps):
+                return None
+            return drop if all(r() is s for r, s in zip(refs[drop:], snaps)) else None
+    return None
+
+
+# the lists of snapshots _disk_series saw last, most recently used first: two slots, the live diagnosis' window
+# and its recent intervals each slide their own; used and replaced under _series_lock
+_series_lock = threading.Lock()
+_SERIES_SLOTS = 2
+_series_slots: list[_DiskSeries] = []
+
+
+def _disk_series(snaps: list[Snapshot]) -> _DiskSeries | None:
+    """The per-disk series of ``snaps`` from the slot that slid to them with the fewest steps out and in, else
+    the least recently used slot walked afresh; None when the snapshots' disks differ. Call under
+    ``_series_lock``."""
+    best, slot = None, None
+    for x in _series_slots:
+        drop = slid(x.refs, snaps)
+        if drop is not None:
+            cost = drop + len(snaps) - (len(x.refs) - drop)
+            if best is None or cost < best:
+                best, slot = cost, x
+    if slot is None:
+        slot = _series_slots.pop() if len(_series_slots) >= _SERIES_SLOTS else _DiskSeries()
+    else:
+        _series_slots.remove(slot)
+    _series_slots.insert(0, slot)
+    return slot if slot.update(snaps) else None
+
+
 def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
     """The per-interval series of ``snaps`` (oldest first); ``paths`` map disks to portals."""
     times = tuple(s.timestamp for s in snaps)
     n = len(snaps)
     portal_of = {f"{p.vm}/{p.disk}": p.portal for p in paths if p.portal}
-    disk_ops: dict[str, list] = {}
-    disk_ms: dict[str, list] = {}
-    disk_portal: dict[str, str | None] = {}
-    steps = max(n - 1, 0)
-    for i, s in enumerate(snaps):
-        for key, d in _disk_keys(s):
-            if key not in disk_portal:
-                disk_portal[key] = portal_of.get(key) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None)
-                disk_ops[key] = [None] * steps
-                disk_ms[key] = [None] * steps
-        if i:
-            for key, done, ms in disk_steps(snaps[i - 1], s).values():
-                disk_ops[key][i - 1] = done
-                disk_ms[key][i - 1] = ms
-    portals = sorted({c.portal for s in snaps for c in s.storage_connections})
+    if n >= 2:
+        with _series_lock:
+            slid = _disk_series(snaps)
+            if slid is not None:  # the same disks in every snapshot: the series carried forward
+                disk_ops = {key: tuple(v) for (key, _k), v in zip(slid.keys, slid.ops)}
+                disk_ms = {key: tuple(v) for (key, _k), v in zip(slid.keys, slid.ms)}
+    else:
+        slid = None
+    if slid is not None:
+        disk_portal = {key: portal_of.get(key) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None)
+                       for key, d in _disk_keys(snaps[0])}
+    else:
+        disk_ops, disk_ms, disk_portal = _walk_disks(snaps, portal_of)
+    portals = sorted(set().union(*(_portals(s) for s in snaps)))
     progress = {p: [None] * max(n - 1, 0) for p in portals}
     retrans = {p: [0] * max(n - 1, 0) for p in portals}
     backoff = {p: [0] * n for p in portals}
@@ -187,8 +299,8 @@ def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
                 progress[p][i - 1], retrans[p][i - 1] = got, r
     return Timeline(
         times=times,
-        disk_ops={k: tuple(v) for k, v in disk_ops.items()},
-        disk_ms={k: tuple(v) for k, v in disk_ms.items()},
+        disk_ops=disk_ops,
+        disk_ms=disk_ms,
         disk_portal=disk_portal,
         portal_progress={k: tuple(v) for k, v in progress.items()},
         portal_retrans={k: tuple(v) for k, v in retrans.items()},
@@ -196,6 +308,26 @@ def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:
         portal_ack_age_ms={k: tuple(v) for k, v in ack_age.items()},
         portal_unacked={k: tuple(v) for k, v in unacked.items()},
     )
+
+
+def _walk_disks(snaps: list[Snapshot], portal_of: dict) -> tuple[dict, dict, dict]:
+    """(disk_ops, disk_ms, disk_portal) of :class:`Timeline`, walked snapshot by snapshot (disks that come
+    and go within the window: None where a disk has no step)."""
+    steps = max(len(snaps) - 1, 0)
+    disk_ops: dict[str, list] = {}
+    disk_ms: dict[str, list] = {}
+    disk_portal: dict[str, str | None] = {}
+    for i, s in enumerate(snaps):
+        for key, d in _disk_keys(s):
+            if key not in disk_portal:
+                disk_portal[key] = portal_of.get(key) or (fmt_endpoint(*d.hosts[0]) if d.hosts else None)
+                disk_ops[key] = [None] * steps
+                disk_ms[key] = [None] * steps
+        if i:
+            for key, done, ms in disk_steps(snaps[i - 1], s).values():
+                disk_ops[key][i - 1] = done
+                disk_ms[key][i - 1] = ms
+    return ({k: tuple(v) for k, v in disk_ops.items()}, {k: tuple(v) for k, v in disk_ms.items()}, disk_portal)
 
 
 # -- gaps: runs of intervals without progress, and when inside them things stopped and resumed ----------

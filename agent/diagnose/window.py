@@ -27,7 +27,7 @@ from statistics import mean, median
 
 from agent import health
 from agent.records.addr import fmt_endpoint
-from agent.diagnose.timeline import Timeline, build_timeline, disk_steps
+from agent.diagnose.timeline import Timeline, build_timeline, disk_steps, slid
 from agent.records.disk_latency import BLOCK, LIBISCSI
 from agent.records.paths import StoragePath, build_paths
 from agent.records.rates import window_latencies_ms
@@ -203,21 +203,6 @@ def _step_latencies(a: Snapshot, b: Snapshot) -> tuple:
     return tuple((key, ms) for key, (_name, _done, ms) in disk_steps(a, b).items() if ms is not None)
 
 
-def _slid(refs: tuple, snaps: list[Snapshot]) -> int | None:
-    """How many snapshots left the front of the list ``refs`` (weak references) was made of, when ``snaps``
-    is that list slid forward (its remaining snapshots, the same objects, at the front); None otherwise."""
-    if len(refs) < 2 or not snaps:
-        return None
-    head = snaps[0]
-    for drop, r in enumerate(refs):
-        if r() is head:
-            keep = len(refs) - drop
-            if keep < 2 or keep > len(snaps):
-                return None
-            return drop if all(r() is s for r, s in zip(refs[drop:], snaps)) else None
-    return None
-
-
 class _SlidingSamples:
     """Per disk, the mean latency of each step of a history, held sorted (a running order statistic).
 
@@ -235,7 +220,7 @@ class _SlidingSamples:
         self.ordered: dict[tuple, list[float]] = {}
 
     def _overlap(self, history: list[Snapshot]) -> int | None:
-        return _slid(self.refs, history)
+        return slid(self.refs, history)
 
     def _add(self, step: tuple) -> None:
         ordered = self.ordered
@@ -269,8 +254,17 @@ class _SlidingSamples:
         self.refs = tuple(weakref.ref(s) for s in history)
 
     def baselines(self, q: float) -> dict[tuple, float]:
-        return {key: health.quantile_sorted(vals, q) for key, vals in self.ordered.items()
-                if len(vals) >= health.MIN_BASELINE_SAMPLES}
+        """key -> health.quantile_sorted(its samples, q), for the keys with enough samples (the rank of each
+        sample count worked out once)."""
+        least, rank, out = health.MIN_BASELINE_SAMPLES, {}, {}
+        for key, vals in self.ordered.items():
+            n = len(vals)
+            if n >= least:
+                at = rank.get(n)
+                if at is None:
+                    at = rank[n] = min(n - 1, max(0, int(round(q * (n - 1)))))
+                out[key] = vals[at]
+        return out
 
 
 # the histories _latency_samples saw last, most recently used first: two slots, the live diagnosis' window
@@ -495,7 +489,7 @@ class _ConnSums:
                 del per[ft]
 
     def update(self, snaps: list[Snapshot]) -> None:
-        drop = _slid(self.refs, snaps)
+        drop = slid(self.refs, snaps)
         gone = [] if drop is None else [r() for r in self.refs[:drop]]
         if drop is None or any(g is None for g in gone):  # another list, or what left it is no more
             self.per = {}
@@ -518,7 +512,7 @@ def _conn_sums(snaps: list[Snapshot]) -> _ConnSums:
     the least recently used one walked in full. Call under ``_conn_lock``."""
     best, slot = None, None
     for x in _conn_slots:
-        drop = _slid(x.refs, snaps)
+        drop = slid(x.refs, snaps)
         if drop is not None:
             cost = drop + len(snaps) - (len(x.refs) - drop)
             if best is None or cost < best:

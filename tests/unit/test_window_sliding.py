@@ -185,3 +185,47 @@ def test_counter_deltas_equal_reading_them_by_name():
                 assert W._deltas(first, i1, born) == W._deltas_by_name(first, i1, born)
     plain = type("Info", (), {"total_retrans": 5, "segs_out": 9})()  # not a TcpInfo: the rest is None
     assert W._deltas(None, plain, True) == [5, 9] + [None] * (len(W._DELTAS) - 2)
+
+
+def _without_first_vm(s):
+    """The snapshot with its first libvirt VM gone (a VM shut down or migrated away)."""
+    import dataclasses
+
+    vms = s.data["libvirt"]
+    return dataclasses.replace(s, data={**s.data, "libvirt": dataclasses.replace(vms, vms=vms.vms[1:])})
+
+
+@pytest.mark.parametrize("name", ["flap-portal2", "offline-portal1-4vms"])
+def test_disk_series_carried_forward_equal_the_walk(name, monkeypatch):
+    """Two windows sliding side by side (12 and 3 snapshots), a VM that leaves for a few snapshots in the
+    middle (its disks come and go: those windows are walked) and a list that jumps: every timeline equals
+    the one walked snapshot by snapshot."""
+    from agent.diagnose import timeline as T
+
+    monkeypatch.setattr(T, "_series_slots", [])
+    snaps = load(name)
+    assert "libvirt" in snaps[0].data and len(snaps[0].vm_disks) >= 2
+    snaps = snaps[:4] + [_without_first_vm(s) for s in snaps[4:7]] + snaps[7:]
+    walk = T._disk_series
+
+    def walked(win):
+        monkeypatch.setattr(T, "_disk_series", lambda snaps: None)
+        try:
+            return T.build_timeline(win, win[-1].paths)
+        finally:
+            monkeypatch.setattr(T, "_disk_series", walk)
+
+    for end in range(2, len(snaps) + 1):
+        for size in (12, 3):
+            win = snaps[max(0, end - size):end]
+            assert T.build_timeline(win, win[-1].paths) == walked(win), (end, size)
+    jumped = snaps[::2]
+    assert T.build_timeline(jumped, jumped[-1].paths) == walked(jumped)
+    # the carried series did slide: a window one snapshot on from the last one cuts and appends one step
+    win = snaps[-7:-1]  # after the VM came back
+    T.build_timeline(win, win[-1].paths)
+    slot = T._series_slots[0]
+    first_ops = [list(v) for v in slot.ops]
+    nxt = snaps[-6:]
+    assert T.build_timeline(nxt, nxt[-1].paths) == walked(nxt)
+    assert T._series_slots[0] is slot and [v[:-1] for v in slot.ops] == [v[1:] for v in first_ops]

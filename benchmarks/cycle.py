@@ -299,10 +299,9 @@ def run_inline(agent):
 
 
 def cycle(agent) -> None:
-    """One cycle as Agent.run does it: collect (sources, join, consumers), then the garbage collector step."""
-    agent.collect_once()
-    if agent.freeze_gc:
-        agent.gc_step()
+    """One cycle as Agent.run does it (Agent.cycle: collect, the sources, join, consumers, with the garbage
+    collector's step)."""
+    agent.cycle()
 
 
 def full_gc(agent) -> tuple[float, int]:
@@ -465,7 +464,7 @@ def report(args, r: dict) -> str:
     if r["gc_full"]:
         t, every = r["gc_full"]
         lines += ["", f"The full garbage collection `kvmscope run` does every {every} cycles (agent/loop.py; the "
-                  f"cycles above only collect what is younger than the last cycle): {ms(t)} once, "
+                  f"cycles above freeze what they leave alive, the collector off while they run): {ms(t)} once, "
                   f"{ms(t / every)} per cycle on average."]
     bad = {n: h for n, h in r["health"].items() if h[0] == "failed"}
     if bad:

@@ -159,8 +159,7 @@ def run(cycles: int, interval: float, ebpf: bool = True, load: bool = False) -> 
         cpu0 = time.process_time()
         for i in range(cycles):
             t = time.monotonic()
-            agent.collect_once()
-            agent.gc_step()
+            agent.cycle()  # collect, with kvmscope run's garbage collector steps (freeze_gc)
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
             if i == 0:
                 res["rss"]["first_cycle"] = rss_mb()

@@ -167,7 +167,8 @@ def test_freeze_gc_freezes_after_each_cycle_and_collects_everything_periodically
     monkeypatch.setattr(loop.gc, "freeze", lambda: calls.append("freeze"))
     monkeypatch.setattr(loop.gc, "unfreeze", lambda: calls.append("unfreeze"))
     monkeypatch.setattr(loop.gc, "collect", lambda *a: calls.append("collect") or 0)
-    a = Agent([Src("n", lambda: 1)], interval=0.05, freeze_gc=True)
+    seen_on = []  # the collector's state while the sources run: off during a cycle (only freeze_gc)
+    a = Agent([Src("n", lambda: seen_on.append(gc.isenabled()) or 1)], interval=0.05, freeze_gc=True)
     stop = threading.Event()
     t = threading.Thread(target=a.run, args=(stop,))
     t.start()
@@ -179,8 +180,12 @@ def test_freeze_gc_freezes_after_each_cycle_and_collects_everything_periodically
     assert calls[:6] == ["freeze", "freeze", "unfreeze", "collect", "freeze", "freeze"]
     a.close()
     assert calls[-1] == "unfreeze"
-    assert Agent([Src("n", lambda: 1)]).freeze_gc is False  # only kvmscope run asks for it
-    assert gc.isenabled()
+    assert seen_on and not any(seen_on)
+    plain = Agent([Src("n", lambda: seen_on.append(gc.isenabled()) or 1)])
+    assert plain.freeze_gc is False  # only kvmscope run asks for it
+    plain.cycle()
+    assert seen_on[-1] is True and gc.isenabled()
+    plain.close()
 
 
 def test_one_early_cycle_when_the_last_loading_source_is_done():

@@ -342,11 +342,63 @@ class Table:
         return self._stride
 
     def items(self) -> list[tuple[Any, Any]]:
+        """Every (key, value) of the map. A hash map is read in batches (BPF_MAP_LOOKUP_BATCH: one bpf(2) call
+        per ``BATCH`` entries instead of two per entry); an array map, or a kernel without batch lookups of
+        hash maps, one key at a time."""
+        if self.map_type not in ARRAY_TYPES and self._batch_ok:
+            got = self._items_batched()
+            if got is not None:
+                return got
         out = []
         for k in self.keys():
             if self._lookup_raw(k):  # a hash entry may go between next_key and lookup
                 out.append((k, self._decode()))
         return out
+
+    BATCH = 256  # entries per BPF_MAP_LOOKUP_BATCH call (doubled when one hash bucket holds more)
+    _batch_ok = True  # False once the kernel refused a batch lookup of this map
+
+    def _items_batched(self) -> list[tuple[Any, Any]] | None:
+        """items() of a hash map in batches; None when the kernel has no batch lookup for it. The kernel walks
+        the map bucket by bucket and hands back a whole bucket or none of it: a batch never splits one, so an
+        entry is read once, as in one get_next_key walk (entries added or removed meanwhile may or may not be
+        seen, as there)."""
+        ks, vs = int(self.info.key_size), self._stride * self.ncpus
+        n = min(self.BATCH, max(1, int(self.info.max_entries)))
+        tok_in, tok_out = ctypes.create_string_buffer(max(8, ks)), ctypes.create_string_buffer(max(8, ks))
+        kbuf, vbuf = ctypes.create_string_buffer(ks * n), ctypes.create_string_buffer(vs * n)
+        out: list[tuple[Any, Any]] = []
+        first = True
+        while True:
+            attr = _BatchAttr(0 if first else ctypes.addressof(tok_in), ctypes.addressof(tok_out),
+                              ctypes.addressof(kbuf), ctypes.addressof(vbuf), n, self.fd, 0, 0)
+            done = False
+            try:
+                bpf(MAP_LOOKUP_BATCH, attr)
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # the walk reached the end (this call's entries are still in count)
+                    done = True
+                elif e.errno == errno.ENOSPC:  # one bucket holds more than n entries: again, with more room
+                    n *= 2
+                    kbuf, vbuf = ctypes.create_string_buffer(ks * n), ctypes.create_string_buffer(vs * n)
+                    continue
+                elif e.errno in (errno.EINVAL, errno.EPERM, 524) and first and not out:  # 524: ENOTSUPP
+                    self._batch_ok = False
+                    return None
+                else:
+                    raise
+            got = int(attr.count)
+            if got:
+                kraw, vraw = kbuf.raw[: got * ks], vbuf.raw[: got * vs]
+                key, leaf, stride, ncpus = self.Key.from_buffer_copy, self._leaf, self._stride, self.ncpus
+                for i in range(got):
+                    off = i * vs
+                    v = leaf(vraw, off) if not self.percpu else [leaf(vraw, off + c * stride) for c in range(ncpus)]
+                    out.append((key(kraw, i * ks), v))
+            if done:
+                return out
+            ctypes.memmove(tok_in, tok_out, len(tok_out))
+            first = False
 
     def values(self) -> list[Any]:
         return [v for _, v in self.items()]

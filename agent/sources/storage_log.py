@@ -54,7 +54,8 @@ for the next cycle. Files that appear after the first cycle are read from
 their start; files present at the very first start are read from their end
 (``start_at_end``), so installing the agent does not replay old history.
 
-Cost: one ``stat`` per file per cycle, and reads of what was appended.
+Cost: one ``stat`` per file per cycle, and reads of what was appended; ``/dev/kmsg``
+is kept open, so a cycle reads only the records logged since the last one.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class StorageLogSource:
         self.persist_positions = ctx.owns_state if persist_positions is None else persist_positions
         self._tailer: FileTailer | None = None
         self._kmsg_warned = False
+        # /dev/kmsg stays open across cycles: each read(2) returns the next record after the last one read, so a
+        # cycle reads only what the kernel logged since (opened afresh, it starts at the ring buffer's oldest
+        # record, and every cycle parsed the whole ring again just to skip it: ~1,500 records on a busy host)
+        self._kmsg_fd: int | None = None
         self._files_warned = False
         self.kernel_source: str | None = None  # kmsg | journal | files, chosen at the first cycle (auto)
         self.dropped: dict[str, int] = {}
@@ -202,15 +207,18 @@ class StorageLogSource:
         boot = self._boot_id()
         last = t.kmsg.get("seq", -1) if t.kmsg.get("boot") == boot else -1
         out = []
-        try:
-            fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
-            if not self._kmsg_warned:  # once: it stays so until the agent is restarted with CAP_SYSLOG
-                self._kmsg_warned = True
-                log.warning("storage_log: cannot read /dev/kmsg (%s): kernel iSCSI messages are not collected "
-                            "(needs CAP_SYSLOG when kernel.dmesg_restrict=1; set storage_log.kernel_source to "
-                            "journal or files to use another source)", e)
-            return out
+        fd = self._kmsg_fd
+        if fd is None:
+            try:
+                fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if not self._kmsg_warned:  # once: it stays so until the agent is restarted with CAP_SYSLOG
+                    self._kmsg_warned = True
+                    log.warning("storage_log: cannot read /dev/kmsg (%s): kernel iSCSI messages are not collected "
+                                "(needs CAP_SYSLOG when kernel.dmesg_restrict=1; set storage_log.kernel_source to "
+                                "journal or files to use another source)", e)
+                return out
+            self._kmsg_fd = fd
         top = last
         try:
             while True:
@@ -230,12 +238,18 @@ class StorageLogSource:
                 if c:
                     out.append(StorageLogEvent(time=now, message=p[1].strip(), origin="kernel", path="/dev/kmsg",
                                                offset=p[0], file_id=f"kmsg:{boot}", **c))
-        finally:
-            os.close(fd)
+        except BaseException:
+            self._close_kmsg()  # opened again (from the oldest record, the saved seq skipping what was read) next cycle
+            raise
         if top != last:
             t.kmsg = {"boot": boot, "seq": top}
             t._dirty = True
         return out
+
+    def _close_kmsg(self) -> None:
+        fd, self._kmsg_fd = self._kmsg_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _journal(self, t: FileTailer, skip_existing: bool = False) -> list[StorageLogEvent]:
         """New kernel entries of the systemd journal (``journalctl -k -o json``) after the saved cursor.
@@ -293,6 +307,7 @@ class StorageLogSource:
             self._tailer.save()
 
     def close(self) -> None:
+        self._close_kmsg()
         if self._tailer is not None:
             try:
                 self._save()

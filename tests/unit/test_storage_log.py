@@ -290,6 +290,42 @@ def test_kernel_messages_from_dev_kmsg_once_each(tmp_path):
     assert not [e for e in src().collect().events if tag in e.message]  # not again after a restart
 
 
+@pytest.mark.skipif(not __import__("os").access("/dev/kmsg", __import__("os").W_OK),
+                    reason="/dev/kmsg not writable (needs root)")
+def test_dev_kmsg_stays_open_and_a_cycle_reads_only_newer_records(tmp_path, monkeypatch):
+    import os
+    import uuid
+
+    from agent.sources import storage_log
+
+    (tmp_path / "qemu").mkdir()
+    s = _source(tmp_path)
+    s.cfg.kernel_source = "kmsg"
+    s.collect()
+    fd = s._kmsg_fd
+    seen = s._tailer.kmsg["seq"]
+    with open("/dev/kmsg", "w") as k:
+        k.write(f"kvmscope-test-{uuid.uuid4().hex[:8]}: one more record\n")
+    records = []
+    real_read = os.read
+
+    def read(f, n):
+        b = real_read(f, n)
+        if f == fd:
+            records.append(b)
+        return b
+
+    monkeypatch.setattr(storage_log.os, "read", read)
+    s.collect()
+    assert s._kmsg_fd == fd
+    seqs = [int(r.split(b";", 1)[0].split(b",")[1]) for r in records if r]
+    assert seqs and min(seqs) > seen  # not the whole ring again: only what came after the last cycle
+    s.close()
+    assert s._kmsg_fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
 def test_cli_processes_never_move_the_agents_positions(tmp_path):
     (tmp_path / "qemu").mkdir()
     log = tmp_path / "qemu" / "vm9.log"

@@ -127,6 +127,8 @@ class Agent:
         self.on_snapshot: list[Callable[[Snapshot], None]] = []
         self.freeze_gc = freeze_gc
         self._since_full_gc = 0
+        # called after each cycle of run() (kvmscope run: glibc's malloc_trim, see agent.cli.run.heap_trimmer)
+        self.trim_heap: Callable[[], object] | None = None
 
     # -- results ---------------------------------------------------------
     @property
@@ -224,6 +226,8 @@ class Agent:
         next_at = self._mono()
         while not stop.is_set():
             self.cycle()
+            if self.trim_heap is not None:
+                self.trim_heap()
             next_at += self.interval
             delay = next_at - self._mono()
             if delay < 0:  # a slow cycle: skip the missed slots, do not burst

@@ -63,22 +63,42 @@ def _root(
     ctx.obj = {"config": config, "standalone": standalone}
 
 
-def _register() -> None:
-    """Import every command module of this package (each adds its command to `app`)."""
+def register_commands(only: list[str] | None = None) -> None:
+    """Import the command modules of this package (each adds its command to `app`): all of them, or the
+    modules named in ``only``. Idempotent. `app` has no command until this ran (:func:`main` does it)."""
     import importlib
     import pkgutil
 
     # the order of `kvmscope --help`: the daily commands first, then the rest alphabetically
     first = ["run", "top", "diagnose", "retrans", "inventory", "doctor", "probes", "record"]
     names = [m.name for m in pkgutil.iter_modules(__path__) if m.name != "common" and not m.name.startswith("_")]
+    if only is not None:
+        names = [n for n in names if n in only]
     for name in sorted(names, key=lambda n: (first.index(n) if n in first else len(first), n)):
         importlib.import_module(f"{__name__}.{name}")
 
 
-_register()
+# commands whose module has their name and no other command: `kvmscope <name>` imports only that module.
+# The long-lived agent (`run`) so never imports the other commands' modules (and what only they use).
+_OWN_MODULE = {"run"}
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command word of a `kvmscope` command line (after the root options), or None."""
+    it = iter(argv)
+    for a in it:
+        if a == "--":
+            return next(it, None)
+        if a in ("-c", "--config"):
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
+    cmd = command_of(sys.argv[1:] if argv is None else argv)
+    register_commands([cmd] if cmd in _OWN_MODULE else None)
     try:
         app(args=argv, prog_name="kvmscope", standalone_mode=True)
     except KvmscopeError as e:

@@ -259,3 +259,27 @@ def test_redact_url():
     assert config.redact_url("http://[::1]:9200") == "http://[::1]:9200"
     assert config.redact_url("https://u:p@[::1]:9200") == "https://u:********@[::1]:9200"
     assert config.redact_url("not a url u:p@x") == "not a url u:p@x"
+
+
+def test_command_word_after_the_root_options():
+    from agent.cli import command_of
+
+    assert command_of(["run", "-q"]) == "run"
+    assert command_of(["-c", "/etc/x.yaml", "--standalone", "run"]) == "run"
+    assert command_of(["--config", "run", "top"]) == "top"  # a config file named "run"
+    assert command_of(["--config=/x.yaml", "diagnose"]) == "diagnose"
+    assert command_of(["--help"]) is None and command_of([]) is None
+
+
+def test_kvmscope_run_imports_no_other_command():
+    """`kvmscope run` (the long-lived agent) registers and imports only its own command's module; every
+    other command line still has them all."""
+    code = ("import sys; from agent.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('agent.cli.')))")
+    run = subprocess.run([sys.executable, "-c", code, "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    mods = run.stdout.strip().splitlines()[-1]
+    assert "agent.cli.run" in mods and "agent.cli.fleet" not in mods and "agent.cli.top" not in mods
+    top = run_cli("--help")
+    assert top.returncode == 0 and all(c in top.stdout for c in ("run", "top", "diagnose", "fleet", "config"))

@@ -22,7 +22,9 @@ def normalize(text: str, tmp_path: Path) -> str:
 
 def run_cli(host, *args, monkeypatch):
     import agent.doctor.checks_ebpf as ebpf
-    from agent.cli import app
+    from agent.cli import app, register_commands
+
+    register_commands()
 
     # the fixture host has bcc; whether this machine has it must not change the golden output
     monkeypatch.setattr(ebpf, "bcc_status", lambda: (True, "bcc at /usr/lib/python3/dist-packages/bcc/__init__.py"))

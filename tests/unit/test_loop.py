@@ -188,6 +188,53 @@ def test_freeze_gc_freezes_after_each_cycle_and_collects_everything_periodically
     plain.close()
 
 
+def test_trim_heap_after_each_cycle_of_run():
+    seqs = []
+    a = Agent([Src("n", lambda: 1)], interval=0.05)
+    a.trim_heap = lambda: seqs.append(a.latest.seq)  # after the cycle: its snapshot is the latest
+    stop = threading.Event()
+    t = threading.Thread(target=a.run, args=(stop,))
+    t.start()
+    deadline = time.monotonic() + 5
+    while len(seqs) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    t.join(2)
+    a.close()
+    assert seqs[:3] == [1, 2, 3]
+    assert Agent([Src("n", lambda: 1)]).trim_heap is None  # only kvmscope run sets it
+
+
+def test_heap_trimmer_gives_freed_heap_pages_back():
+    """glibc keeps free pages inside its heap resident; the trimmer (kvmscope run, after each cycle) returns
+    them (in a fresh process, bounded like kvmscope run's)."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes
+from agent.cli.run import bound_malloc, heap_trimmer
+bound_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon"))
+blocks = [libc.malloc(64 * 1024) for _ in range(800)]  # 50 MB below the mmap threshold: on the heap
+for b in blocks:
+    ctypes.memset(b, 1, 64 * 1024)
+keep = blocks[-1]  # the top stays in use: glibc cannot give the rest back by shrinking the heap
+for b in blocks[:-1]:
+    libc.free(b)
+before = rss()
+heap_trimmer()()
+print(before - rss())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) > 30_000  # kB given back
+
+
 def test_one_early_cycle_when_the_last_loading_source_is_done():
     first, second = threading.Event(), threading.Event()
     a = Agent([Loading("p1", first), Loading("p2", second)], interval=30)

@@ -439,15 +439,28 @@ def find_outages(tl: Timeline) -> list[Outage]:
     for portal, prog in sorted(tl.portal_progress.items()):
         disks = [k for k, p in tl.disk_portal.items() if p == portal]
         # the first interval each disk completed something in (a disk is busy before interval i if it is < i)
-        first_busy = {k: next((j for j, x in enumerate(tl.disk_ops[k]) if x), None) for k in disks}
+        first_busy: dict[str, int | None] = {}
+        for k in disks:
+            first_busy[k] = None
+            for j, x in enumerate(tl.disk_ops[k]):
+                if x:
+                    first_busy[k] = j
+                    break
         silent = []
         for i, v in enumerate(prog):
             if v != 0:  # progress (or unknown): not silent, whatever the disks did
                 silent.append(v if v is not None else None)
                 continue
-            busy_before = [k for k in disks if first_busy[k] is not None and first_busy[k] < i]
-            nothing_done = all(not tl.disk_ops[k][i] for k in busy_before)
-            waiting = bool(busy_before) or tl.portal_unacked[portal][i + 1] > 0
+            # the disks busy before interval i: did any of them complete something in it (stop at the first)
+            busy_before, nothing_done = False, True
+            for k in disks:
+                j = first_busy[k]
+                if j is not None and j < i:
+                    busy_before = True
+                    if tl.disk_ops[k][i]:
+                        nothing_done = False
+                        break
+            waiting = busy_before or tl.portal_unacked[portal][i + 1] > 0
             silent.append(0 if (nothing_done and waiting) else None)  # quiet or still completing: not an outage
         for first, last in zero_runs(silent):
             backoff = max(tl.portal_backoff[portal][first:last + 2])

@@ -187,6 +187,7 @@ def build_request(family: int, states: int = ALL_BUT_LISTEN, seq: int = 1) -> by
     return hdr + req
 
 
+_new = object.__new__
 _NLMSGHDR, _HEAD, _PORTS, _TAIL, _ATTR = (struct.Struct(f) for f in ("=IHHII", "=BBBB", "!HH", "=IIIII", "=HH"))
 
 
@@ -231,21 +232,21 @@ def parse_messages(data: bytes, dports: frozenset[int] | None = None,
                 raw = data[a + 4:min(a + alen, end)]
                 info = parse_tcp_info(raw) if tcp_info is None else tcp_info((src, sport, dst, dport, inode), raw)
             a += (alen + 3) & ~3
-        out.append(
-            DiagSocket(
-                family=family,
-                state=TCP_STATES.get(state, str(state)),
-                src=src,
-                sport=sport,
-                dst=dst,
-                dport=dport,
-                inode=inode,
-                uid=uid,
-                info=info,
-                timer=timer,
-                timer_expires_ms=expires,
-            )
+        sock = _new(DiagSocket)  # DiagSocket(...) without its frozen __init__'s setattr per field (every field)
+        sock.__dict__.update(
+            family=family,
+            state=TCP_STATES.get(state, str(state)),
+            src=src,
+            sport=sport,
+            dst=dst,
+            dport=dport,
+            inode=inode,
+            uid=uid,
+            info=info,
+            timer=timer,
+            timer_expires_ms=expires,
         )
+        out.append(sock)
     return out, False
 
 

@@ -25,6 +25,9 @@ from agent.sources import SourceContext, register
 from agent.sources.netlink_diag import DiagSocket, SharedTcpInfo, dump_tcp
 
 
+_new = object.__new__
+
+
 def socket_owners(paths: HostPaths, inodes: set[int]) -> dict[int, tuple[int, str]]:
     """inode -> (pid, comm) for the given socket inodes, by scanning /proc/*/fd."""
     want = {f"socket:[{i}]" for i in inodes}
@@ -99,20 +102,21 @@ class StorageTcpSource:
             else:
                 key = (s.src, s.sport, s.dst, s.dport, s.inode)
                 info = infos[key] = share_tcp_info(s.info, self._infos.get(key))
-            out.append(
-                StorageConnection(
-                    family="ipv6" if ":" in s.dst else "ipv4",
-                    state=s.state,
-                    src=s.src,
-                    sport=s.sport,
-                    dst=s.dst,
-                    dport=s.dport,
-                    inode=s.inode,
-                    pid=owner[0] if owner else None,
-                    comm=owner[1] if owner else None,
-                    info=info,
-                )
+            # StorageConnection(...) without its frozen __init__'s setattr per field (every field, in order)
+            conn = _new(StorageConnection)
+            conn.__dict__.update(
+                family="ipv6" if ":" in s.dst else "ipv4",
+                state=s.state,
+                src=s.src,
+                sport=s.sport,
+                dst=s.dst,
+                dport=s.dport,
+                inode=s.inode,
+                pid=owner[0] if owner else None,
+                comm=owner[1] if owner else None,
+                info=info,
             )
+            out.append(conn)
         self._infos = infos
         out.sort(key=lambda c: (c.dst, c.dport, c.src, c.sport))
         return StorageConnections(tuple(out))

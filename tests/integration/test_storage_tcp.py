@@ -52,6 +52,10 @@ def test_exact_four_tuple_owner_and_counters(pair):
     assert c.info.bytes_sent == 200_000
     assert c.info.bytes_acked >= 200_000
     assert c.info.total_retrans == 0
+    import dataclasses  # the record made without __init__: every field, in order, as the constructor makes it
+
+    names = [f.name for f in dataclasses.fields(c)]
+    assert list(vars(c))[:len(names)] == names and c == type(c)(**{n: getattr(c, n) for n in names})
 
     # the same numbers as ss(8) prints for this socket
     out = subprocess.run(

@@ -197,6 +197,9 @@ def test_dumped_tcp_info_shares_with_the_last_dump():
     assert d.info == c.info and d.info is not c.info and d.info.bytes_received is not c.info.bytes_received
     assert dataclasses.asdict(d.info) == dataclasses.asdict(parse_tcp_info(info(2 * 10**6)))
     assert hash(d.info) == hash(parse_tcp_info(info(2 * 10**6)))
+    for rec in (a, a.info):  # made without __init__: every field, in order, as the constructor makes it
+        names = [f.name for f in dataclasses.fields(rec)]
+        assert list(vars(rec)) == names and rec == type(rec)(**{n: getattr(rec, n) for n in names})
     # a short tcp_info (an older kernel) shares nothing with a longer one, its missing fields None
     (e,) = dump(_diag_msg(79, 40000, info(2 * 10**6)[:160]))
     assert e.info.bytes_acked == 2 * 10**6 and e.info.bytes_sent is None and e.info.snd_mss == 1460

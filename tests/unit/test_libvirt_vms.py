@@ -14,6 +14,7 @@ from agent.config import Config
 from agent.hostpaths import HostPaths
 from agent.sources import SourceContext
 from agent.sources._vm_common import parse_iscsi_url, split_iscsi_name
+from agent.records.vms import DiskStats
 from agent.sources.libvirt_vms import LibvirtSource, parse_block_stats, parse_domain_disks
 
 
@@ -67,6 +68,8 @@ def test_block_stats_values_type_checked():
     bad: list = []
     out = parse_block_stats(stats, bad)
     assert out["vda"].rd_reqs == 5 and out["vda"].rd_bytes == 4096
+    assert out["vda"] == DiskStats(rd_reqs=5, rd_bytes=4096) and out["vda"].histograms is None
+    assert list(vars(out["vda"])) == [f.name for f in dataclasses.fields(DiskStats)]
     assert "vdb" not in out and "vdc" not in out
     assert sorted(w for w, _ in bad) == ["vdb rd.reqs", "vdb wr.bytes", "vdc fl.times"]
     bad = []
@@ -167,6 +170,10 @@ def test_domain_xml_is_read_once_and_again_when_the_disks_change(tmp_path):
             a, b = first[name].disks[0], second[name].disks[0]
             assert b.stats.rd_reqs == 5 and a.stats.rd_reqs == 1
             assert b == dataclasses.replace(a, stats=b.stats)  # every other field as parsed
+            for rec in (a, b, a.stats, b.stats):  # made without __init__ (the cache, parse_block_stats): as if with
+                names = [f.name for f in dataclasses.fields(rec)]
+                assert list(vars(rec)) == names and rec == type(rec)(**{n: getattr(rec, n) for n in names})
+            assert hash(b.stats) == hash(dataclasses.replace(b.stats))
         assert second["bad"].error == first["bad"].error and "LUN" in second["bad"].error
         extra["disks"] = ["vda", "vdz"]  # a disk appeared: the XML is read again
         src.collect()

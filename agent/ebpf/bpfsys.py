@@ -250,6 +250,7 @@ class Table:
                              f"bytes, the kernel's map has {info.key_size}/{info.value_size}")
         self._stride = (info.value_size + 7) & ~7 if self.percpu else info.value_size
         self._vbuf = ctypes.create_string_buffer(self._stride * self.ncpus)
+        self._array_bufs: tuple | None = None  # batch_raw's key and value buffers
 
     def _lookup_raw(self, key) -> bool:
         attr = _ElemAttr(self.fd, 0, ctypes.addressof(key), ctypes.addressof(self._vbuf), 0)
@@ -317,8 +318,9 @@ class Table:
         if self.map_type not in ARRAY_TYPES:
             raise ValueError(f"map {self.name}: batch_raw reads array maps")
         size = self._stride * self.ncpus
-        keys = (ctypes.c_uint32 * n)()
-        vals = ctypes.create_string_buffer(size * n)
+        if self._array_bufs is None:  # allocated (and zeroed) once: every cycle reads the whole array again
+            self._array_bufs = ((ctypes.c_uint32 * n)(), ctypes.create_string_buffer(size * n))
+        keys, vals = self._array_bufs
         out_batch = ctypes.c_uint32(0)
         attr = _BatchAttr(0, ctypes.addressof(out_batch), ctypes.addressof(keys), ctypes.addressof(vals), n, self.fd, 0, 0)
         try:
@@ -335,7 +337,7 @@ class Table:
                 return n, vals.raw
             else:
                 raise
-        return got, vals.raw[: got * size]
+        return got, ctypes.string_at(vals, got * size)
 
     @property
     def stride(self) -> int:

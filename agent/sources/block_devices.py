@@ -60,24 +60,24 @@ def read_block_devices(paths: HostPaths) -> BlockDevices:
     if not names:
         raise NoData(f"no block devices under {base}")
     devs, parts = [], []
-    for n in names:
-        d = base / n
-        devno = _read(paths, d / "dev")
+    for n in names:  # string paths: ~10 reads and listings per device every cycle
+        d = f"{base}/{n}"
+        devno = _read(paths, f"{d}/dev")
         if devno is None:
             continue  # vanished
         devs.append(
             BlockDevice(
                 name=n,
                 devno=devno,
-                dm_name=_read(paths, d / "dm" / "name"),
-                slaves=_ls(d / "slaves"),
-                holders=_ls(d / "holders"),
-                stat=parse_stat(_read(paths, d / "stat") or ""),
+                dm_name=_read(paths, f"{d}/dm/name"),
+                slaves=_ls(f"{d}/slaves"),
+                holders=_ls(f"{d}/holders"),
+                stat=parse_stat(_read(paths, f"{d}/stat") or ""),
             )
         )
         for sub in _ls(d):
-            if sub.startswith(n) and (d / sub / "partition").exists():
-                pd = _read(paths, d / sub / "dev")
+            if sub.startswith(n) and os.path.exists(f"{d}/{sub}/partition"):
+                pd = _read(paths, f"{d}/{sub}/dev")
                 if pd:
                     parts.append((pd, sub, n))
     return BlockDevices(tuple(devs), tuple(parts))

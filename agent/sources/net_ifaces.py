@@ -12,16 +12,20 @@ from __future__ import annotations
 import os
 
 from agent.errors import NoData
-from agent.hostpaths import HostPaths
 from agent.records.net import NetIface, NetIfaces
 from agent.sources import SourceContext, Unchanged, register
 
 COUNTERS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors", "tx_errors", "rx_dropped", "tx_dropped")
 
 
-def _int(paths: HostPaths, p) -> int | None:
+def _read_int(path: str) -> int | None:
+    """A sysfs number (one read(2), no file object: ~11 files per interface every cycle); None if absent."""
     try:
-        return int(paths.read_text(p).strip())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return int(os.read(fd, 64))
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return None
 
@@ -55,19 +59,20 @@ class NetIfacesSource:
         addrs = _addresses()
         out = []
         for n in names:
-            d = base / n
+            d = f"{base}/{n}"
             try:
-                state = self.paths.read_text(d / "operstate").strip()
+                state = self.paths.read_text(f"{d}/operstate").strip()
             except OSError:
                 continue  # vanished
-            speed = _int(self.paths, d / "speed")
+            speed = _read_int(f"{d}/speed")
+            stats = f"{d}/statistics/"
             out.append(self._same.same(n,
                 NetIface(
                     name=n,
                     operstate=state,
-                    mtu=_int(self.paths, d / "mtu"),
+                    mtu=_read_int(f"{d}/mtu"),
                     speed_mbps=speed if speed and speed > 0 else None,
-                    counters={c: v for c in COUNTERS if (v := _int(self.paths, d / "statistics" / c)) is not None},
+                    counters={c: v for c in COUNTERS if (v := _read_int(stats + c)) is not None},
                     addresses=tuple(addrs.get(n, ())),
                 )
             ))

@@ -77,10 +77,19 @@ def _stat_comm_start(raw: bytes) -> tuple[bytes, int | None]:
     return raw[i + 1:j], int(start) if start.isdigit() else None
 
 
+def _read(path: str, size: int = 4096) -> bytes:
+    """One read(2) of a small /proc file (comm, stat: well under ``size``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _exe_identity(procfs: str, pid: str) -> tuple[int, int, int, int] | None:
     """(device, inode, owner, mode) of the executable behind /proc/<pid>/exe; None if it may not be read."""
     try:
-        st = os.stat(os.path.join(procfs, pid, "exe"))
+        st = os.stat(f"{procfs}/{pid}/exe")
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_uid, st.st_mode
@@ -103,18 +112,30 @@ def qemu_processes(paths: HostPaths, cache: "ProcessCache | None" = None) -> lis
     known = cache.procs if cache is not None else {}
     seen: dict[tuple, QemuProcess] = {}
     keys: dict[int, tuple] = {}
-    for p in pids:  # every process of the host, every cycle: plain bytes reads, no Path or text wrapper per file
+    was_qemu = {str(pid) for pid in cache.keys} if cache is not None else ()
+    for p in pids:  # every process of the host, every cycle: plain reads of its name, no file object per read
         key = None
         try:
-            try:
-                with open(join(procfs, p, "stat"), "rb") as f:
-                    comm, start = _stat_comm_start(f.read())
-            except FileNotFoundError:  # a /proc tree without stat files (tests' fixtures): the name alone
-                with open(join(procfs, p, "comm"), "rb") as f:
-                    comm, start = f.read(), None
+            if p in was_qemu:  # a QEMU last cycle: stat has its name and start time in one read
+                try:
+                    comm, start = _stat_comm_start(_read(f"{procfs}/{p}/stat"))
+                    have_start = True
+                except FileNotFoundError:
+                    comm, start, have_start = _read(f"{procfs}/{p}/comm"), None, False
+            else:  # any other process: its name (comm: cheaper for the kernel to write than stat)
+                try:
+                    comm, start, have_start = _read(f"{procfs}/{p}/comm"), None, False
+                except FileNotFoundError:  # a /proc tree with stat files only (tests' fixtures)
+                    comm, start = _stat_comm_start(_read(f"{procfs}/{p}/stat"))
+                    have_start = True
             if not comm.strip().startswith(b"qemu"):
                 continue
             pid = int(p)
+            if not have_start:  # a QEMU (a few of the host's processes): its start time too
+                try:
+                    _comm, start = _stat_comm_start(_read(f"{procfs}/{p}/stat"))
+                except FileNotFoundError:  # a /proc tree without stat files (tests' fixtures): the name alone
+                    start = None
             if cache is not None and start is not None:
                 exe = _exe_identity(procfs, p)
                 key = (pid, start, *exe) if exe is not None else None

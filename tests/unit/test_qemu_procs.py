@@ -149,6 +149,26 @@ def test_cache_judges_each_process_once(proc_tree, monkeypatch):
     assert {k[0] for k in cache.procs} == {100} and {k[0][0] for k in cache.verdicts} == {100}
 
 
+def test_scan_reads_the_name_of_other_processes_and_the_stat_of_known_qemus(proc_tree, monkeypatch):
+    """Every cycle reads every process of the host: only its comm (cheaper for the kernel than stat) unless
+    it was a QEMU in the last scan, whose stat has name and start time in one read; a process that becomes a
+    QEMU (an exec) is found by its new name."""
+    from agent.sources import qemu_procs
+
+    proc_tree(100, ["qemu-system-x86_64", "-uuid", U], uid=64055, start=5000)
+    proc_tree(200, ["/usr/bin/python3"], exe=proc_tree.other, comm="python3", start=5100)
+    reads = []
+    real = qemu_procs._read
+    monkeypatch.setattr(qemu_procs, "_read", lambda path, *a: reads.append(path.rsplit("/", 2)[1:]) or real(path, *a))
+    cache = qemu_procs.ProcessCache()
+    assert [q.pid for q in qemu_procs.qemu_processes(proc_tree.paths, cache)] == [100]
+    assert sorted(reads) == [["100", "comm"], ["100", "stat"], ["200", "comm"]]
+    reads.clear()
+    proc_tree(200, ["qemu-system-x86_64", "-uuid", U[:-1] + "2"], uid=64055, comm="qemu-system-x86", start=5100)  # exec
+    assert [q.pid for q in qemu_procs.qemu_processes(proc_tree.paths, cache)] == [100, 200]
+    assert sorted(reads) == [["100", "stat"], ["200", "comm"], ["200", "stat"]]
+
+
 def test_cache_judges_again_when_the_process_or_its_binary_changes(proc_tree):
     from agent.sources.qemu_procs import ProcessCache
 

@@ -386,8 +386,23 @@ def _disk_windows(snaps: list[Snapshot], dt: float, paths, history: list[Snapsho
     return disks
 
 
+def _four_tuple_order(s: Snapshot) -> tuple[str, ...] | None:
+    """The four-tuples of a snapshot's storage connections, in its order; None when one repeats (made once per
+    snapshot)."""
+    memo = s.__dict__.get("_window_four_tuple_order")
+    if memo is None:
+        names = tuple(c.four_tuple for c in s.storage_connections)
+        memo = s.__dict__["_window_four_tuple_order"] = (names if len(set(names)) == len(names) else None,)
+    return memo[0]
+
+
 def _connections_seen(snaps: list[Snapshot]) -> dict[str, list]:
     """four-tuple -> its observations, in snapshot order."""
+    order = _four_tuple_order(snaps[0])
+    if order is not None and all(_four_tuple_order(s) == order for s in snaps[1:]):
+        # the same connections in the same order in every snapshot (no reconnect in the window): the walk's
+        # dict, its lists made by zip
+        return dict(zip(order, map(list, zip(*(s.storage_connections for s in snaps)))))
     seen: dict[str, list] = {}
     for s in snaps:
         for conn in s.storage_connections:

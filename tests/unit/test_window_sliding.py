@@ -229,3 +229,37 @@ def test_disk_series_carried_forward_equal_the_walk(name, monkeypatch):
     nxt = snaps[-6:]
     assert T.build_timeline(nxt, nxt[-1].paths) == walked(nxt)
     assert T._series_slots[0] is slot and [v[:-1] for v in slot.ops] == [v[1:] for v in first_ops]
+
+
+@pytest.mark.parametrize("name", ["flap-portal2", "offline-portal1-4vms", "loss-tohost-portal2"])
+def test_connections_seen_equal_the_walk(name):
+    """The observations per connection of windows of 12 and 3 snapshots (made with zip when every snapshot
+    holds the same connections in the same order): the walk's dict, in its order, lists and all."""
+    import dataclasses
+
+    snaps = load(name)
+
+    def conns(s, keep):  # the snapshot with other storage connections (one gone, one seen twice)
+        tcp = s.data["storage_tcp"]
+        return dataclasses.replace(s, data={**s.data, "storage_tcp": dataclasses.replace(
+            tcp, connections=keep(tcp.connections))})
+
+    snaps = [conns(s, lambda c: c[1:]) if i == 3 else conns(s, lambda c: c + c[:1]) if i == 6 else s
+             for i, s in enumerate(snaps)]
+
+    def walked(win):
+        seen = {}
+        for s in win:
+            for c in s.storage_connections:
+                seen.setdefault(c.four_tuple, []).append(c)
+        return seen
+
+    zipped = 0
+    for end in range(1, len(snaps) + 1):
+        for size in (12, 3, 1):
+            win = snaps[max(0, end - size):end]
+            got = W._connections_seen(win)
+            assert list(got.items()) == list(walked(win).items())
+            orders = {W._four_tuple_order(s) for s in win}
+            zipped += len(orders) == 1 and None not in orders
+    assert zipped > 0 and W._four_tuple_order(snaps[6]) is None  # (a repeated four-tuple: walked)

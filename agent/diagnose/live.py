@@ -21,8 +21,9 @@ show it, not once it outweighs the healthy intervals before it.
 
 Cost: two window builds (the window, its recent intervals) and the rules over
 each per cycle, their baselines and connection sums carried from cycle to
-cycle (agent/diagnose/window.py); a few ms for tens of VMs, ~45 ms for
-200 VMs x 4 disks on a loaded 2-CPU machine (docs/performance.md).
+cycle, the timeline's per-disk series too (agent/diagnose/window.py,
+timeline.py); a few ms for tens of VMs, ~40 ms for 200 VMs x 4 disks on a
+loaded 2-CPU machine (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 sys.path.insert(0, str(ROOT / "deploy" / "lab"))
 
@@ -937,6 +938,92 @@ def test_kernel_host_refuses_without_the_guest_userland(monkeypatch):
     kernelhost.KERNEL_HOST.validate(cli.build_parser().parse_args(["up"]))   # not asked: no check
 
 
+def test_kernel_host_probes_setting_is_kept_unless_asked(tmp_path):
+    """`--kernel-host-probes` is applied when given; a `lab up` without it keeps what the kernel host has
+    (its record), a first boot has the probes on. The restart of the guest's kvmscope is valid bash that
+    reads its config from stdin and keeps the pid file the tests pause the agent by."""
+    p = cli.build_parser()
+    assert p.parse_args(["up", "--kernel-host"]).kernel_host_probes is None
+    want = kernelhost.probes_wanted
+    assert want(p.parse_args(["up", "--kernel-host"])) is True
+    assert want(p.parse_args(["up", "--kernel-host", "--kernel-host-probes", "off"]), {"probes": True}) is False
+    assert want(p.parse_args(["up", "--kernel-host", "--kernel-host-probes", "on"]), {"probes": False}) is True
+    assert want(p.parse_args(["up"]), {"probes": False}) is False
+    assert want(p.parse_args(["up"]), {"probes": None}) is True
+    script = kernelhost.kvmscope_restart_script("/x/.venv/bin/kvmscope")
+    assert "cat > '/etc/kvmscope/config.yaml'" in script and "rm -rf '/var/lib/kvmscope'" in script
+    assert f"'/x/.venv/bin/kvmscope' run -q >>'{kernelhost.GUEST_KVMSCOPE_LOG}'" in script
+    assert f"echo \"$!\" >'{kernelhost.GUEST_KVMSCOPE_PID}'" in script
+
+
+FAKE_KVMSCOPE = """#!/bin/bash
+echo "started $$ with $KVMSCOPE_CONFIG: $*"
+sleep 1000 &                      # a child (a probe's compiler)
+echo $! > "$(dirname "$0")/child.$$"
+trap '%s' TERM
+while true; do sleep 0.1; done
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("on_term", ["echo stopping; exit 0", ""])
+def test_kernel_host_kvmscope_restart_script_runs(tmp_path, on_term):
+    """The restart script run for real (bash, ps, kill) on stand-in paths and a stand-in kvmscope: the new
+    config written from stdin, the old process stopped (by SIGTERM, or SIGKILL when it ignores SIGTERM) with
+    its child, the state directory emptied, the new one running with the config, its pid in the pid file."""
+    exe = tmp_path / "kvmscope"
+    exe.write_text(FAKE_KVMSCOPE % on_term)
+    exe.chmod(0o755)
+    paths = {"config": str(tmp_path / "config.yaml"), "pidfile": str(tmp_path / "run.pid"),
+             "logfile": str(tmp_path / "log" / "run.log"), "state_dir": str(tmp_path / "state")}
+    os.makedirs(paths["state_dir"])
+    (tmp_path / "state" / "old").write_text("x")
+    script = kernelhost.kvmscope_restart_script(str(exe), stop_timeout=2, **paths)
+    started = []
+    try:
+        res = subprocess.run(["bash", "-c", script], input="first: 1\n", capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        first = int(res.stdout)
+        started.append(first)
+        assert int((tmp_path / "run.pid").read_text()) == first
+        assert wait_for(lambda: (tmp_path / f"child.{first}").exists(), 10, "the stand-in's child")
+        child = int((tmp_path / f"child.{first}").read_text())
+        started.append(child)
+        t0 = time.monotonic()
+        res = subprocess.run(["bash", "-c", script], input="second: 2\n", capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stderr
+        second = int(res.stdout)
+        started.append(second)
+        assert second != first and int((tmp_path / "run.pid").read_text()) == second
+        assert _gone(first) and _gone(child) and not _gone(second)
+        assert (tmp_path / "config.yaml").read_text() == "second: 2\n"
+        assert os.listdir(tmp_path / "state") == []
+        if on_term:
+            assert took < 2 and "ignored SIGTERM" not in res.stderr, (took, res.stderr)
+        else:
+            assert took >= 2 and "ignored SIGTERM for 2 s: SIGKILL" in res.stderr, (took, res.stderr)
+        log = wait_for(lambda: (lambda t: t if f"started {second}" in t else None)(
+            (tmp_path / "log" / "run.log").read_text()), 10, "the second start in the log")
+        assert f"started {first} with {paths['config']}: run -q" in log and log.count("--- restarted by lab up") == 2
+        assert ("stopping" in log) == bool(on_term)
+        wait_for(lambda: (tmp_path / f"child.{second}").exists(), 10, "the second stand-in's child")
+    finally:
+        started += [int(f.read_text()) for f in tmp_path.glob("child.*") if f.read_text().strip()]
+        for pid in started:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+
 def test_kernel_host_kvmscope_config_loads_with_its_compile_timeout(tmp_path):
     """The guest's kvmscope config is valid kvmscope config, and its probes get the longer compile timeout
     (four parallel bcc compiles on the guest's one emulated vCPU take minutes)."""
@@ -960,7 +1047,7 @@ def test_kernel_host_probes_off_leaves_the_ebpf_collectors_out(tmp_path):
     from agent import config
     from agent.engine import build_agent
 
-    assert cli.build_parser().parse_args(["up", "--kernel-host"]).kernel_host_probes == "on"
+    assert kernelhost.probes_wanted(cli.build_parser().parse_args(["up", "--kernel-host"])) is True  # boots with them
     args = cli.build_parser().parse_args(["up", "--kernel-host", "--kernel-host-probes", "off"])
     assert args.kernel_host_probes == "off"
     p = tmp_path / "config.yaml"

@@ -173,6 +173,58 @@ def kvmscope_conf(probes=True):
               f"ebpf:\n  compile_timeout: {KVMSCOPE_COMPILE_TIMEOUT}\n")
 
 
+def probes_wanted(args, old=None):
+    """Whether the guest's kvmscope runs its eBPF collectors: ``--kernel-host-probes`` when given, else
+    what the kernel host already has (a plain `lab up` keeps it), else on. Pure."""
+    asked = getattr(args, "kernel_host_probes", None)
+    if asked is not None:
+        return asked != "off"
+    if old and old.get("probes") is not None:
+        return bool(old["probes"])
+    return True
+
+
+GUEST_KVMSCOPE_PID = "/run/kvmscope-run.pid"
+GUEST_KVMSCOPE_LOG = "/var/log/kvmscope/run.log"
+
+
+def kvmscope_restart_script(kvmscope_bin, stop_timeout=60, config="/etc/kvmscope/config.yaml",
+                            pidfile=GUEST_KVMSCOPE_PID, logfile=GUEST_KVMSCOPE_LOG, state_dir="/var/lib/kvmscope"):
+    """Shell (run in the guest through its agent, the new config.yaml on stdin) that restarts the guest's
+    `kvmscope run` with that config, as the guest's boot starts it: the running one stopped (SIGTERM,
+    SIGKILL after ``stop_timeout`` s, its children, such as a probe's compiler, with it), its state
+    directory emptied (stage 2 empties it at boot), the new one started in the background, its pid in the
+    same file; prints the new pid. The eBPF object cache (/var/cache/kvmscope/bpf, the guest's tmpfs) is
+    kept: a probe compiled once in this boot is loaded from it without clang. Pure (the paths are the
+    guest's; a test gives its own)."""
+    return f"""set -u
+cat > '{config}'
+pid=$(cat '{pidfile}' 2>/dev/null || true)
+alive() {{ [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] && ! sed 's/.*) //' "/proc/$pid/stat" | grep -q '^[ZX]'; }}
+if alive; then
+    kids=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
+    kill -TERM "$pid"
+    n=0
+    while alive; do
+        n=$((n + 1))
+        if [ "$n" -gt {int(stop_timeout * 5)} ]; then
+            echo "kvmscope run (pid $pid) ignored SIGTERM for {stop_timeout} s: SIGKILL" >&2
+            kill -KILL "$pid"
+            break
+        fi
+        sleep 0.2
+    done
+    for k in $kids; do kill -KILL "$k" 2>/dev/null; done
+fi
+rm -rf '{state_dir}'
+mkdir -p '{state_dir}' "$(dirname '{logfile}')"
+echo "--- restarted by lab up (t=$(cut -d' ' -f1 /proc/uptime))" >>'{logfile}'
+KVMSCOPE_CONFIG='{config}' '{kvmscope_bin}' run -q >>'{logfile}' 2>&1 </dev/null &
+echo "$!" >'{pidfile}'
+echo "$!"
+"""
+
+
 def web_yml():
     return (f"tls_server_config:\n"
             f"  cert_file: {GUEST_TLS}/server.crt\n"
@@ -445,6 +497,26 @@ def boot_marks(console_text):
     return out
 
 
+def restart_kvmscope(rec, timeout=180):
+    """The running guest's kvmscope restarted with the record's probes setting (kvmscope_restart_script)."""
+    exe = kvmscope_binary()
+    rec["agent_probes"] = rec["probes"]
+    if not exe:  # as at boot: no venv with bin/kvmscope (KVMSCOPE_VENV), no kvmscope in the guest
+        return
+    t0 = time.monotonic()
+    try:
+        res = guest_run(mgmt_addr(), sh=kvmscope_restart_script(exe), input=kvmscope_conf(rec["probes"]),
+                        timeout=timeout)
+    except OSError as e:
+        raise LabError(f"cannot restart kvmscope in {NAME}: {e}") from e
+    if res["rc"] != 0:
+        raise LabError(f"restarting kvmscope in {NAME} failed rc={res['rc']}: {res['stderr'].strip()}")
+    rec["kvmscope_restarts"] = int(rec.get("kvmscope_restarts") or 0) + 1
+    log(f"{NAME}: kvmscope restarted with its eBPF probes {'on' if rec['probes'] else 'off'} in "
+        f"{time.monotonic() - t0:.1f}s, no reboot (pid {res['stdout'].strip()})"
+        + (f"; {res['stderr'].strip()}" if res["stderr"].strip() else ""))
+
+
 def stop_guest(rec, errors):
     pid = qemu_pid(rec)
     if pid:
@@ -482,10 +554,12 @@ class KernelHost(HostKind):
         parser.add_argument("--kernel-host", action="store_true",
                             help="also boot the kernel-initiator host kvmslab-kh "
                                  "(open-iscsi + dm-multipath over both portals)")
-        parser.add_argument("--kernel-host-probes", choices=("on", "off"), default="on",
+        parser.add_argument("--kernel-host-probes", choices=("on", "off"), default=None,
                             help="off: the kernel host's kvmscope runs without its eBPF collectors "
-                                 "(under TCG their bcc compiles hold the guest's one CPU for minutes; "
-                                 "takes effect when the kernel host boots)")
+                                 "(under TCG their bcc compiles hold the guest's one CPU for minutes). "
+                                 "Default: what the running kernel host has, else on. On a running kernel "
+                                 "host whose kvmscope has the other setting, `lab up` restarts only that "
+                                 "kvmscope (no reboot)")
 
     def add_parsers(self, sub):
         p = sub.add_parser("kernel-host", help="the kernel-initiator host: exec in it, stop it",
@@ -522,14 +596,17 @@ class KernelHost(HostKind):
         if not os.path.exists(kh_dir("initramfs.cpio.gz")):
             mods = build_initramfs(ver, kh_dir("initramfs.cpio.gz"))
             log(f"built kernel-host initramfs with busybox + {' '.join(mods)} ({ver})")
-        write_guest_files(kvmscope_binary(), getattr(args, "kernel_host_probes", "on") != "off")
-        tls = ensure_pki()
         old = (st.get(STATE_KEY) or [None])[0]
+        probes = probes_wanted(args, old)
+        write_guest_files(kvmscope_binary(), probes)
+        tls = ensure_pki()
         rec = record(target.ensure_backing(kh_dir("lun.img")), ver)
         rec["metrics_tls"] = tls
+        rec["probes"] = probes
         if old:
-            rec["pid"] = old.get("pid")
-            rec["ready_after_s"] = old.get("ready_after_s")
+            for k in ("pid", "ready_after_s", "boot_marks", "agent_probes", "kvmscope_restarts"):
+                if old.get(k) is not None:
+                    rec[k] = old[k]
         st[STATE_KEY] = [rec]
         save_state(st)
         target.ensure_target(TID, IQN, rec["loop"])
@@ -541,6 +618,9 @@ class KernelHost(HostKind):
         ensure_network()
         if qemu_pid(rec) and agent_ok():
             log(f"{NAME} is up (QEMU pid {qemu_pid(rec)})")
+            if rec.get("agent_probes") != rec["probes"]:
+                restart_kvmscope(rec)
+                save_state(st)
             return
         if qemu_pid(rec):
             errs = []
@@ -561,6 +641,8 @@ class KernelHost(HostKind):
         timeout = getattr(args, "timeout", 300)
         rec["ready_after_s"] = wait_ready(rec, proc, timeout)
         rec["boot_marks"] = boot_marks(_read(rec["console"]))
+        rec["agent_probes"] = rec["probes"]
+        rec["kvmscope_restarts"] = 0
         save_state(st)
         log(f"{NAME}: ready after {rec['ready_after_s']}s (guest uptime at steps: "
             f"{rec['boot_marks']})")
@@ -582,7 +664,8 @@ class KernelHost(HostKind):
             r = {k: rec.get(k) for k in ("name", "iqn", "tid", "lun", "loop", "loop_majmin",
                                          "map", "vm", "console",
                                          "mgmt_addr", "agent_port", "metrics_url", "metrics_tls",
-                                         "kernel", "ready_after_s", "boot_marks")}
+                                         "kernel", "ready_after_s", "boot_marks", "kvmscope_restarts")}
+            r["probes"] = rec.get("agent_probes")
             r["pid"] = qemu_pid(rec)
             r["running"] = bool(r["pid"])
             r["taps"] = [ln["tap"] for ln in LINKS]

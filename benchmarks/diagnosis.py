@@ -38,6 +38,7 @@ def run(snaps, ring_size: int, recent: int, profile: bool = False) -> list[float
     for s in snaps:
         ring.append(s)
         s.paths  # noqa: B018 (joined in the cycle, before the consumers)
+        gc.disable()  # as kvmscope run's cycle (agent.loop.Agent.cycle): the collector off while it runs ...
         c0 = time.thread_time()
         if prof is not None and len(ring) == ring_size:
             prof.enable()
@@ -46,6 +47,8 @@ def run(snaps, ring_size: int, recent: int, profile: bool = False) -> list[float
             prof.disable()
         if len(ring) == ring_size:
             cpu.append(time.thread_time() - c0)
+        gc.enable()
+        gc.freeze()  # ... and what is alive frozen after it (the history is not re-scanned by the collector)
     if prof is not None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
     return cpu
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     if len(snaps) <= args.ring:
         print(f"{args.recording}: {len(snaps)} snapshots, more than --ring {args.ring} needed", file=sys.stderr)
         return 2
-    gc.freeze()  # as kvmscope run does after each cycle: the history is not re-scanned by the collector
+    gc.freeze()  # the recording, read above
     for recent in (int(x) for x in args.recent.split(",")):
         cpu = [c * 1000 for c in run(snaps, args.ring, recent, args.profile)]
         print(f"recent_intervals {recent}: {len(cpu)} cycles, CPU per cycle median {statistics.median(cpu):.1f} ms, "

@@ -228,10 +228,19 @@ def block_stats(conn, names):
     if not doms:
         return out
     flags = getattr(libvirt, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT", 0)
-    res = conn.domainListGetStats(doms, libvirt.VIR_DOMAIN_STATS_BLOCK |
-                                  libvirt.VIR_DOMAIN_STATS_STATE, flags)
-    for dom, rec in res:
-        out[dom.name()] = {"state": rec.get("state.state"), "disks": parse_block_stats(rec)}
+    # NOWAIT: a domain whose job another client holds comes without its disks' counters; that
+    # sample is taken again rather than read as zeros (a window of nonsense rates)
+    for _attempt in range(10):
+        res = conn.domainListGetStats(doms, libvirt.VIR_DOMAIN_STATS_BLOCK |
+                                      libvirt.VIR_DOMAIN_STATS_STATE, flags)
+        partial = False
+        for dom, rec in res:
+            out[dom.name()] = {"state": rec.get("state.state"), "disks": parse_block_stats(rec)}
+            partial = partial or (rec.get("state.state") == libvirt.VIR_DOMAIN_RUNNING and any(
+                f"block.{k}.rd.reqs" not in rec for k in range(int(rec.get("block.count", 0)))))
+        if not partial:
+            break
+        time.sleep(0.3)
     return out
 
 

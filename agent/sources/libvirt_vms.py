@@ -22,6 +22,7 @@ error. A hung libvirtd is handled by the agent loop's deadline.
 from __future__ import annotations
 
 import logging
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import fields, replace
 
@@ -108,14 +109,19 @@ BLOCK_FIELDS = (("rd.reqs", "rd_reqs"), ("rd.bytes", "rd_bytes"), ("rd.times", "
 MAX_BLOCK_COUNT = 4096  # more disks than any domain can have (bounds the loop over a bad block.count)
 
 
-def parse_block_stats(stats: dict, bad: list | None = None) -> dict[str, DiskStats]:
+def parse_block_stats(stats: dict, bad: list | None = None, skipped: list | None = None) -> dict[str, DiskStats]:
     """``block.<n>.*`` of a bulk-stats record -> {target: DiskStats}.
 
     With the BACKING flag off, one entry per disk (the top of the chain).
-    Missing fields are 0: libvirt documents that fields may be absent. A
-    value that is not a counter (libvirt types them, but they come from the
-    QEMU process) is appended to ``bad`` as ("<disk> <field>", value) and
-    costs that disk its counters for the cycle.
+    A single missing field is 0: libvirt documents that fields may be absent. A
+    disk named without any of its request counters has no entry and its name
+    is appended to ``skipped``: that is how NOWAIT answers while another client
+    (an exporter, vdsm, nova) holds the domain's job, and reading it as zeros
+    would make the counters fall to 0 and jump back (a false reset and a false
+    burst of every request since the VM started). A value that is not a counter
+    (libvirt types them, but they come from the QEMU process) is appended to
+    ``bad`` as ("<disk> <field>", value) and costs that disk its counters for
+    the cycle.
     """
     bad = [] if bad is None else bad
     out: dict[str, DiskStats] = {}
@@ -128,6 +134,10 @@ def parse_block_stats(stats: dict, bad: list | None = None) -> dict[str, DiskSta
         name_key, fields = _BLOCK_KEYS[i] if i < len(_BLOCK_KEYS) else _block_keys(i)
         name = get(name_key)
         if not name or not isinstance(name, str) or name in out:
+            continue
+        if fields[0][0] not in stats and fields[3][0] not in stats and fields[6][0] not in stats:
+            if skipped is not None:
+                skipped.append(name)  # rd.reqs, wr.reqs, fl.reqs all absent: no counters this time
             continue
         vals, ok = {}, True
         for key, field, attr in fields:
@@ -158,6 +168,12 @@ def _block_keys(i: int) -> tuple[str, tuple[tuple[str, str, str], ...]]:
         p = f"block.{len(_BLOCK_KEYS)}."
         _BLOCK_KEYS.append((p + "name", tuple((p + field, field, attr) for field, attr in BLOCK_FIELDS)))
     return _BLOCK_KEYS[i]
+
+
+def _counters_skipped(stats: dict) -> bool:
+    """A running domain's record whose first disk is named without counters (NOWAIT, job busy)."""
+    return bool(stats.get("block.count")) and "block.0.name" in stats and "block.0.rd.reqs" not in stats \
+        and "block.0.wr.reqs" not in stats
 
 
 def _import_libvirt():
@@ -215,10 +231,12 @@ class LibvirtSource:
         """One domain's record. Values that do not parse are left out, named in ``error`` and counted."""
         uuid = key[0]
         bad: list = []
-        block = parse_block_stats(stats, bad)
+        skipped: list = []
+        block = parse_block_stats(stats, bad, skipped)
+        targets = block.keys() | set(skipped) if skipped else block.keys()
         cached = self._xml_cache.get(key)
         problems: list[str] = []
-        if cached is None or cached[2] != block.keys() and block:
+        if cached is None or cached[2] != targets and targets:
             try:
                 disks = parse_domain_disks(dom.XMLDesc(0), problems)
                 self._xml_cache[key] = (disks, tuple(problems), frozenset(d.target for d in disks),
@@ -249,6 +267,9 @@ class LibvirtSource:
         state = stats.get("state.state")
         if "state.state" not in stats:
             problems.append("stats skipped: domain busy (job lock held, e.g. migration); NOWAIT")
+        if skipped:
+            problems.append(f"no I/O counters this cycle for {', '.join(skipped)}: another libvirt client held "
+                            "the domain's job (NOWAIT; asked twice)")
         return Vm(
             name=name,
             uuid=uuid,
@@ -271,6 +292,23 @@ class LibvirtSource:
         except libvirt.libvirtError as e:
             self._drop()  # the connection may be gone; re-open next cycle
             raise RuntimeError(f"libvirt getAllDomainStats: {e.get_error_message() or e}") from None
+        busy = [i for i, (_dom, st) in enumerate(records) if _counters_skipped(st)]
+        if busy:
+            # NOWAIT answered without the counters of domains whose job another client held (a query job
+            # lasts milliseconds): those domains are asked once more, a moment later
+            time.sleep(0.05)
+            try:
+                again = conn.domainListGetStats([records[i][0] for i in busy], groups,
+                                                getattr(libvirt, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT", 0))
+                by_uuid = {d.UUIDString(): st for d, st in again}
+                records = list(records)
+                for i in busy:
+                    dom, _st = records[i]
+                    st = by_uuid.get(dom.UUIDString())
+                    if st is not None:
+                        records[i] = (dom, st)
+            except libvirt.libvirtError:
+                pass  # the first answer stands; the disks without counters say so
         procs = Owners(self.paths, cache=self._procs)
         vms, failed, seen = [], [], set()
         for dom, stats in records:

@@ -64,7 +64,7 @@ def test_block_stats_values_type_checked():
     stats = {"block.count": 3,
              "block.0.name": "vda", "block.0.rd.reqs": 5, "block.0.rd.bytes": 4096,
              "block.1.name": "vdb", "block.1.rd.reqs": "x", "block.1.wr.bytes": 10**400,
-             "block.2.name": "vdc", "block.2.fl.times": -1}
+             "block.2.name": "vdc", "block.2.fl.reqs": 1, "block.2.fl.times": -1}
     bad: list = []
     out = parse_block_stats(stats, bad)
     assert out["vda"].rd_reqs == 5 and out["vda"].rd_bytes == 4096
@@ -74,7 +74,66 @@ def test_block_stats_values_type_checked():
     assert sorted(w for w, _ in bad) == ["vdb rd.reqs", "vdb wr.bytes", "vdc fl.times"]
     bad = []
     assert parse_block_stats({"block.count": "x"}, bad) == {} and bad == [("block.count", "'x'")]
-    assert parse_block_stats({"block.count": 10**9, "block.0.name": "vda"}, []).keys() == {"vda"}
+    assert parse_block_stats({"block.count": 10**9, "block.0.name": "vda", "block.0.wr.reqs": 1}, []).keys() == {"vda"}
+
+
+def test_block_counters_left_out_by_nowait_are_no_stats_not_zeros():
+    """NOWAIT while another client holds the domain's job: libvirt names the disks without their counters.
+    Zeros there would be a counter reset and, the cycle after, every request since boot as one burst."""
+    busy = {"block.count": 2, "block.0.name": "vda", "block.0.backingIndex": 1,
+            "block.1.name": "vdb", "block.1.path": "/x.img", "state.state": 1}
+    skipped: list = []
+    assert parse_block_stats(busy, [], skipped) == {} and skipped == ["vda", "vdb"]
+    # one counter present: the others are documented as possibly absent, and are 0
+    out = parse_block_stats({"block.count": 1, "block.0.name": "vda", "block.0.fl.reqs": 3}, [], skipped := [])
+    assert out["vda"].fl_reqs == 3 and out["vda"].rd_reqs == 0 and skipped == []
+
+
+def test_domain_answered_without_counters_is_asked_again_then_reported(tmp_path):
+    """The source asks a busy domain once more; a second answer without counters leaves that disk's
+    stats None (no sample) and says why in the domain's error."""
+    libvirt = pytest.importorskip("libvirt", reason="python3-libvirt not installed (make test installs it)")
+    node = tmp_path / "node.xml"
+    node.write_text(NODE)
+    cfg = Config()
+    cfg.libvirt.uri = f"test://{node}"
+    src = LibvirtSource(SourceContext(cfg, HostPaths()))
+    conn = src._connect(libvirt)
+    asked_again: list = []
+    full_on_retry = {"v": True}
+
+    def rec(dom, stats, counters):
+        out = dict(stats, **{"block.count": 1, "block.0.name": "vda"})
+        if counters:
+            out.update({"block.0.rd.reqs": 9, "block.0.rd.times": 90})
+        return out
+
+    class Conn:
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+        def isAlive(self):  # noqa: N802 (libvirt's names)
+            return True
+
+        def getAllDomainStats(self, groups, flags):  # noqa: N802
+            return [(d, rec(d, st, d.name() == "bad")) for d, st in conn.getAllDomainStats(groups, flags)]
+
+        def domainListGetStats(self, doms, groups, flags):  # noqa: N802
+            asked_again.extend(d.name() for d in doms)
+            return [(d, rec(d, st, full_on_retry["v"])) for d, st in conn.domainListGetStats(doms, groups, flags)]
+
+    src._conn = Conn()
+    try:
+        vms = {v.name: v for v in src.collect().vms}
+        assert asked_again == ["good"]
+        assert vms["good"].disks[0].stats.rd_reqs == 9 and vms["good"].error is None
+        full_on_retry["v"] = False
+        vms = {v.name: v for v in src.collect().vms}
+        assert vms["good"].disks[0].stats is None
+        assert "no I/O counters this cycle for vda" in vms["good"].error
+        assert vms["bad"].disks[0].stats.rd_reqs == 9
+    finally:
+        src.close()
 
 
 NODE = """<node>

@@ -333,17 +333,19 @@ class BlockIoProbe(Probe):
 
     @staticmethod
     def _entries(table, leaf, used_at: int):
-        """(cpu, index, value) of every used per-CPU array entry (a nonzero u32 at ``used_at``), from one batch
-        read; the used ones are found by slicing the u32 words (C speed), only they are decoded."""
-        n, raw = table.batch_raw()
+        """(cpu, index, value) of every used per-CPU array entry (a nonzero u32 at ``used_at``), read in batches;
+        the used ones are found by slicing the u32 words (C speed), only they are decoded."""
         stride, ncpus = table.stride, table.ncpus
-        if not n or stride % 4:
+        if stride % 4:
             return
-        flags = array.array("I", raw[: n * ncpus * stride])[used_at // 4::stride // 4]
-        for j, flag in enumerate(flags):
-            if flag:
-                i, cpu = divmod(j, ncpus)
-                yield cpu, i, leaf.from_buffer_copy(raw, j * stride)
+        base = 0  # entries (index x CPU) before this batch
+        for n, raw in table.batch_chunks():
+            flags = array.array("I", raw[: n * ncpus * stride])[used_at // 4::stride // 4]
+            for j, flag in enumerate(flags):
+                if flag:
+                    i, cpu = divmod(base + j, ncpus)
+                    yield cpu, i, leaf.from_buffer_copy(raw, j * stride)
+            base += n * ncpus
 
     def accumulate_processes(self, rows) -> tuple[BlockProcess, ...]:
         """One read of the kernel's per-CPU process table, ``rows`` of ((cpu, index), gen, (tgid, dev, op),

@@ -250,7 +250,7 @@ class Table:
                              f"bytes, the kernel's map has {info.key_size}/{info.value_size}")
         self._stride = (info.value_size + 7) & ~7 if self.percpu else info.value_size
         self._vbuf = ctypes.create_string_buffer(self._stride * self.ncpus)
-        self._array_bufs: tuple | None = None  # batch_raw's key and value buffers
+        self._chunk_bufs: tuple | None = None  # batch_chunks' key and value buffers
 
     def _lookup_raw(self, key) -> bool:
         attr = _ElemAttr(self.fd, 0, ctypes.addressof(key), ctypes.addressof(self._vbuf), 0)
@@ -310,34 +310,45 @@ class Table:
             yield nxt
             cur = nxt
 
-    def batch_raw(self) -> tuple[int, bytes]:
-        """Every value of an array map in one BPF_MAP_LOOKUP_BATCH call: (entries, raw values; a per-CPU
-        array's entry is ``ncpus`` values of ``stride`` bytes each, in CPU order). Falls back to one
-        lookup per index on kernels without batch operations."""
+    def batch_chunks(self, chunk: int = 64) -> Iterator[tuple[int, bytes]]:
+        """Every value of an array map, ``chunk`` entries per BPF_MAP_LOOKUP_BATCH call, in index order: yields
+        (entries, raw values) per call (a per-CPU array's entry is ``ncpus`` values of ``stride`` bytes each, in
+        CPU order). The call's buffers are small and kept: a whole per-CPU array at once is ~0.5-0.7 MB here,
+        either resident for good when kept or zeroed and faulted in again every cycle when not. Falls back to
+        one lookup per index on kernels without batch operations."""
         n = int(self.info.max_entries)
         if self.map_type not in ARRAY_TYPES:
-            raise ValueError(f"map {self.name}: batch_raw reads array maps")
+            raise ValueError(f"map {self.name}: batch_chunks reads array maps")
         size = self._stride * self.ncpus
-        if self._array_bufs is None:  # allocated (and zeroed) once: every cycle reads the whole array again
-            self._array_bufs = ((ctypes.c_uint32 * n)(), ctypes.create_string_buffer(size * n))
-        keys, vals = self._array_bufs
-        out_batch = ctypes.c_uint32(0)
-        attr = _BatchAttr(0, ctypes.addressof(out_batch), ctypes.addressof(keys), ctypes.addressof(vals), n, self.fd, 0, 0)
-        try:
-            bpf(MAP_LOOKUP_BATCH, attr)
+        chunk = max(1, min(chunk, n))
+        if self._chunk_bufs is None or len(self._chunk_bufs[0]) != chunk:
+            self._chunk_bufs = ((ctypes.c_uint32 * chunk)(), ctypes.create_string_buffer(size * chunk))
+        keys, vals = self._chunk_bufs
+        tok_in, tok_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first, total = True, 0
+        while total < n:
+            attr = _BatchAttr(0 if first else ctypes.addressof(tok_in), ctypes.addressof(tok_out),
+                              ctypes.addressof(keys), ctypes.addressof(vals), chunk, self.fd, 0, 0)
+            done = False
+            try:
+                bpf(MAP_LOOKUP_BATCH, attr)
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # the rest of the map came back in this call
+                    done = True
+                elif e.errno in (errno.EINVAL, 524) and first:  # 524: ENOTSUPP, no batch operations on this kernel
+                    for i in range(n):
+                        self._lookup_raw(ctypes.c_uint32(i))
+                        yield 1, self._vbuf.raw
+                    return
+                else:
+                    raise
             got = int(attr.count)
-        except OSError as e:
-            if e.errno == errno.ENOENT:  # the whole map came back in this call
-                got = int(attr.count)
-            elif e.errno in (errno.EINVAL, 524):  # 524: ENOTSUPP, no batch operations on this kernel
-                for i in range(n):
-                    k = ctypes.c_uint32(i)
-                    self._lookup_raw(k)
-                    ctypes.memmove(ctypes.addressof(vals) + i * size, self._vbuf, size)
-                return n, vals.raw
-            else:
-                raise
-        return got, ctypes.string_at(vals, got * size)
+            if got:
+                yield got, ctypes.string_at(vals, got * size)
+            total += got
+            if done or not got:
+                return
+            tok_in.value, first = tok_out.value, False
 
     @property
     def stride(self) -> int:

@@ -28,16 +28,18 @@ def table():
 
     def make(map_type: int, entries: int, fill: int) -> bpfsys.Table:
         ncpus = bpfsys.possible_cpus()
-        fd = bpfsys.map_create(map_type, ctypes.sizeof(Key), ctypes.sizeof(Leaf), entries, name="ks_test")
+        array = map_type in bpfsys.ARRAY_TYPES  # keyed by a u32 index
+        key_type = ctypes.c_uint32 if array else Key
+        fd = bpfsys.map_create(map_type, ctypes.sizeof(key_type), ctypes.sizeof(Leaf), entries, name="ks_test")
         made.append(fd)
         info = bpfsys.obj_info(fd, bpfsys.MapInfo())
-        t = bpfsys.Table("ks_test", fd, info, Key, Leaf, ncpus)
+        t = bpfsys.Table("ks_test", fd, info, key_type, Leaf, ncpus)
         for i in range(fill):
+            k = ctypes.c_uint32(i) if array else Key(i, i % 7)
             if t.percpu:
-                vals = (Leaf * t.ncpus)(*[Leaf(i * 1000 + c, c) for c in range(t.ncpus)])
-                t[Key(i, i % 7)] = vals
+                t[k] = (Leaf * t.ncpus)(*[Leaf(i * 1000 + c, c) for c in range(t.ncpus)])
             else:
-                t[Key(i, i % 7)] = Leaf(i * 3, i)
+                t[k] = Leaf(i * 3, i)
         return t
 
     yield make
@@ -92,3 +94,31 @@ def test_items_fall_back_to_one_key_at_a_time_without_batch_lookups(table, monke
     monkeypatch.setattr(bpfsys, "bpf", no_batch)
     assert len(t.items()) == 10
     assert t._batch_ok is False
+
+
+@pytest.mark.parametrize("map_type", [bpfsys.ARRAY, bpfsys.PERCPU_ARRAY])
+@pytest.mark.parametrize("entries,chunk", [(1, 64), (100, 64), (128, 64), (130, 7), (1024, 64)])
+def test_array_read_in_chunks_equals_one_lookup_per_index(table, map_type, entries, chunk):
+    t = table(map_type, entries, entries)  # every index written
+    got = b"".join(raw for _n, raw in t.batch_chunks(chunk))
+    want = b""
+    for i in range(entries):
+        assert t._lookup_raw(ctypes.c_uint32(i))
+        want += t._vbuf.raw
+    assert got == want and len(got) == entries * t.stride * t.ncpus
+    counts = [n for n, _raw in t.batch_chunks(chunk)]
+    assert sum(counts) == entries and max(counts) <= chunk
+
+
+def test_array_read_in_chunks_falls_back_without_batch_lookups(table, monkeypatch):
+    t = table(bpfsys.PERCPU_ARRAY, 10, 10)
+    want = b"".join(raw for _n, raw in t.batch_chunks())
+    real = bpfsys.bpf
+
+    def no_batch(cmd, attr):
+        if cmd == bpfsys.MAP_LOOKUP_BATCH:
+            raise OSError(22, "Invalid argument")
+        return real(cmd, attr)
+
+    monkeypatch.setattr(bpfsys, "bpf", no_batch)
+    assert b"".join(raw for _n, raw in t.batch_chunks()) == want

@@ -8,13 +8,18 @@ in clang inside the guest: under TCG that is about a minute of the guest's one
 vCPU on an idle guest (measured: 54-62 s of QEMU CPU time, 9p or tmpfs headers
 alike), and far longer beside the guest's O_DIRECT load, its firmware-only VM and
 its agent on a loaded machine. So the module's `bcc_tools` fixture starts the
-tool with those paused (SIGSTOP, :func:`guest_paused`) until it has attached;
-the comparison itself runs with the load going.
+first tool (tcpretrans) with those paused (SIGSTOP, :func:`guest_paused`) until
+it has attached, and the others (tcplife) one after the other in the background
+of the first test; a later test waits for its tool with the
+guest paused again. The comparisons themselves run with the load going.
 
 A tool runs in its own session with SIGINT restored (the guest agent, started in
 the background by the guest's stage-2 shell, has it ignored, and so would every
 child: bcc's count modes print their tables on SIGINT) and unbuffered output
-(a Python tool writing into a file holds its lines in a block buffer).
+(a Python tool writing into a file holds its lines in a block buffer). Whether a
+tool still runs is read from its process state, not `kill -0`: one started by the
+sequence runner stays the runner's child, and once exited it is a zombie until the
+runner ends (a stop that waited on `kill -0` timed out on a tool long gone).
 """
 
 from __future__ import annotations
@@ -48,6 +53,20 @@ p = subprocess.Popen(sys.argv[4:], stdin=subprocess.DEVNULL, stdout=open(out, "w
 open(pidfile, "w").write(str(p.pid))
 """
 
+# started by LAUNCH (so: own session, SIGINT default, unbuffered): bcc tools one after the other, each once the one
+# before has attached (two clang compiles at once would share the guest's one vCPU and its 1 GiB); per tool its
+# pid file, then PIDFILE.ready with the seconds it took to attach (or to exit)
+SEQUENCE = r"""
+import json, subprocess, sys, time
+for t in json.loads(sys.argv[1]):
+    t0 = time.monotonic()
+    p = subprocess.Popen(t["argv"], stdin=subprocess.DEVNULL, stdout=open(t["out"], "w"), stderr=open(t["err"], "w"))
+    open(t["pid"], "w").write(str(p.pid))
+    while p.poll() is None and t["marker"] not in open(t["out"]).read():
+        time.sleep(1)
+    open(t["pid"] + ".ready", "w").write("%.1f" % (time.monotonic() - t0))
+"""
+
 
 LOAD_PIDS = "/run/kvmslab-load.pid /run/libvirt/qemu/*.pid"   # the O_DIRECT load, the firmware-only VM
 AGENT_PID = "/run/kvmscope-run.pid"                             # the guest's `kvmscope run`
@@ -67,65 +86,120 @@ def guest_paused(kh, load: bool = True, agent: bool = False):
 
 
 class BccTool:
-    """One of Debian's bcc tools (/usr/sbin/NAME-bpfcc) running in the guest."""
+    """One of Debian's bcc tools (/usr/sbin/NAME-bpfcc) running in the guest; `tag` names its files (two
+    instances of one tool), `marker` is what it prints once it has attached."""
 
-    def __init__(self, kh, name: str, *args: str):
-        self.kh, self.name, self.args = kh, name, [str(a) for a in args]
-        self.out, self.err, self.pidfile = (f"{RUN}/{name}.{x}" for x in ("out", "err", "pid"))
+    def __init__(self, kh, name: str, *args: str, tag: str | None = None, marker: str = "Tracing"):
+        self.kh, self.name, self.args, self.marker = kh, name, [str(a) for a in args], marker
+        self.tag = tag or name
+        self.out, self.err, self.pidfile = (f"{RUN}/{self.tag}.{x}" for x in ("out", "err", "pid"))
         self.pid: int | None = None
+        self.ended = False   # stopped or killed: its pid is no longer its own
         self.ready_seconds: float | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return [f"/usr/sbin/{self.name}-bpfcc", *self.args]
 
     def start(self):
         self.kh.run("mkdir", "-p", RUN)
-        self.kh.run("python3", "-c", LAUNCH, self.out, self.err, self.pidfile,
-                    f"/usr/sbin/{self.name}-bpfcc", *self.args)
+        self.kh.run("python3", "-c", LAUNCH, self.out, self.err, self.pidfile, *self.argv)
         self.pid = int(self.kh.read(self.pidfile))
 
+    def load_pid(self) -> int | None:
+        """The pid once a :func:`start_in_sequence` runner has started the tool (None before)."""
+        if self.pid is None and not self.ended:
+            r = self.kh.exec("cat", self.pidfile, check=False)
+            if r["rc"] == 0 and r["stdout"].strip():
+                self.pid = int(r["stdout"])
+        return self.pid
+
+    def alive_sh(self) -> str:
+        """Shell test: the tool's process exists and is not a zombie (a tool the sequence runner started stays
+        its child: exited, it is a zombie until the runner ends; `kill -0` would still succeed)."""
+        return f"[ \"$(sed 's/.*) //' /proc/{self.pid}/stat 2>/dev/null | cut -c1)\" != Z ] && [ -d /proc/{self.pid} ]"
+
     def alive(self) -> bool:
-        return self.kh.exec("kill", "-0", str(self.pid), check=False)["rc"] == 0
+        return self.kh.exec(sh=self.alive_sh(), check=False)["rc"] == 0
 
     def output(self) -> str:
         return self.kh.exec("cat", self.out, check=False)["stdout"]
 
-    def wait_ready(self, timeout: float = COMPILE_TIMEOUT, marker: str = "Tracing"):
-        """Until the tool prints `marker` (tracing tools: their 'Tracing ...' line, printed once bcc has
-        compiled, loaded and attached)."""
+    def wait_ready(self, timeout: float = COMPILE_TIMEOUT):
+        """Until the tool prints its marker (tracing tools: their 'Tracing ...' line, printed once bcc has
+        compiled, loaded and attached). A tool queued behind others by :func:`start_in_sequence` counts
+        `timeout` from its own start."""
         t0 = time.monotonic()
+        end = None
 
         def ready():
-            if marker in self.output():
+            if self.load_pid() is None:
+                return False
+            if self.marker in self.output():
                 return True
             if not self.alive():
                 raise AssertionError(f"{self.name} exited before attaching:\n"
                                      f"{self.kh.exec('cat', self.err, check=False)['stdout']}")
             return False
 
-        end = t0 + timeout
         while not ready():
-            assert time.monotonic() < end, f"{self.name} not attached after {timeout}s"
+            if end is None and self.pid is not None:
+                end = time.monotonic() + timeout
+            assert end is None or time.monotonic() < end, f"{self.name} not attached after {timeout}s"
+            assert time.monotonic() - t0 < 4 * COMPILE_TIMEOUT, f"{self.name} never started"
             time.sleep(2)
-        self.ready_seconds = time.monotonic() - t0
+        r = self.kh.exec("cat", self.pidfile + ".ready", check=False)
+        self.ready_seconds = float(r["stdout"]) if r["rc"] == 0 and r["stdout"].strip() else time.monotonic() - t0
+
+    def json_reports(self) -> int:
+        return sum(1 for line in self.output().splitlines() if line.startswith("{"))
+
+    def signal_and_wait(self, sig: str, timeout: float = 60):
+        """Send `sig` to a tool that answers it with one JSON line (biolatpcts -j); wait for that line."""
+        n = self.json_reports()
+        self.kh.exec("kill", f"-{sig}", str(self.pid))
+        wait_for(lambda: self.json_reports() > n, timeout, f"{self.name} ({self.tag}) to answer SIG{sig}")
 
     def stop(self, timeout: float = 120) -> str:
         """SIGINT (a count mode prints its table then), wait for the exit; its output."""
-        if self.pid is None:
+        if self.load_pid() is None:
             return ""
         self.kh.exec("kill", "-INT", str(self.pid), check=False)
-        res = self.kh.exec(sh=f"for i in $(seq {int(timeout * 5)}); do kill -0 {self.pid} 2>/dev/null || exit 0; "
-                              f"sleep 0.2; done; kill -KILL {self.pid}; exit 1", timeout=timeout + 10, check=False)
+        res = self.kh.exec(sh=f"end=$(($(date +%s) + {int(timeout)})); while {self.alive_sh()}; do "
+                              f"[ $(date +%s) -lt $end ] || {{ kill -KILL {self.pid}; exit 1; }}; sleep 0.5; done",
+                           timeout=timeout + 60, check=False)
         out = self.output()
-        self.pid = None
+        self.pid, self.ended = None, True
         assert res["rc"] == 0, f"{self.name} did not exit on SIGINT within {timeout}s:\n{out[-2000:]}"
         return out
+
+    def kill(self):
+        if self.load_pid() is not None:
+            self.kh.exec("kill", "-KILL", str(self.pid), check=False)
+        self.pid, self.ended = None, True
+
+
+def start_in_sequence(kh, tools: list[BccTool]) -> BccTool:
+    """Start `tools` in the guest one after the other, each once the one before has attached (a runner in the
+    background: the call returns at once); the runner, as a BccTool to kill."""
+    runner = BccTool(kh, "sequence", tag="sequence")
+    spec = [{"argv": t.argv, "out": t.out, "err": t.err, "pid": t.pidfile, "marker": t.marker} for t in tools]
+    kh.run("mkdir", "-p", RUN)
+    kh.run("python3", "-c", LAUNCH, runner.out, runner.err, runner.pidfile, "python3", "-c", SEQUENCE,
+           json.dumps(spec))
+    runner.pid = int(kh.read(runner.pidfile))
+    return runner
 
 
 @pytest.fixture(scope="module")
 def bcc_tools(kernel_host):
-    """bcc's tcpretrans -c started in the guest once for the module, after the guest's agent has its probes
-    attached. Its compile is what costs: done with the whole guest paused but its kernel (load, VM, agent)."""
+    """The bcc tools of the module, started in the guest once for it, after the guest's agent has its probes
+    attached: tcpretrans -c with the whole guest paused but its kernel (load, VM, agent: its compile is what
+    costs); then, in the background of the first test, tcplife on port 3260."""
     kh = kernel_host
     t0 = time.monotonic()
     tools = {"tcpretrans": BccTool(kh, "tcpretrans", "-c")}
+    runner = None
     try:
         with guest_paused(kh):
             # the agent compiles its probes in children at start (minutes under TCG)
@@ -136,13 +210,18 @@ def bcc_tools(kernel_host):
             with guest_paused(kh, load=False, agent=True):
                 tools["tcpretrans"].start()
                 tools["tcpretrans"].wait_ready()
+        queued = [BccTool(kh, "tcplife", "-s", "-D", "3260", marker="PID,COMM")]
+        tools.update({t.tag: t for t in queued})
+        runner = start_in_sequence(kh, queued)
         print(f"\nin the guest: kvmscope's probes attached after {probe_wait:.0f}s (load paused), tcpretrans -c "
-              f"{tools['tcpretrans'].ready_seconds:.0f}s after its start (load and agent paused)")
+              f"{tools['tcpretrans'].ready_seconds:.0f}s after its start (load and agent paused); tcplife compiling "
+              f"in the background")
         yield {"first": first, **tools}
     finally:
+        if runner is not None:
+            runner.kill()
         for tool in tools.values():
-            if tool.pid is not None:
-                kh.exec("kill", "-KILL", str(tool.pid), check=False)
+            tool.kill()
 
 
 def parse_tcpretrans_counts(text: str) -> dict[tuple[str, int, str, int], int]:
@@ -264,3 +343,148 @@ def test_loss_on_portal1_retransmits_agree_with_tcpretrans(kernel_host, lab, bcc
     assert ours[conn2] <= 2 and theirs[conn2] <= 2, (ours, theirs)
     # every flow tcpretrans saw to a portal is one of the two sessions' connections
     assert {k for k in bcc if k[3] == 3260} <= {conn1, conn2}, bcc
+
+
+CLOSE_KINDS = ("close", "reset", "failed", "abort")   # kvmscope's tcp_lifecycle kinds that end a connection
+DURATION_TOLERANCE_MS = 1.0       # tcplife prints ms with two decimals; both read the clock at the same event
+
+
+def parse_tcplife_csv(text: str) -> list[dict]:
+    """`tcplife -s` rows (PID,COMM,IP,LADDR,LPORT,RADDR,RPORT,TX_KB,RX_KB,MS) -> dicts. Pure."""
+    rows = []
+    for line in text.splitlines():
+        f = line.strip().split(",")
+        if len(f) == 10 and f[0].isdigit():
+            rows.append({"pid": int(f[0]), "comm": f[1], "laddr": f[3], "lport": int(f[4]), "raddr": f[5],
+                         "rport": int(f[6]), "ms": float(f[9])})
+    return rows
+
+
+def lifecycle_events(kh, after_seq: int, seconds: float) -> tuple[list, list]:
+    """kvmscope's tcp_lifecycle events (ConnEvent) of every guest agent snapshot after #after_seq (of the last
+    `seconds`), in order, and those snapshots."""
+    from agent.codec import snapshot_from_json
+
+    snaps = [snapshot_from_json(d) for d in guest_api(kh, f"/api/v1/snapshots?seconds={int(seconds) + 1}")]
+    snaps = [s for s in snaps if s.seq > after_seq]
+    events = []
+    for s in snaps:
+        lc = s.tcp_lifecycle
+        assert lc is not None, f"no tcp_lifecycle data in snapshot #{s.seq}: {s.health.get('ebpf_tcp_lifecycle')}"
+        events += lc.events
+    return events, snaps
+
+
+def session_state(kh, sid: int) -> str:
+    return kh.exec("cat", f"/sys/class/iscsi_session/session{sid}/state", check=False)["stdout"].strip()
+
+
+def wait_new_conn(kh, sid: int, old_ports: set[int], timeout: float) -> tuple[str, int, str, int]:
+    """The session's connection once it is LOGGED_IN again on a local port not in `old_ports`."""
+    def new():
+        if session_state(kh, sid) != "LOGGED_IN":
+            return None
+        c = session_conn(kh, sid)
+        return c if c[1] not in old_ports and c[0] else None
+    return wait_for(new, timeout, f"session {sid} logged in again on a new connection", step=1)
+
+
+def test_session_recovery_lifecycle_agrees_with_tcplife(kernel_host, lab, bcc_tools):
+    """Two recoveries of the portal-1 session: the kernel aborts its connection (`ss -K`: iscsi_tcp sees it
+    close, iscsid reconnects at once), then `lab target-offline --portal 1` (the NOP-Outs time out, iscsid
+    drops the connection and retries while the portal is dark) and `target-online`. kvmscope's tcp_lifecycle
+    probe (the guest's running agent, sock:inet_sock_set_state) and bcc's `tcplife` (the same tracepoint)
+    report the same connections closed (local ports, the connecting process), with durations within
+    DURATION_TOLERANCE_MS (both time a connection from its last state before FIN_WAIT1: ESTABLISHED, or
+    SYN_SENT for a connect that never completed); kvmscope reports every connection opened (its connect and
+    established events): the closed ones and the new live one. The connection open before both tools (born at
+    the guest's boot) is closed unseen by both (tcplife has no birth for it; kvmscope counts an untracked
+    close). Nothing on portal 2's session."""
+    kh = kernel_host
+    interval = kernelhost_interval()
+    tool = bcc_tools["tcplife"]
+    by_portal = sessions_by_portal(kh)
+    sid1, sid2 = by_portal[PORTAL1], by_portal[PORTAL2]
+    c0, other = session_conn(kh, sid1), session_conn(kh, sid2)
+    portal1, portal2 = c0[2], other[2]
+    t0 = time.monotonic()
+    with guest_paused(kh, agent=True):
+        tool.wait_ready()
+    waited = time.monotonic() - t0
+    base, t_base = latest_snapshot(kh), time.monotonic()
+    skip_rows = len(parse_tcplife_csv(tool.output()))
+    # 1. the kernel aborts the connection; iscsid logs in again on a new one
+    kh.sh(f"ss -K -tn 'dst {portal1} and sport = :{c0[1]}'")
+    c1 = wait_new_conn(kh, sid1, {c0[1]}, 60)
+    t1 = time.monotonic()
+    # 2. the portal goes dark: the session fails (NOP-Out timeout), its connection is dropped, reconnects fail
+    lab.run("target-offline", "--portal", 1)
+    try:
+        wait_for(lambda: session_state(kh, sid1) not in ("LOGGED_IN", ""), 60, "session 1 to leave LOGGED_IN",
+                 step=1)
+        t_failed = time.monotonic()
+
+        def failed_connect():   # a reconnect to the dark portal given up (tcplife prints a row for it)
+            rows = parse_tcplife_csv(tool.output())[skip_rows:]
+            return any(r["raddr"] == portal1 and r["lport"] not in (c0[1], c1[1]) for r in rows)
+        with contextlib.suppress(AssertionError):   # how long iscsid's connect lasts is its own business
+            wait_for(failed_connect, 40, "a failed reconnect", step=2)
+    finally:
+        lab.run("target-online", "--portal", 1)
+    c2 = wait_new_conn(kh, sid1, {c0[1], c1[1]}, 120)
+    offline_s = time.monotonic() - t_failed
+    assert session_conn(kh, sid2) == other, "portal 2's session changed connection"
+
+    # mark: the first snapshots with c2's established event and c1's close (every earlier event is in them)
+    def until_c2():
+        ev, snaps = lifecycle_events(kh, base.seq, time.monotonic() - t_base + 2 * interval)
+        done = (any(e.kind == "established" and e.sport == c2[1] for e in ev)
+                and any(e.kind in CLOSE_KINDS and e.sport == c1[1] for e in ev))
+        return (ev, snaps) if done else None
+    events, snaps = wait_for(until_c2, 8 * interval, f"kvmscope's events of {c2} established and {c1} closed",
+                             step=2)
+    ours_closed = {e.sport: e for e in events if e.kind in CLOSE_KINDS}
+    want = set(ours_closed) - {c0[1]}
+
+    def tcplife_rows():
+        rows = parse_tcplife_csv(tool.output())[skip_rows:]
+        return rows if want <= {r["lport"] for r in rows} else None
+    with contextlib.suppress(AssertionError):   # the comparison below names what is missing
+        wait_for(tcplife_rows, 20, "tcplife's rows of kvmscope's closed connections", step=2)
+    rows = parse_tcplife_csv(tool.output())[skip_rows:]
+    theirs = {r["lport"]: r for r in rows}
+    took = time.monotonic() - t0
+    lines = []
+    for port in sorted(set(ours_closed) | set(theirs)):
+        e, r = ours_closed.get(port), theirs.get(port)
+        ours_ms = None if e is None else 1e3 * (e.established_seconds or e.age_seconds)
+        lines.append(f"  port {port}: kvmscope "
+                     + ("-" if e is None else f"{e.kind} {e.oldstate}->{e.newstate} {ours_ms:.2f} ms ({e.comm} {e.tgid})")
+                     + " | tcplife " + ("-" if r is None else f"{r['ms']:.2f} ms ({r['comm']} {r['pid']})"))
+    untracked = snaps[-1].tcp_lifecycle.totals["untracked_closes"] - base.tcp_lifecycle.totals["untracked_closes"]
+    print(f"\ntcplife attached {waited:.0f}s into the test (compiled in the guest in {tool.ready_seconds:.0f}s); "
+          f"portal-1 connections: boot {c0[1]}, after ss -K {c1[1]} (in {t1 - t0 - waited:.0f}s), after the "
+          f"portal was dark {offline_s:.0f}s {c2[1]}; snapshots #{base.seq + 1}..#{snaps[-1].seq}; kvmscope "
+          f"untracked closes +{untracked}; closed connections:\n" + "\n".join(lines)
+          + f"\nkvmscope events: {[(e.kind, e.sport, e.daddr) for e in events]}\ntest took {took:.0f}s")
+    # portal 2's session: untouched, in both
+    assert not [e for e in events if e.daddr == portal2] and not [r for r in rows if r["raddr"] == portal2]
+    # the same connections closed: c1 (dropped at the portal's failure) and every reconnect given up
+    assert set(theirs) == want, (sorted(theirs), sorted(want))
+    assert c1[1] in want and c2[1] not in want, (c1, c2, sorted(want))
+    for port in want:
+        e, r = ours_closed[port], theirs[port]
+        assert (e.saddr, e.daddr, e.dport) == (r["laddr"], r["raddr"], r["rport"]) == (c0[0], portal1, 3260), (e, r)
+        assert (e.tgid, e.comm[:10]) == (r["pid"], r["comm"][:10]), (e, r)
+        ours_ms = 1e3 * (e.established_seconds or e.age_seconds)
+        assert abs(ours_ms - r["ms"]) <= DURATION_TOLERANCE_MS, (port, ours_ms, r)
+    # c1 lived from its login to the portal's failure: seconds, not a failed connect's
+    assert 1e3 * ours_closed[c1[1]].established_seconds >= 5000, ours_closed[c1[1]]
+    # the boot connection: closed unseen by both (neither saw it open)
+    assert c0[1] not in theirs and untracked >= 1, (c0, untracked)
+    # opened: every connection kvmscope saw connect is one it saw close, or the live c2
+    opened = {e.conn_id for e in events if e.kind == "connect" and e.daddr == portal1}
+    closed_ids = {e.conn_id for p, e in ours_closed.items() if p in want}
+    c2_ids = {e.conn_id for e in events if e.kind == "established" and e.sport == c2[1]}
+    assert len(c2_ids) == 1 and opened == closed_ids | c2_ids, (opened, closed_ids, c2_ids)
+    assert {e.sport for e in events if e.kind == "established"} == {c1[1], c2[1]}, events

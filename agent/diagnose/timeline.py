@@ -241,6 +241,28 @@ def slid(refs: tuple, snaps: list[Snapshot]) -> int | None:
     return None
 
 
+def slide_slot(slots: list, limit: int, new, snaps: list[Snapshot]):
+    """(slot, its ``update(snaps)``'s result) for state kept across cycles over a sliding list of snapshots:
+    of ``slots`` (most recently used first, at most ``limit``), the one that slid to ``snaps`` with the fewest
+    snapshots out and in, else the least recently used one (or ``new()`` while there are fewer than
+    ``limit``) to be walked afresh by its ``update`` (:func:`slid` over each slot's ``refs``). The slot is
+    put back at the front after its update; one whose update raised is dropped, not reused half-updated. Call under the slots' lock."""
+    best, slot = None, None
+    for x in slots:
+        drop = slid(x.refs, snaps)
+        if drop is not None:
+            cost = drop + len(snaps) - (len(x.refs) - drop)
+            if best is None or cost < best:
+                best, slot = cost, x
+    if slot is None:
+        slot = slots.pop() if len(slots) >= limit else new()
+    else:
+        slots.remove(slot)
+    res = slot.update(snaps)
+    slots.insert(0, slot)
+    return slot, res
+
+
 # the lists of snapshots _disk_series saw last, most recently used first: two slots, the live diagnosis' window
 # and its recent intervals each slide their own; used and replaced under _series_lock
 _series_lock = threading.Lock()
@@ -249,22 +271,10 @@ _series_slots: list[_DiskSeries] = []
 
 
 def _disk_series(snaps: list[Snapshot]) -> _DiskSeries | None:
-    """The per-disk series of ``snaps`` from the slot that slid to them with the fewest steps out and in, else
-    the least recently used slot walked afresh; None when the snapshots' disks differ. Call under
+    """The per-disk series of ``snaps`` (:func:`slide_slot`); None when the snapshots' disks differ. Call under
     ``_series_lock``."""
-    best, slot = None, None
-    for x in _series_slots:
-        drop = slid(x.refs, snaps)
-        if drop is not None:
-            cost = drop + len(snaps) - (len(x.refs) - drop)
-            if best is None or cost < best:
-                best, slot = cost, x
-    if slot is None:
-        slot = _series_slots.pop() if len(_series_slots) >= _SERIES_SLOTS else _DiskSeries()
-    else:
-        _series_slots.remove(slot)
-    _series_slots.insert(0, slot)
-    return slot if slot.update(snaps) else None
+    slot, same_disks = slide_slot(_series_slots, _SERIES_SLOTS, _DiskSeries, snaps)
+    return slot if same_disks else None
 
 
 def build_timeline(snaps: list[Snapshot], paths=()) -> Timeline:

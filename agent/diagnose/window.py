@@ -27,7 +27,7 @@ from statistics import mean, median
 
 from agent import health
 from agent.records.addr import fmt_endpoint
-from agent.diagnose.timeline import Timeline, build_timeline, disk_steps, slid
+from agent.diagnose.timeline import Timeline, build_timeline, disk_steps, slid, slide_slot
 from agent.records.disk_latency import BLOCK, LIBISCSI
 from agent.records.paths import StoragePath, build_paths
 from agent.records.rates import window_latencies_ms
@@ -219,9 +219,6 @@ class _SlidingSamples:
         self.steps: deque = deque()  # per step of the history: its ((vm, disk), ms), to take out later
         self.ordered: dict[tuple, list[float]] = {}
 
-    def _overlap(self, history: list[Snapshot]) -> int | None:
-        return slid(self.refs, history)
-
     def _add(self, step: tuple) -> None:
         ordered = self.ordered
         for key, ms in step:
@@ -241,7 +238,7 @@ class _SlidingSamples:
                 del ordered[key]
 
     def update(self, history: list[Snapshot]) -> None:
-        drop = self._overlap(history)
+        drop = slid(self.refs, history)
         if drop is None:
             self.steps, self.ordered = deque(), {}
             keep = 1
@@ -275,22 +272,9 @@ _samples: list[_SlidingSamples] = []
 
 
 def _latency_samples(history: list[Snapshot]) -> _SlidingSamples:
-    """The per-disk samples of ``history``: a slot's that slid to it, else the least recently used slot
-    walked in full (another caller, a gap). Call under ``_samples_lock``."""
-    best, slot = None, None
-    for x in _samples:  # the slot that slid to it with the fewest steps out and in (one history can be the
-        drop = x._overlap(history)  # start of another: the recent intervals' history holds the window's)
-        if drop is not None:
-            cost = drop + len(history) - (len(x.refs) - drop)
-            if best is None or cost < best:
-                best, slot = cost, x
-    if slot is None:
-        slot = _samples.pop() if len(_samples) >= _SLOTS else _SlidingSamples()
-    else:
-        _samples.remove(slot)
-    slot.update(history)
-    _samples.insert(0, slot)
-    return slot
+    """The per-disk samples of ``history`` (:func:`slide_slot`; one history can be the start of another: the
+    recent intervals' history holds the window's). Call under ``_samples_lock``."""
+    return slide_slot(_samples, _SLOTS, _SlidingSamples, history)[0]
 
 
 def _probe_totals(snap: Snapshot) -> dict[tuple, tuple[int, int]]:
@@ -523,22 +507,8 @@ _conn_slots: list[_ConnSums] = []  # most recently used first; the live window a
 
 
 def _conn_sums(snaps: list[Snapshot]) -> _ConnSums:
-    """The running sums of ``snaps``: the slot that slid to them with the fewest snapshots out and in, else
-    the least recently used one walked in full. Call under ``_conn_lock``."""
-    best, slot = None, None
-    for x in _conn_slots:
-        drop = slid(x.refs, snaps)
-        if drop is not None:
-            cost = drop + len(snaps) - (len(x.refs) - drop)
-            if best is None or cost < best:
-                best, slot = cost, x
-    if slot is None:
-        slot = _conn_slots.pop() if len(_conn_slots) >= _SLOTS else _ConnSums()
-    else:
-        _conn_slots.remove(slot)
-    slot.update(snaps)
-    _conn_slots.insert(0, slot)
-    return slot
+    """The running sums of ``snaps`` (:func:`slide_slot`). Call under ``_conn_lock``."""
+    return slide_slot(_conn_slots, _SLOTS, _ConnSums, snaps)[0]
 
 
 def _conn_windows(snaps: list[Snapshot], seen: dict[str, list], dt: float, paths) -> list[ConnWindow]:

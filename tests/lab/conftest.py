@@ -265,19 +265,9 @@ def _next_module_uses_kernel_host(request) -> bool:
 
 
 def _kernel_host_healthy(rec) -> bool:
-    """Both sessions and both paths active and ready, asked of the guest itself with timeouts for a guest
-    whose one CPU is busy (its probes compiling: `lab status` gives each command 10 s and then reports no
-    agent). Raises OSError when its agent does not answer."""
-    from tests.lab.kernelhost import KernelHost
-
-    from kvmslab.kernelhost import parse_paths, parse_sessions  # tests.lab.kernelhost put deploy/lab on sys.path
-
-    kh = KernelHost(rec)
-    sessions = parse_sessions(kh.exec("iscsiadm", "-m", "session", timeout=60, check=False)["stdout"])
-    paths = parse_paths(kh.exec("multipathd", "show", "paths", "raw", "format", "%d %m %t %T %o %i",
-                                timeout=60, check=False)["stdout"])
-    return (len(sessions) == 2 and len(paths) == 2
-            and all(p["dm_state"] == "active" and p["checker"] == "ready" for p in paths))
+    return (rec.get("running") and rec.get("agent") and len(rec.get("sessions") or []) == 2
+            and len(rec.get("paths") or []) == 2
+            and all(p.get("dm_state") == "active" and p.get("checker") == "ready" for p in rec["paths"]))
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +280,7 @@ def kernel_host(lab, request):
     when the next module asks for it too, this one leaves it up, and that module's `lab up --kernel-host`
     finds it running; a different ``--kernel-host-probes`` then restarts only the guest's kvmscope, no
     reboot (deploy/lab/README.md). A reused guest must be healthy (agent answering, both sessions, both
-    paths active and ready, within 120 s for paths an earlier module's fault took away), else it is
+    paths active and ready, within 90 s for paths an earlier module's fault took away), else it is
     stopped and booted anew. After the last of them, `lab kernel-host stop`: a TCG guest left running
     (its O_DIRECT load, its agent, its firmware-only VM) would take most of a CPU from every later lab
     module, whose timing margins (a healthy lab without a warning, throttle ratios) assume the lab's own
@@ -305,7 +295,7 @@ def kernel_host(lab, request):
     st = lab.status_json(interval=0.5)
     vms = len(st.get("vms") or []) or 2
     left = [r for r in st.get("kernel_hosts") or [] if r.get("running")]
-    reused = bool(left) and wait_healthy(left[0], 120)
+    reused = bool(left) and wait_healthy(lab, 90)
     if left and not reused:
         print(f"\nkernel host {left[0]['name']} left up by the module before is not healthy: booting it anew",
               file=sys.stderr)
@@ -333,15 +323,13 @@ def kernel_host(lab, request):
             lab.run("kernel-host", "stop", check=False)
 
 
-def wait_healthy(rec, timeout: float) -> bool:
+def wait_healthy(lab, timeout: float) -> bool:
     """Until the running kernel host is healthy (_kernel_host_healthy), at most ``timeout`` s."""
     end = time.monotonic() + timeout
     while True:
-        try:
-            if _kernel_host_healthy(rec):
-                return True
-        except OSError as e:
-            print(f"\nkernel host {rec.get('name')}: no answer ({e})", file=sys.stderr)
-        if time.monotonic() > end:
+        recs = lab.status_json(interval=0.5).get("kernel_hosts") or []
+        if recs and _kernel_host_healthy(recs[0]):
+            return True
+        if time.monotonic() > end or not (recs and recs[0].get("running")):
             return False
         time.sleep(3)

@@ -616,9 +616,7 @@ class KernelHost(HostKind):
             return
         rec = st[STATE_KEY][0]
         ensure_network()
-        # a running guest answers within 30 s even with its one CPU busy (its probes compiling): a reboot
-        # is for one that does not
-        if qemu_pid(rec) and agent_ok(timeout=30):
+        if qemu_pid(rec) and agent_ok():
             log(f"{NAME} is up (QEMU pid {qemu_pid(rec)})")
             if rec.get("agent_probes") != rec["probes"]:
                 restart_kvmscope(rec)

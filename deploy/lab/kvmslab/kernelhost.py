@@ -200,7 +200,7 @@ def kvmscope_restart_script(kvmscope_bin, stop_timeout=60, config="/etc/kvmscope
     return f"""set -u
 cat > '{config}'
 pid=$(cat '{pidfile}' 2>/dev/null || true)
-alive() {{ [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] && ! sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | grep -q '^[ZX]'; }}
+alive() {{ [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] && ! sed 's/.*) //' "/proc/$pid/stat" | grep -q '^[ZX]'; }}
 if alive; then
     kids=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
     kill -TERM "$pid"

@@ -227,109 +227,30 @@ def lab():
             raise AssertionError(f"lab down failed at teardown: {p.stderr}")
 
 
-def _uses_kernel_host(item) -> bool:
-    return "kernel_host" in getattr(item, "fixturenames", ())
-
-
-KERNEL_HOST_GROUP_END = "test_zz_"  # test_zz_down needs the kernel host too, but must stay last
-
-
-def pytest_collection_modifyitems(config, items):
-    """The kernel-host modules of tests/lab run one after another (in name order, where the first of them
-    would run), so that one kernel-host guest serves them all (the `kernel_host` fixture keeps it up while
-    the next module needs it too). test_zz_down keeps its place at the end."""
-    here = os.path.dirname(os.path.abspath(__file__))
-
-    def grouped(item):
-        return (os.path.dirname(str(item.path)) == here and _uses_kernel_host(item)
-                and not item.path.name.startswith(KERNEL_HOST_GROUP_END))
-
-    group = [it for it in items if grouped(it)]
-    if not group:
-        return
-    first = items.index(group[0])
-    rest = [it for it in items if not grouped(it)]
-    order = {}
-    for it in group:  # modules by name, a module's items in their own order
-        order.setdefault(it.path.name, []).append(it)
-    block = [it for name in sorted(order) for it in order[name]]
-    items[:] = rest[:first] + block + rest[first:]
-
-
-def _next_module_uses_kernel_host(request) -> bool:
-    """Whether the module that runs right after this one (in the session's final order) asks for the kernel
-    host too."""
-    items = request.session.items
-    mine = [i for i, it in enumerate(items) if getattr(it, "module", None) is request.module]
-    return bool(mine) and mine[-1] + 1 < len(items) and _uses_kernel_host(items[mine[-1] + 1])
-
-
-def _kernel_host_healthy(rec) -> bool:
-    return (rec.get("running") and rec.get("agent") and len(rec.get("sessions") or []) == 2
-            and len(rec.get("paths") or []) == 2
-            and all(p.get("dm_state") == "active" and p.get("checker") == "ready" for p in rec["paths"]))
-
-
 @pytest.fixture(scope="module")
 def kernel_host(lab, request):
-    """The kernel-initiator host kvmslab-kh on the session's lab (tests/lab/kernelhost.py): `lab up --vms N
-    --kernel-host` (N: the VMs the lab has) when a module asks for it. A module's ``KERNEL_HOST_UP_ARGS``
-    (e.g. ``("--kernel-host-probes", "off")``) are added to that `lab up`.
-
-    One guest serves consecutive kernel-host modules (pytest_collection_modifyitems puts them together):
-    when the next module asks for it too, this one leaves it up, and that module's `lab up --kernel-host`
-    finds it running; a different ``--kernel-host-probes`` then restarts only the guest's kvmscope, no
-    reboot (deploy/lab/README.md). A reused guest must be healthy (agent answering, both sessions, both
-    paths active and ready, within 90 s for paths an earlier module's fault took away), else it is
-    stopped and booted anew. After the last of them, `lab kernel-host stop`: a TCG guest left running
-    (its O_DIRECT load, its agent, its firmware-only VM) would take most of a CPU from every later lab
-    module, whose timing margins (a healthy lab without a warning, throttle ratios) assume the lab's own
-    VMs alone."""
+    """The kernel-initiator host kvmslab-kh on the session's lab (tests/lab/kernelhost.py):
+    `lab up --vms N --kernel-host` (N: the VMs the lab has) when a module first asks for it, `lab kernel-host stop` when that
+    module ends: a TCG guest left running (its O_DIRECT load, its agent, its firmware-only VM) would
+    take most of a CPU from every later lab module, whose timing margins (a healthy lab without a
+    warning, throttle ratios) assume the lab's own VMs alone. A module's ``KERNEL_HOST_UP_ARGS`` (e.g.
+    ``("--kernel-host-probes", "off")``) are added to that `lab up`."""
     from tests.lab.kernelhost import KernelHost
 
-    args = tuple(getattr(request.module, "KERNEL_HOST_UP_ARGS", ()))
-    if "--kernel-host-probes" not in args:  # explicit: a reused guest keeps what it has otherwise
-        args += ("--kernel-host-probes", "on")
     t0 = time.monotonic()
     # on the session's lab as it is (a late module may have re-upped it with 4 VMs: Lab.ensure_vms)
+    vms = len(lab.status_json(interval=0.5).get("vms") or []) or 2
+    lab.run("up", "--vms", vms, "--kernel-host", *getattr(request.module, "KERNEL_HOST_UP_ARGS", ()),
+            "--timeout", 300)
+    up = time.monotonic() - t0
     st = lab.status_json(interval=0.5)
-    vms = len(st.get("vms") or []) or 2
-    left = [r for r in st.get("kernel_hosts") or [] if r.get("running")]
-    reused = bool(left) and wait_healthy(lab, 90)
-    if left and not reused:
-        print(f"\nkernel host {left[0]['name']} left up by the module before is not healthy: booting it anew",
-              file=sys.stderr)
-        lab.run("kernel-host", "stop", check=False)
-    try:
-        lab.run("up", "--vms", vms, "--kernel-host", *args, "--timeout", 300)
-        up = time.monotonic() - t0
-        st = lab.status_json(interval=0.5)
-        assert st["kernel_hosts"], st
-    except BaseException:  # no guest left running into the next modules
-        lab.run("kernel-host", "stop", check=False)
-        raise
+    assert st["kernel_hosts"], st
     kh = KernelHost(st["kernel_hosts"][0])
     kh.up_seconds = up
     kh.status = st
-    kh.reused = reused
-    how = (f"reused (kvmscope probes {'on' if kh.record.get('probes') else 'off'}, "
-           f"{kh.record.get('kvmscope_restarts')} kvmscope restarts)") if reused else "up"
-    print(f"\nkernel host {kh.name} {how} in {up:.1f}s (guest ready after {kh.record['ready_after_s']}s at its "
-          f"boot; steps {kh.record.get('boot_marks')})", file=sys.stderr)
+    print(f"\nkernel host {kh.name} up in {up:.1f}s (guest ready after "
+          f"{kh.record['ready_after_s']}s; steps {kh.record.get('boot_marks')})", file=sys.stderr)
     try:
         yield kh
     finally:
-        if not _next_module_uses_kernel_host(request):
-            lab.run("kernel-host", "stop", check=False)
-
-
-def wait_healthy(lab, timeout: float) -> bool:
-    """Until the running kernel host is healthy (_kernel_host_healthy), at most ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while True:
-        recs = lab.status_json(interval=0.5).get("kernel_hosts") or []
-        if recs and _kernel_host_healthy(recs[0]):
-            return True
-        if time.monotonic() > end or not (recs and recs[0].get("running")):
-            return False
-        time.sleep(3)
+        lab.run("kernel-host", "stop", check=False)

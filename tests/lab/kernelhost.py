@@ -13,8 +13,7 @@ kvmscope with no ssh and no serial console:
     kh.kvmscope("sessions", "--json")            # the checkout's kvmscope in the guest, parsed JSON
 
 The `kernel_host` fixture (tests/lab/conftest.py) brings it up on the
-session's lab for the kernel-host modules, which run one after another and
-share one guest, and removes it (`lab kernel-host stop`) after the last.
+session's lab once per module and removes it (`lab kernel-host stop`) after.
 """
 
 from __future__ import annotations

@@ -11,9 +11,7 @@ file (deploy/lab/kvmslab/kernelhost.py GUEST_SHIPPED). Faults are the lab's own:
 --portal N` drops the portal's packets at the storage host, so the guest's own TCP stack and iSCSI
 initiator see a dead portal.
 
-The module runs last of the kernel-host modules, on the guest they share (the `kernel_host` fixture,
-tests/lab/conftest.py; its kvmscope restarted without probes for test_kernel_host_kvmscope, or booted so when
-the module runs alone). Under TCG every kvmscope
+One kernel-host boot for this module (the module-scoped `kernel_host` fixture). Under TCG every kvmscope
 command in the guest costs 30-100 s of Python start-up, so the tests run few of them: one `paths`, one
 `doctor`, two `diagnose`.
 """
@@ -285,4 +283,3 @@ def test_both_portals_offline_queueing_names_the_hung_workload(kernel_host, lab)
         lab.run("target-online", "--portal", 1)
         lab.run("target-online", "--portal", 2)
     # the paths' return is test_portal1_offline_failover_reported_and_predicted's; the kernel host stops next
-    # (this module sorts last of the kernel-host modules: tests/lab/conftest.py)

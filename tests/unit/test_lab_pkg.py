@@ -1064,25 +1064,3 @@ def test_kernel_host_probes_off_leaves_the_ebpf_collectors_out(tmp_path):
     p.write_text(kernelhost.kvmscope_conf())
     on, _ = config.load(p, environ={})
     assert on.agent.collectors.disable == []
-
-
-def test_kernel_host_modules_run_together_and_down_stays_last():
-    """tests/lab/conftest.py puts the modules that use the kernel host one after another (name order, where
-    the first of them was), so one guest serves them; other tests, and test_zz_down, keep their places."""
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from tests.lab import conftest as lab_conftest
-
-    here = Path(lab_conftest.__file__).parent
-
-    def item(module, name, kh=False, where=here):
-        return SimpleNamespace(path=where / module, name=name, fixturenames=["lab"] + (["kernel_host"] if kh else []))
-
-    items = [item("test_a.py", "a1"), item("test_kernel_host.py", "k1", True), item("test_kernel_host.py", "k2", True),
-             item("test_kernel_host_bpf.py", "b1", True), item("test_lab.py", "l1"),
-             item("test_multipath_lab.py", "m1", True), item("test_multipath_lab.py", "m2", True),
-             item("test_probes_lab.py", "p1"), item("test_zz_down.py", "z1", True),
-             item("test_other.py", "o1", True, where=here.parent / "unit")]
-    lab_conftest.pytest_collection_modifyitems(None, items)
-    assert [i.name for i in items] == ["a1", "k1", "k2", "b1", "m1", "m2", "l1", "p1", "z1", "o1"]

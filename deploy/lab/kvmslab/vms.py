@@ -181,6 +181,13 @@ def connect_for_cleanup(st, errors):
     return None
 
 
+def _still_active(dom):
+    try:
+        return dom.isActive()
+    except Exception:
+        return True
+
+
 def remove_domains(st, errors):
     libvirt = libvirt_mod()
     conn = connect_for_cleanup(st, errors)
@@ -194,7 +201,12 @@ def remove_domains(st, errors):
                 try:
                     dom.destroy()
                 except libvirt.libvirtError as e:
-                    errors.append(f"cannot destroy {name}: {e}")
+                    # a libvirtd that was just (re)started may still be settling a QEMU that died
+                    # meanwhile: what `down` wants (the domain not running) is then already so
+                    if not _still_active(dom):
+                        log(f"{name} stopped on its own meanwhile ({e.get_error_message() or e})")
+                    else:
+                        errors.append(f"cannot destroy {name}: {e}")
             log(f"undefining VM {name}")
             try:
                 dom.undefine()

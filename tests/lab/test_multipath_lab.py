@@ -31,6 +31,25 @@ from tests.conftest import wait_for
 from tests.lab.test_kernel_host import sessions_by_portal, stats_of
 
 pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lab_vms_flow_again_after(lab):
+    """The lab's own VMs reach the same two portals through QEMU's libiscsi, and this module ends with both
+    portals offline: their connections back off and reconnect late. The next lab module assumes their vda
+    I/O flows (a full run once had test_lab find kvmslab-vm1's vda frozen right after this module, and the
+    lifecycle test of test_probes_lab see no close on a connection that was already dead), so the module
+    ends when every lab VM's vda completes requests again."""
+    yield
+    t0 = time.monotonic()
+    w = None
+    while time.monotonic() - t0 < 300:
+        w = lab.window(3)
+        if all(w["vms"][n]["vda"]["ops"] > 0 for n in lab.vm_names):
+            say(f"\nlab VMs' vda I/O flowing again {time.monotonic() - t0:.0f} s after this module's last test")
+            return
+    raise AssertionError(f"lab VMs' vda I/O still stopped 300 s after both portals came back: "
+                         f"{ {n: w['vms'][n]['vda']['ops'] for n in lab.vm_names} }")
 # The guest agent without its eBPF collectors (tests/lab/test_kernel_host_bpf.py has them): under TCG their
 # four bcc compiles hold the guest's one CPU for up to compile_timeout (600 s), and with them dmsetup missed
 # even the multipath source's budget, every kvmscope command took minutes and the 60 s of queueing with no
